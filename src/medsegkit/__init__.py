@@ -1,0 +1,56 @@
+"""medsegkit: segmentation models for medical and biological volumes.
+
+``import medsegkit`` is quick: the public names below are loaded on first use (PEP 562), so the
+napari process can import the package without importing torch-side modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "create_model": "medsegkit.registry",
+    "list_models": "medsegkit.registry",
+    "model_info": "medsegkit.registry",
+    "register_model": "medsegkit.registry",
+    "ModelInfo": "medsegkit.registry",
+    "WeightsSpec": "medsegkit.registry",
+    "Cancelled": "medsegkit.errors",
+    "CheckpointError": "medsegkit.errors",
+    "MedsegkitError": "medsegkit.errors",
+    "predict": "medsegkit.inference",
+    "segment": "medsegkit.inference",
+    "read_image": "medsegkit.io",
+    "write_image": "medsegkit.io",
+    "Image": "medsegkit.io",
+    "evaluate": "medsegkit.metrics",
+    "convert": "medsegkit.weights",
+    "load_checkpoint": "medsegkit.weights",
+    "load_model": "medsegkit.weights",
+    "save_checkpoint": "medsegkit.weights",
+}
+_SUBMODULES = {"nets", "weights", "inference", "io", "postprocess", "metrics", "transforms", "train", "bundle"}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medsegkit.errors import Cancelled, CheckpointError, MedsegkitError  # noqa: F401
+    from medsegkit.registry import ModelInfo, create_model, list_models, model_info, register_model  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"medsegkit.{name}")
+    raise AttributeError(f"module 'medsegkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)

@@ -1,0 +1,5 @@
+import sys
+
+from medsegkit.cli import main
+
+sys.exit(main())

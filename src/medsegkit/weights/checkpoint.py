@@ -1,0 +1,283 @@
+"""Checkpoints: safe to load (safetensors or ``torch.load(weights_only=True)``), written atomically.
+
+A medsegkit checkpoint holds the state dict and a JSON record::
+
+    {"format": "medsegkit-checkpoint", "version": 1,
+     "model": {"name": "UNet3d", "overrides": {...}}       # or {"target": "pkg.Class", "args": {...}}
+     "metadata": {"class_names": [...], "label_colors": [...], "preprocessing": {...}, ...}}
+
+so that :func:`load_model` rebuilds the model from the file alone. ``.safetensors`` files keep the
+record as JSON in the header metadata; other suffixes (``.pt``, ``.pth``, ``.ckpt``) use a plain dict
+``{"state_dict": ..., "medsegkit": json_string}`` saved by ``torch.save`` and read with
+``weights_only=True`` (no code is ever unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medsegkit.errors import CheckpointError
+
+__all__ = [
+    "checkpoint_record",
+    "load_checkpoint",
+    "load_model",
+    "read_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT = "medsegkit-checkpoint"
+RECORD_KEY = "medsegkit"
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    The rename is atomic on POSIX, so readers never see half a file; on failure the temporary file is
+    removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _model_record(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "medsegkit_config", None)
+    if config is not None:
+        return {"name": config["name"], "overrides": config.get("overrides", {})}
+    args = getattr(model, "init_args", None)
+    if args is not None:
+        cls = type(model)
+        return {"target": f"{cls.__module__}.{cls.__qualname__}", "args": args}
+    return {}
+
+
+def checkpoint_record(model: nn.Module, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON record :func:`save_checkpoint` writes beside the weights."""
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "model": _model_record(model),
+        "metadata": dict(metadata or {}),
+    }
+
+
+def save_checkpoint(
+    model: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+    record: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights and its rebuild record to ``path`` atomically.
+
+    Args:
+        model: a model (built by :func:`medsegkit.create_model`, so its name and arguments are
+            recorded) or a bare state dict (then pass ``record``).
+        path: ``*.safetensors`` for safetensors, anything else for a weights-only torch file.
+        metadata: JSON-serialisable facts: class names, label colours, preprocessing, training data,
+            metrics.
+        overwrite: refuse an existing ``path`` when ``False``.
+        record: the full record to store instead of the one built from ``model``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if isinstance(model, nn.Module):
+        state = model.state_dict()
+        rec = dict(record) if record is not None else checkpoint_record(model, metadata)
+    else:
+        state = dict(model)
+        rec = dict(record) if record is not None else {"format": FORMAT, "version": 1, "model": {}}
+        if metadata:
+            rec["metadata"] = {**rec.get("metadata", {}), **metadata}
+    try:
+        text = json.dumps(rec)
+    except TypeError as err:
+        raise TypeError(f"checkpoint metadata must be JSON-serialisable: {err}") from err
+    # safetensors refuses shared storage and non-contiguous views; clone into plain tensors.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata={RECORD_KEY: text})
+    else:
+
+        def write(tmp: Path) -> None:
+            torch.save({"state_dict": tensors, RECORD_KEY: text}, tmp)
+
+    return atomic_write(path, write)
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu"):
+    """Read ``(state_dict, record)`` from a local file without unpickling any code.
+
+    ``record`` is the medsegkit record, or ``{}`` for a foreign checkpoint (a plain state dict, a
+    torchvision ``.pth``, a MONAI bundle ``model.pt``, a dict holding ``"state_dict"`` / ``"model"``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: empty, corrupt, or containing pickled code.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the .safetensors / .pt file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                header = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items)
+        except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+        record = json.loads(header[RECORD_KEY]) if RECORD_KEY in header else {}
+        return state, record
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err) and "GLOBAL" not in str(err):
+            raise CheckpointError(f"checkpoint {path} is not a readable PyTorch or safetensors file") from err
+        raise CheckpointError(
+            f"checkpoint {path} contains pickled Python objects, which medsegkit refuses to load "
+            f"(only tensors and plain containers are allowed: weights_only=True). Re-save it with "
+            f"medsegkit.save_checkpoint or as a plain state dict. Detail: {_unsupported_global(err)}"
+        ) from err
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch or safetensors file: {err}") from err
+    return _split_loaded(obj, path)
+
+
+def _unsupported_global(err: Exception) -> str:
+    for line in str(err).splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip()
+    return str(err).splitlines()[0]
+
+
+def _split_loaded(obj: Any, path: Path):
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    record: dict[str, Any] = {}
+    if RECORD_KEY in obj and isinstance(obj[RECORD_KEY], str):
+        record = json.loads(obj[RECORD_KEY])
+    for key in ("state_dict", "model", "network", "model_state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            return dict(obj[key]), record
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj), record
+    raise CheckpointError(
+        f"checkpoint {path} has no state dict: expected tensors or one of the keys "
+        f"'state_dict', 'model', 'network'; found keys {sorted(map(str, obj))[:10]}"
+    )
+
+
+def _fetch(path_or_url: str | os.PathLike) -> Path:
+    text = str(path_or_url)
+    if "://" in text:
+        from medsegkit.weights.hub import download
+
+        return download(text)
+    return Path(text).expanduser()
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_url: str | os.PathLike,
+    *,
+    strict: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a checkpoint's weights into ``model`` (in place) and return it.
+
+    Accepts medsegkit checkpoints and foreign state dicts whose keys the model's load pre-hooks map
+    (a MONAI ``UNet`` state dict into :class:`medsegkit.nets.UNet`, for example).
+
+    Raises:
+        CheckpointError: the file was written for another architecture (the message names the record's
+            model and the first mismatching keys), or it is unsafe/corrupt.
+    """
+    state, record = read_checkpoint(_fetch(path_or_url), map_location=map_location)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        saved = record.get("model", {}).get("name") or record.get("model", {}).get("target") or "unknown"
+        mine = getattr(model, "medsegkit_config", {}).get("name", type(model).__name__)
+        first = str(err).splitlines()
+        raise CheckpointError(
+            f"checkpoint {path_or_url} does not fit this model ({mine}; checkpoint made for {saved}): "
+            + " ".join(line.strip() for line in first[:3])[:600]
+        ) from err
+    if record.get("metadata"):
+        model.medsegkit_metadata = record["metadata"]
+    return model
+
+
+def load_model(path_or_url: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a medsegkit checkpoint alone (name + arguments recorded inside).
+
+    The model comes back in eval mode with ``model.medsegkit_metadata`` holding the checkpoint's
+    metadata (class names, preprocessing, metrics).
+    """
+    path = _fetch(path_or_url)
+    state, record = read_checkpoint(path, map_location=map_location)
+    model_record = record.get("model") or {}
+    if "name" in model_record:
+        from medsegkit.registry import create_model
+
+        model = create_model(model_record["name"], **model_record.get("overrides", {}))
+    elif "target" in model_record:
+        from medsegkit.registry import _resolve_dotted
+
+        target = model_record["target"]
+        if not target.startswith("medsegkit."):
+            raise CheckpointError(f"checkpoint {path} names class {target!r}; only medsegkit classes are rebuilt")
+        model = _resolve_dotted(target)(**model_record.get("args", {}))
+    else:
+        raise CheckpointError(
+            f"checkpoint {path} does not record which model it belongs to (not written by "
+            f"medsegkit.save_checkpoint); build the model yourself and call load_checkpoint(model, path)"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the recorded model: {err}") from err
+    model.medsegkit_metadata = record.get("metadata", {})
+    return model.eval()

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny registered model that does not depend on any family module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medsegkit import registry
+
+
+class TinySegNet(nn.Module):
+    """Two-layer N-d conv net: (N, in_channels, *spatial) -> (N, out_channels, *spatial)."""
+
+    medsegkit_task = "semantic"
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, width: int = 4):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.body = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.fixture
+def tiny_registered():
+    """Register `test_tinynet_2d` for the duration of one test."""
+
+    def test_tinynet_2d(**overrides):
+        return TinySegNet(**{"spatial_dims": 2, **overrides})
+
+    test_tinynet_2d.__module__ = __name__
+    registry.register_model(
+        test_tinynet_2d,
+        family="tiny",
+        task="semantic",
+        spatial_dims=2,
+        input_shape=(1, 1, 32, 32),
+        reference="test fixture",
+        dotted_path="conftest.TinySegNet",
+    )
+    yield "test_tinynet_2d"
+    registry._REGISTRY.pop("test_tinynet_2d", None)

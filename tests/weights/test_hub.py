@@ -1,0 +1,98 @@
+"""Download cache: loopback HTTP server (no internet), hash checks, cache reuse."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+
+import medsegkit
+from medsegkit import registry
+from medsegkit.errors import CheckpointError
+from medsegkit.registry import WeightsSpec
+from medsegkit.weights import hub, save_checkpoint
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Serve tmp_path/'www' on 127.0.0.1; yields (folder, base_url, request_log)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    log: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            log.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", log
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSEGKIT_HOME", str(tmp_path / "home"))
+
+
+def test_download_checks_full_hash_and_caches(served):
+    root, base, log = served
+    (root / "w.bin").write_bytes(b"weights" * 100)
+    digest = hashlib.sha256(b"weights" * 100).hexdigest()
+    path = hub.download(f"{base}/w.bin", sha256=digest, progress=False)
+    assert path.read_bytes() == b"weights" * 100
+    assert path.parent == hub.cache_dir()
+    hub.download(f"{base}/w.bin", sha256=digest, progress=False)
+    assert log.count("/w.bin") == 1  # second call served from the cache
+
+
+def test_hash_mismatch_discards_file(served):
+    root, base, _ = served
+    (root / "w.bin").write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="expected"):
+        hub.download(f"{base}/w.bin", sha256="0" * 64, progress=False)
+    assert not list(hub.cache_dir().glob("*"))
+
+
+def test_torchvision_style_prefix_in_file_name(served):
+    root, base, _ = served
+    data = b"tv weights"
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    (root / f"net-{prefix}.pth").write_bytes(data)
+    assert hub.hash_prefix_from_filename(f"{base}/net-{prefix}.pth") == prefix
+    assert hub.download(f"{base}/net-{prefix}.pth", progress=False).read_bytes() == data
+    (root / "net-deadbeef.pth").write_bytes(data)
+    with pytest.raises(CheckpointError):
+        hub.download(f"{base}/net-deadbeef.pth", progress=False)
+
+
+def test_unsupported_scheme():
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        hub.download("ftp://example.invalid/x.pt")
+
+
+def test_pretrained_true_loads_registered_weights(served, tiny_registered, tmp_path):
+    root, base, _ = served
+    source = medsegkit.create_model(tiny_registered, out_channels=4)
+    path = save_checkpoint(source, root / "tiny.safetensors", metadata={"class_names": ["a", "b", "c", "d"]})
+    digest = hub.sha256_of(path)
+    spec = registry._REGISTRY[tiny_registered]
+    registry._REGISTRY[tiny_registered] = registry.ModelSpec(
+        **{**spec.__dict__, "weights": WeightsSpec(url=f"{base}/tiny.safetensors", sha256=digest,
+                                                   arch={"out_channels": 4})}
+    )
+    model = medsegkit.create_model(tiny_registered, pretrained=True)
+    assert model.out_channels == 4
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    assert model.medsegkit_metadata["class_names"] == ["a", "b", "c", "d"]
+    assert tiny_registered in medsegkit.list_models(pretrained=True)
+    # a path string loads that file
+    again = medsegkit.create_model(tiny_registered, pretrained=str(path), out_channels=4)
+    torch.testing.assert_close(again(x), source(x), rtol=0, atol=0)
