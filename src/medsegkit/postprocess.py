@@ -164,7 +164,7 @@ def instance_map(
         binary = (mask_logits > cut).float()
         mask_scores = (mask_logits.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
         pred_scores = top_scores * mask_scores
-        if size is not None:
+        if size is not None and size != tuple(binary.shape[1:]):  # (same size: nearest is the identity)
             binary = F.interpolate(binary.unsqueeze(0), size=size, mode="nearest")[0]
         segmentation = torch.full(binary.shape[1:], -1, dtype=torch.int32, device=binary.device)
         segments: Segments = []

@@ -243,6 +243,9 @@ def prepare_model(
     module = model
     memory_format = torch.contiguous_format
     if fast:
+        spatial = len(example_shape) - 2
+        if spatial in (2, 3):
+            memory_format = torch.channels_last_3d if spatial == 3 else torch.channels_last
         key = _weights_key(model, device, example_shape)
         cached = _FOLD_CACHE.get(model)
         if cached is not None and cached[0] == key:
@@ -251,14 +254,13 @@ def prepare_model(
             generator = torch.Generator(device="cpu").manual_seed(0)
             example = torch.randn(example_shape[1:], generator=generator)[None].to(device)
             module, count = fold_batchnorm(model, example)
+            if memory_format is not torch.contiguous_format:
+                if module is model:  # never change the caller's model in place
+                    module = copy.deepcopy(model).eval()
+                module = module.to(memory_format=memory_format)
             _FOLD_CACHE[model] = (key, module, count)
         notes.append(f"{count} BatchNorm layer(s) folded into convolutions")
-        spatial = len(example_shape) - 2
-        if spatial in (2, 3):
-            memory_format = torch.channels_last_3d if spatial == 3 else torch.channels_last
-            if module is model:  # never change the caller's model in place
-                module = copy.deepcopy(model)
-            module = module.to(memory_format=memory_format)
+        if memory_format is not torch.contiguous_format:
             notes.append("channels-last" + ("-3d" if spatial == 3 else ""))
         notes.append("inference_mode")
     return PreparedModel(module=module, device=device, autocast=dtype, memory_format=memory_format, notes=notes)

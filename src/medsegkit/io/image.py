@@ -207,7 +207,9 @@ class Image:
         meta: dict[str, Any] | None = None,
     ) -> Image:
         """Build an image from ``spacing`` / RAS ``origin`` / RAS ``direction`` (columns) instead of an affine."""
-        return cls(np.asanyarray(array), affine_from_geometry(spacing, origin, direction), meta or {}, channel_axis)
+        return cls(
+            np.asanyarray(array), affine_from_geometry(spacing, origin, direction), meta or {}, channel_axis
+        )
 
     # -- SimpleITK ----------------------------------------------------------------------------------
     def to_sitk(self) -> sitk.Image:
@@ -271,5 +273,5 @@ def same_grid(a: Image, b: Image, *, atol: float = 1e-4) -> bool:
 def describe_grid(image: Image) -> str:
     """One-line grid description for error messages: shape, spacing, origin, orientation."""
     spacing = ", ".join(f"{s:.4g}" for s in image.spacing)
-    origin = ", ".join(f"{o:.4g}" for o in image.origin)
+    origin = ", ".join(f"{o + 0.0:.4g}" for o in image.origin)  # + 0.0: print -0 as 0
     return f"shape {image.spatial_shape}, spacing ({spacing}) mm, origin ({origin}), orientation {image.orientation}"

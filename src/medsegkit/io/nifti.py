@@ -39,7 +39,9 @@ def read_nifti(path: Path) -> Image:
         array = np.moveaxis(array, -1, 0)
         channel_axis = 0
     if array.ndim not in ((2, 3) if channel_axis is None else (4,)):
-        raise ValueError(f"{path}: only 2D/3D images (with optional 4th channel axis) are supported, got shape {nii.shape}")
+        raise ValueError(
+            f"{path}: only 2D/3D images (with optional 4th channel axis) are supported, got shape {nii.shape}"
+        )
     meta = {
         "format": "nifti",
         "dtype": str(header.get_data_dtype()),

@@ -13,7 +13,7 @@ import numpy as np
 
 from medsegkit.io.image import Image
 
-__all__ = ["read_dicom_series", "read_sitk", "write_sitk"]
+__all__ = ["dicom_series", "read_dicom_file_series", "read_dicom_series", "read_sitk", "write_sitk"]
 
 # DICOM tags copied into Image.meta (tag -> meta key).
 DICOM_TAGS = {
@@ -52,16 +52,16 @@ def read_sitk(path: Path, fmt: str) -> Image:
     return Image.from_sitk(image, meta)
 
 
-def write_sitk(image: Image, path: Path, *, compress: bool = True) -> None:
-    """Write ``image`` as NRRD or MHA (chosen by ``path``'s suffix); channels become vector components."""
+def write_sitk(image: Image, path: Path, fmt: str, *, compress: bool = True) -> None:
+    """Write ``image`` as NRRD or MHA (``fmt`` is ``"nrrd"`` or ``"metaimage"``, whatever ``path``'s
+    suffix); channels become vector components. Compressed (gzip) by default."""
     import SimpleITK as sitk
 
     dtype = _SITK_WRITE_DTYPES.get(image.array.dtype)
     if dtype is not None:
         image = Image(image.array.astype(dtype), image.affine, image.meta, image.channel_axis)
     sitk_image = image.to_sitk()
-    name = path.name.lower()
-    io_name = "NrrdImageIO" if name.endswith((".nrrd", ".nrrd.part")) else "MetaImageIO"
+    io_name = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}[fmt]
     writer = sitk.ImageFileWriter()
     writer.SetImageIO(io_name)
     writer.SetFileName(str(path))
@@ -74,8 +74,15 @@ def dicom_series(folder: Path) -> dict[str, list[str]]:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    uids = reader.GetGDCMSeriesIDs(str(folder))
-    return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    try:
+        uids = reader.GetGDCMSeriesIDs(str(folder))
+        return {uid: list(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    except RuntimeError as err:
+        raise ValueError(
+            f"could not scan {folder} for DICOM series: a file in it is not readable DICOM "
+            f"({_sitk_error(folder, 'DICOM', err).args[0].split(': ', 1)[-1]}); "
+            "put the series in a folder of its own"
+        ) from err
 
 
 def read_dicom_series(folder: Path, series_uid: str | None = None) -> Image:
@@ -92,7 +99,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Image:
         raise ValueError(
             f"no DICOM series found in folder {folder} ({len(names)} entries: {shown or 'empty'}); "
             "read_image accepts a folder holding a DICOM series, or a file ending in "
-            ".nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd"
+            ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or .dcm"
         )
     if series_uid is None:
         series_uid = max(series, key=lambda uid: len(series[uid]))
@@ -118,3 +125,19 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Image:
             meta[key] = reader.GetMetaData(0, tag).strip()
     meta["series_uid"] = series_uid
     return Image.from_sitk(image, meta)
+
+
+def read_dicom_file_series(path: Path) -> Image:
+    """Read the whole series that the DICOM file ``path`` belongs to (from the files in its folder)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise _sitk_error(path, "DICOM", err) from err
+    if not reader.HasMetaDataKey("0020|000e"):
+        raise ValueError(f"{path} has no SeriesInstanceUID (0020,000E); give its folder instead")
+    return read_dicom_series(path.parent, reader.GetMetaData("0020|000e").strip())

@@ -1,0 +1,159 @@
+"""``medsegkit predict MODEL_OR_CHECKPOINT IMAGE [IMAGE ...] -o OUT``: segment a file through ``segment``.
+
+``MODEL_OR_CHECKPOINT`` is a checkpoint file written by :func:`medsegkit.save_checkpoint` (it records the
+registry name and arguments, so no architecture flags are needed) or a registry name: with
+``--checkpoint FILE`` the file's weights are loaded into that architecture; without it the name must have
+registered weights (a model with random weights is refused). Several ``IMAGE`` files on one grid are
+read as the channels of one input (T1 + T2). The labels are written on the input's grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from medsegkit.cli import CommandError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment image file(s) with a model or checkpoint",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="checkpoint file, or registry name")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s) or DICOM folder; several = channels")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--checkpoint", metavar="FILE", help="weights for the registry name MODEL")
+    p.add_argument("--roi", type=int, nargs="+", metavar="N", help="window size (one value or one per axis)")
+    p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all spatial axes")
+    p.add_argument("--fast", action="store_true", help="optimised path: BatchNorm folding, channels-last, bf16")
+    p.add_argument("--output-kind", choices=["labels", "probabilities"], default="labels",
+                   help="write labels (default) or class probabilities (C, *spatial)")
+    p.add_argument("--preprocessing", default=None,
+                   help="preset (mr, ct, none) instead of the checkpoint's recorded preprocessing")
+    p.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes in each class")
+    p.add_argument("--min-size", type=int, default=0, help="remove components smaller than N voxels")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_predict)
+
+
+def _check_output(path: Path, overwrite: bool, inputs: list[str]) -> None:
+    """Refuse a bad output path before any work is done (nothing is written on failure)."""
+    from medsegkit.io import WRITE_SUFFIXES
+
+    name = path.name.lower()
+    if not any(name.endswith(s) for s in WRITE_SUFFIXES):
+        raise CommandError(f"cannot write {path.name!r}: the output must end in {', '.join(WRITE_SUFFIXES)}")
+    if path.is_dir():
+        raise CommandError(f"output {path} is a folder; give a file name such as {path / 'labels.nii.gz'}")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and os.path.samefile(path, source):
+            raise CommandError(f"output {path} is the input image; choose another output path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {path} exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+
+
+def _load(args: argparse.Namespace):
+    from medsegkit.errors import CheckpointError
+    from medsegkit.inference.segment import resolve_model
+
+    if args.checkpoint is None:
+        return resolve_model(args.model)
+    from medsegkit.registry import create_model, get_model_spec
+    from medsegkit.weights import load_checkpoint, load_model, read_checkpoint
+
+    spec = get_model_spec(args.model)  # KeyError listing the closest names
+    checkpoint = Path(args.checkpoint).expanduser()
+    _, record = read_checkpoint(checkpoint)
+    recorded = (record.get("model") or {}).get("name")
+    if recorded is not None:
+        if recorded != spec.name:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} was made for {recorded}, not {spec.name}; "
+                f"run 'medsegkit predict {checkpoint} ...' to use the architecture it records"
+            )
+        return load_model(checkpoint)
+    return load_checkpoint(create_model(spec.name), checkpoint).eval()
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    out = Path(args.output).expanduser()
+    _check_output(out, args.overwrite, args.images)
+    if not 0 <= args.overlap < 1:
+        raise CommandError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.sw_batch_size < 1:
+        raise CommandError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
+    if args.roi is not None and any(r <= 0 for r in args.roi):
+        raise CommandError(f"--roi sizes must be positive, got {args.roi}")
+
+    from medsegkit.inference import segment
+    from medsegkit.inference.predict import _model_spatial_dims
+    from medsegkit.io import read_image, write_image
+
+    image = read_image(args.images if len(args.images) > 1 else args.images[0])
+    model = _load(args)
+    dims = _model_spatial_dims(model)
+    roi = None
+    if args.roi is not None:
+        if len(args.roi) not in (1, dims):
+            raise CommandError(f"--roi takes 1 or {dims} sizes for this {dims}D model, got {len(args.roi)}")
+        roi = tuple(args.roi) * (dims if len(args.roi) == 1 else 1)
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            raise CommandError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CommandError(f"--device {args.device}: CUDA is not available on this machine")
+        model = model.to(device)
+    if args.fast:
+        from medsegkit.inference.fast import describe
+
+        print(f"medsegkit predict: {describe(args.device or 'cpu')}", file=sys.stderr)
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="batch", desc="windows", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = segment(
+            model,
+            image,
+            preprocessing=args.preprocessing,
+            largest_component=args.largest_component,
+            fill_holes=args.fill_holes,
+            min_size=args.min_size,
+            output="labels" if args.output_kind == "labels" else "probabilities",
+            roi_size=roi,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            fast=args.fast,
+            tta_flips=tuple(range(image.spatial_ndim)) if args.tta else (),
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    written = write_image(result, out, like=image, overwrite=args.overwrite)
+    print(written)
+    return 0

@@ -1,0 +1,348 @@
+"""The process a GUI runs models in: spawned, fed through files, reporting through a queue.
+
+Why a separate process: once napari holds a GL context on Mesa (Xvfb, many Linux desktops), importing
+``triton`` segfaults the process, and ``monai.networks.nets``, ``torchvision.ops`` and
+``torch._dynamo`` all import it. So the napari process imports no torch-side module at all; every
+model (and the model catalogue the widget shows) lives in a fresh process started with the ``spawn``
+method. A crash or an out-of-memory kill there ends that process only.
+
+The conversation has two sides:
+
+- parent side (napari's process, no torch): :mod:`medsegkit.napari._worker_client` (``WorkerJob``,
+  ``write_input_array``, ``read_output``, ``describe_models``);
+- child side (this module): :func:`serve`, the loop the spawned process runs (imports torch, MONAI,
+  the registry and :mod:`medsegkit.inference`), one job after another.
+
+Protocol. A job is a JSON-able ``dict``. Arrays travel as files in the job's folder, never pickled:
+an in-memory array as a ``.npy`` file (written and read through ``numpy.lib.format.open_memmap``), a
+lazy array (dask, zarr) as a zarr store read window by window. Requests ``(job_id, job)`` arrive on
+one ``multiprocessing`` queue (``None`` ends the process); the child answers on another with tuples
+tagged by the job id::
+
+    ("started", job_id, {"pid": int, "device": str})
+    ("progress", job_id, done, total)                  # after every window batch
+    ("result", job_id, {...})                          # where the output lies (see the job kinds)
+    ("error", job_id, "TypeName: one-line message")    # the core's exception, first line
+    ("cancelled", job_id)
+
+and checks a ``multiprocessing.Event`` between window batches (``predict(..., cancel=event)``).
+A child that dies without a final message (segfault, ``os._exit``, the kernel's OOM killer) is reported
+by the parent as :class:`WorkerDied` naming the exit code or signal.
+
+Job kinds (``job["action"]``):
+
+``"describe"``
+    ``{"action": "describe", "checkpoints": [path, ...]}`` → ``{"models": {name: info}, "checkpoints":
+    {path: info}, "devices": [...], "errors": {name_or_path: message}}`` where ``info`` is
+    ``model_info(...).to_dict()`` (for a checkpoint: of the recorded name and arguments, plus
+    ``"checkpoint_metadata"``).
+``"segment"``
+    see :func:`segment_job` for the keys; result ``{"path", "format", "shape", "dtype", "class_names"}``.
+
+Test hook (tests only): the environment variable ``MEDSEGKIT_WORKER_TEST_CRASH`` set to ``"start"`` or
+``"progress"`` makes the child end itself with ``os._exit(86)`` at that point, as a segfault or an
+OOM kill would, so the parent's crash handling can be tested without crashing anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsegkit.errors import Cancelled
+
+__all__ = ["describe_job", "run_job", "segment_job", "serve"]
+
+TEST_CRASH_ENV = "MEDSEGKIT_WORKER_TEST_CRASH"
+TEST_CRASH_EXIT_CODE = 86
+
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, KeyError) and text.startswith(("'", '"')) and text.endswith(("'", '"')):
+        text = text[1:-1]  # KeyError repr-quotes its message
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _maybe_test_crash(point: str) -> None:
+    if os.environ.get(TEST_CRASH_ENV) == point:
+        os._exit(TEST_CRASH_EXIT_CODE)
+
+
+def serve(requests: Any, messages: Any, cancel: Any) -> None:
+    """Entry point of the spawned process: run ``(job_id, job)`` requests until ``None`` arrives.
+
+    Every message carries the job id: ``(kind, job_id, *payload)``.
+    """
+    with contextlib.suppress(OSError):  # leave the CPU to the viewer first
+        os.nice(5)
+    try:
+        while True:
+            request = requests.get()
+            if request is None:
+                break
+            job_id, job = request
+            run_job(job_id, job, messages, cancel)
+    finally:
+        messages.close()
+        messages.join_thread()
+
+
+def run_job(job_id: int, job: Mapping[str, Any], messages: Any, cancel: Any) -> None:
+    """Run one job, reporting ``started`` and then ``result``, ``error`` or ``cancelled``."""
+
+    class _Tagged:
+        def put(self, message: tuple) -> None:
+            messages.put((message[0], job_id, *message[1:]))
+
+    tagged = _Tagged()
+    try:
+        tagged.put(("started", {"pid": os.getpid(), "device": job.get("predict", {}).get("device") or "cpu"}))
+        _maybe_test_crash("start")
+        action = job.get("action")
+        if action == "describe":
+            result = describe_job(job)
+        elif action == "segment":
+            result = segment_job(job, tagged, cancel)
+        else:
+            raise ValueError(f"unknown worker action {action!r}; expected 'describe' or 'segment'")
+        tagged.put(("result", result))
+    except Cancelled:
+        tagged.put(("cancelled",))
+    except Exception as err:  # every failure becomes one message; the parent shows it to the user
+        tagged.put(("error", _one_line(err)))
+
+
+def _devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.device_count() > 1 else []
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def _checkpoint_info(path: str) -> dict[str, Any]:
+    from medsegkit.registry import model_info
+    from medsegkit.weights import read_checkpoint
+
+    _, record = read_checkpoint(path, map_location="cpu")
+    model = record.get("model") or {}
+    if "name" not in model:
+        raise ValueError(f"checkpoint {path} does not record a registry model name")
+    info = model_info(model["name"], **model.get("overrides", {})).to_dict()
+    info["has_weights"] = True
+    info["overrides"] = model.get("overrides", {})
+    info["checkpoint_metadata"] = record.get("metadata", {})
+    return info
+
+
+def describe_job(job: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_info(name).to_dict()`` for every registered name and every checkpoint given, plus devices."""
+    from medsegkit.registry import list_models, model_info
+
+    models: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in list_models():
+        try:
+            models[name] = model_info(name).to_dict()
+        except Exception as err:  # one broken entry must not hide the others; reported to the user
+            errors[name] = _one_line(err)
+    checkpoints: dict[str, Any] = {}
+    for path in job.get("checkpoints", []):
+        try:
+            checkpoints[str(path)] = _checkpoint_info(str(path))
+        except Exception as err:
+            errors[str(path)] = _one_line(err)
+    return {"models": models, "checkpoints": checkpoints, "devices": _devices(), "errors": errors}
+
+
+_model_cache: dict[str, Any] = {}
+
+
+def _model_key(spec: Mapping[str, Any]) -> str:
+    checkpoint = spec.get("checkpoint")
+    stamp = None
+    if checkpoint and os.path.isfile(checkpoint):
+        st = os.stat(checkpoint)
+        stamp = (st.st_size, st.st_mtime_ns)
+    return repr((spec.get("name"), checkpoint, stamp, bool(spec.get("pretrained"))))
+
+
+def _load_model(spec: Mapping[str, Any]):
+    """The model a job names (the last one is kept loaded while the same file / name is asked for)."""
+    key = _model_key(spec)
+    if key not in _model_cache:
+        _model_cache.clear()
+        _model_cache[key] = _build_model(spec)
+    return _model_cache[key]
+
+
+def _build_model(spec: Mapping[str, Any]):
+    """Build the model a job names: a checkpoint file, or a registry name with ``pretrained``."""
+    checkpoint = spec.get("checkpoint")
+    name = spec.get("name")
+    if checkpoint:
+        from medsegkit.weights import load_checkpoint, load_model, read_checkpoint
+
+        _, record = read_checkpoint(checkpoint, map_location="cpu")
+        if "name" in (record.get("model") or {}) or "target" in (record.get("model") or {}) or not name:
+            return load_model(checkpoint)
+        from medsegkit.registry import create_model
+
+        return load_checkpoint(create_model(name), checkpoint).eval()
+    if not name:
+        raise ValueError("the job names no model: give a registry name or a checkpoint path")
+    if not spec.get("pretrained"):
+        raise ValueError(
+            f"{name} has no weights loaded: choose a checkpoint file (or pretrained weights where the model "
+            "has them) instead of segmenting with random weights"
+        )
+    from medsegkit.registry import create_model
+
+    return create_model(name, pretrained=True).eval()
+
+
+def _open_input(spec: Mapping[str, Any]) -> Any:
+    if spec["format"] == "npy":
+        return np.load(spec["path"], mmap_mode="r")
+    if spec["format"] == "zarr":
+        import zarr
+
+        return zarr.open_array(spec["path"], mode="r")
+    raise ValueError(f"unknown input format {spec['format']!r}; expected 'npy' or 'zarr'")
+
+
+def _to_voxel_order(kwargs: dict[str, Any], n_spatial: int) -> dict[str, Any]:
+    """Per-axis options given in napari axis order ``(z, y, x)`` → the voxel order ``(i, j, k)``."""
+    kwargs = dict(kwargs)
+    if kwargs.get("roi_size") is not None and not isinstance(kwargs["roi_size"], int):
+        kwargs["roi_size"] = tuple(reversed(tuple(kwargs["roi_size"])))
+    if kwargs.get("tta_flips"):
+        kwargs["tta_flips"] = tuple(n_spatial - 1 - int(a) for a in kwargs["tta_flips"])
+    if kwargs.get("slice_axis") is not None:
+        kwargs["slice_axis"] = n_spatial - 1 - int(kwargs["slice_axis"])
+    return kwargs
+
+
+def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, Any]:
+    """Run one model on one array (child side) and write the result into ``job["output_dir"]``.
+
+    Keys of ``job``:
+        ``model``: ``{"name": str | None, "checkpoint": path | None, "pretrained": bool}``.
+        ``input``: ``{"format": "npy" | "zarr", "path": str}``: the layer's array in napari's axis
+            order (multiscale: the full-resolution level).
+        ``rgb``: napari's ``layer.rgb`` (colour axis last; RGBA loses alpha unless the model takes 4).
+        ``channel_axis``: ``"auto"`` (default), ``None`` or an axis index: see
+            :func:`medsegkit.napari._geometry.resolve_channel_axis`.
+        ``world_affine``: the layer's ``(ndim+1, ndim+1)`` data → world matrix (napari order; a channel
+            axis among the layer's dims is dropped here), or ``None`` for the identity.
+        ``predict``: keyword arguments for :func:`medsegkit.inference.segment` / ``predict``, per-axis
+            ones (``roi_size``, ``tta_flips``, ``slice_axis``) in napari axis order: ``overlap``,
+            ``fast``, ``device``, ``task``, ``sw_batch_size``, ...
+        ``output``: ``"labels"`` or ``"probabilities"``.
+        ``output_dir``: folder to write the result into.
+        ``threads``: torch CPU threads (optional).
+
+    In-memory input (``.npy``) goes through :func:`medsegkit.inference.segment` (the checkpoint's
+    preprocessing and its inverse) on an :class:`~medsegkit.io.Image` built from the layer's geometry,
+    with the spatial axes reversed to the core's ``(i, j, k)`` order and back. Lazy input (zarr) goes
+    through :func:`medsegkit.inference.predict` window by window into a zarr store, in napari's axis
+    order (no preprocessing: a lazy volume is never resampled whole).
+
+    Returns:
+        ``{"format": "npy" | "zarr", "path", "shape", "dtype", "class_names", "task", "layer_channel_axis"}``
+        (the layer dim that held the channels, ``None`` if none or RGB); the output is
+        ``(*spatial)`` labels or ``(K, *spatial)`` float32 probabilities, in napari axis order.
+    """
+    import torch
+
+    from medsegkit.napari._geometry import (
+        drop_axis,
+        image_affine_from_world,
+        resolve_channel_axis,
+        reverse_spatial,
+    )
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    output = job.get("output", "labels")
+    if output not in ("labels", "probabilities"):
+        raise ValueError(f"output must be 'labels' or 'probabilities', got {output!r}")
+    model = _load_model(job["model"])
+    data = _open_input(job["input"])
+    model_dims = int(getattr(model, "spatial_dims", 0) or 0) or (2 if data.ndim == 2 else 3)
+    in_channels = getattr(model, "in_channels", None)
+    channel_axis = resolve_channel_axis(
+        tuple(data.shape), rgb=bool(job.get("rgb")), choice=job.get("channel_axis", "auto"),
+        model_dims=model_dims, in_channels=in_channels if isinstance(in_channels, int) else None,
+    )
+    if channel_axis is not None:
+        if job["input"]["format"] == "zarr":
+            import dask.array as da
+
+            data = da.from_zarr(data)
+        data = np.moveaxis(data, channel_axis, 0) if isinstance(data, np.ndarray) else data.transpose(
+            (channel_axis, *[a for a in range(data.ndim) if a != channel_axis]))
+        if job.get("rgb") and data.shape[0] == 4 and in_channels != 4:
+            data = data[:3]  # RGBA: the model sees RGB
+    has_channels = channel_axis is not None
+    world = job.get("world_affine")
+    layer_channel_axis = None if job.get("rgb") else channel_axis  # RGB's colour axis is not a layer dim
+    if world is not None and layer_channel_axis is not None:
+        world = drop_axis(np.asarray(world, dtype=float), layer_channel_axis)
+    n_spatial = data.ndim - (1 if has_channels else 0)
+    if n_spatial not in (2, 3):
+        raise ValueError(
+            f"the layer has {n_spatial} spatial axes (array shape {tuple(data.shape)}); 2D and 3D images are "
+            "supported: choose the channel axis, or take one time point / one plane first"
+        )
+    metadata = getattr(model, "medsegkit_metadata", {}) or {}
+    common = {"class_names": list(metadata.get("class_names", []) or []), "layer_channel_axis": layer_channel_axis,
+              "task": job.get("predict", {}).get("task") or getattr(model, "medsegkit_task", "semantic")}
+
+    def progress(done: int, total: int) -> None:
+        messages.put(("progress", int(done), int(total)))
+        _maybe_test_crash("progress")
+
+    output_dir = Path(job["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(job.get("predict", {}))
+
+    if job["input"]["format"] == "zarr":
+        from medsegkit.inference import predict
+
+        if model_dims == 2 and n_spatial == 3 and kwargs.get("slice_axis") is None:
+            kwargs["slice_axis"] = 0  # napari's slider axis (z), the axis segment() slices along too
+
+        path = output_dir / "output.zarr"
+        out = predict(model, data, output=output, out=str(path), progress=progress, cancel=cancel, **kwargs)
+        return {"format": "zarr", "path": str(path), "shape": list(out.shape), "dtype": str(out.dtype), **common}
+
+    from medsegkit.inference import segment
+    from medsegkit.io import Image
+
+    voxels = reverse_spatial(np.asarray(data), n_spatial)
+    affine = image_affine_from_world(world) if world is not None else np.eye(4)
+    image = Image(voxels, affine, {"source": "napari layer"}, 0 if has_channels else None)
+    result = segment(model, image, output=output, progress=progress, cancel=cancel,
+                     **_to_voxel_order(kwargs, n_spatial))
+    array = np.asarray(getattr(result, "array", result))
+    array = np.ascontiguousarray(reverse_spatial(array, n_spatial))
+    path = output_dir / "output.npy"
+    target = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+    target[...] = array
+    target.flush()
+    del target
+    return {"format": "npy", "path": str(path), "shape": list(array.shape), "dtype": str(array.dtype), **common}

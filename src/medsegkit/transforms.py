@@ -1,0 +1,466 @@
+"""Preprocessing presets (MONAI dictionary transforms) and their inverse.
+
+A *preprocessing spec* is a JSON-able dict — the same dict a checkpoint records under
+``metadata["preprocessing"]``::
+
+    {"orientation": "RAS",                 # axis codes, or None to keep the voxel order
+     "spacing": [1.5, 1.5, 1.5],           # target mm per axis (one number = isotropic), or None
+     "intensity": {"name": "zscore", "nonzero": True, "channel_wise": True}}   # or None
+
+Intensity steps (``"name"``):
+
+* ``"zscore"`` — MONAI ``NormalizeIntensityd`` (``nonzero``: statistics over nonzero voxels only,
+  zeros stay 0; ``channel_wise``).
+* ``"range"`` — MONAI ``ScaleIntensityRanged``: ``[a_min, a_max] → [b_min, b_max]``, ``clip``.
+* ``"percentile"`` — MONAI ``ScaleIntensityRangePercentilesd``: the ``lower``..``upper`` percentiles
+  (1..99) → ``[b_min, b_max]`` (0..1), ``clip``, ``channel_wise``.
+* ``"scale"`` — ``(x - subtrahend) / divisor`` (``NormalizeIntensityd`` with fixed numbers), e.g.
+  ``{"name": "scale", "divisor": 255}``.
+
+Presets (:data:`PRESETS`) expand to such dicts: ``"mr"`` (RAS, z-score over nonzero voxels),
+``"mr_robust"`` (RAS, 1st..99th percentile → [0, 1], clipped; the bundle writer's preset), ``"ct"``
+(RAS, HU window [-1000, 1000] → [0, 1], clipped), ``"none"`` (nothing).
+
+Functions:
+
+* :func:`resolve_preprocessing` ``(preset_or_spec, *, target_spacing=None, orientation=None) -> dict``:
+  a checked, complete spec.
+* :func:`build_preprocessing` ``(preset_or_spec, *, target_spacing=None, orientation=None,
+  keys=("image",), label_keys=()) -> monai.transforms.Compose`` for MONAI dictionary data
+  (``label_keys`` are resampled with nearest neighbours and get no intensity step).
+* :func:`image_to_metatensor` / :func:`metatensor_to_image`: :class:`medsegkit.io.Image` ↔ MONAI
+  ``MetaTensor`` ``(C, *spatial)`` with the affine (no file round trip).
+* :func:`preprocess` ``(image, spec) -> (tensor (C, *spatial), PreprocessState)`` and
+  :func:`restore` ``(prediction, state, *, is_label=True) -> np.ndarray`` — the pair the inference
+  engine uses: ``restore`` puts a prediction computed on the preprocessed grid back on the input grid
+  through MONAI's ``Invertd`` (nearest neighbours for labels, linear for probabilities/logits).
+
+Example::
+
+    tensor, state = preprocess(image, {"orientation": "RAS", "spacing": 1.5, "intensity": None})
+    labels = model_output.argmax(0)                       # (*tensor.shape[1:])
+    labels_on_input_grid = restore(labels, state)         # (*image.spatial_shape)
+    result = image.with_array(labels_on_input_grid)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Invertd,
+    NormalizeIntensityd,
+    Orientationd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from medsegkit.io.image import Image
+
+__all__ = [
+    "PRESETS",
+    "PreprocessState",
+    "build_preprocessing",
+    "image_to_metatensor",
+    "metatensor_to_image",
+    "preprocess",
+    "resolve_preprocessing",
+    "restore",
+]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mr": {
+        "orientation": "RAS",
+        "spacing": None,
+        "intensity": {"name": "zscore", "nonzero": True, "channel_wise": True},
+    },
+    "mr_robust": {
+        "orientation": "RAS",
+        "spacing": None,
+        "intensity": {
+            "name": "percentile",
+            "lower": 1.0,
+            "upper": 99.0,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        },
+    },
+    "ct": {
+        "orientation": "RAS",
+        "spacing": None,
+        "intensity": {
+            "name": "range",
+            "a_min": -1000.0,
+            "a_max": 1000.0,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        },
+    },
+    "none": {"orientation": None, "spacing": None, "intensity": None},
+}
+
+SPEC_KEYS = ("orientation", "spacing", "intensity")
+# intensity name -> (required fields, optional fields with defaults)
+INTENSITY_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "zscore": ((), {"nonzero": False, "channel_wise": True}),
+    "range": (("a_min", "a_max"), {"b_min": 0.0, "b_max": 1.0, "clip": True}),
+    "scale": (("divisor",), {"subtrahend": 0.0}),
+    "percentile": (
+        (),
+        {"lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0, "clip": True, "channel_wise": True},
+    ),
+}
+
+
+def _check_orientation(value: Any) -> str | None:
+    if value is None:
+        return None
+    codes = str(value).upper()
+    axis_of = {c: axis for axis, pair in enumerate(("LR", "PA", "IS")) for c in pair}
+    if (
+        len(codes) not in (2, 3)
+        or any(c not in axis_of for c in codes)
+        or len({axis_of[c] for c in codes}) != len(codes)
+    ):
+        raise ValueError(
+            f"orientation {value!r} is not a set of axis codes; use one letter of each pair L/R, P/A, I/S "
+            "such as 'RAS' or 'LPS' (or None to keep the voxel order)"
+        )
+    return codes
+
+
+def _check_spacing(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    values = [float(value)] if np.isscalar(value) else [float(v) for v in value]
+    if not values or len(values) > 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be a positive number or 2-3 positive numbers (mm), got {value!r}")
+    return values
+
+
+def _check_intensity(value: Any) -> dict[str, Any] | None:
+    if value is None or value == "none" or (isinstance(value, Mapping) and value.get("name") == "none"):
+        return None
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping) or "name" not in value:
+        raise ValueError(
+            f"intensity must be a dict with a 'name' ({', '.join(INTENSITY_FIELDS)}) or None, got {value!r}"
+        )
+    name = value["name"]
+    if name not in INTENSITY_FIELDS:
+        raise ValueError(f"unknown intensity step {name!r}; accepted: {', '.join(INTENSITY_FIELDS)}, none")
+    required, optional = INTENSITY_FIELDS[name]
+    unknown = set(value) - {"name", *required, *optional}
+    if unknown:
+        raise ValueError(
+            f"intensity {name!r} does not take {sorted(unknown)}; it takes {list(required) + list(optional)}"
+        )
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ValueError(f"intensity {name!r} needs {missing} (got {dict(value)})")
+    spec = {"name": name, **optional, **{k: v for k, v in value.items() if k != "name"}}
+    if name == "range" and not float(spec["a_max"]) > float(spec["a_min"]):
+        raise ValueError(
+            f"intensity 'range' needs a_max > a_min, got a_min={spec['a_min']}, a_max={spec['a_max']}"
+        )
+    if name == "percentile" and not 0 <= float(spec["lower"]) < float(spec["upper"]) <= 100:
+        raise ValueError(
+            f"intensity 'percentile' needs 0 <= lower < upper <= 100, got lower={spec['lower']}, upper={spec['upper']}"
+        )
+    if name == "scale" and float(spec["divisor"]) == 0:
+        raise ValueError("intensity 'scale' needs a nonzero divisor")
+    return spec
+
+
+def resolve_preprocessing(
+    preset_or_spec: str | Mapping[str, Any] | None,
+    *,
+    target_spacing: float | Sequence[float] | None = None,
+    orientation: str | None = None,
+) -> dict[str, Any]:
+    """Expand a preset name (``"mr"``, ``"ct"``, ``"none"``) or check a spec dict; return a complete spec.
+
+    ``target_spacing`` / ``orientation``, when given, replace the spec's values. A spec may start from a
+    preset with ``{"preset": "mr", "spacing": [2, 2, 2]}``.
+    """
+    if preset_or_spec is None:
+        preset_or_spec = "none"
+    if isinstance(preset_or_spec, str):
+        if preset_or_spec.lower() not in PRESETS:
+            raise ValueError(
+                f"unknown preprocessing preset {preset_or_spec!r}; accepted: {', '.join(PRESETS)}"
+            )
+        spec: dict[str, Any] = copy.deepcopy(PRESETS[preset_or_spec.lower()])
+    elif isinstance(preset_or_spec, Mapping):
+        given = dict(preset_or_spec)
+        unknown = set(given) - set(SPEC_KEYS) - {"preset"}
+        if unknown:
+            raise ValueError(
+                f"unknown preprocessing keys {sorted(unknown)}; accepted: {', '.join(SPEC_KEYS)}, preset"
+            )
+        base = resolve_preprocessing(given.pop("preset", "none"))
+        spec = {**base, **given}
+    else:
+        raise TypeError(
+            f"preprocessing must be a preset name ({', '.join(PRESETS)}) or a dict, got {type(preset_or_spec).__name__}"
+        )
+    if target_spacing is not None:
+        spec["spacing"] = target_spacing
+    if orientation is not None:
+        spec["orientation"] = orientation
+    return {
+        "orientation": _check_orientation(spec.get("orientation")),
+        "spacing": _check_spacing(spec.get("spacing")),
+        "intensity": _check_intensity(spec.get("intensity")),
+    }
+
+
+def _spatial_fit(spec: dict[str, Any], spatial_ndim: int) -> tuple[str | None, list[float] | None]:
+    orientation, spacing = spec["orientation"], spec["spacing"]
+    if orientation is not None:
+        orientation = orientation[:spatial_ndim]
+    if spacing is not None:
+        if len(spacing) == 1:
+            spacing = spacing * spatial_ndim
+        elif len(spacing) != spatial_ndim:
+            raise ValueError(f"spacing {spacing} has {len(spacing)} values but the image is {spatial_ndim}D")
+    return orientation, spacing
+
+
+def build_preprocessing(
+    preset_or_spec: str | Mapping[str, Any] | None,
+    *,
+    target_spacing: float | Sequence[float] | None = None,
+    orientation: str | None = None,
+    keys: Sequence[str] = ("image",),
+    label_keys: Sequence[str] = (),
+    spatial_ndim: int = 3,
+) -> Compose:
+    """A MONAI ``Compose`` of dictionary transforms: orientation → spacing → intensity.
+
+    Args:
+        preset_or_spec: ``"mr"``, ``"ct"``, ``"none"`` or a spec dict (see the module docstring).
+        target_spacing: overrides the spec's spacing (mm; one number = isotropic).
+        orientation: overrides the spec's orientation (axis codes such as ``"RAS"``).
+        keys: image keys; resampled linearly and given the intensity step. Their values must be
+            ``MetaTensor``s ``(C, *spatial)`` carrying the affine (see :func:`image_to_metatensor`).
+        label_keys: label keys; same orientation/spacing with nearest neighbours, no intensity step.
+        spatial_ndim: 2 or 3 (orientation codes and isotropic spacing are cut/broadcast to it).
+
+    The spatial steps are invertible (``Compose.inverse`` / ``Invertd``); the intensity step is not
+    (it is not needed to put a prediction back on the input grid).
+    """
+    spec = resolve_preprocessing(preset_or_spec, target_spacing=target_spacing, orientation=orientation)
+    axcodes, pixdim = _spatial_fit(spec, spatial_ndim)
+    keys, label_keys = list(keys), list(label_keys)
+    all_keys = keys + label_keys
+    modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
+    steps: list[Any] = []
+    if axcodes is not None:
+        # explicit labels: the plain L/R, P/A, I/S meaning (and no MONAI default-change warning)
+        steps.append(
+            Orientationd(keys=all_keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+        )
+    if pixdim is not None:
+        steps.append(Spacingd(keys=all_keys, pixdim=pixdim, mode=modes, padding_mode="border"))
+    intensity = spec["intensity"]
+    if intensity is not None and keys:
+        name = intensity["name"]
+        if name == "zscore":
+            steps.append(
+                NormalizeIntensityd(
+                    keys=keys,
+                    nonzero=bool(intensity["nonzero"]),
+                    channel_wise=bool(intensity["channel_wise"]),
+                )
+            )
+        elif name == "range":
+            steps.append(
+                ScaleIntensityRanged(
+                    keys=keys,
+                    a_min=float(intensity["a_min"]),
+                    a_max=float(intensity["a_max"]),
+                    b_min=float(intensity["b_min"]),
+                    b_max=float(intensity["b_max"]),
+                    clip=bool(intensity["clip"]),
+                )
+            )
+        elif name == "percentile":
+            steps.append(
+                ScaleIntensityRangePercentilesd(
+                    keys=keys,
+                    lower=float(intensity["lower"]),
+                    upper=float(intensity["upper"]),
+                    b_min=float(intensity["b_min"]),
+                    b_max=float(intensity["b_max"]),
+                    clip=bool(intensity["clip"]),
+                    channel_wise=bool(intensity["channel_wise"]),
+                )
+            )
+        else:  # "scale"
+            steps.append(
+                NormalizeIntensityd(
+                    keys=keys, subtrahend=float(intensity["subtrahend"]), divisor=float(intensity["divisor"])
+                )
+            )
+    return Compose(steps)
+
+
+def _spatial_affine(affine: np.ndarray, spatial_ndim: int) -> np.ndarray:
+    """The ``(n+1, n+1)`` affine MONAI uses for an n-D image, from our 4×4."""
+    index = list(range(spatial_ndim)) + [3]
+    return affine[np.ix_(index, index)]
+
+
+def image_to_metatensor(image: Image, *, dtype: torch.dtype = torch.float32) -> MetaTensor:
+    """``image`` as a MONAI ``MetaTensor`` ``(C, *spatial)`` (a channel axis is added when absent) whose
+    ``affine`` is the image's RAS affine (``(n+1, n+1)`` for an n-D image, as MONAI's readers give)."""
+    array = image.array if image.channel_axis == 0 else image.array[None]
+    n = image.spatial_ndim
+    affine = torch.as_tensor(_spatial_affine(image.affine, n), dtype=torch.float64)
+    meta = {
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(image.spatial_shape),
+        "space": "RAS",
+    }
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array)).to(dtype), affine=affine, meta=meta)
+
+
+def metatensor_to_image(tensor: torch.Tensor, *, meta: dict[str, Any] | None = None) -> Image:
+    """A ``MetaTensor`` ``(C, *spatial)`` back to an :class:`Image` (channels kept only when C > 1)."""
+    if not isinstance(tensor, MetaTensor):
+        raise TypeError(f"expected a MONAI MetaTensor carrying an affine, got {type(tensor).__name__}")
+    array = tensor.detach().cpu().numpy()
+    n = array.ndim - 1
+    small = tensor.affine.detach().cpu().numpy().astype(np.float64)
+    affine = np.eye(4)
+    index = list(range(n)) + [3]
+    affine[np.ix_(index, index)] = small
+    if array.shape[0] == 1:
+        return Image(array[0], affine, dict(meta or {}), None)
+    return Image(array, affine, dict(meta or {}), 0)
+
+
+@dataclass
+class PreprocessState:
+    """What :func:`restore` needs to put a prediction back on the input grid.
+
+    Attributes:
+        spec: the resolved preprocessing spec.
+        transform: the MONAI ``Compose`` that was applied (under the key ``"image"``).
+        trace: a one-voxel ``MetaTensor`` carrying the applied operations and meta (no image data).
+        input_shape: the input's spatial shape ``(i, j, k)``.
+        input_affine: the input's 4×4 RAS affine.
+        output_shape: the preprocessed spatial shape.
+        output_affine: the preprocessed 4×4 RAS affine.
+    """
+
+    spec: dict[str, Any]
+    transform: Compose
+    trace: MetaTensor
+    input_shape: tuple[int, ...]
+    input_affine: np.ndarray
+    output_shape: tuple[int, ...]
+    output_affine: np.ndarray
+
+
+def preprocess(image: Image, spec: str | Mapping[str, Any] | None) -> tuple[MetaTensor, PreprocessState]:
+    """Apply ``spec`` (preset name or dict) to ``image``.
+
+    Returns:
+        ``(tensor, state)``: ``tensor`` is a float32 ``MetaTensor`` ``(C, *spatial)`` on the
+        preprocessed grid (its ``affine`` says where); ``state`` goes to :func:`restore`.
+    """
+    if not isinstance(image, Image):
+        raise TypeError(f"preprocess expects a medsegkit.io.Image, got {type(image).__name__}")
+    resolved = resolve_preprocessing(spec)
+    transform = build_preprocessing(resolved, spatial_ndim=image.spatial_ndim)
+    out = transform({"image": image_to_metatensor(image)})["image"]
+    if not isinstance(out, MetaTensor):  # pragma: no cover - MONAI keeps MetaTensors when track_meta is on
+        raise RuntimeError("MONAI returned a plain tensor; enable monai.data.set_track_meta(True)")
+    out = out.to(torch.float32)
+    trace = MetaTensor(
+        torch.zeros(1), meta=copy.deepcopy(out.meta), applied_operations=copy.deepcopy(out.applied_operations)
+    )
+    out_image_affine = metatensor_to_image(out[:1]).affine
+    state = PreprocessState(
+        spec=resolved,
+        transform=transform,
+        trace=trace,
+        input_shape=image.spatial_shape,
+        input_affine=image.affine.copy(),
+        output_shape=tuple(int(s) for s in out.shape[1:]),
+        output_affine=out_image_affine,
+    )
+    return out, state
+
+
+def restore(
+    prediction: np.ndarray | torch.Tensor, state: PreprocessState, *, is_label: bool = True
+) -> np.ndarray:
+    """Put ``prediction`` (computed on the preprocessed grid) back on the input image's grid.
+
+    Args:
+        prediction: ``(*spatial)`` (e.g. labels) or ``(C, *spatial)`` (e.g. probabilities) on the grid
+            :func:`preprocess` returned (``state.output_shape``).
+        state: from :func:`preprocess`.
+        is_label: ``True`` resamples with nearest neighbours and keeps the integer dtype; ``False``
+            resamples linearly (probabilities, logits) and returns float32.
+
+    Returns:
+        A numpy array ``(*state.input_shape)`` or ``(C, *state.input_shape)``, voxel-aligned with the input.
+    """
+    if isinstance(prediction, torch.Tensor):
+        values = prediction.detach().cpu()
+        if isinstance(values, MetaTensor):
+            values = values.as_tensor()
+        # bfloat16 has no numpy dtype; a float prediction comes back as float32 anyway
+        dtype = np.dtype(np.float32) if values.is_floating_point() else values[:0].numpy().dtype
+    else:
+        values = torch.as_tensor(np.asarray(prediction))
+        dtype = np.asarray(prediction).dtype
+    has_channels = values.ndim == len(state.output_shape) + 1
+    spatial = tuple(values.shape[1:] if has_channels else values.shape)
+    if spatial != state.output_shape or values.ndim not in (
+        len(state.output_shape),
+        len(state.output_shape) + 1,
+    ):
+        raise ValueError(
+            f"prediction of shape {tuple(values.shape)} is not on the preprocessed grid: expected "
+            f"{state.output_shape} or (C, *{state.output_shape})"
+        )
+    if not has_channels:
+        values = values[None]
+    work = values.to(torch.float32)
+    if state.trace.applied_operations:
+        pred = MetaTensor(
+            work, affine=torch.as_tensor(_spatial_affine(state.output_affine, len(state.output_shape)))
+        )
+        data = {"image": state.trace, "pred": pred}
+        inverted = Invertd(
+            keys="pred", transform=state.transform, orig_keys="image", nearest_interp=is_label
+        )(data)["pred"]
+        work = inverted.as_tensor() if isinstance(inverted, MetaTensor) else torch.as_tensor(inverted)
+    result = work.numpy()
+    if tuple(result.shape[1:]) != state.input_shape:  # pragma: no cover - guards a MONAI behaviour change
+        raise RuntimeError(f"inverse produced shape {result.shape[1:]}, expected {state.input_shape}")
+    if not has_channels:
+        result = result[0]
+    if is_label:
+        if dtype.kind == "b":
+            return result > 0.5
+        if dtype.kind in "iu":
+            return np.rint(result).astype(dtype)
+        return result.astype(dtype, copy=False)
+    return result.astype(np.float32, copy=False)

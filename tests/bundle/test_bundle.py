@@ -1,0 +1,157 @@
+"""MONAI bundles written by medsegkit run with MONAI's own tools, unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsegkit.bundle import check_metadata, init_bundle, run_bundle, verify_bundle
+from medsegkit.cli import main
+
+TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_data" / "mni152_t1_2mm.nii.gz"
+
+
+def monai_bundle(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return init_bundle("UNet3d", tmp_path_factory.mktemp("b") / "unet_bundle", overrides=TINY, roi_size=(32, 32, 32))
+
+
+def test_layout_and_metadata(bundle):
+    for rel in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
+                "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
+        assert (bundle / rel).is_file(), rel
+    assert (bundle / "models").is_dir()
+    metadata = json.loads((bundle / "configs/metadata.json").read_text())
+    assert check_metadata(metadata) == []
+    assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == 4
+    network_def = json.loads((bundle / "configs/inference.json").read_text())["network_def"]
+    assert network_def["_target_"] == "medsegkit.nets.UNet"
+    assert network_def["spatial_dims"] == 3 and network_def["out_channels"] == 4
+    assert network_def["channels"] == [4, 8, 16] and network_def["norm"] == "batch"
+
+
+def test_check_metadata_names_missing_fields():
+    problems = check_metadata({"version": "1", "changelog": {}})
+    assert "missing field 'monai_version'" in problems
+    assert "changelog has no entry for version '1'" in problems
+    assert "network_data_format.inputs.image is missing" in problems
+
+
+def test_verify_bundle_and_cli(bundle, capsys):
+    report = verify_bundle(bundle)
+    assert report["verify_net_in_out"] == "ok"
+    assert report["configs"] == ["inference.json", "train.json", "evaluate.json"]
+    assert main(["bundle", "verify", str(bundle)]) == 0
+    assert "verify_net_in_out ok" in capsys.readouterr().out
+
+
+def test_verify_reports_broken_bundle(bundle, tmp_path, capsys):
+    import shutil
+
+    broken = Path(shutil.copytree(bundle, tmp_path / "broken"))
+    metadata = json.loads((broken / "configs/metadata.json").read_text())
+    del metadata["authors"]
+    metadata["network_data_format"]["outputs"]["pred"]["num_channels"] = 7
+    (broken / "configs/metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError) as err:
+        verify_bundle(broken)
+    assert "missing field 'authors'" in str(err.value) and "verify_net_in_out failed" in str(err.value)
+    assert main(["bundle", "verify", str(broken)]) == 2
+    assert "problem(s)" in capsys.readouterr().err
+
+
+def test_init_refuses_instance_models_and_existing_dirs(bundle, tmp_path):
+    with pytest.raises(ValueError, match="instance model"):
+        init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        init_bundle("UNet3d", bundle, overrides=TINY)
+
+
+def test_monai_verify_net_in_out_cli(bundle):
+    monai_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                 "--config_file", "configs/inference.json", "--device", "cpu", cwd=bundle)
+
+
+@pytest.mark.slow
+def test_monai_train_evaluate_inference_export(bundle):
+    """MONAI's `run` trains on the sample (1 epoch), evaluates, infers, then `ckpt_export` scripts it."""
+    monai_bundle("run", "--config_file", "configs/train.json", "--max_epochs", "1", cwd=bundle)
+    assert (bundle / "models/model.pt").is_file()
+    monai_bundle("run", "--config_file", "['configs/train.json','configs/evaluate.json']", cwd=bundle)
+    monai_bundle("run", "--config_file", "configs/inference.json", cwd=bundle)
+    (seg,) = (bundle / "eval").glob("*_seg.nii.gz")
+    import nibabel as nib
+
+    out, image = nib.load(seg), nib.load(SAMPLE)
+    assert out.shape[:3] == image.shape
+    np.testing.assert_allclose(out.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}
+    monai_bundle("ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+                 "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", cwd=bundle)
+    scripted = torch.jit.load(str(bundle / "models/model.ts"))
+    from medsegkit.bundle import bundle_network
+
+    net = bundle_network(bundle).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_medsegkit_bundle_run(bundle, tmp_path, capsys):
+    weights = bundle / "models" / "model.pt"
+    if not weights.exists():
+        from medsegkit.bundle import bundle_network
+
+        torch.save(bundle_network(bundle, load_weights=False).state_dict(), weights)
+    out_dir = tmp_path / "out"
+    (written,) = run_bundle(bundle, [SAMPLE], out_dir)
+    assert written.name == "mni152_t1_2mm_seg.nii.gz" and written.is_file()
+    with pytest.raises(FileExistsError):
+        run_bundle(bundle, [SAMPLE], out_dir)
+    assert main(["bundle", "run", str(bundle), str(SAMPLE), "-o", str(out_dir)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_model_zoo_bundle_runs_with_our_unet_by_changing_target(tmp_path):
+    """A bundle written for MONAI's UNet keeps its checkpoint when only `_target_` changes."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import UNet as MonaiUNet
+
+    args = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [8, 16, 32], "strides": [2, 2],
+            "num_res_units": 2, "norm": "batch"}
+    torch.manual_seed(0)
+    monai_net = MonaiUNet(**args).eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(monai_net.state_dict(), ckpt)
+    config = {"network_def": {"_target_": "UNet", **args},
+              "handler": {"_target_": "CheckpointLoader", "load_path": str(ckpt), "load_dict": {"model": "@net"},
+                          "strict": True},
+              "net": "$@network_def"}
+    x = torch.randn(1, 1, 32, 32, 32)
+    outputs = []
+    for target in ("UNet", "medsegkit.nets.UNet"):
+        config["network_def"]["_target_"] = target
+        parser = ConfigParser(config)
+        net = parser.get_parsed_content("net")
+        net.load_state_dict(torch.load(ckpt, weights_only=True), strict=True)
+        with torch.no_grad():
+            outputs.append(net.eval()(x))
+    assert type(net).__module__ == "medsegkit.nets.unet"
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)

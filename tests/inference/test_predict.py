@@ -1,0 +1,551 @@
+"""medsegkit.inference.predict: parity with MONAI's inferers, layouts, progress, cancel, lazy I/O, fast path."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import SliceInferer, sliding_window_inference
+from monai.networks.nets import UNet
+from torch import nn
+
+from medsegkit.errors import Cancelled
+from medsegkit.inference import predict, window_slices
+from medsegkit.inference.fast import fold_batchnorm
+
+TOL = 1e-5  # float32 parity with MONAI (only the order of the blending sums may differ)
+
+
+class MonaiUNet(nn.Module):
+    """MONAI's UNet with the attributes medsegkit models carry."""
+
+    medsegkit_task = "semantic"
+
+    def __init__(self, spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 16), norm="batch"):
+        super().__init__()
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.net = UNet(spatial_dims, in_channels, out_channels, channels=channels, strides=(2,) * (len(channels) - 1),
+                        norm=norm)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _model(seed=0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    model = MonaiUNet(**kwargs).eval()
+    # trained-looking BatchNorm statistics instead of the identity ones
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model3d():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def model2d():
+    return _model(spatial_dims=2)
+
+
+def _volume(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# parity with MONAI
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap", "mode", "batch"),
+    [
+        ((37, 50, 29), (16, 16, 16), 0.5, "gaussian", 3),
+        ((37, 50, 29), (32, 32, 32), 0.25, "constant", 4),
+        ((20, 21, 22), (64, 64, 64), 0.5, "gaussian", 2),  # roi larger than the image: padded
+        ((33, 40, 24), (16, 24, 16), (0.5, 0.25, 0.0), "gaussian", 1),  # per-axis overlap
+    ],
+)
+def test_logits_and_probabilities_equal_monai_sliding_window(model3d, shape, roi, overlap, mode, batch):
+    x = _volume((1, 1, *shape))
+    reference = sliding_window_inference(x, roi, batch, model3d, overlap=overlap, mode=mode)
+    logits = predict(model3d, x, roi_size=roi, sw_batch_size=batch, overlap=overlap, mode=mode, output="logits")
+    assert logits.shape == reference.shape
+    assert torch.allclose(logits, reference, atol=TOL, rtol=0)
+    probabilities = predict(model3d, x, roi_size=roi, sw_batch_size=batch, overlap=overlap, mode=mode,
+                            output="probabilities")
+    assert torch.allclose(probabilities, torch.softmax(reference, 1), atol=TOL, rtol=0)
+    labels = predict(model3d, x[0, 0].numpy(), roi_size=roi, sw_batch_size=batch, overlap=overlap, mode=mode)
+    assert isinstance(labels, np.ndarray) and labels.dtype == np.uint8 and labels.shape == shape
+    np.testing.assert_array_equal(labels, reference.argmax(1)[0].numpy())
+
+
+def test_2d_model_equals_monai_2d_sliding_window(model2d):
+    x = _volume((2, 1, 45, 70))
+    reference = sliding_window_inference(x, (32, 32), 4, model2d, overlap=0.5, mode="gaussian")
+    logits = predict(model2d, x, roi_size=(32, 32), output="logits")
+    assert torch.allclose(logits, reference, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_2d_model_on_volume_equals_monai_slice_inferer(model2d, axis):
+    x = _volume((1, 1, 20, 30, 9))
+    inferer = SliceInferer(roi_size=(16, 16), sw_batch_size=4, spatial_dim=axis, overlap=0.5, mode="gaussian")
+    reference = inferer(x, model2d)
+    logits = predict(model2d, x, roi_size=(16, 16), slice_axis=axis, output="logits")
+    assert torch.allclose(logits, reference, atol=TOL, rtol=0)
+
+
+def test_2d_model_on_plain_volume_slices_along_last_axis_by_default(model2d):
+    volume = _volume((20, 30, 9)).numpy()
+    labels = predict(model2d, volume, roi_size=16)
+    assert labels.shape == (20, 30, 9)
+    axial = predict(model2d, volume, roi_size=16, slice_axis=2)
+    np.testing.assert_array_equal(labels, axial)
+
+
+def test_window_slices_are_monais():
+    slices, padded, before = window_slices((37, 50, 29), (16, 16, 32), 0.5)
+    assert padded == (37, 50, 32) and before == [0, 0, 1]
+    assert slices == dense_patch_slices((37, 50, 32), (16, 16, 32), (8, 8, 32))
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts and containers
+def test_layouts_numpy_and_tensor(model3d):
+    volume = _volume((24, 20, 18)).numpy()
+    kwargs = dict(roi_size=16, sw_batch_size=8)
+    labels = predict(model3d, volume, **kwargs)
+    assert isinstance(labels, np.ndarray) and labels.shape == (24, 20, 18)
+    np.testing.assert_array_equal(predict(model3d, volume[None], **kwargs), labels)
+    batched = predict(model3d, np.stack([volume[None], volume[None] * 0.5]), **kwargs)
+    assert batched.shape == (2, 24, 20, 18)
+    np.testing.assert_array_equal(batched[0], labels)
+    tensor = predict(model3d, torch.from_numpy(volume), **kwargs)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+    np.testing.assert_array_equal(tensor.numpy(), labels)
+    probabilities = predict(model3d, volume, output="probabilities", **kwargs)
+    assert probabilities.shape == (3, 24, 20, 18) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
+    # integer input is converted window by window
+    np.testing.assert_array_equal(predict(model3d, (volume * 100).astype(np.int16), **kwargs),
+                                  predict(model3d, np.trunc(volume * 100).astype(np.float32), **kwargs))
+
+
+def test_single_channel_model_thresholds_sigmoid():
+    model = _model(out_channels=1)
+    x = _volume((1, 1, 20, 20, 20))
+    logits = sliding_window_inference(x, (16, 16, 16), 4, model, overlap=0.5, mode="gaussian")
+    labels = predict(model, x, roi_size=16)
+    assert labels.shape == (1, 20, 20, 20)
+    torch.testing.assert_close(labels, (logits[:, 0] > 0).to(torch.uint8))
+    probabilities = predict(model, x, roi_size=16, output="probabilities")
+    torch.testing.assert_close(probabilities, torch.sigmoid(logits), atol=TOL, rtol=0)
+
+
+def test_one_channel_repeated_for_three_channel_model(caplog):
+    model = _model(in_channels=3)
+    x = _volume((1, 20, 20, 20))
+    with caplog.at_level(logging.INFO, logger="medsegkit.inference"):
+        labels = predict(model, x, roi_size=16)
+    assert "repeating the single image channel 3 times" in caplog.text
+    torch.testing.assert_close(labels, predict(model, x.repeat(3, 1, 1, 1), roi_size=16))
+
+
+def test_model_mode_restored(model3d):
+    model3d.train()
+    try:
+        predict(model3d, _volume((16, 16, 16)), roi_size=16)
+        assert model3d.training
+    finally:
+        model3d.eval()
+
+
+def test_tta_averages_probabilities_over_every_flip(model3d):
+    x = _volume((1, 1, 16, 16, 16))  # one window: per-window TTA equals whole-image TTA
+    expected = torch.zeros(1, 3, 16, 16, 16)
+    flips = [(), (2,), (3,), (2, 3)]
+    with torch.no_grad():
+        for dims in flips:
+            y = model3d(x.flip(dims) if dims else x)
+            expected += torch.softmax(y.flip(dims) if dims else y, 1) / len(flips)
+    got = predict(model3d, x, roi_size=16, tta_flips=(0, 1), output="probabilities")
+    assert torch.allclose(got, expected, atol=TOL)
+    torch.testing.assert_close(predict(model3d, x, roi_size=16, tta_flips=(0, 1)), expected.argmax(1).to(torch.uint8))
+
+
+# --------------------------------------------------------------------------------------------------
+# progress and cancel
+def test_progress_called_once_per_window_batch(model3d):
+    shape, roi, batch = (40, 30, 20), (16, 16, 16), 3
+    calls = []
+    predict(model3d, np.zeros((2, 1, *shape), np.float32), roi_size=roi, sw_batch_size=batch,
+            progress=lambda done, total: calls.append((done, total)))
+    windows = len(dense_patch_slices(shape, roi, (8, 8, 8)))
+    expected = 2 * math.ceil(windows / batch)
+    assert [c[0] for c in calls] == list(range(1, expected + 1))
+    assert {c[1] for c in calls} == {expected}
+
+
+class _GatedModel(MonaiUNet):
+    """Counts forward calls and blocks after the first until the test lets it go on."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.first_done = threading.Event()
+        self.go_on = threading.Event()
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            self.first_done.set()
+            self.go_on.wait(10)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("target", ["path", "zarr"])
+def test_cancel_from_another_thread_stops_within_one_batch_and_writes_nothing(tmp_path, target):
+    import zarr
+
+    model = _GatedModel().eval()
+    volume = np.zeros((64, 32, 32), np.float32)
+    out = tmp_path / "labels.zarr"
+    if target == "zarr":
+        out = zarr.create_array(store=str(out), shape=volume.shape, chunks=(16, 32, 32), dtype="uint8")
+    cancel = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            predict(model, volume, roi_size=16, sw_batch_size=1, out=out, cancel=cancel)
+        except Cancelled as err:
+            errors.append(err)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert model.first_done.wait(20)
+    cancel.set()  # set while the second batch runs
+    model.go_on.set()
+    worker.join(30)
+    assert not worker.is_alive() and len(errors) == 1
+    assert model.calls == 2  # the batch in flight finished, no further batch started
+    assert "after 2 of" in str(errors[0])
+    assert list(tmp_path.iterdir()) == []  # no output and no partial store left
+
+
+def test_error_midway_removes_partial_output(tmp_path, model3d):
+    import zarr
+
+    source = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=(64, 16, 16), chunks=(16, 16, 16), dtype="float32")
+    source[:] = 0.0
+    source[60, 5, 5] = np.nan  # found only when the last windows are read
+    out = tmp_path / "out.zarr"
+    with pytest.raises(ValueError, match="NaN or Inf values .*window at"):
+        predict(model3d, source, roi_size=16, out=str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+
+
+# --------------------------------------------------------------------------------------------------
+# lazy input and slab-wise output
+def test_lazy_zarr_and_dask_input_and_zarr_output(tmp_path, model3d):
+    import dask.array as da
+    import zarr
+
+    volume = _volume((50, 24, 20)).numpy()
+    expected = predict(model3d, volume, roi_size=16)
+    source = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=volume.shape, chunks=(16, 16, 16), dtype="float32")
+    source[:] = volume
+    np.testing.assert_array_equal(predict(model3d, source, roi_size=16), expected)
+    np.testing.assert_array_equal(predict(model3d, da.from_array(volume, chunks=(10, 24, 20)), roi_size=16), expected)
+    written = predict(model3d, source, roi_size=16, out=str(tmp_path / "out.zarr"))
+    np.testing.assert_array_equal(written[:], expected)
+    assert not list(tmp_path.glob(".*partial"))
+    with pytest.raises(FileExistsError, match="already exists"):
+        predict(model3d, source, roi_size=16, out=str(tmp_path / "out.zarr"))
+    target = np.full(volume.shape, 255, np.uint8)
+    assert predict(model3d, volume, roi_size=16, out=target) is target
+    np.testing.assert_array_equal(target, expected)
+    probabilities = np.zeros((3, *volume.shape), np.float32)
+    predict(model3d, volume, roi_size=16, output="probabilities", out=probabilities)
+    np.testing.assert_array_equal(probabilities.argmax(0), expected)
+    with pytest.raises(ValueError, match=r"out has shape \(50, 24\)"):
+        predict(model3d, volume, roi_size=16, out=np.zeros((50, 24), np.uint8))
+
+
+NET_SOURCE = textwrap.dedent(
+    """
+    class Net(nn.Module):
+        spatial_dims, in_channels, out_channels, medsegkit_task = 3, 1, 2, "semantic"
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+
+        def forward(self, x):
+            return self.body(x)
+    """
+)
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np, torch, zarr
+    from torch import nn
+    from medsegkit.inference import predict
+    torch.set_num_threads(1)
+    zarr.config.set({"threading.max_workers": 2})  # start zarr's decoder threads before the limit
+    """
+) + NET_SOURCE + textwrap.dedent(
+    """
+    def vm_size():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+
+    source_path, out_path, margin = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    source = zarr.open_array(source_path, mode="r")
+    model = Net().eval()
+    predict(model, source[:128, :, :], roi_size=32)  # warm-up: lazy imports, thread pools, zarr's loop
+    limit = vm_size() + margin
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        source[:]
+    except MemoryError:
+        print("control: reading the whole volume fails")
+    else:
+        print("control: the whole volume fit")
+    predict(model, source, roi_size=32, overlap=0.25, sw_batch_size=4, out=out_path)
+    print("done")
+    """
+)
+
+
+@pytest.mark.slow
+def test_zarr_volume_larger_than_memory_limit_segments(tmp_path):
+    """A zarr volume larger than the address space left to the process segments window by window."""
+    import zarr
+
+    shape = (640, 160, 160)  # 65.5 MB of float32; the address-space margin below is 40 MB
+    source = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=shape, chunks=(64, 80, 80), dtype="float32")
+    rng = np.random.default_rng(0)
+    for start in range(0, shape[0], 64):
+        source[start:start + 64] = rng.standard_normal((64, *shape[1:]), dtype=np.float32)
+    script = tmp_path / "limited.py"
+    script.write_text(MEMORY_SCRIPT)
+    out = tmp_path / "out.zarr"
+    # one malloc arena: glibc otherwise reserves 64 MB of address space per thread
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "in.zarr"), str(out), str(40 * 2**20)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "control: reading the whole volume fails" in run.stdout
+    assert run.stdout.strip().endswith("done")
+    written = zarr.open_array(str(out), mode="r")
+    assert written.shape == shape and written.dtype == np.uint8
+    namespace: dict = {"nn": nn, "torch": torch}
+    exec(NET_SOURCE, namespace)
+    reference = predict(namespace["Net"]().eval(), source[:], roi_size=32, overlap=0.25, sw_batch_size=4)
+    np.testing.assert_array_equal(written[:], reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+@pytest.mark.parametrize(
+    ("image", "kwargs", "message"),
+    [
+        (np.zeros((16, 16)), {}, r"image has 2 dimension\(s\) .* 3D model takes"),
+        (np.zeros((1, 1, 1, 16, 16, 16)), {}, r"image has 6 dimension\(s\)"),
+        (np.zeros((2, 16, 16, 16)), {}, r"image has 2 channel\(s\) .* model takes 1"),
+        (np.full((16, 16, 16), np.nan), {}, "NaN or Inf"),
+        (np.full((16, 16, 16), np.inf), {}, "NaN or Inf"),
+        (np.zeros((0, 16, 16)), {}, "image is empty"),
+        (np.zeros((16, 16, 16), np.complex64), {}, "complex"),
+        (np.zeros((16, 16, 16), bool), {}, "booleans"),
+        (np.zeros((16, 16, 16), object), {}, "dtype object is not accepted"),
+        ("not an array", {}, "image must be a numpy array"),
+        (np.zeros((16, 16, 16)), {"roi_size": (16, 16)}, "roi_size must be an int or 3 ints"),
+        (np.zeros((16, 16, 16)), {"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
+        (np.zeros((16, 16, 16)), {"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+        (np.zeros((16, 16, 16)), {"output": "masks"}, "output must be one of"),
+        (np.zeros((16, 16, 16)), {"mode": "linear"}, "mode must be 'gaussian' or 'constant'"),
+        (np.zeros((16, 16, 16)), {"sw_batch_size": 0}, "sw_batch_size must be a positive int"),
+        (np.zeros((16, 16, 16)), {"slice_axis": 0}, "slice_axis is only for a 2D model"),
+        (np.zeros((16, 16, 16)), {"tta_flips": (3,)}, r"tta_flips axes must be spatial axes in \[0, 3\)"),
+        (np.zeros((16, 16, 16)), {"tta_flips": True}, "tta_flips must be a sequence"),
+        (np.zeros((16, 16, 16)), {"task": "panoptic"}, "needs a universal model"),
+        (np.zeros((16, 16, 16)), {"amp": "int8"}, "amp must be True, False, 'bf16' or 'fp16'"),
+    ],
+)
+def test_bad_input_clear_error(model3d, image, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        predict(model3d, image, **{"roi_size": 16, **kwargs})
+
+
+def test_bad_input_writes_no_output(tmp_path, model3d):
+    with pytest.raises(ValueError, match="NaN"):
+        predict(model3d, np.full((16, 16, 16), np.nan, np.float32), roi_size=16, out=str(tmp_path / "o.zarr"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_with_wrong_output_size_is_reported():
+    class Shrinks(MonaiUNet):
+        def forward(self, x):
+            return super().forward(x)[..., :-1]
+
+    with pytest.raises(ValueError, match="must return .* of its input's spatial size"):
+        predict(Shrinks().eval(), np.zeros((16, 16, 16), np.float32), roi_size=16)
+
+
+# --------------------------------------------------------------------------------------------------
+# task dispatch
+def test_instance_model_needs_instance_module(monkeypatch, model3d):
+    class InstanceNet(MonaiUNet):
+        medsegkit_task = "instance"
+
+    monkeypatch.setitem(sys.modules, "medsegkit.inference.instance", None)
+    with pytest.raises(ValueError, match="instance-segmentation model; it needs medsegkit.inference.instance"):
+        predict(InstanceNet(), np.zeros((16, 16, 16)))
+
+
+def test_instance_and_universal_models_are_routed(monkeypatch):
+    import medsegkit.inference as inference_package
+
+    seen = {}
+    fake_instance = types.ModuleType("medsegkit.inference.instance")
+    fake_instance.predict_instances = lambda model, image, **kw: seen.setdefault("instance", kw) and "instances"
+    monkeypatch.setitem(sys.modules, "medsegkit.inference.instance", fake_instance)
+    monkeypatch.setattr(inference_package, "instance", fake_instance, raising=False)
+
+    class SemanticAdapter(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.spatial_dims, self.in_channels = model, 3, 1
+
+        def forward(self, x):
+            return self.model(x)
+
+    fake_adapters = types.ModuleType("medsegkit.inference.adapters")
+    fake_adapters.SemanticAdapter = SemanticAdapter
+    fake_adapters.predict_query = lambda model, image, task, **kw: ("query", task, kw["roi_size"])
+    monkeypatch.setitem(sys.modules, "medsegkit.inference.adapters", fake_adapters)
+    monkeypatch.setattr(inference_package, "adapters", fake_adapters, raising=False)
+
+    class InstanceNet(MonaiUNet):
+        medsegkit_task = "instance"
+
+    class UniversalNet(MonaiUNet):
+        medsegkit_task = "universal"
+
+    assert predict(InstanceNet(), np.zeros((16, 16, 16)), roi_size=16) == "instances"
+    assert seen["instance"]["roi_size"] == 16 and seen["instance"]["output"] == "labels"
+    universal = UniversalNet().eval()
+    assert predict(universal, np.zeros((16, 16, 16)), task="panoptic", roi_size=8) == ("query", "panoptic", 8)
+    labels = predict(universal, _volume((16, 16, 16)).numpy(), roi_size=16)
+    np.testing.assert_array_equal(labels, predict(_wrap(universal), _volume((16, 16, 16)).numpy(), roi_size=16))
+    with pytest.raises(ValueError, match="task must be 'semantic', 'instance' or 'panoptic'"):
+        predict(universal, np.zeros((16, 16, 16)), task="depth")
+
+
+def _wrap(universal):
+    class Plain(nn.Module):
+        medsegkit_task, spatial_dims, in_channels = "semantic", 3, 1
+
+        def forward(self, x):
+            return universal(x)
+
+    return Plain()
+
+
+# --------------------------------------------------------------------------------------------------
+# fast path
+def _trained_model() -> tuple[nn.Module, torch.Tensor]:
+    """A small U-Net trained for a few steps to find bright blobs (trained BatchNorm statistics)."""
+    torch.manual_seed(0)
+    model = MonaiUNet(out_channels=2, channels=(8, 16, 32))
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(n):
+        grid = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"))
+        centres = torch.rand(n, 3, 1, 1, 1, generator=generator) * 20 + 6
+        radius = torch.rand(n, 1, 1, 1, generator=generator) * 5 + 4
+        masks = ((grid[None] - centres) ** 2).sum(1) < radius**2
+        images = masks[:, None].float() + 0.4 * torch.randn(n, 1, 32, 32, 32, generator=generator)
+        return images, masks.long()
+
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(25):
+        images, masks = sample(4)
+        loss = nn.functional.cross_entropy(model(images), masks)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    images, masks = sample(1)
+    return model, images
+
+
+@pytest.mark.slow
+def test_fast_path_agrees_with_default_on_trained_model():
+    model, image = _trained_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    default = predict(model, image, roi_size=32)
+    fast = predict(model, image, roi_size=32, fast=True)
+    agreement = (default == fast).float().mean().item()
+    assert agreement >= 0.995, agreement
+    assert 0.02 < default.float().mean().item() < 0.5  # the model really segments something
+    # the caller's model is unchanged (folding works on a copy)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+
+
+def test_batchnorm_folding_is_exact_in_float32(model3d):
+    x = _volume((2, 1, 16, 16, 16))
+    folded, count = fold_batchnorm(model3d, x[:1])
+    batch_norms = sum(isinstance(m, nn.BatchNorm3d) for m in model3d.modules())
+    assert count == batch_norms == 4
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model3d(x), atol=1e-5, rtol=1e-5)
+
+
+def test_instance_norm_is_not_folded():
+    model = _model(norm="instance")
+    folded, count = fold_batchnorm(model, _volume((1, 1, 16, 16, 16)))
+    assert count == 0 and folded is model
+
+
+def test_fast_without_bf16_falls_back_to_float32_and_says_so(monkeypatch, caplog, model3d):
+    import medsegkit.inference.fast as fast_module
+
+    monkeypatch.setattr(fast_module, "bf16_supported", lambda device: False)
+    x = _volume((1, 1, 24, 24, 24))
+    with caplog.at_level(logging.INFO, logger="medsegkit.inference"):
+        logits = predict(model3d, x, roi_size=16, fast=True, output="logits")
+    assert "no native bfloat16 support; running in float32" in caplog.text
+    assert "BatchNorm layer(s) folded" in caplog.text and "channels-last-3d" in caplog.text
+    reference = sliding_window_inference(x, (16, 16, 16), 4, model3d, overlap=0.5, mode="gaussian")
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not __import__("medsegkit.inference.fast", fromlist=["x"]).bf16_supported("cpu"),
+                    reason="no native bf16 on this machine")
+def test_amp_bf16_close_to_float32(model3d):
+    x = _volume((1, 1, 24, 24, 24))
+    reference = predict(model3d, x, roi_size=16, output="probabilities")
+    mixed = predict(model3d, x, roi_size=16, output="probabilities", amp="bf16")
+    assert (mixed - reference).abs().max() < 0.05

@@ -1,0 +1,136 @@
+"""Reader and writer through napari itself (``viewer.open`` / ``layer.save``), and the sample data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsegkit.io import Image, read_image, write_image
+from medsegkit.napari._reader import get_reader
+
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_data"
+
+
+def test_reader_gives_spacing_and_origin(make_napari_viewer):
+    viewer = make_napari_viewer()
+    source = read_image(SAMPLE / "mni152_t1_2mm.nii.gz")
+    (layer,) = viewer.open(str(SAMPLE / "mni152_t1_2mm.nii.gz"), plugin="medsegkit")
+    # napari axes are (z, y, x): the voxel axes (i, j, k) reversed
+    np.testing.assert_array_equal(layer.data, source.array.transpose(2, 1, 0))
+    np.testing.assert_allclose(layer.scale, source.spacing[::-1])
+    np.testing.assert_allclose(layer.translate, source.origin[::-1])
+    np.testing.assert_allclose(layer.affine.affine_matrix, np.eye(4))
+    # world position of a voxel = the image affine applied to (i, j, k), in napari's (z, y, x) order
+    ijk = np.array([10, 20, 30])
+    ras = (source.affine @ [*ijk, 1])[:3]
+    np.testing.assert_allclose(layer.data_to_world(ijk[::-1]), ras[::-1])
+
+
+def test_lsa_scan_opens_aligned_and_saves_back_to_its_grid(make_napari_viewer, tmp_path):
+    """The ITK head is LSA: the layer is turned to RAS order for display, the saved labels are not."""
+    viewer = make_napari_viewer()
+    source = read_image(SAMPLE / "itk_head_t1.nii.gz")
+    assert source.orientation == "LSA"
+    (layer,) = viewer.open(str(SAMPLE / "itk_head_t1.nii.gz"), plugin="medsegkit")
+    for ijk in ([0, 0, 0], [5, 17, 40], [127, 127, 61]):
+        ras = (source.affine @ [*ijk, 1])[:3]
+        data_index = np.argwhere(layer.data == source.array[tuple(ijk)])  # the same voxel value lies there
+        world = [layer.data_to_world(idx) for idx in data_index]
+        assert any(np.allclose(w, ras[::-1], atol=1e-4) for w in world)
+    labels = viewer.add_labels((layer.data > 100).astype(np.uint8), name="head mask", scale=layer.scale,
+                               translate=layer.translate, affine=layer.affine, metadata=layer.metadata)
+    out = tmp_path / "head_mask.nii.gz"
+    labels.save(str(out), plugin="medsegkit")
+    saved = read_image(out)
+    np.testing.assert_allclose(saved.affine, source.affine, atol=1e-4)
+    np.testing.assert_array_equal(saved.array, (source.array > 100).astype(np.uint8))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_labels_round_trip(make_napari_viewer, tmp_path, suffix):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    labels = viewer.add_labels(rng.integers(0, 4, (6, 7, 8)).astype(np.uint8), name="seg",
+                               scale=(3.0, 1.5, 0.75), translate=(-10.0, 20.0, 5.5))
+    path = tmp_path / f"seg{suffix}"
+    labels.save(str(path))  # napari picks our writer from the extension
+    image = read_image(path)
+    assert image.spatial_shape == (8, 7, 6)
+    np.testing.assert_allclose(image.spacing, (0.75, 1.5, 3.0))
+    np.testing.assert_allclose(image.origin, (5.5, 20.0, -10.0))
+    (back,) = viewer.open(str(path), plugin="medsegkit")
+    assert back._type_string == "labels"  # integer data and "seg" in the name
+    np.testing.assert_array_equal(back.data, labels.data)
+    np.testing.assert_allclose(back.scale, labels.scale)
+    np.testing.assert_allclose(back.translate, labels.translate, atol=1e-5)
+
+
+def _dicom_series(volume: sitk.Image, folder: Path) -> None:
+    """One file per slice with the tags GDCM needs to rebuild the volume (SimpleITK's DICOM example)."""
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125.7"
+    for k in range(volume.GetDepth()):
+        plane = volume[:, :, k]
+        for tag, value in {"0008|0060": "MR", "0020|000d": uid, "0020|000e": uid + ".1",
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(volume.GetSpacing()[2]),
+                           "0020|0013": str(k + 1), "0008|0018": f"{uid}.1.{k + 1}",
+                           "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k))))}.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_dicom_folder(make_napari_viewer, tmp_path):
+    volume = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    volume.SetSpacing((0.5, 0.6, 2.0))
+    volume.SetOrigin((10.0, -20.0, 30.0))
+    _dicom_series(volume, tmp_path / "series")
+    assert get_reader(str(tmp_path)) is None  # a folder without DICOM files is not ours
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "series"), plugin="medsegkit")
+    expected = Image.from_sitk(volume)
+    np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), np.asarray(expected.origin)[::-1], atol=1e-4)
+    assert layer.data.shape == (4, 5, 6) and sorted(layer.scale) == [0.5, 0.6, 2.0]
+
+
+def test_reader_refuses_other_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    assert get_reader(str(tmp_path / "a.png")) is None
+    assert get_reader([str(tmp_path / "a.png"), str(SAMPLE / "mni152_t1_2mm.nii.gz")]) is None
+    assert callable(get_reader(str(SAMPLE / "mni152_t1_2mm.nii.gz")))
+
+
+def test_writer_refuses_4d_labels(tmp_path):
+    from medsegkit.napari._writer import write_labels
+
+    with pytest.raises(ValueError, match="only 2D and 3D labels"):
+        write_labels(str(tmp_path / "x.nii.gz"), np.zeros((2, 3, 4, 5), np.uint8), {"name": "t"})
+
+
+def test_writer_keeps_2d_geometry(tmp_path):
+    from medsegkit.napari._writer import write_labels
+
+    data = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    (path,) = write_labels(str(tmp_path / "plane.nrrd"), data, {"scale": (2.0, 0.5), "translate": (1.0, 3.0)})
+    image = read_image(path)
+    np.testing.assert_array_equal(image.array, data.T)
+    np.testing.assert_allclose(image.spacing, (0.5, 2.0))
+    np.testing.assert_allclose(image.origin, (3.0, 1.0))
+    write_image  # noqa: B018 - the writer goes through medsegkit.io.write_image
+
+
+def test_sample_data_has_image_and_reference_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("medsegkit", "mni152")
+    t1, tissue = viewer.layers["MNI152 T1"], viewer.layers["MNI152 tissue (reference)"]
+    assert t1.data.shape == tissue.data.shape == (95, 117, 99)
+    assert tissue._type_string == "labels" and set(np.unique(tissue.data)) == {0, 1, 2, 3}
+    np.testing.assert_allclose(t1.scale, (2.0, 2.0, 2.0))
+    np.testing.assert_allclose(t1.translate, tissue.translate)
+    assert t1.metadata["medsegkit"]["sample"] == "mni152"
+    assert tissue.metadata["medsegkit"]["class_names"] == ["background", "CSF", "GM", "WM"]

@@ -1,0 +1,78 @@
+"""medsegkit.metrics.evaluate and `medsegkit evaluate`: values checked against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medsegkit.cli import main
+from medsegkit.io import Image, write_image
+from medsegkit.metrics import evaluate
+
+
+def _cubes():
+    ref = np.zeros((20, 20, 20), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[2:12, 2:12, 2:12] = 1  # 1000 voxels
+    pred[4:12, 2:12, 2:12] = 1  # 800 voxels, all inside the reference
+    ref[15:18, 15:18, 15:18] = 2  # class 2 only in the reference
+    return pred, ref
+
+
+def test_dice_volume_and_hd95_by_hand():
+    pred, ref = _cubes()
+    result = evaluate(pred, ref, spacing=(2.0, 1.0, 1.0))
+    assert result["labels"] == [1, 2]
+    assert result["dice"][1] == pytest.approx(2 * 800 / 1800)
+    assert result["dice"][2] == 0.0
+    # surfaces differ only by the two missing slabs along axis 0: max distance 2 voxels x 2 mm
+    assert 0 < result["hd95"][1] <= 4.0 + 1e-6
+    assert math.isnan(result["hd95"][2])  # no predicted surface
+    voxel_ml = 2.0 / 1000
+    assert result["volume_reference"][1] == pytest.approx(1000 * voxel_ml)
+    assert result["volume_difference"][1] == pytest.approx(-200 * voxel_ml)
+    assert result["relative_volume_difference"][1] == pytest.approx(-0.2)
+    assert result["mean_dice"] == pytest.approx((2 * 800 / 1800) / 2)
+
+
+def test_identical_maps_and_absent_label():
+    _, ref = _cubes()
+    result = evaluate(ref, ref, labels=[1, 2, 3])
+    assert result["dice"] == {1: 1.0, 2: 1.0, 3: 1.0}  # absent from both maps counts as agreement
+    assert result["hd95"][1] == 0.0
+    assert math.isnan(result["hd95"][3])
+
+
+def test_images_use_affine_spacing_and_must_share_grid():
+    pred, ref = _cubes()
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    result = evaluate(Image(pred, affine), Image(ref, affine), hd95=False)
+    assert result["spacing"] == (3.0, 3.0, 3.0)
+    assert result["volume_reference"][1] == pytest.approx(1000 * 27 / 1000)
+    shifted = affine.copy()
+    shifted[0, 3] = 5.0
+    with pytest.raises(ValueError, match="different affines"):
+        evaluate(Image(pred, affine), Image(ref, shifted))
+    with pytest.raises(ValueError, match="same grid"):
+        evaluate(pred[:10], ref)
+
+
+def test_rejects_probabilities():
+    pred, ref = _cubes()
+    with pytest.raises(ValueError, match="integer label map"):
+        evaluate(pred * 0.5, ref)
+
+
+def test_evaluate_cli(tmp_path, capsys):
+    pred, ref = _cubes()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    pred_path = write_image(Image(pred, affine), tmp_path / "pred.nii.gz")
+    ref_path = write_image(Image(ref, affine), tmp_path / "ref.nii.gz")
+    assert main(["evaluate", str(pred_path), str(ref_path), "--class-names", "bg", "liver", "tumour"]) == 0
+    out = capsys.readouterr().out
+    assert "liver" in out and "0.889" in out and "HD95" in out
+    other = write_image(Image(ref, np.diag([1.0, 1.0, 1.0, 1.0])), tmp_path / "other.nii.gz")
+    assert main(["evaluate", str(pred_path), str(other)]) == 2
+    assert "different affines" in capsys.readouterr().err
