@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,20 +46,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=400)
     parser.add_argument("--roi", type=int, nargs=3, default=(64, 64, 64))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=(8, 16, 32, 64, 128))
+    parser.add_argument("--res-units", type=int, default=1)
+    parser.add_argument("--norm", default="instance", help="instance (scanner-independent) or batch")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--samples", type=int, default=2, help="random crops per iteration")
+    parser.add_argument("--val-interval", type=int, default=10, help="validate every N epochs")
+    parser.add_argument("--augmentation", default="strong", choices=("intensity", "strong"))
+    parser.add_argument("--post", nargs="*", default=("largest_component", "fill_holes"),
+                        help="label clean-up in the bundle's validation/inference post-processing")
+    parser.add_argument("--no-crop-foreground", action="store_true",
+                        help="keep each scan's full field of view instead of cropping to the head")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     import torch
     from ignite.engine import Events
     from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
 
     from medsegkit.bundle import init_bundle
 
     torch.set_num_threads(args.threads)
+    set_determinism(seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    overrides = {"channels": list(args.channels), "strides": [2] * (len(args.channels) - 1),
+                 "num_res_units": args.res_units, "norm": args.norm}
     bundle = init_bundle("UNet3d", out / "bundle", out_channels=2, roi_size=args.roi, spacing=(2.0, 2.0, 2.0),
                          preprocessing="mr_robust", class_names=["background", "brain"], overwrite=True,
-                         overrides={"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1})
+                         overrides=overrides, augmentation=args.augmentation, postprocessing=list(args.post),
+                         crop_foreground=not args.no_crop_foreground)
+    start = time.perf_counter()  # the clock includes loading/caching both subjects and every validation
+    cpu_start = time.process_time()  # CPU seconds of this process: less sensitive to other jobs on the machine
     config = ConfigParser()
     config.read_config(str(bundle / "configs" / "train.json"))
     config.read_meta(str(bundle / "configs" / "metadata.json"))
@@ -67,35 +87,55 @@ def main(argv: list[str] | None = None) -> int:
     config["val_files"] = [{"image": str(SAMPLE / "itk_head_t1.nii.gz"),
                             "label": str(SAMPLE / "itk_head_brain_mask.nii.gz")}]
     config["max_epochs"] = args.max_epochs
-    config["val_interval"] = 5
-    config["train#random_transforms"][0]["num_samples"] = 4
+    config["val_interval"] = args.val_interval
+    config["learning_rate"] = args.lr
+    config["train#random_transforms"][0]["num_samples"] = args.samples
     trainer = config.get_parsed_content("train#trainer")
     evaluator = config.get_parsed_content("validate#evaluator")
 
-    start = time.perf_counter()
     history: list[dict[str, float]] = []
+    val_started = {"t": 0.0, "last": 0.0}
+
+    @evaluator.on(Events.EPOCH_STARTED)
+    def val_clock(engine) -> None:
+        val_started["t"] = time.perf_counter()
 
     @evaluator.on(Events.EPOCH_COMPLETED)
     def record(engine) -> None:
         dice = float(engine.state.metrics["val_mean_dice"])
-        elapsed = time.perf_counter() - start
-        history.append({"epoch": trainer.state.epoch, "seconds": round(elapsed, 1), "val_dice": round(dice, 4)})
-        print(f"epoch {trainer.state.epoch:4d}  {elapsed:7.1f} s  held-out subject Dice {dice:.4f}", flush=True)
+        now = time.perf_counter()
+        val_started["last"] = now - val_started["t"]
+        elapsed = now - start
+        cpu = time.process_time() - cpu_start
+        history.append({"epoch": trainer.state.epoch, "seconds": round(elapsed, 1), "cpu_seconds": round(cpu, 1),
+                        "val_dice": round(dice, 4)})
+        print(f"epoch {trainer.state.epoch:4d}  {elapsed:7.1f} s wall  {cpu:7.1f} s CPU  "
+              f"held-out subject Dice {dice:.4f}  load {os.getloadavg()[0]:.1f}", flush=True)
+
+    epoch_clock = {"t": start, "last": 0.0}
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def stop_on_budget(engine) -> None:
-        if time.perf_counter() - start > args.minutes * 60:
+        # stop early enough that one more epoch or the closing validation still fits in the budget
+        now = time.perf_counter()
+        epoch_clock["last"], epoch_clock["t"] = now - epoch_clock["t"], now
+        if now - start + max(epoch_clock["last"], val_started["last"]) > args.minutes * 60:
             engine.terminate()
 
     trainer.run()
+    if not history or history[-1]["epoch"] != trainer.state.epoch:
+        evaluator.run(trainer.state.epoch)  # the closing validation of the last weights
     total = time.perf_counter() - start
     best = max(history, key=lambda h: h["val_dice"]) if history else None
     with open(out / "learning_curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "seconds", "val_dice"])
+        writer = csv.DictWriter(f, fieldnames=["epoch", "seconds", "cpu_seconds", "val_dice"])
         writer.writeheader()
         writer.writerows(history)
-    summary = {"wall_seconds": round(total, 1), "epochs": trainer.state.epoch, "best": best,
-               "last": history[-1] if history else None, "threads": args.threads}
+    summary = {"wall_seconds": round(total, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
+               "epochs": trainer.state.epoch, "best": best,
+               "last": history[-1] if history else None, "threads": args.threads,
+               "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+               "load_average": list(os.getloadavg())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     import matplotlib
 

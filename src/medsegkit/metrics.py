@@ -7,6 +7,7 @@ Built on MONAI's metric functions (:func:`monai.metrics.compute_dice`,
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -117,7 +118,10 @@ def evaluate(
         result["dice"][label] = dice
         if hd95:
             if n_pred and n_ref:
-                dist = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+                with warnings.catch_warnings():
+                    # MONAI 1.5+ passes its own deprecated argument internally; nothing for our callers to change
+                    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+                    dist = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
                 result["hd95"][label] = float(dist[0, 0])
             else:
                 result["hd95"][label] = math.nan

@@ -155,3 +155,17 @@ def test_model_zoo_bundle_runs_with_our_unet_by_changing_target(tmp_path):
             outputs.append(net.eval()(x))
     assert type(net).__module__ == "medsegkit.nets.unet"
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_multi_gpu_train_config_under_torchrun_on_cpu(tmp_path):
+    """MONAI's multi-GPU convention, 2 CPU ranks (gloo): both finish, rank 0 writes the checkpoint."""
+    bundle_dir = init_bundle("UNet3d", tmp_path / "ddp_bundle", overrides=TINY, roi_size=(32, 32, 32))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+           "--max_epochs", "1"]
+    result = subprocess.run(cmd, cwd=bundle_dir, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (bundle_dir / "models" / "model.pt").is_file()
+    assert result.stderr.count("Epoch[1] Complete") + result.stdout.count("Epoch[1] Complete") >= 2

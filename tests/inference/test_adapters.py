@@ -234,11 +234,32 @@ def test_real_tiny_mask2former_3d(task):
     volume = np.random.default_rng(0).normal(size=(40, 36, 32)).astype(np.float32)
     calls = []
     labels, segments = predict_query(
-        model, volume, task=task, roi_size=32, overlap=0.25, threshold=0.0, sw_batch_size=2,
+        model, volume, task=task, roi_size=32, overlap=0.25, threshold=0.0, overlap_mask_area_threshold=0.0,
+        mask_threshold=0.05, sw_batch_size=2,
         progress=lambda d, t: calls.append((d, t)), return_segments=True,
     )
     assert labels.shape == volume.shape and labels.dtype == np.int32
+    assert len(segments) > 0
     assert sorted(np.unique(labels[labels > 0]).tolist()) == [s["id"] for s in segments]
     assert calls == [(1, 2), (2, 2)]  # 2 x 2 x 1 windows, 2 per batch
     semantic = predict(model, volume, task="semantic", roi_size=32, overlap=0.25)
     assert semantic.shape == volume.shape and semantic.max() < 2
+
+
+def test_semantic_adapter_in_a_monai_bundle_config():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(
+        {
+            "query_net": {
+                "_target_": "medsegkit.nets.MaskFormer", "num_classes": 2, "backbone": "resnet_18",
+                "in_channels": 1, "num_queries": 4, "hidden_dim": 32, "num_heads": 2, "decoder_layers": 1,
+                "ffn_dim": 32, "fpn_dim": 32, "mask_dim": 32,
+            },
+            "network_def": {"_target_": "medsegkit.nets.SemanticAdapter", "model": "@query_net"},
+        }
+    )
+    network = parser.get_parsed_content("network_def").eval()
+    assert isinstance(network, SemanticAdapter) and network.out_channels == 2
+    with torch.no_grad():
+        assert network(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)

@@ -48,13 +48,25 @@ save("unet3d", "UNet3d", channels=(4, 8), strides=(2,))
 save("unet3d_2ch", "UNet3d", channels=(4, 8), strides=(2,), in_channels=2, out_channels=3)
 save("unet2d", "UNet2d", channels=(4, 8), strides=(2,))
 save("unet2d_rgb", "UNet2d", channels=(4, 8), strides=(2,), in_channels=3)
+# a small Mask R-CNN whose heads are biased to detect "class 1" objects with full masks everywhere, so
+# random weights still give several instances
+import torch
+torch.manual_seed(0)
+rcnn = m.create_model("mask_rcnn_resnet_50_fpn", depth=18, fpn_channels=16, representation_size=32,
+                      mask_layers=(8,), min_size=64, max_size=128)
+with torch.no_grad():
+    params = dict(rcnn.named_parameters())
+    params["roi_heads.box_predictor.cls_score.bias"][:] = torch.tensor([-5.0, 5.0, -5.0])
+    params["roi_heads.mask_predictor.mask_fcn_logits.bias"][:] = 3.0
+made["rcnn"] = str(m.save_checkpoint(rcnn, f"{folder}/rcnn.safetensors"))
 print(json.dumps(made))
 """
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Tiny U-Net checkpoints (``unet3d``, ``unet3d_2ch``, ``unet2d``, ``unet2d_rgb``), written by a subprocess."""
+    """Tiny checkpoints (U-Nets ``unet3d``, ``unet3d_2ch``, ``unet2d``, ``unet2d_rgb``; Mask R-CNN ``rcnn``),
+    written by a subprocess."""
     folder = tmp_path_factory.mktemp("checkpoints")
     done = subprocess.run([sys.executable, "-c", _MAKE_CHECKPOINTS, str(folder)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsegkit.io import Image, read_image, write_image
+from medsegkit.io import Image, read_image
 from medsegkit.napari._reader import get_reader
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_data"
@@ -35,11 +35,12 @@ def test_lsa_scan_opens_aligned_and_saves_back_to_its_grid(make_napari_viewer, t
     source = read_image(SAMPLE / "itk_head_t1.nii.gz")
     assert source.orientation == "LSA"
     (layer,) = viewer.open(str(SAMPLE / "itk_head_t1.nii.gz"), plugin="medsegkit")
-    for ijk in ([0, 0, 0], [5, 17, 40], [127, 127, 61]):
+    rng = np.random.default_rng(0)
+    for ijk in [(0, 0, 0), (127, 127, 61), *rng.integers(0, (128, 128, 62), size=(20, 3))]:
         ras = (source.affine @ [*ijk, 1])[:3]
-        data_index = np.argwhere(layer.data == source.array[tuple(ijk)])  # the same voxel value lies there
-        world = [layer.data_to_world(idx) for idx in data_index]
-        assert any(np.allclose(w, ras[::-1], atol=1e-4) for w in world)
+        index = np.round(layer.world_to_data(ras[::-1])).astype(int)  # the layer voxel at that RAS point
+        assert layer.data[tuple(index)] == source.array[tuple(ijk)]
+        np.testing.assert_allclose(layer.data_to_world(index), ras[::-1], atol=1e-4)
     labels = viewer.add_labels((layer.data > 100).astype(np.uint8), name="head mask", scale=layer.scale,
                                translate=layer.translate, affine=layer.affine, metadata=layer.metadata)
     out = tmp_path / "head_mask.nii.gz"
@@ -93,8 +94,11 @@ def test_dicom_folder(make_napari_viewer, tmp_path):
     assert get_reader(str(tmp_path)) is None  # a folder without DICOM files is not ours
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(tmp_path / "series"), plugin="medsegkit")
-    expected = Image.from_sitk(volume)
-    np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), np.asarray(expected.origin)[::-1], atol=1e-4)
+    expected = Image.from_sitk(volume)  # LPS (10, -20, 30) is RAS (-10, 20, 30); the reader turns axes to RAS
+    for ijk in [(0, 0, 0), (5, 4, 3), (2, 1, 0)]:
+        ras = (expected.affine @ [*ijk, 1])[:3]
+        index = np.round(layer.world_to_data(ras[::-1])).astype(int)
+        assert layer.data[tuple(index)] == expected.array[ijk]
     assert layer.data.shape == (4, 5, 6) and sorted(layer.scale) == [0.5, 0.6, 2.0]
 
 
@@ -121,7 +125,6 @@ def test_writer_keeps_2d_geometry(tmp_path):
     np.testing.assert_array_equal(image.array, data.T)
     np.testing.assert_allclose(image.spacing, (0.5, 2.0))
     np.testing.assert_allclose(image.origin, (3.0, 1.0))
-    write_image  # noqa: B018 - the writer goes through medsegkit.io.write_image
 
 
 def test_sample_data_has_image_and_reference_labels(make_napari_viewer):

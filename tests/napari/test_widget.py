@@ -104,6 +104,7 @@ def test_second_run_is_refused_and_cancel_adds_no_layer(sample_layers, checkpoin
     print(f"\ncancel took {waited:.2f} s")
 
 
+@pytest.mark.slow  # two fresh worker processes (torch + MONAI imports)
 def test_worker_crash_is_an_error_notification(sample_layers, checkpoints, qtbot, errors, monkeypatch, wait_for_run, restart_worker):
     viewer, widget, t1 = sample_layers
     monkeypatch.setenv("MEDSEGKIT_WORKER_TEST_CRASH", "progress")
@@ -155,6 +156,21 @@ def test_2d_grey_and_rgb_layers(segment_widget, checkpoints, qtbot, errors, wait
     assert errors == []
 
 
+def test_instance_model_gives_one_id_per_instance(segment_widget, checkpoints, qtbot, errors, wait_for_run):
+    viewer, widget = segment_widget
+    photo = viewer.add_image(np.random.default_rng(3).random((64, 80, 3)).astype(np.float32), name="cells",
+                             rgb=True, translate=(5.0, 7.0))
+    _choose(widget, photo, "mask_rcnn_resnet_50_fpn", checkpoints["rcnn"])
+    widget.run()
+    wait_for_run(widget)
+    assert errors == []
+    labels = viewer.layers["cells [mask_rcnn_resnet_50_fpn]"]
+    ids = np.unique(labels.data)
+    assert labels.data.shape == (64, 80) and labels.data.dtype.kind in "iu"
+    assert len(ids) >= 3 and list(ids) == list(range(len(ids)))  # background + instances 1..n
+    np.testing.assert_allclose(labels.translate, (5.0, 7.0))
+
+
 def test_multichannel_volume_and_probabilities(segment_widget, checkpoints, qtbot, errors, wait_for_run):
     viewer, widget = segment_widget
     rng = np.random.default_rng(1)
@@ -191,7 +207,8 @@ def test_ambiguous_channel_axis_asks_the_user(segment_widget, checkpoints, qtbot
     assert viewer.layers["which [UNet3d]"].data.shape == (2, 16, 16) and len(errors) == 1
 
 
-def test_dask_layer_uses_the_lazy_path_and_gives_zarr_labels(segment_widget, checkpoints, qtbot, errors, wait_for_run):
+def test_dask_layer_uses_the_lazy_path_and_gives_zarr_labels(segment_widget, checkpoints, tmp_path, errors,
+                                                             wait_for_run):
     import zarr
 
     viewer, widget = segment_widget
@@ -204,6 +221,15 @@ def test_dask_layer_uses_the_lazy_path_and_gives_zarr_labels(segment_widget, che
     labels = viewer.layers["lazy [UNet3d]"]
     assert isinstance(labels.data, zarr.Array) and labels.data.shape == (24, 40, 36)
     np.testing.assert_allclose(labels.scale, (2.0, 1.0, 1.0))
+
+    on_disk = zarr.open_array(str(tmp_path / "volume.zarr"), mode="w", shape=(24, 40, 36), chunks=(8, 20, 18),
+                              dtype="float32")
+    on_disk[...] = np.random.default_rng(4).random((24, 40, 36))
+    stored = viewer.add_image(zarr.open_array(str(tmp_path / "volume.zarr"), mode="r"), name="stored")
+    _choose(widget, stored, "UNet3d", checkpoints["unet3d"], roi_size="16")
+    widget.run()
+    wait_for_run(widget)  # the worker reads the store in place
+    assert errors == [] and viewer.layers["stored [UNet3d]"].data.shape == (24, 40, 36)
 
     pyramid = [np.random.default_rng(2).random((24, 40, 36)).astype(np.float32)]
     pyramid.append(pyramid[0][::2, ::2, ::2])
@@ -251,7 +277,11 @@ def test_heartbeat_during_a_run(sample_layers, checkpoints, qtbot, errors, wait_
     finally:
         timer.stop()
     assert errors == []
-    gaps = np.diff(ticks) * 1000
-    print(f"\nheartbeat during a {widget.last_run_seconds:.1f} s run: {len(ticks)} ticks, "
-          f"longest gap {gaps.max():.0f} ms, 99th percentile {np.percentile(gaps, 99):.0f} ms")
-    assert gaps.max() < 1000, "the viewer froze for more than a second"
+    ticks_array = np.asarray(ticks)
+    running = ticks_array[(ticks_array >= widget._started) & (ticks_array <= widget.result_arrived)]
+    gaps_running = np.diff(running) * 1000
+    gaps_all = np.diff(ticks_array) * 1000
+    print(f"\nheartbeat (10 ms QTimer) during a {widget.last_run_seconds:.1f} s run: {len(running)} ticks, "
+          f"longest gap {gaps_running.max():.0f} ms, median {np.median(gaps_running):.0f} ms; "
+          f"including adding the Labels layer: longest gap {gaps_all.max():.0f} ms")
+    assert gaps_running.max() < 1000, "the viewer froze for more than a second while the model ran"

@@ -10,9 +10,7 @@ from medsegkit.nets import FCN
 from medsegkit.registry import get_model_spec
 
 
-@pytest.mark.parametrize(
-    "name,count", [("fcn_resnet_50", 35_322_218), ("fcn_resnet_101", 54_314_346)]
-)
+@pytest.mark.parametrize("name,count", [("fcn_resnet_50", 35_322_218), ("fcn_resnet_101", 54_314_346)])
 def test_seed_parameter_counts(name, count):
     info = model_info(name)
     assert info.num_params == count
@@ -38,7 +36,9 @@ def test_outputs_train_and_eval_2d():
     model.train()
     out = model(x)
     assert set(out) == {"out", "aux"}
-    assert out["out"].shape == (2, 4, 24, 40) and len(out["aux"]) == 1 and out["aux"][0].shape == (2, 4, 24, 40)
+    assert (
+        out["out"].shape == (2, 4, 24, 40) and len(out["aux"]) == 1 and out["aux"][0].shape == (2, 4, 24, 40)
+    )
     (out["out"].mean() + out["aux"][0].mean()).backward()
     model.eval()
     with torch.no_grad():
@@ -72,5 +72,7 @@ def test_bad_input_and_pretrained_conflict():
     with pytest.raises(ValueError, match="out_channels=21"):
         create_model("fcn_resnet_50", pretrained=True, out_channels=5)
     spec = get_model_spec("fcn_resnet_50")
-    assert spec.weights.url.endswith("fcn_resnet50_coco-1167a1af.pth") and spec.weights.source == "torchvision"
+    assert (
+        spec.weights.url.endswith("fcn_resnet50_coco-1167a1af.pth") and spec.weights.source == "torchvision"
+    )
     assert get_model_spec("fcn_resnet_101").weights.url.endswith("fcn_resnet101_coco-7ecb50ca.pth")

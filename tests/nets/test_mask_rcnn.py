@@ -23,13 +23,22 @@ def _count(model):
 
 
 @pytest.mark.parametrize(
-    "name,count,num_classes", [("mask_rcnn_resnet_50_fpn", 46_037_607, 2), ("mask_rcnn_resnet_101_fpn", 65_126_611, 20)]
+    "name,count,num_classes",
+    [("mask_rcnn_resnet_50_fpn", 46_037_607, 2), ("mask_rcnn_resnet_101_fpn", 65_126_611, 20)],
 )
 def test_seed_parameter_counts(name, count, num_classes):
     info = model_info(name)
     assert info.num_params == count
-    assert (info.task, info.num_classes, info.in_channels, info.spatial_dims) == ("instance", num_classes, 3, 2)
-    assert list_models("mask_rcnn_*", task="instance") == ["mask_rcnn_resnet_101_fpn", "mask_rcnn_resnet_50_fpn"]
+    assert (info.task, info.num_classes, info.in_channels, info.spatial_dims) == (
+        "instance",
+        num_classes,
+        3,
+        2,
+    )
+    assert list_models("mask_rcnn_*", task="instance") == [
+        "mask_rcnn_resnet_101_fpn",
+        "mask_rcnn_resnet_50_fpn",
+    ]
 
 
 def test_recipe_parts():
@@ -77,7 +86,13 @@ def test_training_step_and_eval_outputs():
     images, targets = _synthetic_batch()
     model.train()
     losses = model(images, targets)
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert set(losses) == {
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+        "loss_objectness",
+        "loss_rpn_box_reg",
+    }
     assert all(torch.isfinite(v) for v in losses.values())
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -85,8 +100,13 @@ def test_training_step_and_eval_outputs():
     sum(losses.values()).backward()
     optimizer.step()
     changed = [k for k, v in model.named_parameters() if not torch.equal(before[k], v)]
-    for part in ("backbone.body.stem.conv.weight", "backbone.fpn.inner_blocks.0.0.weight", "rpn.head.cls_logits.weight",
-                 "roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_predictor.mask_fcn_logits.weight"):
+    for part in (
+        "backbone.body.stem.conv.weight",
+        "backbone.fpn.inner_blocks.0.0.weight",
+        "rpn.head.cls_logits.weight",
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.mask_predictor.mask_fcn_logits.weight",
+    ):
         assert part in changed
 
     model.eval()

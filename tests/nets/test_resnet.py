@@ -47,8 +47,11 @@ def _randomise_norm_stats(model: torch.nn.Module) -> None:
 @pytest.mark.parametrize("depth,dilation", [(18, (False, False, False)), (50, (False, True, True))])
 def test_torchvision_weights_give_same_features(depth, dilation):
     torch.manual_seed(0)
-    theirs = getattr(torchvision.models, f"resnet{depth}")(replace_stride_with_dilation=list(dilation)) if depth >= 50 \
+    theirs = (
+        getattr(torchvision.models, f"resnet{depth}")(replace_stride_with_dilation=list(dilation))
+        if depth >= 50
         else torchvision.models.resnet18()
+    )
     _randomise_norm_stats(theirs)
     theirs.eval()
     ours = convert(theirs).eval()
@@ -77,9 +80,16 @@ def test_strides_channels_and_out_stages():
 
 def test_readable_keys():
     keys = set(ResNet(50, num_fc_classes=10).state_dict())
-    for key in ("stem.conv.weight", "stem.norm.running_var", "stages.0.0.conv1.weight", "stages.0.0.norm3.bias",
-                "stages.3.2.conv3.weight", "stages.1.0.downsample.0.weight", "stages.1.0.downsample.1.weight",
-                "fc.weight"):
+    for key in (
+        "stem.conv.weight",
+        "stem.norm.running_var",
+        "stages.0.0.conv1.weight",
+        "stages.0.0.norm3.bias",
+        "stages.3.2.conv3.weight",
+        "stages.1.0.downsample.0.weight",
+        "stages.1.0.downsample.1.weight",
+        "fc.weight",
+    ):
         assert key in keys
     assert resnet_key("layer2.0.downsample.1.running_mean") == "stages.1.0.downsample.1.running_mean"
     assert resnet_key("bn1.weight") == "stem.norm.weight"
@@ -92,7 +102,12 @@ def test_3d_forward_and_no_2d_layers():
     assert not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     with torch.no_grad():
         features = model(torch.randn(1, 1, 32, 32, 32))
-    assert [tuple(f.shape) for f in features] == [(1, 64, 8, 8, 8), (1, 128, 4, 4, 4), (1, 256, 2, 2, 2), (1, 512, 1, 1, 1)]
+    assert [tuple(f.shape) for f in features] == [
+        (1, 64, 8, 8, 8),
+        (1, 128, 4, 4, 4),
+        (1, 256, 2, 2, 2),
+        (1, 512, 1, 1, 1),
+    ]
 
 
 def test_bad_arguments():

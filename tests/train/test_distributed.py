@@ -25,7 +25,7 @@ def test_shard_covers_every_item_once():
 def test_torchrun_two_ranks_reproduce_single_process(tmp_path):
     torchrun = shutil.which("torchrun") or None
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--nproc_per_node", "2", "--master_port", "0", "-m", "medsegkit.train.distributed", "selfcheck",
+    cmd += ["--standalone", "--nproc_per_node", "2", "-m", "medsegkit.train.distributed", "selfcheck",
             "--steps", "5", "--global-batch", "4", "--out", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

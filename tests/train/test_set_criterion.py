@@ -13,6 +13,15 @@ from transformers.models.mask2former import modeling_mask2former as hf_m2f  # no
 from transformers.models.maskformer import modeling_maskformer as hf_mf  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny-model training loops run faster on one thread, and far faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _batch(n=2, q=8, k=4, pred_size=(12, 12), target_size=(24, 24), objects=(3, 2), seed=0, aux=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -209,7 +218,7 @@ def _synthetic_batch(spatial_dims=2, size=32):
 
 
 @pytest.mark.parametrize("spatial_dims,num_points,steps", [(2, None, 60), (2, 256, 60), (3, 512, 40)])
-def test_overfits_one_batch(spatial_dims, num_points, steps):
+def test_overfits_one_batch(spatial_dims, num_points, steps, one_thread):
     torch.manual_seed(0)
     size = 32 if spatial_dims == 2 else 16
     images, targets = _synthetic_batch(spatial_dims, size)
@@ -237,7 +246,7 @@ TINY_QUERY_MODELS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY_QUERY_MODELS))
-def test_real_query_model_overfits_one_batch(family):
+def test_real_query_model_overfits_one_batch(family, one_thread):
     """The real MaskFormer / Mask2Former (tiny heads, ResNet-18) with aux losses: loss halves in 20 steps."""
     import importlib
 

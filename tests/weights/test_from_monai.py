@@ -25,7 +25,7 @@ CONFIGS = {
         MonaiUNet,
         (3, 2, 3, (4, 8, 16, 32), (2, 2, 2)),
         {"num_res_units": 2, "norm": "batch"},
-        (2, 2, 16, 16, 16),
+        (1, 2, 16, 16, 16),
         UNet,
     ),
     "UNet-3d-aniso-res1-group-leaky-ADN": (
@@ -54,7 +54,7 @@ CONFIGS = {
         MonaiUNet,
         (3, 1, 4, (4, 8, 16), (2, 2)),
         {"norm": "batch", "act": "relu"},
-        (2, 1, 16, 16, 16),
+        (1, 1, 16, 16, 16),
         UNet,
     ),
     "AttentionUnet-2d": (
@@ -68,7 +68,7 @@ CONFIGS = {
         MonaiAttentionUnet,
         (3, 2, 2, (4, 8, 16, 32), (2, 2, 2)),
         {"dropout": 0.1},
-        (2, 2, 16, 16, 16),
+        (1, 2, 16, 16, 16),
         AttentionUNet,
     ),
     "AttentionUnet-3d-aniso": (

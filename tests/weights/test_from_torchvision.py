@@ -26,7 +26,9 @@ def _randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def tv_fcn():
     torch.manual_seed(0)
-    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    model = torchvision.models.segmentation.fcn_resnet50(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    )
     _randomise_norms(model)
     return model.eval()
 
@@ -54,8 +56,9 @@ def test_fcn_state_dict_into_registry_name_and_no_aux_target(tv_fcn):
     assert torch.equal(ours.head.out.weight, tv_fcn.classifier[4].weight)
     assert torch.equal(ours.aux_head.conv.weight, tv_fcn.aux_classifier[0].weight)
     no_aux = convert(state, source="torchvision", target=FCN(aux_loss=False))
-    assert no_aux.aux_head is None and torch.equal(no_aux.backbone.stages[2][5].norm3.running_var,
-                                                   tv_fcn.backbone.layer3[5].bn3.running_var)
+    assert no_aux.aux_head is None and torch.equal(
+        no_aux.backbone.stages[2][5].norm3.running_var, tv_fcn.backbone.layer3[5].bn3.running_var
+    )
     assert fcn_key("classifier.1.running_mean") == "head.norm.running_mean"
     with pytest.raises(KeyError, match="indices 0, 1 and 4"):
         fcn_key("classifier.2.weight")
@@ -73,8 +76,14 @@ def _tv_mask_rcnn(**kw):
 def test_mask_rcnn_parity_torchvision():
     """torchvision maskrcnn_resnet50_fpn (random init, BN in eval) vs ours: same boxes, labels, scores
     (≤ 1e-4) and masks on a fixed image, with the same transform settings on both sides."""
-    settings = dict(min_size=160, max_size=200, box_score_thresh=0.0, box_detections_per_img=30,
-                    rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100)
+    settings = dict(
+        min_size=160,
+        max_size=200,
+        box_score_thresh=0.0,
+        box_detections_per_img=30,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+    )
     theirs = _tv_mask_rcnn(**settings)
     ours = convert(theirs, source="torchvision").eval()
     assert isinstance(ours, MaskRCNN) and ours.num_classes == 90 and ours.backbone.body.fc is None
@@ -100,7 +109,9 @@ def test_mask_rcnn_state_dict_into_seed_layout_is_refused_and_coco_layout_loads(
     fc_before = coco.backbone.body.fc.weight.detach().clone()
     convert(state, source="torchvision", target=coco)
     assert torch.equal(coco.backbone.body.fc.weight, fc_before)
-    assert torch.equal(coco.backbone.body.stages[3][2].conv3.weight, theirs.backbone.body.layer4[2].conv3.weight)
+    assert torch.equal(
+        coco.backbone.body.stages[3][2].conv3.weight, theirs.backbone.body.layer4[2].conv3.weight
+    )
     assert mask_rcnn_key("rpn.head.conv.0.0.weight") == "rpn.head.conv.0.0.weight"
 
 

@@ -33,6 +33,8 @@ SAMPLE_CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
 SAMPLE_IMAGE = "mni152_t1_2mm.nii.gz"
 SAMPLE_LABEL = "mni152_tissue_2mm.nii.gz"
 PREPROCESSING_PRESETS = ("mr", "mr_robust", "ct")
+AUGMENTATION_PRESETS = ("intensity", "strong")
+POSTPROCESSING_STEPS = ("largest_component", "fill_holes")
 
 # Evaluated by MONAI's ConfigParser: the folder holding medsegkit's bundled sample data.
 _SAMPLE_DIR_EXPR = "$medsegkit.bundle.sample_data_dir()"
@@ -93,7 +95,8 @@ def _intensity_transform(preset: str) -> dict[str, Any]:
     return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}
 
 
-def _preprocessing(keys: Sequence[str], spacing: Sequence[float] | None, preset: str, rgb: bool) -> list[dict]:
+def _preprocessing(keys: Sequence[str], spacing: Sequence[float] | None, preset: str, rgb: bool,
+                   crop_foreground: bool = False) -> list[dict]:
     label_keys = [k for k in keys if k != "image"]
     steps: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": list(keys), "image_only": False},
@@ -103,11 +106,65 @@ def _preprocessing(keys: Sequence[str], spacing: Sequence[float] | None, preset:
     if spacing is not None:
         modes = ["bilinear"] + ["nearest"] * len(label_keys)
         steps.append({"_target_": "Spacingd", "keys": list(keys), "pixdim": list(spacing), "mode": modes})
+    if crop_foreground:  # the bounding box of the non-zero head plus 4 voxels: same field of view for any scanner
+        steps.append({"_target_": "CropForegroundd", "keys": list(keys), "source_key": "image", "margin": 4,
+                      "allow_smaller": True})
     steps.append(_intensity_transform(preset))
     if rgb:  # a model that needs 3 channels gets the grey image repeated
         steps.append({"_target_": "RepeatChanneld", "keys": "image", "repeats": 3})
     steps.append({"_target_": "EnsureTyped", "keys": list(keys)})
     return steps
+
+
+def _random_transforms(roi: Sequence[int], augmentation: str) -> list[dict]:
+    """Training-time random transforms after the deterministic preprocessing (image in ~0..1).
+
+    ``"intensity"``: foreground-biased crops of ``roi`` + random intensity scale/shift.
+    ``"strong"`` (for generalising to other scanners and subjects): crops 1.25x ``roi``, then a random
+    affine (rotation up to 15 degrees per axis, scale +-15 %) resampled to the centre ``roi``, so the
+    crop has no empty corners; left/right flips; MR bias field, gamma, blur (thick slices), noise and
+    intensity scale/shift.
+    """
+    keys = ["image", "label"]
+    dims = len(roi)
+    if augmentation == "intensity":
+        return [
+            {"_target_": "RandCropByPosNegLabeld", "keys": keys, "label_key": "label", "spatial_size": list(roi),
+             "pos": 2, "neg": 1, "num_samples": 2, "allow_smaller": True},
+            {"_target_": "SpatialPadd", "keys": keys, "spatial_size": list(roi)},
+            {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
+            {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+        ]
+    outer = [int(round(r * 1.25)) for r in roi]
+    angle = 0.26  # radians, about 15 degrees
+    return [
+        {"_target_": "RandCropByPosNegLabeld", "keys": keys, "label_key": "label", "spatial_size": outer,
+         "pos": 2, "neg": 1, "num_samples": 2, "allow_smaller": True},
+        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": outer},
+        {"_target_": "RandAffined", "keys": keys, "spatial_size": list(roi), "prob": 0.8,
+         "rotate_range": [angle] * (1 if dims == 2 else 3), "scale_range": [0.15] * dims,
+         "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
+        {"_target_": "RandFlipd", "keys": keys, "spatial_axis": 0, "prob": 0.5},
+        {"_target_": "RandBiasFieldd", "keys": "image", "coeff_range": [0.0, 0.2], "degree": 3, "prob": 0.3},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.7, 1.5], "prob": 0.3},
+        {"_target_": "RandGaussianSmoothd", "keys": "image", "sigma_x": [0.0, 1.0], "sigma_y": [0.0, 1.0],
+         "sigma_z": [0.0, 1.0], "prob": 0.2},
+        {"_target_": "RandGaussianNoised", "keys": "image", "std": 0.03, "prob": 0.2},
+        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.2, "prob": 0.5},
+        {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+    ]
+
+
+def _label_cleanup(steps: Sequence[str], out_channels: int) -> list[dict]:
+    """Post-processing on an argmax label map ``pred`` (N=1 channel): largest foreground component, fill holes."""
+    foreground = list(range(1, out_channels))
+    cleanup: list[dict[str, Any]] = []
+    if "largest_component" in steps:  # the largest object made of all foreground classes together
+        cleanup.append({"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": foreground,
+                        "is_onehot": False, "independent": False})
+    if "fill_holes" in steps:  # background voxels enclosed by one class get that class
+        cleanup.append({"_target_": "FillHolesd", "keys": "pred", "applied_labels": foreground})
+    return cleanup
 
 
 def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Sequence[int],
@@ -189,11 +246,13 @@ def _common(network_def: dict, spacing: Sequence[float] | None) -> dict[str, Any
     }
 
 
-def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool) -> dict:
+def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool,
+                      out_channels: int, cleanup: Sequence[str] = (), crop_foreground: bool = False) -> dict:
     config = _common(network_def, spacing)
     config.update({
         "datalist": f"$[os.path.join(@dataset_dir, '{SAMPLE_IMAGE}')]",
-        "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(["image"], spacing, preset, rgb)},
+        "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(["image"], spacing, preset, rgb,
+                                                                                     crop_foreground)},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
                     "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
@@ -205,6 +264,7 @@ def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: st
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
              "meta_key_postfix": "meta_dict", "nearest_interp": False, "to_tensor": True},
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            *_label_cleanup(cleanup, out_channels),
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$numpy.uint8", "resample": False, "separate_folder": False},
         ]},
@@ -225,18 +285,13 @@ def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: st
 
 
 def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool,
-                  out_channels: int) -> dict:
+                  out_channels: int, augmentation: str = "intensity", cleanup: Sequence[str] = (),
+                  crop_foreground: bool = False) -> dict:
     config = _common(network_def, spacing)
     keys = ["image", "label"]
     sample = {"image": f"$os.path.join(@dataset_dir, '{SAMPLE_IMAGE}')",
               "label": f"$os.path.join(@dataset_dir, '{SAMPLE_LABEL}')"}
-    random = [
-        {"_target_": "RandCropByPosNegLabeld", "keys": keys, "label_key": "label", "spatial_size": list(roi),
-         "pos": 2, "neg": 1, "num_samples": 2, "allow_smaller": True},
-        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": list(roi)},
-        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
-        {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
-    ]
+    random = _random_transforms(roi, augmentation)
     config.update({
         "imports": config["imports"] + ["$import monai", "$import ignite"],
         "ckpt_dir": "$@bundle_root + '/models'",
@@ -250,7 +305,7 @@ def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, r
         "optimizer": {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()", "lr": "@learning_rate",
                       "weight_decay": 1e-5},
         "train": {
-            "deterministic_transforms": _preprocessing(keys, spacing, preset, rgb),
+            "deterministic_transforms": _preprocessing(keys, spacing, preset, rgb, crop_foreground),
             "random_transforms": random,
             "preprocessing": {"_target_": "Compose",
                               "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
@@ -286,7 +341,12 @@ def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, r
                            "shuffle": False, "num_workers": 0},
             "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(roi), "sw_batch_size": 2,
                         "overlap": 0.25},
-            "postprocessing": "%train#postprocessing",
+            "postprocessing": "%train#postprocessing" if not cleanup else {"_target_": "Compose", "transforms": [
+                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                *_label_cleanup(cleanup, out_channels),
+                {"_target_": "AsDiscreted", "keys": ["pred", "label"], "to_onehot": "$[@num_classes, @num_classes]"},
+            ]},
             "handlers": [
                 {"_target_": "StatsHandler", "iteration_log": False},
                 {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": {"model": "@network"},
@@ -335,10 +395,12 @@ def _multi_gpu_config() -> dict:
         "train#dataloader#sampler": "@train#sampler",
         "train#dataloader#shuffle": False,
         "train#trainer#train_handlers": "$@train#handlers[: -1 if dist.get_rank() > 0 else None]",
+        # even_divisible: the default validation list (the sample volume) has fewer items than ranks
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",
-                             "even_divisible": False, "shuffle": False},
+                             "even_divisible": True, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",
-        "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
+        # rank 0 logs and saves; MetricsSaver (a collective across ranks) is left out of DDP validation
+        "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers[:2]",
         "initialize": [
             "$import torch.distributed as dist",
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
@@ -413,6 +475,9 @@ def init_bundle(
     preprocessing: str = "mr",
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    augmentation: str = "intensity",
+    postprocessing: Sequence[str] = (),
+    crop_foreground: bool = False,
 ) -> Path:
     """Write a MONAI bundle for registry model ``model`` into ``directory``.
 
@@ -429,6 +494,14 @@ def init_bundle(
         preprocessing: ``"mr"`` (z-score over non-zero voxels), ``"mr_robust"`` (1st-99th percentile
             to 0..1, for full-head scans from different scanners) or ``"ct"`` (window -1000..1000).
         class_names: names of the output channels.
+        augmentation: training-time random transforms in ``train.json``: ``"intensity"`` (crops + intensity
+            scale/shift) or ``"strong"`` (adds random affine, flips, MR bias field, gamma, blur and noise:
+            for models that must generalise to other scanners and subjects).
+        postprocessing: label clean-up steps for inference and validation, any of ``"largest_component"``
+            (keep the largest connected foreground object) and ``"fill_holes"``.
+        crop_foreground: crop every volume to the bounding box of its non-zero voxels (plus a 4-voxel
+            margin) after resampling, so scans with different fields of view look alike; inference
+            pads the prediction back to the input grid.
 
     Returns:
         The bundle directory.
@@ -443,6 +516,13 @@ def init_bundle(
         )
     if preprocessing not in PREPROCESSING_PRESETS:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING_PRESETS}, got {preprocessing!r}")
+    if augmentation not in AUGMENTATION_PRESETS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATION_PRESETS}, got {augmentation!r}")
+    if isinstance(postprocessing, str):
+        postprocessing = [postprocessing]
+    unknown = [step for step in postprocessing if step not in POSTPROCESSING_STEPS]
+    if unknown:
+        raise ValueError(f"postprocessing steps must be among {POSTPROCESSING_STEPS}, got {unknown}")
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite to replace the bundle files")
@@ -464,9 +544,11 @@ def init_bundle(
     files: dict[str, str] = {
         "configs/metadata.json": json.dumps(_metadata(spec.name, info, n_in, n_out, roi, names, preprocessing),
                                             indent=2),
-        "configs/inference.json": json.dumps(_inference_config(network_def, roi, spacing, preprocessing, rgb),
+        "configs/inference.json": json.dumps(_inference_config(network_def, roi, spacing, preprocessing, rgb, n_out,
+                                                               postprocessing, crop_foreground),
                                              indent=2),
-        "configs/train.json": json.dumps(_train_config(network_def, roi, spacing, preprocessing, rgb, n_out),
+        "configs/train.json": json.dumps(_train_config(network_def, roi, spacing, preprocessing, rgb, n_out,
+                                                       augmentation, postprocessing, crop_foreground),
                                          indent=2),
         "configs/evaluate.json": json.dumps(_evaluate_config(n_out), indent=2),
         "configs/multi_gpu_train.json": json.dumps(_multi_gpu_config(), indent=2),

@@ -78,9 +78,9 @@ def save_overlay(path: Path, t1: np.ndarray, reference: np.ndarray, prediction: 
     j_mid = t1.shape[1] // 2 + 4
     k_mid = held_out_start + 10  # inside the held-out slab
     views = [
-        ("axial k=%d (held out)" % k_mid, lambda a: a[:, :, k_mid].T),
-        ("coronal j=%d" % j_mid, lambda a: a[:, j_mid, :].T),
-        ("sagittal i=%d" % i_mid, lambda a: a[i_mid, :, :].T),
+        (f"axial k={k_mid} (held out)", lambda a: a[:, :, k_mid].T),
+        (f"coronal j={j_mid}", lambda a: a[:, j_mid, :].T),
+        (f"sagittal i={i_mid}", lambda a: a[i_mid, :, :].T),
     ]
     rgba = np.array([[0, 0, 0, 0]] + [[*(np.array(c) / 255.0), 0.55] for c in colors[1:]])
     cmap = ListedColormap(rgba)
@@ -120,7 +120,13 @@ def save_overlay(path: Path, t1: np.ndarray, reference: np.ndarray, prediction: 
 def run_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from medsegkit.data import MNI_CLASS_NAMES, MNI_HELD_OUT_START, MNI_LABEL_COLORS, demo_checkpoint_path, sample_path
+    from medsegkit.data import (
+        MNI_CLASS_NAMES,
+        MNI_HELD_OUT_START,
+        MNI_LABEL_COLORS,
+        demo_checkpoint_path,
+        sample_path,
+    )
     from medsegkit.io import read_image, write_image
     from medsegkit.weights import load_model
 

@@ -53,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--class-ratios", type=float, nargs="+", help="how often patches centre on each class")
     run.add_argument("--intensity-scale", type=float, default=0.05, help="random intensity scale range (± fraction)")
     run.add_argument("--intensity-shift", type=float, default=0.02, help="random intensity shift range (±)")
+    run.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
+                     help="before each validation, re-estimate BatchNorm statistics over N training patches")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--device", default="cpu")
@@ -121,8 +123,10 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--class-weights", *(f"{w:g}" for w in args.class_weights)]
     if args.class_ratios:
         parts += ["--class-ratios", *(f"{r:g}" for r in args.class_ratios)]
-    parts += ["--intensity-scale", f"{args.intensity_scale:g}", "--intensity-shift", f"{args.intensity_shift:g}",
-              "--seed", str(args.seed)]
+    parts += ["--intensity-scale", f"{args.intensity_scale:g}", "--intensity-shift", f"{args.intensity_shift:g}"]
+    if args.bn_recalibration:
+        parts += ["--bn-recalibration", str(args.bn_recalibration)]
+    parts += ["--seed", str(args.seed)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     parts += ["--device", args.device, "-o", str(args.output)]
@@ -213,7 +217,7 @@ def run_train(args: argparse.Namespace) -> int:
         class_weights=tuple(args.class_weights) if args.class_weights else None,
         class_ratios=tuple(args.class_ratios) if args.class_ratios else None,
         intensity_scale=args.intensity_scale, intensity_shift=args.intensity_shift,
-        seed=args.seed, num_threads=args.threads, device=args.device,
+        bn_recalibration=args.bn_recalibration, seed=args.seed, num_threads=args.threads, device=args.device,
     )
     baseline = nearest_class_mean_baseline(train_volumes, val_volumes, names)
     print("intensity baseline (nearest class mean) Dice: "

@@ -85,7 +85,9 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     return starts
 
 
-def _layout(shape: tuple[int, ...], spatial_dims: int | None, slice_axis: int | None, in_channels: int) -> tuple[int, int]:
+def _layout(
+    shape: tuple[int, ...], spatial_dims: int | None, slice_axis: int | None, in_channels: int
+) -> tuple[int, int]:
     """(number of image spatial dims, number of leading batch/channel axes), predict()'s rules."""
     ndim = len(shape)
     if spatial_dims is not None:
@@ -121,7 +123,12 @@ def _scale_to_unit(volume: np.ndarray) -> np.ndarray:
 def _autocast(device: torch.device, amp: Any):
     if not amp:
         return torch.autocast(device.type, enabled=False)
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if isinstance(amp, torch.dtype):
         dtype = amp
     elif isinstance(amp, str):
@@ -133,8 +140,14 @@ def _autocast(device: torch.device, amp: Any):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _detections_of(result: dict[str, torch.Tensor], tile: int, y0: int, x0: int, score_threshold: float,
-                   mask_threshold: float) -> list[_Detection]:
+def _detections_of(
+    result: dict[str, torch.Tensor],
+    tile: int,
+    y0: int,
+    x0: int,
+    score_threshold: float,
+    mask_threshold: float,
+) -> list[_Detection]:
     keep = result["scores"] >= score_threshold
     scores = result["scores"][keep].float().cpu().numpy()
     masks = (result["masks"][keep][:, 0] > mask_threshold).cpu().numpy()
@@ -160,7 +173,9 @@ def _shared_iou(a: _Detection, b: _Detection, tiles: list[tuple[int, int, int, i
         canvas = np.zeros((y1 - y0, x1 - x0), dtype=bool)
         sy0, sy1, sx0, sx1 = max(d.y0, y0), min(d.y1, y1), max(d.x0, x0), min(d.x1, x1)
         if sy0 < sy1 and sx0 < sx1:
-            canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = d.mask[sy0 - d.y0 : sy1 - d.y0, sx0 - d.x0 : sx1 - d.x0]
+            canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = d.mask[
+                sy0 - d.y0 : sy1 - d.y0, sx0 - d.x0 : sx1 - d.x0
+            ]
         return canvas
 
     ma, mb = window(a), window(b)
@@ -168,8 +183,12 @@ def _shared_iou(a: _Detection, b: _Detection, tiles: list[tuple[int, int, int, i
     return np.count_nonzero(ma & mb) / union if union else 0.0
 
 
-def _paint_slice(detections: list[_Detection], tiles: list[tuple[int, int, int, int]], shape: tuple[int, int],
-                 link_iou: float) -> tuple[np.ndarray, int]:
+def _paint_slice(
+    detections: list[_Detection],
+    tiles: list[tuple[int, int, int, int]],
+    shape: tuple[int, int],
+    link_iou: float,
+) -> tuple[np.ndarray, int]:
     """Merge detections across tile borders and paint them (highest score first) into a label map."""
     groups = _DisjointSet(len(detections))
     if len(tiles) > 1:
@@ -297,10 +316,18 @@ def predict_instances(
         medsegkit.Cancelled: ``cancel`` was set.
     """
     if output != "labels":
-        raise ValueError(f"an instance model gives output='labels' only (an instance label map), got {output!r}")
+        raise ValueError(
+            f"an instance model gives output='labels' only (an instance label map), got {output!r}"
+        )
     if tuple(tta_flips):
-        raise ValueError("tta_flips is not supported for instance models (flipped detections are not blended)")
-    for name, value in (("score_threshold", score_threshold), ("mask_threshold", mask_threshold), ("link_iou", link_iou)):
+        raise ValueError(
+            "tta_flips is not supported for instance models (flipped detections are not blended)"
+        )
+    for name, value in (
+        ("score_threshold", score_threshold),
+        ("mask_threshold", mask_threshold),
+        ("link_iou", link_iou),
+    ):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     tile_size = tile_size if tile_size is not None else roi_size
@@ -322,12 +349,16 @@ def predict_instances(
     else:
         array = np.asarray(image)
         if array.dtype.kind not in "iuf":
-            raise ValueError(f"image dtype {array.dtype} is not accepted; give real numbers (float or integer arrays)")
+            raise ValueError(
+                f"image dtype {array.dtype} is not accepted; give real numbers (float or integer arrays)"
+            )
         array = array.astype(np.float32, copy=False)
     if array.size == 0:
         raise ValueError(f"image is empty (shape {array.shape}); give an array with at least one pixel")
     if not np.isfinite(array).all():
-        raise ValueError("image contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) before inference")
+        raise ValueError(
+            "image contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) before inference"
+        )
 
     in_channels = int(getattr(model, "in_channels", 3))
     shape = tuple(array.shape)
@@ -365,8 +396,14 @@ def predict_instances(
             item = item[None]
         items.append(item)
     height, width = items[0].shape[-2:]
-    tile_hw = (height, width) if tile_size is None else (
-        (int(tile_size),) * 2 if isinstance(tile_size, (int, np.integer)) else tuple(int(t) for t in tile_size)
+    tile_hw = (
+        (height, width)
+        if tile_size is None
+        else (
+            (int(tile_size),) * 2
+            if isinstance(tile_size, (int, np.integer))
+            else tuple(int(t) for t in tile_size)
+        )
     )
     if len(tile_hw) != 2 or min(tile_hw) < 1:
         raise ValueError(f"tile_size must be a positive int or (h, w), got {tile_size!r}")
@@ -375,7 +412,9 @@ def predict_instances(
         for y in tile_starts(height, tile_hw[0], tile_overlap)
         for x in tile_starts(width, tile_hw[1], tile_overlap)
     ]
-    units = [(n, s, t) for n, item in enumerate(items) for s in range(item.shape[0]) for t in range(len(tiles))]
+    units = [
+        (n, s, t) for n, item in enumerate(items) for s in range(item.shape[0]) for t in range(len(tiles))
+    ]
     detections: dict[tuple[int, int], list[_Detection]] = {}
     run_on = torch.device(sw_device) if sw_device is not None else next(model.parameters()).device
     total = -(-len(units) // batch_size)
@@ -402,11 +441,16 @@ def predict_instances(
 
     results_per_item = []
     for n, item in enumerate(items):
-        painted = [_paint_slice(detections.get((n, s), []), tiles, (height, width), link_iou) for s in range(item.shape[0])]
+        painted = [
+            _paint_slice(detections.get((n, s), []), tiles, (height, width), link_iou)
+            for s in range(item.shape[0])
+        ]
         if image_dims == 2:
             labels = painted[0][0]
         else:
-            labels = np.moveaxis(_link_slices([p[0] for p in painted], [p[1] for p in painted], link_iou), 0, axis)
+            labels = np.moveaxis(
+                _link_slices([p[0] for p in painted], [p[1] for p in painted], link_iou), 0, axis
+            )
         results_per_item.append(labels)
     labels = np.stack(results_per_item) if has_batch else results_per_item[0]
     dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
@@ -420,6 +464,8 @@ def predict_instances(
             )
         if tuple(out.shape) != tuple(labels.shape):
             raise ValueError(f"out has shape {tuple(out.shape)} but the label map is {tuple(labels.shape)}")
-        out[...] = torch.from_numpy(labels).to(out.device, out.dtype) if isinstance(out, torch.Tensor) else labels
+        out[...] = (
+            torch.from_numpy(labels).to(out.device, out.dtype) if isinstance(out, torch.Tensor) else labels
+        )
         return out
     return result

@@ -20,6 +20,7 @@ do what MONAI's function cannot:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -554,7 +555,8 @@ def predict(
 
     from medsegkit.inference.fast import prepare_model
 
-    was_training = model.training
+    # each module's own mode, restored afterwards (an adapter made here must not leave the wrapped model in training mode)
+    was_training = [(module, module.training) for module in model.modules()]
     model.eval()
     model_roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
     prepared = prepare_model(
@@ -603,7 +605,8 @@ def predict(
         writer.discard()
         raise
     finally:
-        model.train(was_training)
+        for module, mode in was_training:
+            module.training = mode
     return result
 
 
@@ -613,8 +616,9 @@ def _run_image(
 ) -> int:
     """Window loop over image ``n``; slabs are finished and written as soon as no window needs them.
 
-    The accumulator is one ``(K, *others)`` plane per slab-axis index, made when a window first touches
-    it and dropped once finished, so memory holds only the planes a window in flight covers.
+    The accumulator is split into *chunks* along the slab axis, one per gap between consecutive window
+    starts (so a window touches two or three chunks); a chunk is made when a window first touches it
+    and dropped once written, so memory holds only the chunks the windows in flight cover.
     """
     dims = len(padded)
     others = [a for a in range(dims) if a != slab]
@@ -622,48 +626,85 @@ def _run_image(
     from_slab_first = [to_slab_first.index(i) for i in range(dims + 1)]
     w_slab = weight.permute(to_slab_first)[0]  # (roi_slab, *roi_others)
     other_shape = tuple(padded[a] for a in others)
-    planes: dict[int, torch.Tensor] = {}  # slab index -> (K, *others) weighted sum
-    counts: dict[int, torch.Tensor] = {}  # slab index -> (*others) sum of weights
-    finished = 0  # slab indices below this are written
+    bounds = sorted({w[slab].start for w in slices} | {padded[slab]})
+    chunks: dict[int, torch.Tensor] = {}  # chunk index -> (K, length, *others) weighted sum
+    counts: dict[int, torch.Tensor] = {}  # chunk index -> (length, *others) sum of weights
+    finished = 0  # chunks below this index are written
+    crop_others = tuple(slice(pad_before[a], pad_before[a] + source.spatial[a]) for a in others)
 
     def finish(upto: int) -> None:
+        """Write every chunk that ends at or before slab index ``upto``."""
         nonlocal finished
-        if upto <= finished:
-            return
-        start, stop = max(finished, pad_before[slab]), min(upto, pad_before[slab] + source.spatial[slab])
-        if stop > start:
-            crop = tuple(slice(pad_before[a], pad_before[a] + source.spatial[a]) for a in others)
-            values = torch.stack(
-                [planes[i][(slice(None), *crop)] / counts[i][crop] for i in range(start, stop)], dim=1
-            ).permute(from_slab_first)  # (K, *spatial region)
-            _emit(values, n, slab, start - pad_before[slab], stop - pad_before[slab], source, output,
-                  blend_probabilities, writer)
-        for i in range(finished, upto):
-            planes.pop(i, None)
-            counts.pop(i, None)
-        finished = upto
+        while finished < len(bounds) - 1 and bounds[finished + 1] <= upto:
+            lo, hi = bounds[finished], bounds[finished + 1]
+            start, stop = max(lo, pad_before[slab]), min(hi, pad_before[slab] + source.spatial[slab])
+            if stop > start and finished in chunks:
+                inside = (slice(start - lo, stop - lo), *crop_others)
+                values = chunks[finished][(slice(None), *inside)] / counts[finished][inside]
+                _emit(values.permute(from_slab_first), n, slab, start - pad_before[slab], stop - pad_before[slab],
+                      source, output, blend_probabilities, writer)
+            chunks.pop(finished, None)
+            counts.pop(finished, None)
+            finished += 1
+
+    def accumulate(window: tuple[slice, ...], p: torch.Tensor) -> None:
+        """Add ``p`` ``(K, roi_slab, *roi_others)`` (weighted) into the chunks the window covers."""
+        start, stop = window[slab].start, window[slab].stop
+        region = tuple(window[a] for a in others)
+        r = bisect.bisect_right(bounds, start) - 1
+        while r < len(bounds) - 1 and bounds[r] < stop:
+            lo, hi = bounds[r], bounds[r + 1]
+            if r not in chunks:
+                chunks[r] = p.new_zeros((p.shape[0], hi - lo, *other_shape))
+                counts[r] = p.new_zeros((hi - lo, *other_shape))
+            a, b = max(start, lo), min(stop, hi)
+            chunks[r][(slice(None), slice(a - lo, b - lo), *region)] += p[:, a - start:b - start]
+            counts[r][(slice(a - lo, b - lo), *region)] += w_slab[a - start:b - start]
+            r += 1
+
+    slab_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def read(window: tuple[slice, ...]) -> torch.Tensor:
+        """One window; a lazy source is read one slab (window thickness × whole plane) at a time."""
+        if source.kind != "lazy":
+            return _read_window(source, n, window, pad_before, cval)
+        key = (window[slab].start, window[slab].stop)
+        if key not in slab_cache:
+            slab_cache.clear()  # windows come sorted along the slab axis: an old slab is never needed again
+            whole = tuple(window[a] if a == slab else slice(0, padded[a]) for a in range(dims))
+            slab_cache[key] = _read_window(source, n, whole, pad_before, cval)
+        crop = tuple(slice(0, key[1] - key[0]) if a == slab else window[a] for a in range(dims))
+        return slab_cache[key][(slice(None), *crop)]
 
     for first in range(0, len(slices), sw_batch_size):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"inference cancelled after {done} of {total_batches} window batches")
         group = slices[first:first + sw_batch_size]
-        batch = torch.stack([_read_window(source, n, w, pad_before, cval) for w in group]).to(run_on)
+        batch = torch.stack([read(w) for w in group]).to(run_on)
         predicted = forward(batch)  # (B, K, *roi)
         for w, p in zip(group, predicted):
-            p = (p * weight).permute(to_slab_first)  # (K, roi_slab, *roi_others)
-            region = tuple(w[a] for a in others)
-            for j, i in enumerate(range(w[slab].start, w[slab].stop)):
-                if i not in planes:
-                    planes[i] = p.new_zeros((p.shape[0], *other_shape))
-                    counts[i] = p.new_zeros(other_shape)
-                planes[i][(slice(None), *region)] += p[:, j]
-                counts[i][region] += w_slab[j]
+            accumulate(w, (p * weight).permute(to_slab_first))
         done += 1
         if progress is not None:
             progress(done, total_batches)
         remaining = first + sw_batch_size
         finish(slices[remaining][slab].start if remaining < len(slices) else padded[slab])
     return done
+
+
+def _argmax(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(0)`` as ``uint8`` / ``int32`` (first maximum wins, as in argmax).
+
+    A loop over the K classes: torch's reduction over a leading axis is several times slower.
+    """
+    dtype = torch.uint8 if values.shape[0] <= 256 else torch.int32
+    best = values[0].clone()
+    index = torch.zeros(values.shape[1:], dtype=dtype, device=values.device)
+    for k in range(1, values.shape[0]):
+        better = values[k] > best
+        index.masked_fill_(better, k)
+        torch.maximum(best, values[k], out=best)
+    return index
 
 
 def _emit(values, n, slab, start, stop, source, output, blend_probabilities, writer) -> None:
@@ -680,7 +721,7 @@ def _emit(values, n, slab, start, stop, source, output, blend_probabilities, wri
         if classes == 1:
             result = (values[0] > (0.5 if blend_probabilities else 0.0)).to(torch.uint8)
         else:
-            result = values.argmax(dim=0)
+            result = _argmax(values)
     if writer.array is None:
         spatial = source.spatial
         shape = ((source.batch,) if source.has_batch else ()) + ((classes,) if output != "labels" else ()) + spatial

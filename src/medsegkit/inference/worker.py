@@ -41,7 +41,9 @@ Job kinds (``job["action"]``):
 
 Test hook (tests only): the environment variable ``MEDSEGKIT_WORKER_TEST_CRASH`` set to ``"start"`` or
 ``"progress"`` makes the child end itself with ``os._exit(86)`` at that point, as a segfault or an
-OOM kill would, so the parent's crash handling can be tested without crashing anything else.
+OOM kill would, so the parent's crash handling can be tested without crashing anything else;
+``"hang"`` makes it sleep at the start of every job without checking ``cancel`` (for the terminate path).
+The variable is read by the child, so it must be set before the worker process is spawned.
 """
 
 from __future__ import annotations
@@ -72,8 +74,13 @@ def _one_line(err: BaseException) -> str:
 
 
 def _maybe_test_crash(point: str) -> None:
-    if os.environ.get(TEST_CRASH_ENV) == point:
+    value = os.environ.get(TEST_CRASH_ENV)
+    if value == point:
         os._exit(TEST_CRASH_EXIT_CODE)
+    if value == "hang" and point == "start":  # a worker that never reaches a cancel check
+        import time
+
+        time.sleep(3600)
 
 
 def serve(requests: Any, messages: Any, cancel: Any) -> None:
@@ -310,6 +317,7 @@ def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         )
     metadata = getattr(model, "medsegkit_metadata", {}) or {}
     common = {"class_names": list(metadata.get("class_names", []) or []), "layer_channel_axis": layer_channel_axis,
+              "label_colors": [list(c) for c in metadata.get("label_colors", []) or []],
               "task": job.get("predict", {}).get("task") or getattr(model, "medsegkit_task", "semantic")}
 
     def progress(done: int, total: int) -> None:

@@ -119,6 +119,8 @@ class SegmentWidget(Container):
             self.output, self.run_button, self.cancel_button, self.progress, self.status,
         ])
 
+        for label in (self.model_info, self.status):  # long messages wrap instead of widening the dock
+            label.native.setWordWrap(True)
         self.model_filter.changed.connect(self._refresh_model_choices)
         self.model.changed.connect(self._on_model_changed)
         self.image.changed.connect(self._on_image_changed)
@@ -339,6 +341,7 @@ class SegmentWidget(Container):
         self._job = worker_job
         self.last_error = None
         self._started = time.perf_counter()
+        self.result_arrived: float | None = None
         thread_worker = create_worker(
             _drive, worker_job, data, folder, _start_thread=False,
             _connect={  # errored connected at creation: superqt re-raises otherwise
@@ -371,12 +374,18 @@ class SegmentWidget(Container):
 
     def _on_result(self, result: tuple[dict[str, Any], Any], source: Any, job: dict[str, Any]) -> None:
         info, output = result
-        self.last_run_seconds = time.perf_counter() - self._started
+        self.result_arrived = time.perf_counter()
+        self.last_run_seconds = self.result_arrived - self._started
         name = f"{source.name} [{job['label']}]"
         geometry = _output_geometry(source, info.get("layer_channel_axis"))
         meta = {"medsegkit": {**_source_meta(source), "model": job["label"], "class_names": info.get("class_names", []),
                               "task": info.get("task")}}
         if job["output"] == "labels":
+            colors = info.get("label_colors") or []
+            if colors and all(len(c) in (3, 4) for c in colors):
+                from medsegkit.napari._sample_data import label_colormap
+
+                geometry["colormap"] = label_colormap([tuple(c)[:3] for c in colors])
             self._viewer.add_labels(output, name=name, metadata=meta, **geometry)
         else:
             self._viewer.add_image(output, name=f"{name} probabilities", metadata=meta, channel_axis=0,

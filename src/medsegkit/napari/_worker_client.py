@@ -319,11 +319,15 @@ def write_input_array(data: Any, folder: str | os.PathLike, *, name: str = "inpu
     """Put ``data`` where the worker can read it without pickling: ``{"format", "path", "shape", "dtype"}``.
 
     A ``numpy.ndarray`` is copied into ``<folder>/<name>.npy`` (a memory map: one sequential write).
-    Anything else array-like (dask, zarr, other lazy arrays) is streamed block by block into a zarr
+    A zarr array stored in a local folder is read by the worker in place (nothing is copied). Anything
+    else array-like (dask, in-memory zarr, other lazy arrays) is streamed block by block into a zarr
     store ``<folder>/<name>.zarr`` without loading it whole; the worker then reads it window by window.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    local = _local_zarr_path(data)
+    if local is not None:
+        return {"format": "zarr", "path": str(local), "shape": list(data.shape), "dtype": str(data.dtype)}
     if isinstance(data, np.ndarray):
         path = folder / f"{name}.npy"
         target = np.lib.format.open_memmap(path, mode="w+", dtype=data.dtype, shape=data.shape)
@@ -339,6 +343,17 @@ def write_input_array(data: Any, folder: str | os.PathLike, *, name: str = "inpu
     return {"format": "zarr", "path": str(path), "shape": list(lazy.shape), "dtype": str(lazy.dtype)}
 
 
+def _local_zarr_path(data: Any) -> Path | None:
+    """The folder of a zarr array kept on the local disk, else ``None``."""
+    if type(data).__module__.split(".")[0] != "zarr":
+        return None
+    root = getattr(getattr(data, "store", None), "root", None)
+    if root is None:
+        return None
+    path = Path(str(root)) / str(getattr(data, "path", "") or "")
+    return path if path.is_dir() else None
+
+
 def _chunks_of(data: Any) -> Any:
     chunks = getattr(data, "chunks", None)
     if isinstance(chunks, tuple) and all(isinstance(c, int) for c in chunks):
@@ -347,13 +362,14 @@ def _chunks_of(data: Any) -> Any:
 
 
 def read_output(result: Mapping[str, Any]) -> Any:
-    """Open the worker's output: a numpy array (``.npy``, read into memory) or a read-only zarr array."""
+    """Open the worker's output: a numpy array (``.npy``, read into memory) or a zarr array (writable,
+    so a Labels layer on it can be painted)."""
     if result["format"] == "npy":
         return np.load(result["path"])
     if result["format"] == "zarr":
         import zarr
 
-        return zarr.open_array(result["path"], mode="r")
+        return zarr.open_array(result["path"], mode="r+")
     raise ValueError(f"unknown output format {result['format']!r}; expected 'npy' or 'zarr'")
 
 

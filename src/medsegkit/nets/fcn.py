@@ -112,7 +112,9 @@ class FCN(nn.Module):
         head_args: dict[str, Any] = {"norm": norm, "act": act, "dropout": dropout}
         channels = self.backbone.stage_channels
         self.head = FCNHead(spatial_dims, channels[-1], out_channels, **head_args)
-        self.aux_head = FCNHead(spatial_dims, channels[0], out_channels, **head_args) if self.aux_loss else None
+        self.aux_head = (
+            FCNHead(spatial_dims, channels[0], out_channels, **head_args) if self.aux_loss else None
+        )
         self._interp_mode = "bilinear" if spatial_dims == 2 else "trilinear"
 
     def _resize(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -137,14 +139,38 @@ class FCN(nn.Module):
 _FCN_REFERENCE = "Long et al. 2015, Fully Convolutional Networks for Semantic Segmentation"
 _VOC_META = {
     "categories": (
-        "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-        "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-        "train", "tvmonitor",
+        "__background__",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
     ),  # fmt: skip
     "preprocessing": "RGB in [0, 1], normalised with ImageNet mean (0.485, 0.456, 0.406) / std (0.229, 0.224, 0.225)",
     "training_data": "COCO train2017, the 20 Pascal VOC categories (torchvision COCO_WITH_VOC_LABELS_V1)",
 }
-_TORCHVISION_ARCH = {"spatial_dims": 2, "in_channels": 3, "out_channels": 21, "aux_loss": True, "norm": "batch"}
+_TORCHVISION_ARCH = {
+    "spatial_dims": 2,
+    "in_channels": 3,
+    "out_channels": 21,
+    "aux_loss": True,
+    "norm": "batch",
+}
 # 3D defaults follow the U-Net family's medical defaults (one-channel volumes, background + one class)
 _MEDICAL_3D = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2}
 

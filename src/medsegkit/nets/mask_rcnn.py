@@ -64,7 +64,9 @@ class ResNetFPN(nn.Module):
         if body.out_stages != (1, 2, 3, 4):
             raise ValueError(f"ResNetFPN needs the body's four stages, got out_stages={body.out_stages}")
         self.body = body
-        self.fpn = FeaturePyramidNetwork(list(body.stage_channels), out_channels, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            list(body.stage_channels), out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -217,7 +219,9 @@ class MaskRCNN(_TorchvisionMaskRCNN):
                 )
             images = list(images.unbind(0))
         elif not isinstance(images, (list, tuple)) or not all(isinstance(i, torch.Tensor) for i in images):
-            raise TypeError(f"MaskRCNN takes a list of (C, H, W) tensors or an (N, C, H, W) tensor, got {type(images)}")
+            raise TypeError(
+                f"MaskRCNN takes a list of (C, H, W) tensors or an (N, C, H, W) tensor, got {type(images)}"
+            )
         for image in images:
             if image.ndim != 3 or image.shape[0] != self.in_channels:
                 raise ValueError(

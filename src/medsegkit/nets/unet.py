@@ -542,7 +542,13 @@ class _EncoderDecoder(nn.Module):
                 ]
                 up = upsampler(merged, out_c, level, last=final and n_post == 0)
                 stage = DecoderStage(
-                    up, nn.Sequential(*post), attention(level, out_c), NoGate(), True, merge == "add", False
+                    up,
+                    nn.Sequential(*post),
+                    nn.Identity() if final else attention(level, out_c),  # never on the output logits
+                    NoGate(),
+                    True,
+                    merge == "add",
+                    False,
                 )
             else:
                 out_c = skip_c
@@ -963,11 +969,36 @@ class AttentionUNet(_EncoderDecoder):
     ReLU) up, gates with BatchNorm on the upsampled features at every level, one merge conv per decoder
     level (instance norm + PReLU, MONAI ``Convolution``'s defaults) and a 1×1 head.
 
+    The other keyword knobs are :class:`UNet`'s (``convs_per_stage`` defaults to 2,
+    ``decoder_convs_per_stage`` to 1, ``head_kernel_size`` to 1; the layout is always ``"classic"``).
+
     Args:
-        spatial_dims, in_channels, out_channels, channels, strides, kernel_size, up_kernel_size, dropout:
-            as MONAI's ``AttentionUnet`` (see :class:`UNet` for the accepted forms).
-        act, norm: ``None`` keeps MONAI's per-block choices (ReLU/BatchNorm in the encoder and the
-            upsampler, PReLU/InstanceNorm in the decoder convs); a spec applies to every block.
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels ``C``.
+        out_channels: output channels (classes) ``K``.
+        channels: channels per level, finest first; the last entry is the bottleneck's.
+        strides: one downsampling factor per level (int or one per axis).
+        kernel_size: odd conv kernel (int, per axis, or per stage).
+        up_kernel_size: transposed-conv kernel.
+        dropout: dropout probability in the conv blocks (MONAI: not in the upsamplers).
+        num_res_units: ``> 0`` uses MONAI ``ResidualUnit``s instead of plain convs.
+        act: ``None`` keeps MONAI's per-block choice (ReLU in the encoder and the upsamplers, PReLU in the
+            decoder convs); a MONAI activation spec applies to every block.
+        norm: ``None`` keeps MONAI's per-block choice (BatchNorm in the encoder and the upsamplers,
+            InstanceNorm in the decoder convs); a MONAI norm spec applies to every block.
+        bias: conv bias.
+        adn_ordering: order of activation, dropout and norm after each conv.
+        convs_per_stage: conv units per encoder stage (int or per stage incl. the bottleneck).
+        decoder_convs_per_stage: conv units per decoder level.
+        dilation: conv dilation.
+        stage_attention: residual spatial self-attention after a stage's convs (bool or per stage).
+        downsample: ``"conv"``, ``"maxpool"`` or ``"avgpool"``.
+        upsample: ``"deconv"``, ``"nontrainable"`` or ``"pixelshuffle"`` (and the seed's aliases).
+        interp_mode: ``"linear"`` or ``"nearest"`` (interpolation of upsampling and coarse gating).
+        skip_merge: ``"cat"`` or ``"add"``.
+        stem_channels: add a stem conv to this many channels.
+        head_kernel_size: kernel of the head conv to ``out_channels``.
+        deep_supervision: 1×1 auxiliary heads after every decoder level but the last.
         gate_levels: decoder levels that get a gate (0 = finest); ``None``: all (MONAI). The seed gates
             every level but the finest: ``range(1, len(channels) - 1)``.
         gate_signal: ``"upsampled"`` (MONAI: gate with the upsampled decoder features) or ``"coarse"``
@@ -976,8 +1007,6 @@ class AttentionUNet(_EncoderDecoder):
         gate_norm: norm spec inside the gates (MONAI: ``"batch"``; the seed: ``None``).
         inter_channels: θ/φ channels (default ``max(1, min(skip, gating) // 2)``).
         gate_bias_init: when given, ψ starts with weight 0 and this bias (seed: 2.0 → gates start at 0.88).
-        Other keyword knobs: as :class:`UNet` (``convs_per_stage`` default 2, ``decoder_convs_per_stage``
-        default 1, ``head_kernel_size`` default 1).
 
     Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)``.
     """

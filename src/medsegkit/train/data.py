@@ -206,9 +206,21 @@ class PatchSampler:
             _rs_load(t.R, s)
 
     def _random_transforms(self) -> list[Any]:
+        """Every MONAI ``Randomizable`` in the pipeline, including the array transforms a dictionary
+        transform delegates to (``RandCropByLabelClassesd.cropper`` has its own random state)."""
         from monai.transforms import Randomizable
 
-        return [t for t in self.transform.transforms if isinstance(t, Randomizable)]
+        found: list[Any] = []
+
+        def visit(obj: Any) -> None:
+            if isinstance(obj, Randomizable) and all(obj is not f for f in found):
+                found.append(obj)
+                for value in vars(obj).values():
+                    visit(value)
+
+        for t in self.transform.transforms:
+            visit(t)
+        return found
 
     def sample(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []

@@ -29,7 +29,15 @@ from torch import nn
 
 from medsegkit.train.data import LabelledVolume, PatchSampler
 
-__all__ = ["TrainConfig", "TrainResult", "predict_volume", "state_path_for", "train", "validate"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "predict_volume",
+    "recalibrate_batchnorm",
+    "state_path_for",
+    "train",
+    "validate",
+]
 
 
 @dataclass
@@ -51,6 +59,9 @@ class TrainConfig:
         flip_axes: spatial axes randomly flipped.
         intensity_scale, intensity_shift: random intensity augmentation ranges.
         divisible_by: pad patches/volumes to a multiple of this (the network's total stride).
+        bn_recalibration: before each validation, re-estimate BatchNorm running statistics as the plain
+            average over this many training patches (``0``: keep the momentum estimates, which follow
+            the last few patches and make validation jumpy with class-biased patches).
         seed: seeds torch and the patch sampler.
         num_threads: ``torch.set_num_threads`` during training (``None``: leave as is).
         device: ``"cpu"``, ``"cuda"``...
@@ -72,6 +83,7 @@ class TrainConfig:
     intensity_scale: float = 0.05
     intensity_shift: float = 0.02
     divisible_by: int = 16
+    bn_recalibration: int = 0
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
@@ -170,6 +182,35 @@ def validate(
     dice = dice_per_class(pred, ref, labels)
     named = {class_names[k]: round(float(v), 6) for k, v in dice.items()}
     return {"dice": named, "mean_foreground_dice": round(float(np.mean(list(named.values()))), 6)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, sampler: PatchSampler, num_patches: int, *, batch_size: int = 1,
+                          device: torch.device | str = "cpu") -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them as the cumulative average over
+    ``num_patches`` batches from ``sampler`` (train-mode forward passes, no gradients).
+
+    Returns:
+        The number of BatchNorm layers updated (0: the model has none and nothing was run).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or num_patches <= 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every patch counts equally
+    model.train()
+    try:
+        for _ in range(num_patches):
+            images, _ = sampler.sample(batch_size)
+            model(torch.from_numpy(images).to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(norms)
 
 
 def _lr_factor(epoch: int, config: TrainConfig) -> float:
@@ -357,6 +398,8 @@ def train(
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if config.bn_recalibration:
+            recalibrate_batchnorm(model, sampler, config.bn_recalibration, batch_size=config.batch_size, device=device)
         validation = validate(model, val_volumes, class_names=class_names, divisible_by=config.divisible_by)
         wall = elapsed_before + time.perf_counter() - started
         row = {"epoch": epoch, "step": step, "wall_time_s": round(wall, 1), "lr": lr,

@@ -72,7 +72,9 @@ def mask_rcnn_key(key: str) -> str:
     return key
 
 
-def _map(state: Mapping[str, torch.Tensor], key_map: Callable[[str], str], prefix: str = "") -> dict[str, Any]:
+def _map(
+    state: Mapping[str, torch.Tensor], key_map: Callable[[str], str], prefix: str = ""
+) -> dict[str, Any]:
     return {prefix + key_map(k): v for k, v in state.items()}
 
 
@@ -122,7 +124,9 @@ def _config_of(obj: nn.Module) -> tuple[str, dict[str, Any]]:
         body = obj.backbone
         head = obj.classifier
         if len(head) != 5 or not isinstance(head[4], nn.Conv2d):
-            raise ValueError("only torchvision FCN with an FCNHead classifier (fcn_resnet50/101) is supported")
+            raise ValueError(
+                "only torchvision FCN with an FCNHead classifier (fcn_resnet50/101) is supported"
+            )
         return "fcn", {
             "depth": _resnet_depth(body),
             "in_channels": body.conv1.in_channels,
@@ -136,7 +140,9 @@ def _config_of(obj: nn.Module) -> tuple[str, dict[str, Any]]:
                 f"only ResNet-FPN backbones returning layer1-4 are supported, got {dict(body.return_layers)}"
             )
         if hasattr(obj.rpn.head.conv[0], "__len__") and len(obj.rpn.head.conv) != 1:
-            raise ValueError("only the v1 RPN head (one 3×3 conv) is supported (maskrcnn_resnet50_fpn, not _v2)")
+            raise ValueError(
+                "only the v1 RPN head (one 3×3 conv) is supported (maskrcnn_resnet50_fpn, not _v2)"
+            )
         transform, rpn, roi = obj.transform, obj.rpn, obj.roi_heads
         return "mask_rcnn", {
             "num_classes": roi.box_predictor.cls_score.out_features - 1,
@@ -254,7 +260,9 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: str | nn.Module
         if target is None:
             raise ValueError("a bare state dict needs target= (a registry name or a built medsegkit model)")
         state = dict(obj)
-        if "model" in state and isinstance(state["model"], Mapping):  # torchvision reference-script checkpoints
+        if "model" in state and isinstance(
+            state["model"], Mapping
+        ):  # torchvision reference-script checkpoints
             state = dict(state["model"])
         if isinstance(target, str):
             from medsegkit.registry import create_model

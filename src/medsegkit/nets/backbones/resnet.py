@@ -43,7 +43,9 @@ RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 _STAGE_WIDTHS = (64, 128, 256, 512)
 
 
-def _conv(spatial_dims: int, in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1) -> nn.Module:
+def _conv(
+    spatial_dims: int, in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1
+) -> nn.Module:
     """Bias-free conv with 'same' padding for odd kernels (``(kernel // 2) * dilation``)."""
     return Conv[Conv.CONV, spatial_dims](
         in_ch,
@@ -181,7 +183,11 @@ class ResNet(nn.Module):
                 f"{tuple(replace_stride_with_dilation)!r}"
             )
         out_stages = tuple(int(s) for s in out_stages)
-        if not out_stages or list(out_stages) != sorted(set(out_stages)) or not set(out_stages) <= {1, 2, 3, 4}:
+        if (
+            not out_stages
+            or list(out_stages) != sorted(set(out_stages))
+            or not set(out_stages) <= {1, 2, 3, 4}
+        ):
             raise ValueError(f"out_stages must be increasing stage numbers from 1..4, got {out_stages!r}")
 
         block_name, blocks_per_stage = RESNET_LAYOUTS[depth]
@@ -231,7 +237,8 @@ class ResNet(nn.Module):
                 )
             ]
             blocks += [
-                block(spatial_dims, channels_out, width, dilation=dilation, **common) for _ in range(1, num_blocks)
+                block(spatial_dims, channels_out, width, dilation=dilation, **common)
+                for _ in range(1, num_blocks)
             ]
             stages.append(nn.Sequential(*blocks))
             channels_in = channels_out
@@ -249,7 +256,10 @@ class ResNet(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)) and module.weight is not None:
+            elif (
+                isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm))
+                and module.weight is not None
+            ):
                 nn.init.constant_(module.weight, 1)
                 nn.init.constant_(module.bias, 0)
 

@@ -46,6 +46,7 @@ def multi_scale_deformable_attention(
     Returns:
         ``(N, C, Q)``.
     """
+    value = value.contiguous()  # no-op for the module's own layout; levels are views of it
     batch, channels, _ = value.shape
     head_dim = channels // num_heads
     num_points = sampling_grids.shape[2]

@@ -1,0 +1,116 @@
+"""Forward time and peak memory of medsegkit's MaskFormer / Mask2Former vs transformers', on CPU.
+
+Both models hold the same weights (ours converted from the transformers model, random init, no
+download); the outputs are asserted equal before anything is timed. Timings interleave the two
+implementations and report the best of ``--repeats`` runs (the minimum is the least noisy estimate
+on a shared machine); peak memory is the growth of the process's peak RSS during one forward
+(Linux: ``/proc/self/status`` ``VmHWM``, reset through ``/proc/self/clear_refs``).
+
+    python benchmarks/bench_transformers.py                 # all cases
+    python benchmarks/bench_transformers.py --threads 2 --repeats 5 --cases mask2former_swin_tiny@224
+
+Targets (issue 7): Mask2Former >= 1.5x faster than transformers, MaskFormer >= 1.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+CASES = {
+    "maskformer_resnet_50@512": ("maskformer_resnet_50", 512),
+    "mask2former_swin_tiny@512": ("mask2former_swin_tiny", 512),
+    "mask2former_swin_tiny@224": ("mask2former_swin_tiny", 224),
+}
+TARGETS = {"maskformer": 1.2, "mask2former": 1.5}
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def build_reference(name: str):
+    """The transformers model of a registry name (num_labels=150, default sizes), random weights, eval."""
+    import transformers
+
+    if name == "maskformer_resnet_50":
+        backbone = transformers.ResNetConfig(
+            depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck", out_features=STAGES
+        )
+        model = transformers.MaskFormerForInstanceSegmentation(
+            transformers.MaskFormerConfig(backbone_config=backbone, num_labels=150)
+        )
+    elif name == "mask2former_swin_tiny":
+        backbone = transformers.SwinConfig(
+            embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, out_features=STAGES
+        )
+        model = transformers.Mask2FormerForUniversalSegmentation(
+            transformers.Mask2FormerConfig(backbone_config=backbone, num_labels=150)
+        )
+    else:
+        raise ValueError(f"no reference for {name}")
+    return model.eval()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn) -> float:
+    """Growth of the peak resident set size while ``fn()`` runs, in MiB (Linux only)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from medsegkit.weights import convert
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"best of {args.repeats}")
+    header = f"{'case':28s} {'transformers ms':>16s} {'medsegkit ms':>13s} {'speed-up':>9s} {'target':>7s} " \
+             f"{'peak MiB (hf / ours)':>21s} {'max |Δ| logits / masks':>24s}"
+    print(header)
+    print("-" * len(header))
+    for case in args.cases:
+        name, size = CASES[case]
+        torch.manual_seed(0)
+        reference = build_reference(name)
+        ours = convert(reference, source="transformers").eval()
+        x = torch.randn(1, 3, size, size)
+        with torch.inference_mode():
+            expected = reference(pixel_values=x)
+            got = ours(x)
+            diff_logits = (got["pred_logits"] - expected.class_queries_logits).abs().max().item()
+            diff_masks = (got["pred_masks"] - expected.masks_queries_logits).abs().max().item()
+            assert diff_logits <= 1e-4 and diff_masks <= 1e-4, (case, diff_logits, diff_masks)
+            times = {"hf": [], "ours": []}
+            for _ in range(args.repeats):
+                for key, run in (("hf", lambda: reference(pixel_values=x)), ("ours", lambda: ours(x))):
+                    start = time.perf_counter()
+                    run()
+                    times[key].append(time.perf_counter() - start)
+            memory_hf = peak_memory_mib(lambda: reference(pixel_values=x))
+            memory_ours = peak_memory_mib(lambda: ours(x))
+        best_hf, best_ours = min(times["hf"]) * 1000, min(times["ours"]) * 1000
+        target = TARGETS[name.split("_")[0]]
+        print(f"{case:28s} {best_hf:16.1f} {best_ours:13.1f} {best_hf / best_ours:8.2f}x {target:6.1f}x "
+              f"{memory_hf:10.0f} / {memory_ours:<8.0f} {diff_logits:11.1e} / {diff_masks:.1e}")
+        del reference, ours
+
+
+if __name__ == "__main__":
+    main()

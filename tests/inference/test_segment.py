@@ -1,0 +1,131 @@
+"""medsegkit.inference.segment: preprocessing → predict → inverse on the input grid → clean-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsegkit import create_model
+from medsegkit.errors import CheckpointError
+from medsegkit.inference import predict, segment
+from medsegkit.inference.segment import clean_labels, resolve_model
+from medsegkit.io import Image, read_image
+from medsegkit.transforms import preprocess, restore
+from medsegkit.weights import save_checkpoint
+
+SAMPLE = Path(__file__).resolve().parents[2] / "src" / "medsegkit" / "sample_data"
+SPEC = {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0], "intensity": {"name": "zscore", "nonzero": True}}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return create_model("UNet3d", channels=(4, 8, 16), strides=(2, 2)).eval()
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The real ITK head: 128×128×62, 2×2×3 mm, LSA orientation (not RAS)."""
+    return read_image(SAMPLE / "itk_head_t1.nii.gz")
+
+
+def test_result_lies_on_the_input_grid_and_equals_manual_pipeline(unet, head):
+    assert head.orientation == "LSA"
+    result = segment(unet, head, preprocessing=SPEC, roi_size=32)
+    assert isinstance(result, Image)
+    assert result.spatial_shape == head.spatial_shape and result.array.dtype == np.uint8
+    np.testing.assert_array_equal(result.affine, head.affine)
+    # the same steps by hand: MONAI-preprocess, predict, invert
+    tensor, state = preprocess(head, SPEC)
+    assert state.output_shape != head.spatial_shape  # resampled to 4 mm RAS: inversion matters
+    labels = predict(unet, tensor.as_tensor(), roi_size=32)
+    np.testing.assert_array_equal(result.array, restore(labels, state))
+    assert result.meta["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+
+
+def test_no_preprocessing_equals_predict(unet):
+    rng = np.random.default_rng(0)
+    image = Image(rng.standard_normal((30, 26, 20)).astype(np.float32), np.diag([1.5, 1.5, 2.0, 1.0]))
+    result = segment(unet, image, preprocessing="none", roi_size=16)
+    np.testing.assert_array_equal(result.array, predict(unet, image.array, roi_size=16))
+    probabilities = segment(unet, image, preprocessing="none", roi_size=16, output="probabilities")
+    assert probabilities.array.shape == (2, 30, 26, 20) and probabilities.array.dtype == np.float32
+    np.testing.assert_allclose(probabilities.array, predict(unet, image.array, roi_size=16, output="probabilities"),
+                               atol=1e-6)
+
+
+def test_checkpoint_path_rebuilds_model_and_uses_recorded_preprocessing(tmp_path, unet, head):
+    path = save_checkpoint(unet, tmp_path / "model.safetensors",
+                           metadata={"preprocessing": SPEC, "class_names": ["background", "brain"]})
+    result = segment(str(path), head, roi_size=32)
+    np.testing.assert_array_equal(result.array, segment(unet, head, preprocessing=SPEC, roi_size=32).array)
+    assert result.meta["class_names"] == ["background", "brain"]
+    assert result.meta["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+
+
+def test_2d_model_on_volume_runs_axially(head):
+    torch.manual_seed(0)
+    model = create_model("UNet2d", channels=(4, 8), strides=(2,)).eval()
+    result = segment(model, head, preprocessing=SPEC, roi_size=32)
+    tensor, state = preprocess(head, SPEC)
+    expected = predict(model, tensor.as_tensor()[None], roi_size=32, slice_axis=2)[0]
+    np.testing.assert_array_equal(result.array, restore(expected, state))
+
+
+def test_registry_name_without_weights_is_refused():
+    with pytest.raises(ValueError, match="has no registered weights; refusing to segment with random weights"):
+        resolve_model("UNet3d")
+    with pytest.raises(KeyError, match="unknown model name"):
+        resolve_model("UNet9d")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model("no/such/model.pt")
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path, head):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "payload": Path("x")}, path)  # a pickled class instance
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        segment(str(path), head)
+
+
+def test_segment_argument_errors(unet, head):
+    with pytest.raises(ValueError, match="clean up labels; use output='labels'"):
+        segment(unet, head, output="probabilities", fill_holes=True)
+    with pytest.raises(ValueError, match="output must be one of"):
+        segment(unet, head, output="masks")
+    with pytest.raises(ValueError, match="segment writes no out= store"):
+        segment(unet, head, out="x.zarr")
+    with pytest.raises(TypeError, match="image must be a medsegkit.io.Image or a path"):
+        segment(unet, np.zeros((8, 8, 8)))
+
+
+def test_clean_labels():
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[2:12, 2:12, 2:12] = 1  # big cube of class 1 with a hole
+    labels[6, 6, 6] = 0
+    labels[20:22, 20:22, 20:22] = 1  # small cube of class 1
+    labels[15:25, 2:8, 2:8] = 2  # class 2
+    labels[27, 27, 27] = 2  # a one-voxel speck of class 2
+    largest = clean_labels(labels, largest_component=True)
+    assert largest[20, 20, 20] == 0 and largest[27, 27, 27] == 0 and largest[3, 3, 3] == 1 and largest[16, 3, 3] == 2
+    filled = clean_labels(labels, fill_holes=True)
+    assert filled[6, 6, 6] == 1 and filled.dtype == np.uint8
+    small_removed = clean_labels(labels, min_size=10)
+    assert small_removed[20, 20, 20] == 0 and small_removed[27, 27, 27] == 0 and small_removed[3, 3, 3] == 1
+    assert (small_removed[20:22, 20:22, 20:22] == 0).all() and small_removed[6, 6, 6] == 0
+    with pytest.raises(ValueError, match="min_size must be >= 0"):
+        clean_labels(labels, min_size=-1)
+
+
+def test_clean_up_through_segment(unet):
+    rng = np.random.default_rng(1)
+    image = Image(rng.standard_normal((24, 24, 24)).astype(np.float32))
+    raw = segment(unet, image, preprocessing="none", roi_size=16).array
+    cleaned = segment(unet, image, preprocessing="none", roi_size=16, largest_component=True, fill_holes=True,
+                      min_size=5).array
+    np.testing.assert_array_equal(
+        cleaned, clean_labels(raw, largest_component=True, fill_holes=True, min_size=5)
+    )
