@@ -13,7 +13,8 @@ For each volume size it prints
   model + volume).
 
 Run: ``python benchmarks/bench_inference.py`` (or ``tox -e bench``, ``medsegkit bench``).
-Options: ``--sizes 96 128 160 --roi 96 --threads 2 --sw-batch-size 2 --no-rss``.
+Options: ``--sizes 96 128 160 --roi 96 --threads 2 --sw-batch-size 2 --no-rss``; ``--ct`` adds the peak
+RSS of a 512×512×300 CT-sized volume with 3 classes (MONAI in RAM, predict in RAM, predict zarr → zarr).
 The model is medsegkit's ``UNet3d`` (registry defaults: channels 16…256, BatchNorm) when the registry has
 it, else MONAI's ``UNet`` with the same configuration; its BatchNorm statistics are set to trained-looking
 values so the fast path's BatchNorm folding is exercised.
@@ -135,6 +136,85 @@ def child(method: str, size: int, roi: Sequence[int], sw_batch_size: int, thread
     print(json.dumps({"before_mb": before, "peak_mb": peak}))
 
 
+CT_SHAPE = (512, 512, 300)
+
+
+class OneByOneNet(torch.nn.Module):
+    """3-class 1x1x1 convolution: a network so cheap that stitching memory is what is measured."""
+
+    medsegkit_task, spatial_dims, in_channels, out_channels = "semantic", 3, 1, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Conv3d(1, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def ct_child(method: str, workdir: str, threads: int) -> None:
+    """Peak RSS of segmenting a 512x512x300 CT-sized volume (3 classes) with each stitching strategy."""
+    import zarr
+
+    torch.set_num_threads(threads)
+    model = OneByOneNet().eval()
+    source = zarr.open_array(f"{workdir}/ct.zarr", mode="r")
+    if method == "zarr":
+        import medsegkit.inference.predict  # noqa: F401
+        import monai.data.utils  # noqa: F401
+
+        volume = source
+    else:
+        volume = source[:]
+        import monai.inferers  # noqa: F401
+        import medsegkit.inference.predict  # noqa: F401
+    before = current_rss_mb()
+    roi = (96, 96, 96)
+    if method == "monai":
+        from monai.inferers import sliding_window_inference
+
+        with torch.inference_mode():
+            logits = sliding_window_inference(torch.from_numpy(volume)[None, None], roi, 4, model, overlap=0.5,
+                                              mode="gaussian")
+            logits.argmax(1).to(torch.uint8)
+    elif method == "predict":
+        run_predict(model, volume, roi, 4, fast=False)
+    else:
+        from medsegkit.inference import predict
+
+        predict(model, volume, roi_size=roi, sw_batch_size=4, out=f"{workdir}/labels.zarr")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before_mb": before, "peak_mb": peak}))
+
+
+def ct_memory(threads: int) -> None:
+    """Table of peak RSS for the CT-sized case (volume 300 MB as float32)."""
+    import tempfile
+
+    import zarr
+
+    with tempfile.TemporaryDirectory() as workdir:
+        store = zarr.create_array(store=f"{workdir}/ct.zarr", shape=CT_SHAPE, chunks=(64, 64, 64), dtype="float32")
+        rng = np.random.default_rng(0)
+        for start in range(0, CT_SHAPE[0], 64):
+            store[start:start + 64] = rng.standard_normal((min(64, CT_SHAPE[0] - start), *CT_SHAPE[1:]),
+                                                          dtype=np.float32)
+        print(f"\nCT-sized volume {CT_SHAPE} float32 ({np.prod(CT_SHAPE) * 4 / 2**20:.0f} MB), 3 classes, "
+              "1x1x1-conv model, roi 96^3, overlap 0.5:")
+        print("| method | input | peak RSS MB | growth during run MB |")
+        print("|---|---|---|---|")
+        labels = {"monai": ("MONAI sliding_window_inference + argmax", "numpy in RAM"),
+                  "predict": ("predict (labels)", "numpy in RAM"),
+                  "zarr": ("predict, zarr in -> zarr out", "zarr on disk")}
+        for method, (name, where) in labels.items():
+            command = [sys.executable, __file__, "--ct-child", method, "--workdir", workdir,
+                       "--threads", str(threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            rss = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"| {name} | {where} | {rss['peak_mb']:.0f} | {rss['peak_mb'] - rss['before_mb']:.0f} |", flush=True)
+
+
 def measure_rss(method: str, size: int, roi, sw_batch_size: int, threads: int) -> dict:
     command = [sys.executable, __file__, "--child", method, "--sizes", str(size), "--roi", *map(str, roi),
                "--sw-batch-size", str(sw_batch_size), "--threads", str(threads)]
@@ -150,11 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is kept)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--ct", action="store_true", help="also the peak-RSS table of a 512x512x300 CT, 3 classes")
     parser.add_argument("--child", choices=["monai", "predict", "fast"], help=argparse.SUPPRESS)
+    parser.add_argument("--ct-child", choices=["monai", "predict", "zarr"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     roi = tuple(args.roi) * (3 if len(args.roi) == 1 else 1)
     if args.child:
         child(args.child, args.sizes[0], roi, args.sw_batch_size, args.threads)
+        return 0
+    if args.ct_child:
+        ct_child(args.ct_child, args.workdir, args.threads)
         return 0
 
     from medsegkit.inference import predict, window_slices
@@ -214,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| " + " | ".join(row) + " |")
     print("\nratio: time / MONAI time (< 1 is faster); overhead: time / (windows x single-window forward);"
           "\nRSS: peak ru_maxrss of a fresh process (+ growth during the run).")
+    if args.ct:
+        ct_memory(args.threads)
     return 0
 
 

@@ -15,6 +15,8 @@ Targets (issue 7): Mask2Former >= 1.5x faster than transformers, MaskFormer >= 1
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import platform
 import time
 
@@ -35,7 +37,10 @@ def build_reference(name: str):
 
     if name == "maskformer_resnet_50":
         backbone = transformers.ResNetConfig(
-            depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck", out_features=STAGES
+            depths=[3, 4, 6, 3],
+            hidden_sizes=[256, 512, 1024, 2048],
+            layer_type="bottleneck",
+            out_features=STAGES,
         )
         model = transformers.MaskFormerForInstanceSegmentation(
             transformers.MaskFormerConfig(backbone_config=backbone, num_labels=150)
@@ -61,7 +66,13 @@ def _status_kib(field: str) -> int:
 
 
 def peak_memory_mib(fn) -> float:
-    """Growth of the peak resident set size while ``fn()`` runs, in MiB (Linux only)."""
+    """Growth of the peak resident set size while ``fn()`` runs, in MiB (Linux only).
+
+    Freed heap memory is first handed back to the OS (``malloc_trim``) so that memory the previous
+    run left in the allocator's free lists does not hide this run's growth.
+    """
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
@@ -76,40 +87,55 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from medsegkit.weights import convert
-
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"best of {args.repeats}")
-    header = f"{'case':28s} {'transformers ms':>16s} {'medsegkit ms':>13s} {'speed-up':>9s} {'target':>7s} " \
-             f"{'peak MiB (hf / ours)':>21s} {'max |Δ| logits / masks':>24s}"
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"best of {args.repeats}"
+    )
+    header = (
+        f"{'case':28s} {'transformers ms':>16s} {'medsegkit ms':>13s} {'speed-up':>9s} {'target':>7s} "
+        f"{'peak MiB (hf / ours)':>21s} {'max |Δ| logits / masks':>24s}"
+    )
     print(header)
     print("-" * len(header))
     for case in args.cases:
-        name, size = CASES[case]
-        torch.manual_seed(0)
-        reference = build_reference(name)
-        ours = convert(reference, source="transformers").eval()
-        x = torch.randn(1, 3, size, size)
-        with torch.inference_mode():
-            expected = reference(pixel_values=x)
-            got = ours(x)
-            diff_logits = (got["pred_logits"] - expected.class_queries_logits).abs().max().item()
-            diff_masks = (got["pred_masks"] - expected.masks_queries_logits).abs().max().item()
-            assert diff_logits <= 1e-4 and diff_masks <= 1e-4, (case, diff_logits, diff_masks)
-            times = {"hf": [], "ours": []}
-            for _ in range(args.repeats):
-                for key, run in (("hf", lambda: reference(pixel_values=x)), ("ours", lambda: ours(x))):
-                    start = time.perf_counter()
-                    run()
-                    times[key].append(time.perf_counter() - start)
-            memory_hf = peak_memory_mib(lambda: reference(pixel_values=x))
-            memory_ours = peak_memory_mib(lambda: ours(x))
-        best_hf, best_ours = min(times["hf"]) * 1000, min(times["ours"]) * 1000
-        target = TARGETS[name.split("_")[0]]
-        print(f"{case:28s} {best_hf:16.1f} {best_ours:13.1f} {best_hf / best_ours:8.2f}x {target:6.1f}x "
-              f"{memory_hf:10.0f} / {memory_ours:<8.0f} {diff_logits:11.1e} / {diff_masks:.1e}")
-        del reference, ours
+        print(run_case(case, args.repeats), flush=True)
+
+
+def run_case(case: str, repeats: int) -> str:
+    """One table row: build both models, check equality, time them interleaved, measure peak memory."""
+    from medsegkit.weights import convert
+
+    name, size = CASES[case]
+    torch.manual_seed(0)
+    reference = build_reference(name)
+    ours = convert(reference, source="transformers").eval()
+    x = torch.randn(1, 3, size, size)
+
+    def run_reference():
+        return reference(pixel_values=x)
+
+    def run_ours():
+        return ours(x)
+
+    with torch.inference_mode():
+        expected, got = run_reference(), run_ours()
+        diff_logits = (got["pred_logits"] - expected.class_queries_logits).abs().max().item()
+        diff_masks = (got["pred_masks"] - expected.masks_queries_logits).abs().max().item()
+        assert diff_logits <= 1e-4 and diff_masks <= 1e-4, (case, diff_logits, diff_masks)
+        times: dict[str, list[float]] = {"hf": [], "ours": []}
+        for _ in range(repeats):
+            for key, run in (("hf", run_reference), ("ours", run_ours)):
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
+        memory_hf = peak_memory_mib(run_reference)
+        memory_ours = peak_memory_mib(run_ours)
+    best_hf, best_ours = min(times["hf"]) * 1000, min(times["ours"]) * 1000
+    target = TARGETS[name.split("_")[0]]
+    return (
+        f"{case:28s} {best_hf:16.1f} {best_ours:13.1f} {best_hf / best_ours:8.2f}x {target:6.1f}x "
+        f"{memory_hf:10.0f} / {memory_ours:<8.0f} {diff_logits:11.1e} / {diff_masks:.1e}"
+    )
 
 
 if __name__ == "__main__":

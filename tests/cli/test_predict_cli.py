@@ -108,7 +108,7 @@ def _bad_inputs(root: Path, files: dict) -> dict[str, tuple[list[str], str]]:
     nib.save(nib.Nifti1Image(np.zeros((20, 18, 16), np.float32), LSA), second)
     out = str(root / "out.nii.gz")
     return {
-        "wrong dims": ([ckpt, str(two_d), "-o", out], "image has 3 dimension(s)"),
+        "wrong dims": ([ckpt, str(two_d), "-o", out], "image is 2D (shape (20, 20)) but UNet is a 3D model"),
         "NaN": ([ckpt, str(nan), "-o", out], "NaN or Inf"),
         "empty file": ([ckpt, str(empty), "-o", out], "is empty (0 bytes)"),
         "corrupt gzip": ([ckpt, str(not_gzip), "-o", out], "is not gzip-compressed"),
@@ -140,17 +140,20 @@ class _PickledThing:
     """Any class instance: unpickling it would run code, so the checkpoint must be refused."""
 
 
-def test_at_least_fifteen_bad_inputs(files):
-    assert len(_bad_inputs(files["root"], files)) >= 15
-
-
-@pytest.mark.parametrize("case", list(_bad_inputs.__code__.co_consts[-1]) if False else [
+CASES = [
     "wrong dims", "NaN", "empty file", "corrupt gzip", "truncated NIfTI", "unknown extension", "folder without DICOM",
     "missing input", "existing output", "output is the input", "unknown output extension", "missing output folder",
     "unknown model", "random weights", "checkpoint for another architecture", "foreign weights that do not fit",
     "pickled checkpoint with code", "empty checkpoint", "missing checkpoint", "wrong channel count",
     "overlap out of range", "roi of wrong length", "unknown option value",
-])
+]
+
+
+def test_every_bad_input_is_tested(files):
+    assert sorted(_bad_inputs(files["root"], files)) == sorted(CASES) and len(CASES) >= 15
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_bad_input_one_line_exit_2_no_output(files, case, capsys):
     root = files["root"]
     argv, message = _bad_inputs(root, files)[case]
@@ -160,3 +163,16 @@ def test_bad_input_one_line_exit_2_no_output(files, case, capsys):
     assert line.startswith("medsegkit predict: error: ") and message in line, line
     after = {p.name: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert after == before  # nothing written, nothing changed (no output, no partial file)
+
+
+@pytest.mark.slow
+def test_bench_command_prints_table(capsys):
+    assert main(["bench", "--sizes", "20", "--roi", "16", "--no-rss"]) == 0
+    out = capsys.readouterr().out
+    assert "| volume | windows | MONAI s | predict s | ratio |" in out and "| 20^3 |" in out
+    assert "max |logits predict - MONAI| at 20^3:" in out
+
+
+def test_bench_without_script_is_a_usage_error(capsys, tmp_path):
+    assert main(["bench", "--script", str(tmp_path / "missing.py")]) == 2
+    assert "benchmark script" in _error(capsys)

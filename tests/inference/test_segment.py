@@ -17,7 +17,7 @@ from medsegkit.transforms import preprocess, restore
 from medsegkit.weights import save_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[2] / "src" / "medsegkit" / "sample_data"
-SPEC = {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0], "intensity": {"name": "zscore", "nonzero": True}}
+SPEC = {"orientation": "RAS", "spacing": [6.0, 6.0, 6.0], "intensity": {"name": "zscore", "nonzero": True}}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,10 @@ def test_result_lies_on_the_input_grid_and_equals_manual_pipeline(unet, head):
     np.testing.assert_array_equal(result.affine, head.affine)
     # the same steps by hand: MONAI-preprocess, predict, invert
     tensor, state = preprocess(head, SPEC)
-    assert state.output_shape != head.spatial_shape  # resampled to 4 mm RAS: inversion matters
+    assert state.output_shape != head.spatial_shape  # resampled to 6 mm RAS: inversion matters
     labels = predict(unet, tensor.as_tensor(), roi_size=32)
     np.testing.assert_array_equal(result.array, restore(labels, state))
-    assert result.meta["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+    assert result.meta["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
 
 
 def test_no_preprocessing_equals_predict(unet):
@@ -63,15 +63,15 @@ def test_checkpoint_path_rebuilds_model_and_uses_recorded_preprocessing(tmp_path
     result = segment(str(path), head, roi_size=32)
     np.testing.assert_array_equal(result.array, segment(unet, head, preprocessing=SPEC, roi_size=32).array)
     assert result.meta["class_names"] == ["background", "brain"]
-    assert result.meta["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+    assert result.meta["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
 
 
 def test_2d_model_on_volume_runs_axially(head):
     torch.manual_seed(0)
     model = create_model("UNet2d", channels=(4, 8), strides=(2,)).eval()
-    result = segment(model, head, preprocessing=SPEC, roi_size=32)
+    result = segment(model, head, preprocessing=SPEC, roi_size=48)
     tensor, state = preprocess(head, SPEC)
-    expected = predict(model, tensor.as_tensor()[None], roi_size=32, slice_axis=2)[0]
+    expected = predict(model, tensor.as_tensor()[None], roi_size=48, slice_axis=2)[0]
     np.testing.assert_array_equal(result.array, restore(expected, state))
 
 
@@ -109,6 +109,7 @@ def test_clean_labels():
     labels[20:22, 20:22, 20:22] = 1  # small cube of class 1
     labels[15:25, 2:8, 2:8] = 2  # class 2
     labels[27, 27, 27] = 2  # a one-voxel speck of class 2
+    original = labels.copy()
     largest = clean_labels(labels, largest_component=True)
     assert largest[20, 20, 20] == 0 and largest[27, 27, 27] == 0 and largest[3, 3, 3] == 1 and largest[16, 3, 3] == 2
     filled = clean_labels(labels, fill_holes=True)
@@ -116,6 +117,7 @@ def test_clean_labels():
     small_removed = clean_labels(labels, min_size=10)
     assert small_removed[20, 20, 20] == 0 and small_removed[27, 27, 27] == 0 and small_removed[3, 3, 3] == 1
     assert (small_removed[20:22, 20:22, 20:22] == 0).all() and small_removed[6, 6, 6] == 0
+    np.testing.assert_array_equal(labels, original)  # the input is never changed
     with pytest.raises(ValueError, match="min_size must be >= 0"):
         clean_labels(labels, min_size=-1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,22 @@ def test_bad_input_and_pretrained_conflict():
         spec.weights.url.endswith("fcn_resnet50_coco-1167a1af.pth") and spec.weights.source == "torchvision"
     )
     assert get_model_spec("fcn_resnet_101").weights.url.endswith("fcn_resnet101_coco-7ecb50ca.pth")
+
+
+def test_predict_2d_fcn_on_volume_and_3d_fcn(caplog):
+    """FCN through medsegkit.predict: 2D model slice-wise on a one-channel volume, 3D model on the volume."""
+    from medsegkit.inference import predict
+
+    volume = np.random.default_rng(0).normal(size=(20, 24, 6)).astype(np.float32)
+    fcn_2d = FCN(out_channels=3, depth=18).eval()
+    with caplog.at_level("INFO", logger="medsegkit.inference"):
+        labels = predict(fcn_2d, volume, slice_axis=2, roi_size=(20, 24))
+    assert labels.shape == (20, 24, 6) and labels.max() < 3
+    assert "repeating the single image channel" in caplog.text
+    with torch.no_grad():  # slice k of the result is the 2D model's argmax on slice k, 3 channels
+        expected = fcn_2d(torch.from_numpy(volume[:, :, 4]).expand(1, 3, -1, -1)).argmax(1)[0].numpy()
+    assert np.array_equal(labels[:, :, 4], expected)
+    fcn_3d = FCN(spatial_dims=3, in_channels=1, out_channels=2, depth=18).eval()
+    probabilities = predict(fcn_3d, volume, roi_size=(16, 16, 6), output="probabilities")
+    assert probabilities.shape == (2, 20, 24, 6)
+    assert np.allclose(probabilities.sum(0), 1.0, atol=1e-5)

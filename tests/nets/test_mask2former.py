@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 from medsegkit import create_model, list_models, model_info
 from medsegkit.nets import Mask2Former
-from medsegkit.nets.layers.deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from medsegkit.nets.layers.deformable_attention import (
+    MultiScaleDeformableAttention,
+    multi_scale_deformable_attention,
+)
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
 
 COUNTS = {
@@ -39,7 +42,13 @@ SMALL_SWIN = {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]
 def test_seed_counts_and_metadata(name):
     info = model_info(name)
     assert info.num_params == COUNTS[name]
-    assert (info.task, info.family, info.num_classes, info.in_channels, info.spatial_dims) == ("universal", "mask2former", 150, 3, 2)
+    assert (info.task, info.family, info.num_classes, info.in_channels, info.spatial_dims) == (
+        "universal",
+        "mask2former",
+        150,
+        3,
+        2,
+    )
     assert info.dotted_path == "medsegkit.nets.Mask2Former"
     expected_size = 384 if name.endswith(("base", "large")) else 224 if "swin" in name else 512
     assert info.input_shape == (1, 3, expected_size, expected_size)
@@ -115,8 +124,10 @@ def test_masked_attention_uses_previous_layer_masks():
 
 
 def test_deformable_attention_matches_transformers_2d():
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention as reference
+    pytest.importorskip("transformers")
+    from transformers.models.mask2former.modeling_mask2former import (
+        multi_scale_deformable_attention as reference,
+    )
 
     torch.manual_seed(0)
     batch, heads, head_dim, levels, points = 2, 4, 8, 3, 4
@@ -129,7 +140,9 @@ def test_deformable_attention_matches_transformers_2d():
     expected = reference(value, shapes, locations, weights)  # (N, Q, C)
     grids = (2 * locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(batch * heads, levels, points, queries, 2)
     ours_weights = weights.permute(0, 2, 3, 4, 1).reshape(batch * heads, levels, points, queries)
-    ours = multi_scale_deformable_attention(value.flatten(2).transpose(1, 2), shapes, grids, ours_weights, heads)
+    ours = multi_scale_deformable_attention(
+        value.flatten(2).transpose(1, 2), shapes, grids, ours_weights, heads
+    )
     assert (ours.transpose(1, 2) - expected).abs().max() < 1e-5
 
 
@@ -162,14 +175,21 @@ def test_deformable_module_errors_and_init():
 
 
 def test_position_encoding_matches_transformers_and_is_nd():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerSinePositionEmbedding
 
-    reference = Mask2FormerSinePositionEmbedding(num_position_features=32, normalize=True)((2, 64, 5, 7), "cpu", torch.float32)
+    reference = Mask2FormerSinePositionEmbedding(num_position_features=32, normalize=True)(
+        (2, 64, 5, 7), "cpu", torch.float32
+    )
     ours = sine_position_encoding((5, 7), 64)
     assert ours.shape == (1, 64, 5, 7) and torch.allclose(ours[0], reference[0], atol=1e-6)
     volume = sine_position_encoding((3, 4, 5), 64)
     assert volume.shape == (1, 64, 3, 4, 5)
+    with torch.inference_mode():  # cached under inference mode, then used where autograd records
+        sine_position_encoding((2, 3), 8)
+    weight = torch.randn(8, 8, requires_grad=True)
+    torch.nn.functional.linear(sine_position_encoding((2, 3), 8).flatten(2).mT, weight).sum().backward()
+    assert weight.grad is not None
     flat = volume.flatten(2)[0].T  # every voxel gets a distinct code
     assert torch.cdist(flat, flat).add(torch.eye(60) * 10).min() > 1e-3
 

@@ -15,14 +15,28 @@ COUNTS = {
     "maskformer_resnet_50": 41_307_863,
     "maskformer_resnet_101": 60_299_991,
 }
-TINY = {"num_queries": 6, "hidden_dim": 32, "num_heads": 4, "decoder_layers": 3, "ffn_dim": 64, "fpn_dim": 32, "mask_dim": 32}
+TINY = {
+    "num_queries": 6,
+    "hidden_dim": 32,
+    "num_heads": 4,
+    "decoder_layers": 3,
+    "ffn_dim": 64,
+    "fpn_dim": 32,
+    "mask_dim": 32,
+}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_seed_counts_and_metadata(name):
     info = model_info(name)
     assert info.num_params == COUNTS[name]
-    assert (info.task, info.family, info.spatial_dims, info.num_classes, info.in_channels) == ("universal", "maskformer", 2, 150, 3)
+    assert (info.task, info.family, info.spatial_dims, info.num_classes, info.in_channels) == (
+        "universal",
+        "maskformer",
+        2,
+        150,
+        3,
+    )
     assert info.dotted_path == "medsegkit.nets.MaskFormer"
     info_3d = model_info(name + "_3d")
     assert (info_3d.spatial_dims, info_3d.in_channels, info_3d.num_classes) == (3, 1, 150)
@@ -79,7 +93,10 @@ def test_create_model_overrides():
     with torch.device("meta"):
         model = create_model("maskformer_resnet_50_3d", num_classes=3, num_queries=20)
     assert (model.spatial_dims, model.in_channels, model.num_classes, model.num_queries) == (3, 1, 3, 20)
-    assert model.medsegkit_config == {"name": "maskformer_resnet_50_3d", "overrides": {"num_classes": 3, "num_queries": 20}}
+    assert model.medsegkit_config == {
+        "name": "maskformer_resnet_50_3d",
+        "overrides": {"num_classes": 3, "num_queries": 20},
+    }
 
 
 def _query_loss(out, target_labels, target_masks):
@@ -91,7 +108,9 @@ def _query_loss(out, target_labels, target_masks):
         labels[:, : len(target_labels)] = target_labels
         total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         picked = masks[:, : len(target_labels)]
-        total = total + torch.nn.functional.binary_cross_entropy_with_logits(picked, target_masks.expand_as(picked))
+        total = total + torch.nn.functional.binary_cross_entropy_with_logits(
+            picked, target_masks.expand_as(picked)
+        )
     return total
 
 

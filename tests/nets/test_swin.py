@@ -16,7 +16,12 @@ def test_shapes_strides_and_padding():
     assert body.stage_strides == (4, 8, 16, 32)
     with torch.no_grad():
         features = body(torch.randn(2, 3, 70, 45))  # neither side a multiple of 4, windows or strides
-    assert [tuple(f.shape) for f in features] == [(2, 16, 18, 12), (2, 32, 9, 6), (2, 64, 5, 3), (2, 128, 3, 2)]
+    assert [tuple(f.shape) for f in features] == [
+        (2, 16, 18, 12),
+        (2, 32, 9, 6),
+        (2, 64, 5, 3),
+        (2, 128, 3, 2),
+    ]
     assert all(torch.isfinite(f).all() for f in features)
 
 
@@ -46,8 +51,10 @@ def test_no_final_layernorm_and_counts():
     for name, config in SWIN_CONFIGS.items():
         with torch.device("meta"):
             ours = SwinTransformer(**config)
-            hf_config = transformers.SwinConfig(**{**config, "depths": list(config["depths"]), "num_heads": list(config["num_heads"])},
-                                                out_features=["stage1", "stage2", "stage3", "stage4"])
+            hf_config = transformers.SwinConfig(
+                **{**config, "depths": list(config["depths"]), "num_heads": list(config["num_heads"])},
+                out_features=["stage1", "stage2", "stage3", "stage4"],
+            )
             reference = transformers.SwinBackbone(hf_config)
         count = sum(p.numel() for p in ours.parameters())
         assert count == sum(p.numel() for p in reference.parameters()) - 16 * config["embed_dim"], name
@@ -58,15 +65,29 @@ def test_parity_with_transformers_swin_backbone():
     from medsegkit.nets import Mask2Former
     from medsegkit.weights.from_transformers import _fetch, key_map
 
-    hf_config = transformers.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4,
-                                        out_features=["stage1", "stage2", "stage3", "stage4"])
+    hf_config = transformers.SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 4, 8],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
     torch.manual_seed(0)
     reference = transformers.SwinBackbone(hf_config).eval()
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    holder = Mask2Former(2, backbone="swin", backbone_kwargs={**SMALL}, hidden_dim=32, feature_dim=32, mask_dim=32,
-                         decoder_layers=1, encoder_layers=1, num_queries=2)
+    holder = Mask2Former(
+        2,
+        backbone="swin",
+        backbone_kwargs={**SMALL},
+        hidden_dim=32,
+        feature_dim=32,
+        mask_dim=32,
+        decoder_layers=1,
+        encoder_layers=1,
+        num_queries=2,
+    )
     prefix = "model.pixel_level_module.encoder."
     state = {prefix + k: v for k, v in reference.state_dict().items()}
     mapping = {k: v for k, v in key_map(holder).items() if k.startswith("backbone.")}

@@ -33,6 +33,7 @@ def tv_fcn():
     return model.eval()
 
 
+@pytest.mark.slow
 def test_fcn_parity_torchvision(tv_fcn):
     """torchvision fcn_resnet50 vs ours after conversion: max |Δ| ≤ 1e-5 (fp32), eval mode."""
     ours = convert(tv_fcn, source="torchvision").eval()
@@ -73,6 +74,7 @@ def _tv_mask_rcnn(**kw):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_mask_rcnn_parity_torchvision():
     """torchvision maskrcnn_resnet50_fpn (random init, BN in eval) vs ours: same boxes, labels, scores
     (≤ 1e-4) and masks on a fixed image, with the same transform settings on both sides."""

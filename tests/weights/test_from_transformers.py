@@ -21,14 +21,18 @@ STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 def resnet_config(kind: str):
     if kind == "basic":  # ResNet-18 layout: our ResNet has torchvision's fixed widths
-        return transformers.ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic", out_features=STAGES)
+        return transformers.ResNetConfig(
+            depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic", out_features=STAGES
+        )
     return transformers.ResNetConfig(
         depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck", out_features=STAGES
     )
 
 
 def swin_config():
-    return transformers.SwinConfig(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, out_features=STAGES)
+    return transformers.SwinConfig(
+        embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, out_features=STAGES
+    )
 
 
 def hf_maskformer(backbone_config):
@@ -125,9 +129,16 @@ def test_state_dict_with_target_and_old_swin_names():
     # transformers 4.x layout of Swin attention / MLP (hub checkpoints use it)
     old = {}
     for key, value in state.items():
-        key = key.replace("attention.q_proj", "attention.self.query").replace("attention.k_proj", "attention.self.key")
-        key = key.replace("attention.v_proj", "attention.self.value").replace("attention.o_proj", "attention.output.dense")
-        key = key.replace("attention.relative_position_bias.relative_position_bias_table", "attention.self.relative_position_bias_table")
+        key = key.replace("attention.q_proj", "attention.self.query").replace(
+            "attention.k_proj", "attention.self.key"
+        )
+        key = key.replace("attention.v_proj", "attention.self.value").replace(
+            "attention.o_proj", "attention.output.dense"
+        )
+        key = key.replace(
+            "attention.relative_position_bias.relative_position_bias_table",
+            "attention.self.relative_position_bias_table",
+        )
         key = key.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
         old[key] = value
     assert old.keys() != state.keys()
@@ -145,7 +156,17 @@ def test_bare_state_dict_needs_target():
 
 
 def test_state_dict_mismatch_is_reported():
-    ours = MaskFormer(3, backbone="resnet_18", num_queries=4, hidden_dim=32, fpn_dim=32, mask_dim=32, decoder_layers=1, num_heads=2, ffn_dim=32)
+    ours = MaskFormer(
+        3,
+        backbone="resnet_18",
+        num_queries=4,
+        hidden_dim=32,
+        fpn_dim=32,
+        mask_dim=32,
+        decoder_layers=1,
+        num_heads=2,
+        ffn_dim=32,
+    )
     with pytest.raises(KeyError, match="no transformers source"):
         convert_state_dict({"unrelated.weight": torch.zeros(1)}, ours)
     with pytest.raises(ValueError, match="MaskFormer or Mask2Former"):
@@ -153,22 +174,46 @@ def test_state_dict_mismatch_is_reported():
 
 
 def test_key_map_is_explicit_and_complete():
-    ours = Mask2Former(3, backbone="swin", backbone_kwargs={"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "window_size": 4},
-                       num_queries=4, hidden_dim=64, feature_dim=64, mask_dim=64, decoder_layers=2, encoder_layers=1)
+    ours = Mask2Former(
+        3,
+        backbone="swin",
+        backbone_kwargs={
+            "embed_dim": 32,
+            "depths": [1, 1, 2, 1],
+            "num_heads": [1, 2, 4, 8],
+            "window_size": 4,
+        },
+        num_queries=4,
+        hidden_dim=64,
+        feature_dim=64,
+        mask_dim=64,
+        decoder_layers=2,
+        encoder_layers=1,
+    )
     mapping = key_map(ours)
     assert set(mapping) == set(ours.state_dict())
-    assert mapping["backbone.out_norms.3.weight"] == "model.pixel_level_module.encoder.hidden_states_norms.stage4.weight"
+    assert (
+        mapping["backbone.out_norms.3.weight"]
+        == "model.pixel_level_module.encoder.hidden_states_norms.stage4.weight"
+    )
     assert mapping["decoder_layers.0.cross_attn.k_proj.weight"] == (
         "split:k:model.transformer_module.decoder.layers.0.cross_attn.in_proj_weight"
     )
-    assert mapping["pixel_decoder.lateral_convs.0.conv.weight"] == "model.pixel_level_module.decoder.adapter_1.0.weight"
+    assert (
+        mapping["pixel_decoder.lateral_convs.0.conv.weight"]
+        == "model.pixel_level_module.decoder.adapter_1.0.weight"
+    )
     assert not any("swin.layernorm" in v for v in mapping.values())
 
 
 def test_unsupported_configuration_errors():
-    config = transformers.ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], layer_type="basic", out_features=STAGES)
+    config = transformers.ResNetConfig(
+        depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], layer_type="basic", out_features=STAGES
+    )
     with torch.device("meta"):
-        hf_model = transformers.MaskFormerForInstanceSegmentation(transformers.MaskFormerConfig(backbone_config=config, num_labels=3))
+        hf_model = transformers.MaskFormerForInstanceSegmentation(
+            transformers.MaskFormerConfig(backbone_config=config, num_labels=3)
+        )
     with pytest.raises(ValueError, match="unsupported ResNet backbone configuration.*hidden_sizes"):
         convert(hf_model, source="transformers")
     with pytest.raises(ValueError, match="unsupported transformers class"):
@@ -200,15 +245,28 @@ def test_counts_equal_transformers(name):
     family, spec = SEED[name]
     if isinstance(spec[0], str):
         widths = [64, 128, 256, 512] if spec[0] == "basic" else [256, 512, 1024, 2048]
-        backbone = transformers.ResNetConfig(depths=spec[1], hidden_sizes=widths, layer_type=spec[0], out_features=STAGES)
+        backbone = transformers.ResNetConfig(
+            depths=spec[1], hidden_sizes=widths, layer_type=spec[0], out_features=STAGES
+        )
         unused = 0
     else:
         embed, depths, heads, window, size = spec
-        backbone = transformers.SwinConfig(embed_dim=embed, depths=depths, num_heads=heads, window_size=window, image_size=size, out_features=STAGES)
+        backbone = transformers.SwinConfig(
+            embed_dim=embed,
+            depths=depths,
+            num_heads=heads,
+            window_size=window,
+            image_size=size,
+            out_features=STAGES,
+        )
         unused = 16 * embed
     with torch.device("meta"):
         if family == "maskformer":
-            hf_model = transformers.MaskFormerForInstanceSegmentation(transformers.MaskFormerConfig(backbone_config=backbone, num_labels=150))
+            hf_model = transformers.MaskFormerForInstanceSegmentation(
+                transformers.MaskFormerConfig(backbone_config=backbone, num_labels=150)
+            )
         else:
-            hf_model = transformers.Mask2FormerForUniversalSegmentation(transformers.Mask2FormerConfig(backbone_config=backbone, num_labels=150))
+            hf_model = transformers.Mask2FormerForUniversalSegmentation(
+                transformers.Mask2FormerConfig(backbone_config=backbone, num_labels=150)
+            )
     assert model_info(name).num_params == sum(p.numel() for p in hf_model.parameters()) - unused

@@ -122,8 +122,8 @@ def _random_transforms(roi: Sequence[int], augmentation: str) -> list[dict]:
     ``"intensity"``: foreground-biased crops of ``roi`` + random intensity scale/shift.
     ``"strong"`` (for generalising to other scanners and subjects): crops 1.25x ``roi``, then a random
     affine (rotation up to 15 degrees per axis, scale +-15 %) resampled to the centre ``roi``, so the
-    crop has no empty corners; left/right flips; MR bias field, gamma, blur (thick slices), noise and
-    intensity scale/shift.
+    crop has no empty corners; left/right flips; MR bias field, gamma, non-linear histogram shift, blur
+    (thick slices), noise and intensity scale/shift.
     """
     keys = ["image", "label"]
     dims = len(roi)
@@ -146,11 +146,12 @@ def _random_transforms(roi: Sequence[int], augmentation: str) -> list[dict]:
          "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
         {"_target_": "RandFlipd", "keys": keys, "spatial_axis": 0, "prob": 0.5},
         {"_target_": "RandBiasFieldd", "keys": "image", "coeff_range": [0.0, 0.2], "degree": 3, "prob": 0.3},
-        {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.7, 1.5], "prob": 0.3},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.6, 1.7], "prob": 0.4},
+        {"_target_": "RandHistogramShiftd", "keys": "image", "num_control_points": [5, 12], "prob": 0.3},
         {"_target_": "RandGaussianSmoothd", "keys": "image", "sigma_x": [0.0, 1.0], "sigma_y": [0.0, 1.0],
          "sigma_z": [0.0, 1.0], "prob": 0.2},
         {"_target_": "RandGaussianNoised", "keys": "image", "std": 0.03, "prob": 0.2},
-        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.2, "prob": 0.5},
+        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.25, "prob": 0.5},
         {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
     ]
 

@@ -49,12 +49,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=int, default=1)
     run.add_argument("--lr", type=float, default=3e-3)
     run.add_argument("--weight-decay", type=float, default=1e-4)
-    run.add_argument("--class-weights", type=float, nargs="+", help="cross-entropy weight per class")
+    run.add_argument("--class-weights", type=float, nargs="+", help="weight per class of the Dice and cross-entropy terms")
     run.add_argument("--class-ratios", type=float, nargs="+", help="how often patches centre on each class")
     run.add_argument("--intensity-scale", type=float, default=0.05, help="random intensity scale range (± fraction)")
     run.add_argument("--intensity-shift", type=float, default=0.02, help="random intensity shift range (±)")
     run.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
                      help="before each validation, re-estimate BatchNorm statistics over N training patches")
+    run.add_argument("--freeze-bn-from", type=int, metavar="EPOCH",
+                     help="from this epoch on, fix BatchNorm statistics (re-estimated once) and train the rest")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--device", default="cpu")
@@ -126,10 +128,14 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--intensity-scale", f"{args.intensity_scale:g}", "--intensity-shift", f"{args.intensity_shift:g}"]
     if args.bn_recalibration:
         parts += ["--bn-recalibration", str(args.bn_recalibration)]
+    if args.freeze_bn_from is not None:
+        parts += ["--freeze-bn-from", str(args.freeze_bn_from)]
     parts += ["--seed", str(args.seed)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     parts += ["--device", args.device, "-o", str(args.output)]
+    if args.resume is not None:
+        parts += ["--resume", str(args.resume)]
     return shlex.join(parts)
 
 
@@ -217,8 +223,15 @@ def run_train(args: argparse.Namespace) -> int:
         class_weights=tuple(args.class_weights) if args.class_weights else None,
         class_ratios=tuple(args.class_ratios) if args.class_ratios else None,
         intensity_scale=args.intensity_scale, intensity_shift=args.intensity_shift,
-        bn_recalibration=args.bn_recalibration, seed=args.seed, num_threads=args.threads, device=args.device,
+        bn_recalibration=args.bn_recalibration, freeze_bn_from=args.freeze_bn_from, seed=args.seed, num_threads=args.threads, device=args.device,
     )
+    commands = [command_line(args)]
+    if args.resume is not None:  # the run so far: its own command(s) first
+        from medsegkit.weights import read_checkpoint
+
+        previous = read_checkpoint(args.resume)[1].get("metadata", {}).get("training", {})
+        earlier = previous.get("commands") or ([previous["command"]] if previous.get("command") else [])
+        commands = [*earlier, *commands]
     baseline = nearest_class_mean_baseline(train_volumes, val_volumes, names)
     print("intensity baseline (nearest class mean) Dice: "
           + " ".join(f"{k} {v:.3f}" for k, v in baseline["dice"].items())
@@ -227,7 +240,8 @@ def run_train(args: argparse.Namespace) -> int:
         "class_names": names,
         "preprocessing": preprocessing,
         "task": "semantic",
-        "training": {"command": command_line(args), "data": data, "baseline_nearest_class_mean": baseline},
+        "training": {"command": " && ".join(commands), "commands": commands, "data": data,
+                     "baseline_nearest_class_mean": baseline},
     }
     if colors:
         metadata["label_colors"] = colors

@@ -114,7 +114,7 @@ def clean_labels(
 
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0 voxels, got {min_size}")
-    result = torch.as_tensor(np.asarray(labels))[None]  # (1, *spatial)
+    result = torch.from_numpy(np.array(labels, copy=True))[None]  # (1, *spatial); MONAI works in place
     classes = [int(c) for c in torch.unique(result) if int(c) != 0]
     if not classes:
         return np.asarray(labels)
@@ -180,9 +180,15 @@ def segment(
         raise TypeError(f"image must be a medsegkit.io.Image or a path, got {type(image).__name__}")
     model = resolve_model(model_or_checkpoint)
     spec = _preprocessing_for(model, preprocessing)
+    model_dims = _model_spatial_dims(model)
+    if model_dims > image.spatial_ndim:
+        raise ValueError(
+            f"image is {image.spatial_ndim}D (shape {image.spatial_shape}) but {type(model).__name__} is a "
+            f"{model_dims}D model; give a {model_dims}D image"
+        )
     tensor, state = preprocess(image, spec)
     batch = tensor.as_tensor()[None]  # (1, C, *spatial): unambiguous layout for predict
-    if _model_spatial_dims(model) == 2 and image.spatial_ndim == 3 and predict_kwargs.get("slice_axis") is None:
+    if model_dims == 2 and image.spatial_ndim == 3 and predict_kwargs.get("slice_axis") is None:
         predict_kwargs["slice_axis"] = 2
     prediction = predict(model, batch, output=output, **predict_kwargs)[0]
     restored = restore(prediction, state, is_label=output == "labels")

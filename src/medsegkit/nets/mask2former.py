@@ -51,7 +51,15 @@ class DeformableEncoderLayer(nn.Module):
     """Deformable self-attention over all levels' tokens + feed-forward (post-norm). ``(N, L, C)`` in and out."""
 
     def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, *, num_levels: int, num_points: int, spatial_dims: int, dropout: float
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        *,
+        num_levels: int,
+        num_points: int,
+        spatial_dims: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(
@@ -63,9 +71,15 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: Sequence[Sequence[int]]
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: Sequence[Sequence[int]],
     ) -> torch.Tensor:
-        x = self.self_attn_norm(x + self.dropout(self.self_attn(x + pos, reference_points, x, spatial_shapes)))
+        x = self.self_attn_norm(
+            x + self.dropout(self.self_attn(x + pos, reference_points, x, spatial_shapes))
+        )
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -162,11 +176,16 @@ class DeformablePixelDecoder(nn.Module):
             outputs.append(x[:, :, start : start + size].reshape(batch, self.feature_dim, *shape))
             start += size
         for lateral, output, feature in zip(
-            reversed(self.lateral_convs), reversed(self.output_convs), reversed(features[: len(self.lateral_convs)])
+            reversed(self.lateral_convs),
+            reversed(self.output_convs),
+            reversed(features[: len(self.lateral_convs)]),
         ):
             lateral_map = lateral(feature)
             upsampled = F.interpolate(
-                outputs[-1], size=lateral_map.shape[2:], mode=_interp_mode(self.spatial_dims), align_corners=False
+                outputs[-1],
+                size=lateral_map.shape[2:],
+                mode=_interp_mode(self.spatial_dims),
+                align_corners=False,
             )
             outputs.append(output(lateral_map + upsampled))
         return self.mask_projection(outputs[-1]), outputs[:_NUM_LEVELS]
@@ -197,7 +216,9 @@ class MaskedAttentionDecoderLayer(nn.Module):
         memory_key: torch.Tensor,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = self.cross_attn_norm(x + self.dropout(self.cross_attn(x + query_pos, memory_key, memory, attn_mask)))
+        x = self.cross_attn_norm(
+            x + self.dropout(self.cross_attn(x + query_pos, memory_key, memory, attn_mask))
+        )
         q = x + query_pos
         x = self.self_attn_norm(x + self.dropout(self.self_attn(q, q, x)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
@@ -288,13 +309,15 @@ class Mask2Former(nn.Module):
         )
         conv = Conv[Conv.CONV, spatial_dims]
         self.input_projections = nn.ModuleList(
-            conv(feature_dim, hidden_dim, 1) if feature_dim != hidden_dim else nn.Identity() for _ in range(_NUM_LEVELS)
+            conv(feature_dim, hidden_dim, 1) if feature_dim != hidden_dim else nn.Identity()
+            for _ in range(_NUM_LEVELS)
         )
         self.level_embed = nn.Embedding(_NUM_LEVELS, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.decoder_layers = nn.ModuleList(
-            MaskedAttentionDecoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(decoder_layers - 1)
+            MaskedAttentionDecoderLayer(hidden_dim, num_heads, ffn_dim, dropout)
+            for _ in range(decoder_layers - 1)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
@@ -308,7 +331,9 @@ class Mask2Former(nn.Module):
         masks = predict_masks(self.mask_embed(normed), mask_features)
         attn_mask = None
         if attn_size is not None:
-            small = F.interpolate(masks, size=tuple(attn_size), mode=_interp_mode(self.spatial_dims), align_corners=False)
+            small = F.interpolate(
+                masks, size=tuple(attn_size), mode=_interp_mode(self.spatial_dims), align_corners=False
+            )
             # attend where the predicted mask is foreground; a query with an empty mask attends everywhere
             attn_mask = small.flatten(2).sigmoid() >= 0.5
             attn_mask = attn_mask | ~attn_mask.any(-1, keepdim=True)
@@ -323,7 +348,9 @@ class Mask2Former(nn.Module):
         for index, (projection, level) in enumerate(zip(self.input_projections, levels)):
             sizes.append(tuple(level.shape[2:]))
             pos = sine_position_encoding(sizes[-1], self.hidden_dim, device=level.device, dtype=level.dtype)
-            memory = (projection(level).flatten(2) + self.level_embed.weight[index][None, :, None]).transpose(1, 2)
+            memory = (projection(level).flatten(2) + self.level_embed.weight[index][None, :, None]).transpose(
+                1, 2
+            )
             memories.append(memory)
             memory_keys.append(memory + pos.flatten(2).transpose(1, 2))
         batch = x.shape[0]

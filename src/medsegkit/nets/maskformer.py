@@ -91,7 +91,9 @@ def conv_norm(
     layers = nn.Sequential()
     layers.add_module(
         "conv",
-        Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        Conv[Conv.CONV, spatial_dims](
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        ),
     )
     layers.add_module("norm", nn.GroupNorm(groups, out_channels))
     if act:
@@ -129,7 +131,12 @@ class FPNPixelDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_channels: Sequence[int], *, spatial_dims: int = 2, feature_dim: int = 256, mask_dim: int = 256
+        self,
+        in_channels: Sequence[int],
+        *,
+        spatial_dims: int = 2,
+        feature_dim: int = 256,
+        mask_dim: int = 256,
     ) -> None:
         super().__init__()
         self.stem = conv_norm(spatial_dims, in_channels[-1], feature_dim, 3, act=True)
@@ -233,7 +240,9 @@ class MaskFormer(nn.Module):
             backbone, spatial_dims=spatial_dims, in_channels=in_channels, backbone_kwargs=backbone_kwargs
         )
         channels = self.backbone.stage_channels
-        self.pixel_decoder = FPNPixelDecoder(channels, spatial_dims=spatial_dims, feature_dim=fpn_dim, mask_dim=mask_dim)
+        self.pixel_decoder = FPNPixelDecoder(
+            channels, spatial_dims=spatial_dims, feature_dim=fpn_dim, mask_dim=mask_dim
+        )
         self.input_projection = (
             Conv[Conv.CONV, spatial_dims](channels[-1], hidden_dim, 1) if channels[-1] != hidden_dim else None
         )
@@ -250,18 +259,25 @@ class MaskFormer(nn.Module):
         features = self.backbone(x)
         pixel_embed = self.pixel_decoder(features)
         memory = features[-1] if self.input_projection is None else self.input_projection(features[-1])
-        memory_pos = sine_position_encoding(memory.shape[2:], self.hidden_dim, device=memory.device, dtype=memory.dtype)
+        memory_pos = sine_position_encoding(
+            memory.shape[2:], self.hidden_dim, device=memory.device, dtype=memory.dtype
+        )
         memory = memory.flatten(2).transpose(1, 2)  # (N, S, C)
         memory_key = memory + memory_pos.flatten(2).transpose(1, 2)
         query_pos = self.query_embed.weight.unsqueeze(0)
-        hidden = torch.zeros(x.shape[0], self.num_queries, self.hidden_dim, device=x.device, dtype=memory.dtype)
+        hidden = torch.zeros(
+            x.shape[0], self.num_queries, self.hidden_dim, device=x.device, dtype=memory.dtype
+        )
         outputs = []
         for index, layer in enumerate(self.decoder_layers):
             hidden = layer(hidden, query_pos, memory, memory_key)
             if self.training or index == len(self.decoder_layers) - 1:
                 normed = self.decoder_norm(hidden)
                 outputs.append(
-                    {"pred_logits": self.class_head(normed), "pred_masks": predict_masks(self.mask_embed(normed), pixel_embed)}
+                    {
+                        "pred_logits": self.class_head(normed),
+                        "pred_masks": predict_masks(self.mask_embed(normed), pixel_embed),
+                    }
                 )
         result = dict(outputs[-1])
         if self.training:

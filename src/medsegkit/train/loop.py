@@ -53,7 +53,7 @@ class TrainConfig:
         lr: peak learning rate (AdamW), cosine-decayed to ``lr * 0.01`` over ``epochs`` after
             ``warmup_epochs`` of linear warm-up.
         weight_decay: AdamW weight decay.
-        class_weights: cross-entropy weight per class (``None``: equal).
+        class_weights: weight per class of both loss terms (MONAI ``DiceCELoss(weight=...)``; ``None``: equal).
         class_ratios: how often patches are centred on each class (``None``: equal).
         lambda_dice, lambda_ce: weights of the Dice and cross-entropy terms of MONAI's ``DiceCELoss``.
         flip_axes: spatial axes randomly flipped.
@@ -62,6 +62,10 @@ class TrainConfig:
         bn_recalibration: before each validation, re-estimate BatchNorm running statistics as the plain
             average over this many training patches (``0``: keep the momentum estimates, which follow
             the last few patches and make validation jumpy with class-biased patches).
+        freeze_bn_from: from this epoch on (1-based), BatchNorm statistics are fixed: re-estimated once
+            over ``bn_recalibration`` patches (at least 50) at the start of that epoch, then the
+            BatchNorm layers stay in eval mode while everything else trains, so training sees exactly
+            the normalisation inference uses (``None``: never).
         seed: seeds torch and the patch sampler.
         num_threads: ``torch.set_num_threads`` during training (``None``: leave as is).
         device: ``"cpu"``, ``"cuda"``...
@@ -84,6 +88,7 @@ class TrainConfig:
     intensity_shift: float = 0.02
     divisible_by: int = 16
     bn_recalibration: int = 0
+    freeze_bn_from: int | None = None
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
@@ -213,6 +218,13 @@ def recalibrate_batchnorm(model: nn.Module, sampler: PatchSampler, num_patches: 
     return len(norms)
 
 
+def _freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode (fixed running statistics); the rest keeps its mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def _lr_factor(epoch: int, config: TrainConfig) -> float:
     """Learning-rate multiplier for (0-based) ``epoch``: linear warm-up then cosine to 1 %."""
     if epoch < config.warmup_epochs:
@@ -337,9 +349,13 @@ def train(
         resume_tensors, record = read_checkpoint(resume_state)
         resume_info = record["metadata"]["training_state"]
         saved = TrainConfig.from_dict(resume_info["config"])
+        # a resumed run may go longer, on other hardware, and enter a fixed-BatchNorm fine-tuning phase
         config = TrainConfig(**{**asdict(saved), "epochs": max(config.epochs, saved.epochs),
                                 "time_budget_s": config.time_budget_s, "num_threads": config.num_threads,
-                                "device": config.device})
+                                "device": config.device,
+                                "freeze_bn_from": config.freeze_bn_from if config.freeze_bn_from is not None
+                                else saved.freeze_bn_from,
+                                "bn_recalibration": config.bn_recalibration or saved.bn_recalibration})
         start_epoch, step = resume_info["epoch"], resume_info["step"]
         history = list(resume_info["history"])
         elapsed_before = float(resume_info["wall_time_s"])
@@ -379,6 +395,13 @@ def train(
         lr = config.lr * _lr_factor(epoch - 1, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        frozen = config.freeze_bn_from is not None and epoch >= config.freeze_bn_from
+        if frozen and epoch == config.freeze_bn_from:
+            recalibrate_batchnorm(model, sampler, max(config.bn_recalibration, 50), batch_size=config.batch_size,
+                                  device=device)
+        model.train()
+        if frozen:
+            _freeze_batchnorm(model)
         losses = []
         bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not progress,
                    leave=False, file=sys.stderr, dynamic_ncols=True)
@@ -398,7 +421,7 @@ def train(
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if config.bn_recalibration:
+        if config.bn_recalibration and not frozen:
             recalibrate_batchnorm(model, sampler, config.bn_recalibration, batch_size=config.batch_size, device=device)
         validation = validate(model, val_volumes, class_names=class_names, divisible_by=config.divisible_by)
         wall = elapsed_before + time.perf_counter() - started

@@ -41,10 +41,22 @@ _TR = "model.transformer_module."
 _RESNET_RULES = [
     (r"backbone\.stem\.conv\.weight", _HF + "embedder.embedder.convolution.weight"),
     (r"backbone\.stem\.norm\.(\w+)", _HF + r"embedder.embedder.normalization.\1"),
-    (r"backbone\.stages\.(\d+)\.(\d+)\.downsample\.0\.weight", _HF + r"encoder.stages.\1.layers.\2.shortcut.convolution.weight"),
-    (r"backbone\.stages\.(\d+)\.(\d+)\.downsample\.1\.(\w+)", _HF + r"encoder.stages.\1.layers.\2.shortcut.normalization.\3"),
-    (r"backbone\.stages\.(\d+)\.(\d+)\.conv(\d)\.weight", _HF + r"encoder.stages.\1.layers.\2.layer.<\3-1>.convolution.weight"),
-    (r"backbone\.stages\.(\d+)\.(\d+)\.norm(\d)\.(\w+)", _HF + r"encoder.stages.\1.layers.\2.layer.<\3-1>.normalization.\4"),
+    (
+        r"backbone\.stages\.(\d+)\.(\d+)\.downsample\.0\.weight",
+        _HF + r"encoder.stages.\1.layers.\2.shortcut.convolution.weight",
+    ),
+    (
+        r"backbone\.stages\.(\d+)\.(\d+)\.downsample\.1\.(\w+)",
+        _HF + r"encoder.stages.\1.layers.\2.shortcut.normalization.\3",
+    ),
+    (
+        r"backbone\.stages\.(\d+)\.(\d+)\.conv(\d)\.weight",
+        _HF + r"encoder.stages.\1.layers.\2.layer.<\3-1>.convolution.weight",
+    ),
+    (
+        r"backbone\.stages\.(\d+)\.(\d+)\.norm(\d)\.(\w+)",
+        _HF + r"encoder.stages.\1.layers.\2.layer.<\3-1>.normalization.\4",
+    ),
 ]
 
 _SWIN_BLOCK = _HF + r"swin.encoder.layers.\1.blocks.\2."
@@ -64,10 +76,15 @@ _SWIN_RULES = [
     ),
     (
         r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table",
-        _SWIN_BLOCK + "attention.relative_position_bias.relative_position_bias_table|"
-        + _SWIN_BLOCK + "attention.self.relative_position_bias_table",
+        _SWIN_BLOCK
+        + "attention.relative_position_bias.relative_position_bias_table|"
+        + _SWIN_BLOCK
+        + "attention.self.relative_position_bias_table",
     ),
-    (r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.(fc\d)\.(\w+)", _SWIN_BLOCK + r"mlp.\3.\4|" + _SWIN_BLOCK + r"<\3>.dense.\4"),
+    (
+        r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.mlp\.(fc\d)\.(\w+)",
+        _SWIN_BLOCK + r"mlp.\3.\4|" + _SWIN_BLOCK + r"<\3>.dense.\4",
+    ),
     (r"backbone\.stages\.(\d+)\.downsample\.(\w+)\.(\w+)", _HF + r"swin.encoder.layers.\1.downsample.\2.\3"),
     (r"backbone\.out_norms\.(\d+)\.(\w+)", _HF + r"hidden_states_norms.stage<\1+1>.\2"),
 ]
@@ -82,16 +99,25 @@ _MASKFORMER_RULES = [
     (r"pixel_decoder\.mask_projection\.(\w+)", _PIX + r"mask_projection.\1"),
     (r"input_projection\.(\w+)", _TR + r"input_projection.\1"),
     (r"query_embed\.weight", _TR + "queries_embedder.weight"),
-    (r"decoder_layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)", _TR + r"decoder.layers.\1.self_attn.\2_proj.\3"),
+    (
+        r"decoder_layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)",
+        _TR + r"decoder.layers.\1.self_attn.\2_proj.\3",
+    ),
     (
         r"decoder_layers\.(\d+)\.self_attn\.out_proj\.(\w+)",
         _TR + r"decoder.layers.\1.self_attn.o_proj.\2|" + _TR + r"decoder.layers.\1.self_attn.out_proj.\2",
     ),
     (r"decoder_layers\.(\d+)\.self_attn_norm\.(\w+)", _TR + r"decoder.layers.\1.self_attn_layer_norm.\2"),
-    (r"decoder_layers\.(\d+)\.cross_attn\.([qkv])_proj\.(\w+)", _TR + r"decoder.layers.\1.encoder_attn.\2_proj.\3"),
+    (
+        r"decoder_layers\.(\d+)\.cross_attn\.([qkv])_proj\.(\w+)",
+        _TR + r"decoder.layers.\1.encoder_attn.\2_proj.\3",
+    ),
     (
         r"decoder_layers\.(\d+)\.cross_attn\.out_proj\.(\w+)",
-        _TR + r"decoder.layers.\1.encoder_attn.o_proj.\2|" + _TR + r"decoder.layers.\1.encoder_attn.out_proj.\2",
+        _TR
+        + r"decoder.layers.\1.encoder_attn.o_proj.\2|"
+        + _TR
+        + r"decoder.layers.\1.encoder_attn.out_proj.\2",
     ),
     (r"decoder_layers\.(\d+)\.cross_attn_norm\.(\w+)", _TR + r"decoder.layers.\1.encoder_attn_layer_norm.\2"),
     (
@@ -108,10 +134,19 @@ _MASK2FORMER_RULES = [
     (r"pixel_decoder\.input_projections\.(\d+)\.conv\.(\w+)", _PIX + r"input_projections.\1.0.\2"),
     (r"pixel_decoder\.input_projections\.(\d+)\.norm\.(\w+)", _PIX + r"input_projections.\1.1.\2"),
     (r"pixel_decoder\.level_embed", _PIX + "level_embed"),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.(\w+)\.(\w+)", _PIX + r"encoder.layers.\1.self_attn.\2.\3"),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn_norm\.(\w+)", _PIX + r"encoder.layers.\1.self_attn_layer_norm.\2"),
+    (
+        r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn\.(\w+)\.(\w+)",
+        _PIX + r"encoder.layers.\1.self_attn.\2.\3",
+    ),
+    (
+        r"pixel_decoder\.encoder_layers\.(\d+)\.self_attn_norm\.(\w+)",
+        _PIX + r"encoder.layers.\1.self_attn_layer_norm.\2",
+    ),
     (r"pixel_decoder\.encoder_layers\.(\d+)\.ffn\.(fc\d)\.(\w+)", _PIX + r"encoder.layers.\1.\2.\3"),
-    (r"pixel_decoder\.encoder_layers\.(\d+)\.ffn_norm\.(\w+)", _PIX + r"encoder.layers.\1.final_layer_norm.\2"),
+    (
+        r"pixel_decoder\.encoder_layers\.(\d+)\.ffn_norm\.(\w+)",
+        _PIX + r"encoder.layers.\1.final_layer_norm.\2",
+    ),
     (r"pixel_decoder\.mask_projection\.(\w+)", _PIX + r"mask_projection.\1"),
     (r"pixel_decoder\.lateral_convs\.(\d+)\.conv\.weight", _PIX + r"adapter_<\1+1>.0.weight"),
     (r"pixel_decoder\.lateral_convs\.(\d+)\.norm\.(\w+)", _PIX + r"adapter_<\1+1>.1.\2"),
@@ -121,8 +156,14 @@ _MASK2FORMER_RULES = [
     (r"level_embed\.weight", _TR + "level_embed.weight"),
     (r"query_embed\.weight", _TR + "queries_embedder.weight"),
     (r"query_feat\.weight", _TR + "queries_features.weight"),
-    (r"decoder_layers\.(\d+)\.cross_attn\.([qkv])_proj\.(weight|bias)", "split:\\2:" + _TR + r"decoder.layers.\1.cross_attn.in_proj_\3"),
-    (r"decoder_layers\.(\d+)\.cross_attn\.out_proj\.(\w+)", _TR + r"decoder.layers.\1.cross_attn.out_proj.\2"),
+    (
+        r"decoder_layers\.(\d+)\.cross_attn\.([qkv])_proj\.(weight|bias)",
+        "split:\\2:" + _TR + r"decoder.layers.\1.cross_attn.in_proj_\3",
+    ),
+    (
+        r"decoder_layers\.(\d+)\.cross_attn\.out_proj\.(\w+)",
+        _TR + r"decoder.layers.\1.cross_attn.out_proj.\2",
+    ),
     (r"decoder_layers\.(\d+)\.cross_attn_norm\.(\w+)", _TR + r"decoder.layers.\1.cross_attn_layer_norm.\2"),
     (r"decoder_layers\.(\d+)\.self_attn\.(\w+)\.(\w+)", _TR + r"decoder.layers.\1.self_attn.\2.\3"),
     (r"decoder_layers\.(\d+)\.self_attn_norm\.(\w+)", _TR + r"decoder.layers.\1.self_attn_layer_norm.\2"),
@@ -167,7 +208,9 @@ def key_map(model: nn.Module) -> dict[str, str]:
         raise ValueError(
             f"transformers conversion fills medsegkit MaskFormer or Mask2Former models, got {type(model).__name__}"
         )
-    rules = [(re.compile(pattern), template) for pattern, template in _RESNET_RULES + _SWIN_RULES + head_rules]
+    rules = [
+        (re.compile(pattern), template) for pattern, template in _RESNET_RULES + _SWIN_RULES + head_rules
+    ]
     mapping = {}
     for key in model.state_dict():
         for pattern, template in rules:
@@ -231,7 +274,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> d
         if leftover:
             parts.append(f"{len(leftover)} transformers keys are not used: {leftover[:5]}")
         raise KeyError(
-            "the state dict does not fit the target architecture: " + "; ".join(parts)
+            "the state dict does not fit the target architecture: "
+            + "; ".join(parts)
             + " (is it a MaskFormer/Mask2Former of the same backbone and sizes?)"
         )
     return converted
@@ -254,13 +298,16 @@ def _resnet_kwargs(config: Any) -> tuple[str, dict[str, Any]]:
         problems.append(f"hidden_sizes={list(config.hidden_sizes)} (expected {list(widths)})")
     if config.embedding_size != 64:
         problems.append(f"embedding_size={config.embedding_size} (expected 64)")
-    if getattr(config, "downsample_in_bottleneck", False) or getattr(config, "downsample_in_first_stage", False):
+    if getattr(config, "downsample_in_bottleneck", False) or getattr(
+        config, "downsample_in_first_stage", False
+    ):
         problems.append("downsample_in_bottleneck/downsample_in_first_stage=True (we stride on the 3x3 conv)")
     if config.hidden_act != "relu":
         problems.append(f"hidden_act={config.hidden_act!r}")
     if problems:
         raise ValueError(
-            "unsupported ResNet backbone configuration: " + "; ".join(problems)
+            "unsupported ResNet backbone configuration: "
+            + "; ".join(problems)
             + ". Supported: ResNet-18/34 (basic) and ResNet-50/101 (bottleneck) with torchvision's widths"
         )
     return f"resnet_{depth}", {}
@@ -315,7 +362,9 @@ def config_to_kwargs(config: Any) -> tuple[str, dict[str, Any]]:
         backbone, backbone_kwargs = _backbone_kwargs(config, allow_swin=False)
         decoder = config.decoder_config
         if decoder.activation_function != "relu":
-            raise ValueError(f"decoder activation {decoder.activation_function!r} is not supported (relu only)")
+            raise ValueError(
+                f"decoder activation {decoder.activation_function!r} is not supported (relu only)"
+            )
         kwargs = {
             "num_classes": int(config.num_labels),
             "backbone": backbone,
@@ -338,7 +387,9 @@ def config_to_kwargs(config: Any) -> tuple[str, dict[str, Any]]:
         if config.activation_function != "relu":
             problems.append(f"activation_function={config.activation_function!r}")
         if int(config.common_stride) != 4 or tuple(config.feature_strides) != (4, 8, 16, 32):
-            problems.append(f"common_stride={config.common_stride}, feature_strides={list(config.feature_strides)}")
+            problems.append(
+                f"common_stride={config.common_stride}, feature_strides={list(config.feature_strides)}"
+            )
         if config.enforce_input_projection and config.feature_size == config.hidden_dim:
             problems.append("enforce_input_projection=True")
         if problems:

@@ -65,7 +65,11 @@ def _shift_mask(height: int, width: int, window: int, shift: int, device, dtype)
     row_region = (rows >= height - window).long() + (rows >= height - shift).long()
     col_region = (cols >= width - window).long() + (cols >= width - shift).long()
     region = (row_region[:, None] * 3 + col_region[None, :]).to(dtype)
-    region = region.view(height // window, window, width // window, window).transpose(1, 2).reshape(-1, window * window)
+    region = (
+        region.view(height // window, window, width // window, window)
+        .transpose(1, 2)
+        .reshape(-1, window * window)
+    )
     diff = region[:, None, :] - region[:, :, None]
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
@@ -83,7 +87,9 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", _relative_position_index(window_size), persistent=False)
+        self.register_buffer(
+            "relative_position_index", _relative_position_index(window_size), persistent=False
+        )
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -251,8 +257,14 @@ class SwinTransformer(nn.Module):
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {depths} and num_heads {num_heads} need one entry per stage")
         out_stages = tuple(int(s) for s in out_stages)
-        if not out_stages or list(out_stages) != sorted(set(out_stages)) or not 1 <= out_stages[0] <= out_stages[-1] <= len(depths):
-            raise ValueError(f"out_stages must be increasing stage numbers from 1..{len(depths)}, got {out_stages!r}")
+        if (
+            not out_stages
+            or list(out_stages) != sorted(set(out_stages))
+            or not 1 <= out_stages[0] <= out_stages[-1] <= len(depths)
+        ):
+            raise ValueError(
+                f"out_stages must be increasing stage numbers from 1..{len(depths)}, got {out_stages!r}"
+            )
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.out_stages = out_stages

@@ -42,15 +42,18 @@ def sine_position_encoding(
     Returns:
         ``(1, channels, *spatial_shape)``; treat it as read-only (results are cached per shape).
     """
-    return _cached_encoding(
-        tuple(int(s) for s in spatial_shape),
-        int(channels),
-        torch.device(device) if device is not None else torch.device("cpu"),
-        dtype,
-        float(temperature),
-        bool(normalize),
-        float(scale),
-    )
+    # built outside inference mode so that a cached tensor made under ``torch.inference_mode()`` can
+    # still take part in a later training forward
+    with torch.inference_mode(False), torch.no_grad():
+        return _cached_encoding(
+            tuple(int(s) for s in spatial_shape),
+            int(channels),
+            torch.device(device) if device is not None else torch.device("cpu"),
+            dtype,
+            float(temperature),
+            bool(normalize),
+            float(scale),
+        )
 
 
 @lru_cache(maxsize=32)
