@@ -161,13 +161,15 @@ def ct_child(method: str, workdir: str, threads: int) -> None:
     model = OneByOneNet().eval()
     source = zarr.open_array(f"{workdir}/ct.zarr", mode="r")
     if method == "zarr":
-        import medsegkit.inference.predict  # noqa: F401
         import monai.data.utils  # noqa: F401
+
+        import medsegkit.inference.predict  # noqa: F401
 
         volume = source
     else:
         volume = source[:]
         import monai.inferers  # noqa: F401
+
         import medsegkit.inference.predict  # noqa: F401
     before = current_rss_mb()
     roi = (96, 96, 96)
@@ -222,6 +224,12 @@ def measure_rss(method: str, size: int, roi, sw_batch_size: int, threads: int) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def fmt_rss(rss: dict, method: str) -> str:
+    if method not in rss:
+        return "-"
+    return f"{rss[method]['peak_mb']:.0f} (+{rss[method]['peak_mb'] - rss[method]['before_mb']:.0f})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 160], help="cubic volume sizes")
@@ -261,9 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in args.sizes:
         volume = build_volume(size)
         windows = len(window_slices(volume.shape, roi, 0.5)[0])
-        monai_s, monai_labels = timed(lambda: run_monai(model, volume, roi, args.sw_batch_size), args.repeats)
-        predict_s, labels = timed(lambda: run_predict(model, volume, roi, args.sw_batch_size, False), args.repeats)
-        fast_s, fast_labels = timed(lambda: run_predict(model, volume, roi, args.sw_batch_size, True), args.repeats)
+        monai_s, monai_labels = timed(lambda v=volume: run_monai(model, v, roi, args.sw_batch_size), args.repeats)
+        predict_s, labels = timed(lambda v=volume: run_predict(model, v, roi, args.sw_batch_size, False), args.repeats)
+        fast_s, fast_labels = timed(lambda v=volume: run_predict(model, v, roi, args.sw_batch_size, True), args.repeats)
         # identical outputs: labels equal and logits within float32 blending-order noise
         assert np.array_equal(labels, monai_labels), "predict labels differ from MONAI's"
         if size == args.sizes[0]:
@@ -281,16 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_rss:
             for method in ("monai", "predict", "fast"):
                 rss[method] = measure_rss(method, size, roi, args.sw_batch_size, args.threads)
-        def fmt_rss(method):
-            if method not in rss:
-                return "-"
-            return f"{rss[method]['peak_mb']:.0f} (+{rss[method]['peak_mb'] - rss[method]['before_mb']:.0f})"
-
         rows.append([
             f"{size}^3", str(windows), f"{monai_s:.2f}", f"{predict_s:.2f}", f"{predict_s / monai_s:.2f}",
             f"{fast_s:.2f}", f"{fast_s / monai_s:.2f}", f"{monai_s / (windows * single):.3f}",
             f"{predict_s / (windows * single):.3f}", f"{fast_s / (windows * single_fast):.3f}", f"{agreement:.2f}",
-            fmt_rss("monai"), fmt_rss("predict"), fmt_rss("fast"),
+            fmt_rss(rss, "monai"), fmt_rss(rss, "predict"), fmt_rss(rss, "fast"),
         ])
         print("  ".join(rows[-1]), flush=True)
     print()

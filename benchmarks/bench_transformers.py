@@ -3,7 +3,8 @@
 Both models hold the same weights (ours converted from the transformers model, random init, no
 download); the outputs are asserted equal before anything is timed. Timings interleave the two
 implementations and report the best of ``--repeats`` runs (the minimum is the least noisy estimate
-on a shared machine); peak memory is the growth of the process's peak RSS during one forward
+on a shared machine), both wall-clock and process CPU time (``time.process_time``, all threads: the
+work done, less sensitive than wall time to other processes competing for the cores); peak memory is the growth of the process's peak RSS during one forward
 (Linux: ``/proc/self/status`` ``VmHWM``, reset through ``/proc/self/clear_refs``).
 
     python benchmarks/bench_transformers.py                 # all cases
@@ -92,7 +93,8 @@ def main() -> None:
         f"best of {args.repeats}"
     )
     header = (
-        f"{'case':28s} {'transformers ms':>16s} {'medsegkit ms':>13s} {'speed-up':>9s} {'target':>7s} "
+        f"{'case':28s} {'transformers ms':>16s} {'medsegkit ms':>13s} {'speed-up':>9s} "
+        f"{'CPU ms (hf / ours)':>20s} {'CPU x':>6s} {'target':>7s} "
         f"{'peak MiB (hf / ours)':>21s} {'max |Δ| logits / masks':>24s}"
     )
     print(header)
@@ -123,17 +125,21 @@ def run_case(case: str, repeats: int) -> str:
         diff_masks = (got["pred_masks"] - expected.masks_queries_logits).abs().max().item()
         assert diff_logits <= 1e-4 and diff_masks <= 1e-4, (case, diff_logits, diff_masks)
         times: dict[str, list[float]] = {"hf": [], "ours": []}
+        cpu: dict[str, list[float]] = {"hf": [], "ours": []}
         for _ in range(repeats):
             for key, run in (("hf", run_reference), ("ours", run_ours)):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run()
                 times[key].append(time.perf_counter() - start)
+                cpu[key].append(time.process_time() - start_cpu)
         memory_hf = peak_memory_mib(run_reference)
         memory_ours = peak_memory_mib(run_ours)
     best_hf, best_ours = min(times["hf"]) * 1000, min(times["ours"]) * 1000
+    cpu_hf, cpu_ours = min(cpu["hf"]) * 1000, min(cpu["ours"]) * 1000
     target = TARGETS[name.split("_")[0]]
     return (
-        f"{case:28s} {best_hf:16.1f} {best_ours:13.1f} {best_hf / best_ours:8.2f}x {target:6.1f}x "
+        f"{case:28s} {best_hf:16.1f} {best_ours:13.1f} {best_hf / best_ours:8.2f}x "
+        f"{cpu_hf:9.0f} / {cpu_ours:<9.0f} {cpu_hf / cpu_ours:5.2f}x {target:6.1f}x "
         f"{memory_hf:10.0f} / {memory_ours:<8.0f} {diff_logits:11.1e} / {diff_masks:.1e}"
     )
 

@@ -28,8 +28,8 @@ class TinySegNet(nn.Module):
 def tiny_registered():
     """Register `test_tinynet_2d` for the duration of one test."""
 
-    def test_tinynet_2d(**overrides):
-        return TinySegNet(**{"spatial_dims": 2, **overrides})
+    def test_tinynet_2d(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, width: int = 4):
+        return TinySegNet(spatial_dims, in_channels, out_channels, width)
 
     test_tinynet_2d.__module__ = __name__
     registry.register_model(
@@ -39,7 +39,7 @@ def tiny_registered():
         spatial_dims=2,
         input_shape=(1, 1, 32, 32),
         reference="test fixture",
-        dotted_path="conftest.TinySegNet",
+        dotted_path="conftest.TinySegNet",  # metadata only: the builder's own signature lists the arguments
     )
     yield "test_tinynet_2d"
     registry._REGISTRY.pop("test_tinynet_2d", None)

@@ -167,3 +167,14 @@ def test_train_with_recalibration_records_it(tmp_path):
     assert load_model(result.checkpoint).medsegkit_metadata["training"]["config"]["bn_recalibration"] == 3
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
     assert all(int(m.num_batches_tracked) == 3 for m in norms)
+
+
+def test_freeze_batchnorm_phase_fixes_statistics(tmp_path):
+    model = create_model("UNet3d", **TINY)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    train(model, [_volume(0)], [_volume(1)], checkpoint=tmp_path / "m.safetensors", class_names=["a", "b", "c"],
+          config=_config(epochs=2, freeze_bn_from=2, bn_recalibration=3), progress=False, log=lambda line: None)
+    # epoch 1 trained with batch statistics (4 steps, momentum updates); epoch 2 re-estimated them over
+    # max(3, 50) patches and then left them alone while the weights trained on
+    assert all(int(m.num_batches_tracked) == 50 for m in norms)
+    assert load_model(tmp_path / "m.safetensors").medsegkit_metadata["training"]["config"]["freeze_bn_from"] == 2

@@ -14,7 +14,6 @@ from pathlib import Path
 from medsegkit.cli import CommandError
 
 
-
 def _default_script() -> Path:
     return Path(__file__).resolve().parents[3] / "benchmarks" / "bench_inference.py"
 

@@ -8,6 +8,7 @@ three orthogonal slices (image, reference, prediction) into ``./medsegkit-demo/`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,9 @@ def save_overlay(path: Path, t1: np.ndarray, reference: np.ndarray, prediction: 
 
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=80, facecolor="black")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the temporary file is private; the result is an ordinary file
 
     try:
         atomic_write(path, write)

@@ -92,12 +92,14 @@ def _trace_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[st
     conv_outputs: dict[int, str] = {}
     calls: dict[str, int] = {}
     bn_inputs: dict[str, int] = {}
+    alive: list[torch.Tensor] = []  # conv outputs held during the pass so that their ids stay unique
     handles = []
 
     def conv_hook(module, inputs, output):
         name = names[module]
         calls[name] = calls.get(name, 0) + 1
         conv_outputs[id(output)] = name
+        alive.append(output)
 
     def bn_hook(module, inputs):
         name = names[module]
@@ -110,11 +112,6 @@ def _trace_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[st
         elif isinstance(module, _BN) and module.track_running_stats and module.running_mean is not None:
             handles.append(module.register_forward_pre_hook(bn_hook))
     try:
-        # hold the conv outputs alive so that their ids stay unique during the pass
-        keep: list[torch.Tensor] = []
-        keep_handles = [m.register_forward_hook(lambda _m, _i, o: keep.append(o)) for m in model.modules()
-                        if isinstance(m, _CONV)]
-        handles += keep_handles
         with torch.no_grad():
             reference = _first_tensor(model(example))
     finally:
@@ -125,7 +122,7 @@ def _trace_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[st
         conv_name = conv_outputs.get(tensor_id)
         if conv_name is not None and calls.get(conv_name) == 1 and calls.get(bn_name) == 1:
             pairs.append((conv_name, bn_name))
-    del keep
+    alive.clear()
     return pairs, reference
 
 

@@ -40,6 +40,12 @@ FORMAT = "medsegkit-checkpoint"
 RECORD_KEY = "medsegkit"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` for a temporary file in ``path``'s folder, then rename it to ``path``.
 
@@ -52,6 +58,7 @@ def atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; follow the user's umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
