@@ -170,11 +170,7 @@ def _load_families() -> None:
     if _families_loaded:
         return
     for module in FAMILY_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a family not written yet; any other missing import is a bug
-            if err.name != module:
-                raise
+        importlib.import_module(module)
     _families_loaded = True
 
 

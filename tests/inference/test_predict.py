@@ -412,15 +412,6 @@ def test_model_with_wrong_output_size_is_reported():
 
 # --------------------------------------------------------------------------------------------------
 # task dispatch
-def test_instance_model_needs_instance_module(monkeypatch, model3d):
-    class InstanceNet(MonaiUNet):
-        medsegkit_task = "instance"
-
-    monkeypatch.setitem(sys.modules, "medsegkit.inference.instance", None)
-    with pytest.raises(ValueError, match="instance-segmentation model; it needs medsegkit.inference.instance"):
-        predict(InstanceNet(), np.zeros((16, 16, 16)))
-
-
 def test_instance_and_universal_models_are_routed(monkeypatch):
     import medsegkit.inference as inference_package
 

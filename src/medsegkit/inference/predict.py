@@ -368,27 +368,13 @@ def _dispatch(model: nn.Module, image: Any, task: str | None, kwargs: dict[str, 
     if model_task == "instance":
         if task not in (None, "instance"):
             raise ValueError(f"{type(model).__name__} is an instance model; task must be None or 'instance', got {task!r}")
-        try:
-            from medsegkit.inference import instance
-        except ModuleNotFoundError as err:
-            if err.name != "medsegkit.inference.instance":
-                raise
-            raise ValueError(
-                f"{type(model).__name__} is an instance-segmentation model; it needs "
-                "medsegkit.inference.instance, which is not installed in this build"
-            ) from err
+        from medsegkit.inference import instance
+
         return None, instance.predict_instances(model, image, **kwargs)
     if model_task == "universal":
         task = task or "semantic"
-        try:
-            from medsegkit.inference import adapters
-        except ModuleNotFoundError as err:
-            if err.name != "medsegkit.inference.adapters":
-                raise
-            raise ValueError(
-                f"{type(model).__name__} is a universal (query) model; it needs medsegkit.inference.adapters, "
-                "which is not installed in this build"
-            ) from err
+        from medsegkit.inference import adapters
+
         if task == "semantic":
             return adapters.SemanticAdapter(model), None
         if task in ("instance", "panoptic"):

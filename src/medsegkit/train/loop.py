@@ -68,7 +68,11 @@ class TrainConfig:
             the normalisation inference uses (``None``: never).
         seed: seeds torch and the patch sampler.
         num_threads: ``torch.set_num_threads`` during training (``None``: leave as is).
-        device: ``"cpu"``, ``"cuda"``...
+        device: ``"cpu"``, ``"cuda"``... (under ``torchrun``, ``"cuda"`` means ``cuda:LOCAL_RANK``).
+        amp: mixed precision: float16 autocast + gradient scaling on CUDA, bfloat16 autocast on CPUs
+            with AVX-512 BF16; elsewhere a note is printed and training stays in float32.
+        accumulate: micro-batches of ``batch_size`` patches per optimiser step (gradient accumulation:
+            the effective batch is ``accumulate * batch_size`` per process).
     """
 
     epochs: int = 50
@@ -92,6 +96,8 @@ class TrainConfig:
     seed: int = 0
     num_threads: int | None = None
     device: str = "cpu"
+    amp: bool = False
+    accumulate: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -360,11 +366,81 @@ def train(
         history = list(resume_info["history"])
         elapsed_before = float(resume_info["wall_time_s"])
 
+    if config.accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1 (micro-batches per optimiser step); got {config.accumulate}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    context = _distributed_context(config.device)
+    owns_group = context.is_distributed and not _group_was_initialised
+    try:
+        return _run(model, train_volumes, val_volumes, context=context, checkpoint=checkpoint,
+                    state_file=state_file, metrics_csv=metrics_csv, class_names=class_names, config=config,
+                    metadata=metadata, resume=resume, resume_info=resume_info, resume_tensors=resume_tensors,
+                    start_epoch=start_epoch, step=step, history=history, elapsed_before=elapsed_before,
+                    progress=progress, log=log, loss_factory=DiceCELoss, tqdm=tqdm, save_checkpoint=save_checkpoint)
+    finally:
+        if owns_group:
+            from medsegkit.train.distributed import cleanup_distributed
+
+            cleanup_distributed()
+
+
+_group_was_initialised = False  # replaced per call by _distributed_context
+
+
+def _distributed_context(device: str):
+    """The torchrun context (``WORLD_SIZE > 1``) or a plain single-process one on ``device``."""
+    global _group_was_initialised
+    import torch.distributed as dist
+
+    from medsegkit.train.distributed import DistributedContext, setup_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        _group_was_initialised = False
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+    _group_was_initialised = dist.is_available() and dist.is_initialized()
+    # "cuda" under torchrun: one GPU per process (cuda:LOCAL_RANK); "cpu": gloo
+    return setup_distributed(device=None if device == "cuda" else device)
+
+
+def _amp_settings(requested: bool, device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """``(autocast dtype or None, note to print or None)`` for ``--amp`` on ``device``."""
+    if not requested:
+        return None, None
+    if device.type == "cuda":
+        return torch.float16, None
+    if device.type == "cpu":
+        if torch.cpu._is_avx512_bf16_supported():
+            return torch.bfloat16, None
+        return None, "--amp: this CPU has no AVX-512 BF16 support; training in float32"
+    return None, f"--amp: mixed precision is not supported on {device.type}; training in float32"
+
+
+def _gather(obj: Any, context) -> list[Any]:
+    """``obj`` of every rank (rank order); ``[obj]`` in a single process."""
+    if not context.is_distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * context.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, metrics_csv, class_names, config,
+         metadata, resume, resume_info, resume_tensors, start_epoch, step, history, elapsed_before, progress, log,
+         loss_factory, tqdm, save_checkpoint) -> TrainResult:
+    import contextlib
+
+    from medsegkit.train.distributed import barrier, wrap_model
+
+    num_classes = len(class_names)
+    main = context.is_main
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    model.to(device).train()
+    device = context.device
+    net = wrap_model(model, context)  # DDP (+ SyncBatchNorm on GPUs) under torchrun; model.to(device) otherwise
+    model.train()
     sampler = PatchSampler(
         train_volumes,
         patch_size=config.patch_size,
@@ -374,18 +450,31 @@ def train(
         intensity_scale=config.intensity_scale,
         intensity_shift=config.intensity_shift,
         divisible_by=config.divisible_by,
-        seed=config.seed,
+        seed=config.seed + context.rank,  # every rank draws its own patches: global batch = world * batch
     )
     weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight,
-                         lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce)
+    loss_fn = loss_factory(to_onehot_y=True, softmax=True, weight=weight,
+                           lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if resume_info is not None:
         _load_optimizer(optimizer, resume_tensors, resume_info["optimizer"])
-        sampler.load_state(resume_info["sampler"])
-        torch.set_rng_state(resume_tensors["rng.torch"])
+        samplers = resume_info.get("samplers") or [resume_info["sampler"]]
+        if len(samplers) != context.world_size:
+            raise ValueError(f"checkpoint {resume} was trained by {len(samplers)} process(es) but this run has "
+                             f"{context.world_size}; resume with the same number of torchrun processes")
+        sampler.load_state(samplers[context.rank])
+        torch.set_rng_state(resume_tensors["rng.torch" if context.rank == 0 else f"rng.torch.{context.rank}"])
 
     write = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    if not main:
+        write = lambda line: None  # noqa: E731 - rank 0 logs for everyone
+    amp_dtype, amp_note = _amp_settings(config.amp, device)
+    if amp_note:
+        write(amp_note)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if scaler is not None and resume_tensors.get("amp.scale") is not None:
+        scaler.load_state_dict({"scale": float(resume_tensors["amp.scale"]), "_growth_tracker":
+                                int(resume_tensors["amp.growth_tracker"])})
     started = time.perf_counter()
     validation: dict[str, Any] = history[-1]["validation"] if history else {}
     epoch = start_epoch
@@ -403,65 +492,103 @@ def train(
         if frozen:
             _freeze_batchnorm(model)
         losses = []
-        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not progress,
-                   leave=False, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
+                   disable=not (progress and main), leave=False, file=sys.stderr, dynamic_ncols=True)
         for _ in bar:
-            images, labels = sampler.sample(config.batch_size)
-            x = torch.from_numpy(images).to(device)
-            y = torch.from_numpy(labels).to(device)
-            out = model(x)
-            if isinstance(out, Mapping):
-                out = out["out"]
-            loss = loss_fn(out, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step}; lower the learning rate (lr={lr:g})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step_loss = 0.0
+            for micro in range(config.accumulate):
+                images, labels = sampler.sample(config.batch_size)
+                x = torch.from_numpy(images).to(device)
+                y = torch.from_numpy(labels).to(device)
+                # DDP averages gradients across ranks once per optimiser step (on the last micro-batch)
+                last = micro == config.accumulate - 1
+                sync = contextlib.nullcontext() if last or not context.is_distributed else net.no_sync()
+                autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                            else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        out = net(x)
+                    if isinstance(out, Mapping):
+                        out = out["out"]
+                    loss = loss_fn(out.float(), y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {float(loss)} at step {step}; lower the learning rate (lr={lr:g})")
+                    scaled = loss / config.accumulate
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                step_loss += float(loss.detach()) / config.accumulate
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(step_loss)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if config.bn_recalibration and not frozen:
             recalibrate_batchnorm(model, sampler, config.bn_recalibration, batch_size=config.batch_size, device=device)
-        validation = validate(model, val_volumes, class_names=class_names, divisible_by=config.divisible_by)
-        wall = elapsed_before + time.perf_counter() - started
-        row = {"epoch": epoch, "step": step, "wall_time_s": round(wall, 1), "lr": lr,
-               "train_loss": round(float(np.mean(losses)), 6),
-               **{f"val_dice_{k}": v for k, v in validation["dice"].items()},
-               "val_mean_foreground_dice": validation["mean_foreground_dice"]}
-        history.append({**row, "validation": validation})
-        write(
-            f"epoch {epoch}/{config.epochs} step {step} loss {row['train_loss']:.4f} | val Dice "
-            + " ".join(f"{k} {v:.3f}" for k, v in validation["dice"].items())
-            + f" | mean {validation['mean_foreground_dice']:.3f} | {wall:.0f} s"
-        )
-        training_meta = {
-            "epochs_done": epoch,
-            "steps_done": step,
-            "wall_time_s": round(wall, 1),
-            "config": config.to_dict(),
-            "train_data": [v.name for v in train_volumes],
-            "validation_data": [v.name for v in val_volumes],
-            "validation": validation,
-        }
-        meta = dict(metadata or {})
-        meta["class_names"] = class_names
-        meta["training"] = {**meta.get("training", {}), **training_meta}
-        save_checkpoint(model, checkpoint, metadata=meta)
-        opt_tensors, opt_info = _optimizer_tensors(optimizer)
-        state_record = {
-            "format": "medsegkit-training-state",
-            "version": 1,
-            "model": {},
-            "metadata": {"training_state": {
+        # the epoch's loss is the mean over every rank's patches
+        epoch_loss = float(np.mean([float(np.mean(rank_losses)) for rank_losses in _gather(losses, context)]))
+        samplers = _gather(sampler.state(), context)
+        rngs = _gather(torch.get_rng_state(), context)
+        stop = False
+        if main:
+            validation = validate(model, val_volumes, class_names=class_names, divisible_by=config.divisible_by)
+            wall = elapsed_before + time.perf_counter() - started
+            row = {"epoch": epoch, "step": step, "wall_time_s": round(wall, 1), "lr": lr,
+                   "train_loss": round(epoch_loss, 6),
+                   **{f"val_dice_{k}": v for k, v in validation["dice"].items()},
+                   "val_mean_foreground_dice": validation["mean_foreground_dice"]}
+            history.append({**row, "validation": validation})
+            write(
+                f"epoch {epoch}/{config.epochs} step {step} loss {row['train_loss']:.4f} | val Dice "
+                + " ".join(f"{k} {v:.3f}" for k, v in validation["dice"].items())
+                + f" | mean {validation['mean_foreground_dice']:.3f} | {wall:.0f} s"
+            )
+            training_meta = {
+                "epochs_done": epoch,
+                "steps_done": step,
+                "wall_time_s": round(wall, 1),
+                "config": config.to_dict(),
+                "train_data": [v.name for v in train_volumes],
+                "validation_data": [v.name for v in val_volumes],
+                "validation": validation,
+            }
+            if context.is_distributed:
+                training_meta["world_size"] = context.world_size
+            meta = dict(metadata or {})
+            meta["class_names"] = class_names
+            meta["training"] = {**meta.get("training", {}), **training_meta}
+            save_checkpoint(model, checkpoint, metadata=meta)
+            opt_tensors, opt_info = _optimizer_tensors(optimizer)
+            training_state = {
                 "epoch": epoch, "step": step, "wall_time_s": wall, "config": config.to_dict(),
-                "history": history, "optimizer": opt_info, "sampler": sampler.state(),
-            }},
-        }
-        save_checkpoint({**opt_tensors, **_rng_tensors()}, state_file, record=json.loads(json.dumps(state_record)))
-        _write_csv(metrics_csv, [{k: v for k, v in h.items() if k != "validation"} for h in history])
-        if config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s:
-            write(f"time budget of {config.time_budget_s:g} s reached after epoch {epoch}")
+                "history": history, "optimizer": opt_info, "sampler": samplers[0],
+            }
+            if context.is_distributed:
+                training_state["samplers"] = samplers
+            state_record = {
+                "format": "medsegkit-training-state",
+                "version": 1,
+                "model": {},
+                "metadata": {"training_state": training_state},
+            }
+            extra = {f"rng.torch.{r}": t for r, t in enumerate(rngs) if r > 0}
+            if scaler is not None:
+                extra["amp.scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
+                extra["amp.growth_tracker"] = torch.tensor(scaler._get_growth_tracker(), dtype=torch.int64)
+            save_checkpoint({**opt_tensors, **_rng_tensors(), **extra}, state_file,
+                            record=json.loads(json.dumps(state_record)))
+            _write_csv(metrics_csv, [{k: v for k, v in h.items() if k != "validation"} for h in history])
+            if config.time_budget_s is not None and time.perf_counter() - started >= config.time_budget_s:
+                write(f"time budget of {config.time_budget_s:g} s reached after epoch {epoch}")
+                stop = True
+        # rank 0 decides (validation, files, time budget); the others wait for it here
+        barrier()
+        if context.is_distributed:
+            stop = _gather(stop, context)[0]
+        if stop:
             break
     return TrainResult(checkpoint=checkpoint, state=state_file, epoch=epoch, step=step,
                        wall_time_s=elapsed_before + time.perf_counter() - started,
