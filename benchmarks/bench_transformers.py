@@ -81,12 +81,12 @@ def peak_memory_mib(fn) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
@@ -101,6 +101,7 @@ def main() -> None:
     print("-" * len(header))
     for case in args.cases:
         print(run_case(case, args.repeats), flush=True)
+    return 0
 
 
 def run_case(case: str, repeats: int) -> str:
@@ -145,4 +146,4 @@ def run_case(case: str, repeats: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """Run every benchmark in this folder in one go (``tox -e bench``), each printing its table and ratios.
 
-Each ``bench_*.py`` module exposes ``main(argv) -> int``; extra arguments are passed to all of them.
-``python benchmarks/run_all.py --only inference`` runs one.
+Each ``bench_*.py`` module exposes ``main(argv) -> int`` and runs with its own defaults here; extra
+arguments go to the benchmark chosen with ``--only`` (``python benchmarks/run_all.py --only inference
+--sizes 96 128``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if not scripts:
         print("no benchmark matched", file=sys.stderr)
         return 2
+    if rest and len(scripts) != 1:
+        parser.error("extra arguments need exactly one benchmark chosen with --only")
     failures = 0
     for script in scripts:
         print(f"\n=== {script.stem} ===", flush=True)

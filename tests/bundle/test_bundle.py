@@ -76,9 +76,9 @@ def test_verify_reports_broken_bundle(bundle, tmp_path, capsys):
     assert "problem(s)" in capsys.readouterr().err
 
 
-def test_init_refuses_instance_models_and_existing_dirs(bundle, tmp_path):
-    with pytest.raises(ValueError, match="instance model"):
-        init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "x")
+def test_init_refuses_bad_task_and_existing_dirs(bundle, tmp_path):
+    with pytest.raises(ValueError, match="task must be 'instance'"):
+        init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "x", task="semantic")
     with pytest.raises(FileExistsError, match="--overwrite"):
         init_bundle("UNet3d", bundle, overrides=TINY)
 
@@ -169,3 +169,52 @@ def test_multi_gpu_train_config_under_torchrun_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (bundle_dir / "models" / "model.pt").is_file()
     assert result.stderr.count("Epoch[1] Complete") + result.stdout.count("Epoch[1] Complete") >= 2
+
+
+def test_strong_augmentation_bundle_options_parse(tmp_path):
+    """The generalisation recipe's options (strong augmentation, crop, label clean-up) give valid configs."""
+    bundle_dir = init_bundle("UNet3d", tmp_path / "strong", overrides=TINY, roi_size=(32, 32, 32), out_channels=2,
+                             preprocessing="mr_robust", augmentation="strong", crop_foreground=True,
+                             postprocessing=("largest_component", "fill_holes"))
+    train = json.loads((bundle_dir / "configs/train.json").read_text())
+    names = [t["_target_"] for t in train["train"]["random_transforms"]]
+    assert "RandAffined" in names and "RandBiasFieldd" in names
+    assert verify_bundle(bundle_dir)["configs"] == ["inference.json", "train.json", "evaluate.json"]
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        init_bundle("UNet3d", tmp_path / "bad", augmentation="heavy")
+    with pytest.raises(ValueError, match="postprocessing steps must be among"):
+        init_bundle("UNet3d", tmp_path / "bad2", postprocessing=("erode",))
+
+
+@pytest.mark.slow
+def test_instance_model_gets_label_map_bundle(tmp_path):
+    """Mask R-CNN: inference-only bundle; MONAI's verify passes and a run writes an instance label map."""
+    import nibabel as nib
+
+    bundle_dir = init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "maskrcnn",
+                             overrides={"min_size": 64, "max_size": 64})
+    assert not (bundle_dir / "configs/train.json").exists()
+    network_def = json.loads((bundle_dir / "configs/inference.json").read_text())["network_def"]
+    assert network_def["_target_"] == "medsegkit.bundle.components.LabelMapNetwork"
+    assert network_def["task"] == "instance"
+    report = verify_bundle(bundle_dir)
+    assert report["verify_net_in_out"] == "ok" and report["configs"] == ["inference.json"]
+    volume = np.zeros((48, 48, 2), np.float32)
+    volume[10:20, 10:20] = 100.0
+    image = tmp_path / "cells.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.5, 0.5, 2.0, 1.0])), image)
+    (written,) = run_bundle(bundle_dir, [image], tmp_path / "out")
+    result = nib.load(written)
+    assert result.shape[:3] == volume.shape
+    np.testing.assert_allclose(result.affine, np.diag([0.5, 0.5, 2.0, 1.0]), atol=1e-5)
+    labels = np.asarray(result.dataobj)
+    assert labels.dtype == np.int32 and labels.min() >= 0
+
+
+def test_universal_model_task_choice(tmp_path):
+    with pytest.raises(ValueError, match="universal models accept"):
+        init_bundle("UNet3d", tmp_path / "u", task="panoptic")
+    bundle_dir = init_bundle("maskformer_resnet_18", tmp_path / "mf", task="panoptic",
+                             overrides={"num_queries": 5})
+    network_def = json.loads((bundle_dir / "configs/inference.json").read_text())["network_def"]
+    assert network_def["task"] == "panoptic" and network_def["model"]["_target_"].startswith("medsegkit.")

@@ -47,9 +47,18 @@ class LabelMapNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from medsegkit.inference import predict
 
+        kwargs = dict(self.predict_kwargs)
+        model_dims = getattr(self.model, "spatial_dims", x.ndim - 2)
+        if x.ndim - 2 > model_dims:  # a 2D model on a RAS volume (C, X, Y, Z): axial slices, along Z
+            kwargs.setdefault("slice_axis", x.ndim - 3)
         maps = []
         for image in x:  # (C, *spatial): each item of the batch is its own image
             labels = predict(self.model.eval(), image, task=self.task, roi_size=self.roi_size, output="labels",
-                             **self.predict_kwargs)
+                             **kwargs)
             maps.append(torch.as_tensor(labels).to(torch.float32)[None])
-        return torch.stack(maps)
+        result = torch.stack(maps)
+        if type(x) is not torch.Tensor:  # a MONAI MetaTensor: keep its metadata (file name, affine) for Invertd/SaveImaged
+            from monai.utils import convert_to_dst_type
+
+            result = convert_to_dst_type(result, x, dtype=torch.float32)[0]
+        return result

@@ -100,11 +100,10 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
         report["verify_net_in_out"] = "ok"
     except Exception as err:  # reported with the others, the message names the failing check
         problems.append(f"verify_net_in_out failed: {err}")
-    dry_runs = {
-        "inference.json": ["inference.json"],
-        "train.json": ["train.json"],
-        "evaluate.json": ["train.json", "evaluate.json"],
-    }
+    inference_only = bool(metadata.get("medsegkit", {}).get("inference_only"))
+    dry_runs = {"inference.json": ["inference.json"]}
+    if not inference_only:
+        dry_runs.update({"train.json": ["train.json"], "evaluate.json": ["train.json", "evaluate.json"]})
     for name, files in dry_runs.items():
         if not (configs / name).is_file():
             problems.append(f"configs/{name} is missing")
@@ -117,7 +116,7 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
             report["configs"].append(name)
         except Exception as err:
             problems.append(f"configs/{name} does not parse: {err}")
-    if not (configs / "multi_gpu_train.json").is_file():
+    if not inference_only and not (configs / "multi_gpu_train.json").is_file():
         problems.append("configs/multi_gpu_train.json is missing")
     if problems:
         raise ValueError(f"bundle {directory} has {len(problems)} problem(s): " + "; ".join(problems))

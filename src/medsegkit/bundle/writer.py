@@ -169,7 +169,7 @@ def _label_cleanup(steps: Sequence[str], out_channels: int) -> list[dict]:
 
 
 def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Sequence[int],
-              class_names: Sequence[str], preset: str) -> dict[str, Any]:
+              class_names: Sequence[str], preset: str, label_map_task: str | None = None) -> dict[str, Any]:
     import monai
     import numpy
     import torch
@@ -179,7 +179,9 @@ def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Se
     multiple = 16 if info.spatial_dims == 3 else 32
     channel_def = {str(i): n for i, n in enumerate(class_names)} if len(class_names) == out_channels else {
         str(i): f"class {i}" for i in range(out_channels)}
-    return {
+    if label_map_task is not None:
+        channel_def = {"0": f"{label_map_task} id (0 = background)"}
+    metadata = {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
                   "meta_schema_20220324.json",
         "version": "0.1.0",
@@ -228,8 +230,12 @@ def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Se
                 }
             },
         },
-        "medsegkit": {"model": name, "roi_size": list(roi), "preprocessing": preset},
+        "medsegkit": {"model": name, "roi_size": list(roi), "preprocessing": preset,
+                      "inference_only": label_map_task is not None, "output": label_map_task or "semantic"},
     }
+    if label_map_task is not None:
+        metadata["network_data_format"]["outputs"]["pred"]["format"] = "labels"
+    return metadata
 
 
 def _common(network_def: dict, spacing: Sequence[float] | None) -> dict[str, Any]:
@@ -248,7 +254,8 @@ def _common(network_def: dict, spacing: Sequence[float] | None) -> dict[str, Any
 
 
 def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool,
-                      out_channels: int, cleanup: Sequence[str] = (), crop_foreground: bool = False) -> dict:
+                      out_channels: int, cleanup: Sequence[str] = (), crop_foreground: bool = False,
+                      label_maps: bool = False) -> dict:
     config = _common(network_def, spacing)
     config.update({
         "datalist": f"$[os.path.join(@dataset_dir, '{SAMPLE_IMAGE}')]",
@@ -280,6 +287,14 @@ def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: st
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
         "run": ["$@evaluator.run()"],
     })
+    if label_maps:  # the network already returns instance / panoptic ids: no softmax, no argmax, no blending
+        config["inferer"] = {"_target_": "SimpleInferer"}
+        config["postprocessing"]["transforms"] = [
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "meta_key_postfix": "meta_dict", "nearest_interp": True, "to_tensor": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+             "output_dtype": "$numpy.int32", "resample": False, "separate_folder": False},
+        ]
     config["imports"].append("$import numpy")
     config["imports"].append("$import monai")
     return config
@@ -479,12 +494,14 @@ def init_bundle(
     augmentation: str = "intensity",
     postprocessing: Sequence[str] = (),
     crop_foreground: bool = False,
+    task: str | None = None,
 ) -> Path:
     """Write a MONAI bundle for registry model ``model`` into ``directory``.
 
     Args:
-        model: a registry name (semantic or universal models; instance models are refused with a
-            message naming the ones accepted).
+        model: a registry name. Semantic and universal models get a full bundle (train, evaluate,
+            inference, multi-GPU); instance models, and universal models with ``task="instance"`` or
+            ``"panoptic"``, get an inference-only bundle whose network returns label maps.
         directory: the bundle folder; an existing non-empty folder is refused unless ``overwrite``.
         in_channels / out_channels: network channels; ``out_channels`` defaults to the sample task's
             4 classes (universal models: ``num_classes``).
@@ -504,17 +521,15 @@ def init_bundle(
             margin) after resampling, so scans with different fields of view look alike; inference
             pads the prediction back to the input grid.
 
+        task: for universal models, ``"semantic"`` (default), ``"instance"`` or ``"panoptic"``.
+
     Returns:
         The bundle directory.
     """
     from medsegkit.registry import get_model_spec
 
     spec = get_model_spec(model)
-    if spec.task == "instance":
-        raise ValueError(
-            f"{spec.name} is an instance model; bundles are written for semantic and universal models "
-            "(U-Net family, FCN, MaskFormer, Mask2Former). Run instance models with `medsegkit predict`."
-        )
+    label_map_task = _label_map_task(spec, task)
     if preprocessing not in PREPROCESSING_PRESETS:
         raise ValueError(f"preprocessing must be one of {PREPROCESSING_PRESETS}, got {preprocessing!r}")
     if augmentation not in AUGMENTATION_PRESETS:
@@ -528,6 +543,9 @@ def init_bundle(
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite to replace the bundle files")
     args = dict(overrides or {})
+    if label_map_task is not None:
+        return _init_label_map_bundle(spec, directory, label_map_task, args, in_channels, out_channels, checkpoint,
+                                      roi_size, spacing, preprocessing)
     class_key = "num_classes" if spec.task == "universal" else "out_channels"
     if out_channels is not None:
         args[class_key] = out_channels
@@ -563,6 +581,69 @@ def init_bundle(
     if checkpoint is not None:
         _install_checkpoint(checkpoint, directory / "models" / "model.pt")
     return directory
+
+
+def _label_map_task(spec: Any, task: str | None) -> str | None:
+    """``None`` for a trainable semantic bundle, else the label-map task of an inference-only bundle."""
+    if spec.task == "instance":
+        if task not in (None, "instance"):
+            raise ValueError(f"{spec.name} is an instance model; task must be 'instance', got {task!r}")
+        return "instance"
+    if task in (None, "semantic"):
+        return None
+    if spec.task != "universal" or task not in ("instance", "panoptic"):
+        raise ValueError(f"task={task!r} is not available for {spec.name} ({spec.task} model); "
+                         "universal models accept 'semantic', 'instance' or 'panoptic'")
+    return task
+
+
+def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str, Any], in_channels: int | None,
+                           num_classes: int | None, checkpoint, roi_size, spacing, preprocessing: str) -> Path:
+    """Inference-only bundle whose network returns instance / panoptic ids (:class:`LabelMapNetwork`)."""
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    if in_channels is not None:
+        args["in_channels"] = in_channels
+    inner, info = network_definition(spec.name, **args)
+    roi = list(roi_size) if roi_size else None
+    network_def = {"_target_": "medsegkit.bundle.components.LabelMapNetwork", "model": inner, "task": task,
+                   "roi_size": roi}
+    n_in = info.in_channels or 3
+    # detection models expect intensities in [0, 1]: the robust percentile scaling gives that
+    preset = "mr_robust" if preprocessing == "mr" else preprocessing
+    files = {
+        "configs/metadata.json": json.dumps(_metadata(spec.name, info, n_in, 1, roi or [], [], preset,
+                                                      label_map_task=task), indent=2),
+        "configs/inference.json": json.dumps(_inference_config(network_def, roi or [], spacing, preset, False, 1,
+                                                               label_maps=True), indent=2),
+        "configs/logging.conf": _LOGGING_CONF,
+        "docs/README.md": _label_map_readme(spec.name, info, task),
+        "LICENSE": _license_text(),
+    }
+    for rel, text in files.items():
+        atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
+    (directory / "models").mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        _install_checkpoint(checkpoint, directory / "models" / "model.pt")
+    return directory
+
+
+def _label_map_readme(name: str, info: Any, task: str) -> str:
+    return f"""# medsegkit bundle: {name} ({task} label maps)
+
+Inference-only bundle written by `medsegkit bundle init`: `network_def` wraps `{info.dotted_path}`
+({info.num_params:,} parameters) in `medsegkit.bundle.components.LabelMapNetwork`, which runs
+`medsegkit.inference.predict(..., task="{task}")` (slice-wise detection on volumes, tiling, merging of
+instances across windows) and returns one id per {task} segment (0 = background). Training such models
+needs their own losses (`model(images, targets)` for Mask R-CNN, `medsegkit.train.set_criterion` for
+query models), so this bundle has no train.json.
+
+```bash
+python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file configs/inference.json
+python -m monai.bundle run --config_file configs/inference.json --datalist "['scan.nii.gz']"
+medsegkit bundle run . scan.nii.gz -o out/
+```
+"""
 
 
 def _install_checkpoint(source: str | os.PathLike, target: Path) -> None:

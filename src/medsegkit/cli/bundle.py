@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--roi", type=int, nargs="+", help="sliding-window / crop size")
     p.add_argument("--spacing", type=float, nargs="+", help="target spacing in mm")
     p.add_argument("--preprocessing", choices=["mr", "mr_robust", "ct"], default="mr")
+    p.add_argument("--task", choices=["semantic", "instance", "panoptic"],
+                   help="universal models: label-map bundles for instance / panoptic output")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_init)
 
@@ -52,7 +54,7 @@ def run_init(args: argparse.Namespace) -> int:
     path = init_bundle(
         args.model, args.directory, in_channels=args.in_channels, out_channels=args.out_channels,
         overrides=dict(args.set), checkpoint=args.checkpoint, roi_size=args.roi, spacing=args.spacing,
-        preprocessing=args.preprocessing, overwrite=args.overwrite,
+        preprocessing=args.preprocessing, overwrite=args.overwrite, task=args.task,
     )
     print(f"wrote MONAI bundle for {args.model} to {path}")
     return 0

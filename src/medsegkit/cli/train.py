@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -59,7 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="from this epoch on, fix BatchNorm statistics (re-estimated once) and train the rest")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, help="torch CPU threads")
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: one GPU per process)...")
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: float16 + gradient scaling on CUDA, bfloat16 on CPUs with AVX-512 BF16 "
+                          "(elsewhere a note is printed and training stays in float32)")
+    run.add_argument("--accumulate", type=int, default=1, metavar="N",
+                     help="gradient accumulation: N micro-batches of --batch-size per optimiser step")
     run.add_argument("--metrics-csv", type=Path, help="per-epoch metrics (default: <output stem>.metrics.csv)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
@@ -130,6 +136,10 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--bn-recalibration", str(args.bn_recalibration)]
     if args.freeze_bn_from is not None:
         parts += ["--freeze-bn-from", str(args.freeze_bn_from)]
+    if args.amp:
+        parts.append("--amp")
+    if args.accumulate != 1:
+        parts += ["--accumulate", str(args.accumulate)]
     parts += ["--seed", str(args.seed)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
@@ -223,8 +233,12 @@ def run_train(args: argparse.Namespace) -> int:
         class_weights=tuple(args.class_weights) if args.class_weights else None,
         class_ratios=tuple(args.class_ratios) if args.class_ratios else None,
         intensity_scale=args.intensity_scale, intensity_shift=args.intensity_shift,
-        bn_recalibration=args.bn_recalibration, freeze_bn_from=args.freeze_bn_from, seed=args.seed, num_threads=args.threads, device=args.device,
+        bn_recalibration=args.bn_recalibration, freeze_bn_from=args.freeze_bn_from, seed=args.seed,
+        num_threads=args.threads, device=args.device, amp=args.amp, accumulate=args.accumulate,
     )
+    if args.accumulate < 1:
+        raise ValueError(f"--accumulate must be >= 1; got {args.accumulate}")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     commands = [command_line(args)]
     if args.resume is not None:  # the run so far: its own command(s) first
         from medsegkit.weights import read_checkpoint
@@ -232,10 +246,12 @@ def run_train(args: argparse.Namespace) -> int:
         previous = read_checkpoint(args.resume)[1].get("metadata", {}).get("training", {})
         earlier = previous.get("commands") or ([previous["command"]] if previous.get("command") else [])
         commands = [*earlier, *commands]
-    baseline = nearest_class_mean_baseline(train_volumes, val_volumes, names)
-    print("intensity baseline (nearest class mean) Dice: "
-          + " ".join(f"{k} {v:.3f}" for k, v in baseline["dice"].items())
-          + f" | mean {baseline['mean_foreground_dice']:.3f}", file=sys.stderr)
+    baseline: dict[str, Any] = {}
+    if main_process:  # the other torchrun ranks write nothing, so they skip the reference numbers
+        baseline = nearest_class_mean_baseline(train_volumes, val_volumes, names)
+        print("intensity baseline (nearest class mean) Dice: "
+              + " ".join(f"{k} {v:.3f}" for k, v in baseline["dice"].items())
+              + f" | mean {baseline['mean_foreground_dice']:.3f}", file=sys.stderr)
     metadata: dict[str, Any] = {
         "class_names": names,
         "preprocessing": preprocessing,
@@ -248,6 +264,8 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(model, train_volumes, val_volumes, checkpoint=args.output, class_names=names, config=config,
                    metadata=metadata, resume=args.resume, metrics_csv=args.metrics_csv,
                    progress=not args.no_progress)
+    if not main_process:
+        return 0
     dice = result.validation["dice"]
     print(f"wrote {result.checkpoint} after epoch {result.epoch} ({result.step} steps, {result.wall_time_s:.0f} s)")
     print("validation Dice: " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))

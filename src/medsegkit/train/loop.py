@@ -319,13 +319,19 @@ def train(
         progress: tqdm progress bar on stderr.
         log: where the per-epoch validation line goes (default: ``tqdm.write`` to stderr).
 
-    Returns:
-        :class:`TrainResult` (last epoch's validation, history, paths).
-    """
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
+    Distributed data parallel: launched by ``torchrun`` (``WORLD_SIZE > 1``), every process joins the
+    process group (gloo on CPU, nccl on GPU), the model is wrapped by
+    :func:`medsegkit.train.distributed.wrap_model` (DDP; SyncBatchNorm on GPUs), each rank draws its own
+    patches (sampler seeded with ``seed + rank``, so one optimiser step sees ``world_size * batch_size *
+    accumulate`` patches), and rank 0 alone validates, logs and writes the checkpoint, state and CSV
+    while the others wait at a barrier. ``train_loss`` is the mean over all ranks. Resuming needs the
+    same number of processes (each rank's patch sequence is restored).
 
-    from medsegkit.weights.checkpoint import read_checkpoint, save_checkpoint
+    Returns:
+        :class:`TrainResult` (last epoch's validation, history, paths; on ranks other than 0 the
+        validation and history are empty).
+    """
+    from medsegkit.weights.checkpoint import read_checkpoint
 
     checkpoint = Path(checkpoint)
     state_file = state_path_for(checkpoint)
@@ -370,14 +376,13 @@ def train(
         raise ValueError(f"accumulate must be >= 1 (micro-batches per optimiser step); got {config.accumulate}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    context = _distributed_context(config.device)
-    owns_group = context.is_distributed and not _group_was_initialised
+    context, owns_group = _distributed_context(config.device)
     try:
         return _run(model, train_volumes, val_volumes, context=context, checkpoint=checkpoint,
                     state_file=state_file, metrics_csv=metrics_csv, class_names=class_names, config=config,
                     metadata=metadata, resume=resume, resume_info=resume_info, resume_tensors=resume_tensors,
                     start_epoch=start_epoch, step=step, history=history, elapsed_before=elapsed_before,
-                    progress=progress, log=log, loss_factory=DiceCELoss, tqdm=tqdm, save_checkpoint=save_checkpoint)
+                    progress=progress, log=log)
     finally:
         if owns_group:
             from medsegkit.train.distributed import cleanup_distributed
@@ -385,23 +390,19 @@ def train(
             cleanup_distributed()
 
 
-_group_was_initialised = False  # replaced per call by _distributed_context
-
-
 def _distributed_context(device: str):
-    """The torchrun context (``WORLD_SIZE > 1``) or a plain single-process one on ``device``."""
-    global _group_was_initialised
+    """``(context, whether this call initialised the process group)``: the torchrun context when
+    ``WORLD_SIZE > 1``, else a plain single-process context on ``device``."""
     import torch.distributed as dist
 
     from medsegkit.train.distributed import DistributedContext, setup_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        _group_was_initialised = False
-        return DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    _group_was_initialised = dist.is_available() and dist.is_initialized()
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device(device)), False
+    already = dist.is_available() and dist.is_initialized()
     # "cuda" under torchrun: one GPU per process (cuda:LOCAL_RANK); "cpu": gloo
-    return setup_distributed(device=None if device == "cuda" else device)
+    return setup_distributed(device=None if device == "cuda" else device), not already
 
 
 def _amp_settings(requested: bool, device: torch.device) -> tuple[torch.dtype | None, str | None]:
@@ -429,11 +430,16 @@ def _gather(obj: Any, context) -> list[Any]:
 
 
 def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, metrics_csv, class_names, config,
-         metadata, resume, resume_info, resume_tensors, start_epoch, step, history, elapsed_before, progress, log,
-         loss_factory, tqdm, save_checkpoint) -> TrainResult:
+         metadata, resume, resume_info, resume_tensors, start_epoch, step, history, elapsed_before, progress,
+         log) -> TrainResult:
+    """The epochs of :func:`train` (arguments checked and resume state read there)."""
     import contextlib
 
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
     from medsegkit.train.distributed import barrier, wrap_model
+    from medsegkit.weights.checkpoint import save_checkpoint
 
     num_classes = len(class_names)
     main = context.is_main
@@ -453,7 +459,7 @@ def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, 
         seed=config.seed + context.rank,  # every rank draws its own patches: global batch = world * batch
     )
     weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
-    loss_fn = loss_factory(to_onehot_y=True, softmax=True, weight=weight,
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight,
                            lambda_dice=config.lambda_dice, lambda_ce=config.lambda_ce)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if resume_info is not None:
@@ -472,9 +478,8 @@ def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, 
     if amp_note:
         write(amp_note)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    if scaler is not None and resume_tensors.get("amp.scale") is not None:
-        scaler.load_state_dict({"scale": float(resume_tensors["amp.scale"]), "_growth_tracker":
-                                int(resume_tensors["amp.growth_tracker"])})
+    if scaler is not None and resume_info is not None and resume_info.get("grad_scaler"):
+        scaler.load_state_dict(resume_info["grad_scaler"])
     started = time.perf_counter()
     validation: dict[str, Any] = history[-1]["validation"] if history else {}
     epoch = start_epoch
@@ -568,6 +573,8 @@ def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, 
             }
             if context.is_distributed:
                 training_state["samplers"] = samplers
+            if scaler is not None:
+                training_state["grad_scaler"] = scaler.state_dict()
             state_record = {
                 "format": "medsegkit-training-state",
                 "version": 1,
@@ -575,9 +582,6 @@ def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, 
                 "metadata": {"training_state": training_state},
             }
             extra = {f"rng.torch.{r}": t for r, t in enumerate(rngs) if r > 0}
-            if scaler is not None:
-                extra["amp.scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
-                extra["amp.growth_tracker"] = torch.tensor(scaler._get_growth_tracker(), dtype=torch.int64)
             save_checkpoint({**opt_tensors, **_rng_tensors(), **extra}, state_file,
                             record=json.loads(json.dumps(state_record)))
             _write_csv(metrics_csv, [{k: v for k, v in h.items() if k != "validation"} for h in history])
@@ -590,6 +594,8 @@ def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, 
             stop = _gather(stop, context)[0]
         if stop:
             break
+    if not main:  # only rank 0 validates and keeps the history
+        validation, history = {}, []
     return TrainResult(checkpoint=checkpoint, state=state_file, epoch=epoch, step=step,
                        wall_time_s=elapsed_before + time.perf_counter() - started,
                        validation=validation, history=[{k: v for k, v in h.items() if k != "validation"} for h in history])
