@@ -6,16 +6,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# class name -> module (relative to medsegkit.nets)
+# class name -> module that defines it
 _CLASSES = {
-    "UNet": "unet",
-    "ResUNet": "unet",
-    "AttentionUNet": "unet",
-    "FCN": "fcn",
-    "MaskRCNN": "mask_rcnn",
-    "MaskFormer": "maskformer",
-    "Mask2Former": "mask2former",
-    "SemanticAdapter": "maskformer",
+    "UNet": "medsegkit.nets.unet",
+    "ResUNet": "medsegkit.nets.unet",
+    "AttentionUNet": "medsegkit.nets.unet",
+    "FCN": "medsegkit.nets.fcn",
+    "MaskRCNN": "medsegkit.nets.mask_rcnn",
+    "MaskFormer": "medsegkit.nets.maskformer",
+    "Mask2Former": "medsegkit.nets.mask2former",
+    "SemanticAdapter": "medsegkit.inference.adapters",
 }
 
 __all__ = sorted(_CLASSES)
@@ -23,7 +23,7 @@ __all__ = sorted(_CLASSES)
 
 def __getattr__(name: str) -> Any:
     if name in _CLASSES:
-        value = getattr(importlib.import_module(f"medsegkit.nets.{_CLASSES[name]}"), name)
+        value = getattr(importlib.import_module(_CLASSES[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'medsegkit.nets' has no attribute {name!r}")

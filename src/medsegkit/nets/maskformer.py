@@ -350,13 +350,3 @@ def maskformer_resnet_50_3d(**overrides: Any) -> MaskFormer:
 def maskformer_resnet_101_3d(**overrides: Any) -> MaskFormer:
     """3D MaskFormer, ResNet-101, 1 input channel, 150 classes."""
     return _maskformer(101, 3, overrides)
-
-
-def __getattr__(name: str) -> Any:
-    # ``medsegkit.nets.SemanticAdapter`` is exported through this module (see nets/__init__.py); the
-    # class lives with the inference adapters.
-    if name == "SemanticAdapter":
-        from medsegkit.inference.adapters import SemanticAdapter
-
-        return SemanticAdapter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
