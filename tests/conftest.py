@@ -1,35 +1,43 @@
-"""Shared fixtures: a tiny registered model that does not depend on any family module."""
+"""Shared fixtures: a tiny registered model that does not depend on any family module.
+
+torch is imported inside the fixture: the napari tests (their own process) must not load it.
+"""
 
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
 from medsegkit import registry
 
 
-class TinySegNet(nn.Module):
-    """Two-layer N-d conv net: (N, in_channels, *spatial) -> (N, out_channels, *spatial)."""
+def tiny_segnet_class():
+    import torch
+    from torch import nn
 
-    medsegkit_task = "semantic"
+    class TinySegNet(nn.Module):
+        """Two-layer N-d conv net: (N, in_channels, *spatial) -> (N, out_channels, *spatial)."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, width: int = 4):
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
-        self.body = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
+        medsegkit_task = "semantic"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, width: int = 4):
+            super().__init__()
+            conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+            self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+            self.body = nn.Sequential(conv(in_channels, width, 3, padding=1), nn.ReLU(), conv(width, out_channels, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    return TinySegNet
 
 
 @pytest.fixture
 def tiny_registered():
     """Register `test_tinynet_2d` for the duration of one test."""
+    tiny_segnet = tiny_segnet_class()
 
     def test_tinynet_2d(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, width: int = 4):
-        return TinySegNet(spatial_dims, in_channels, out_channels, width)
+        return tiny_segnet(spatial_dims, in_channels, out_channels, width)
 
     test_tinynet_2d.__module__ = __name__
     registry.register_model(

@@ -176,3 +176,28 @@ def test_bench_command_prints_table(capsys):
 def test_bench_without_script_is_a_usage_error(capsys, tmp_path):
     assert main(["bench", "--script", str(tmp_path / "missing.py")]) == 2
     assert "benchmark script" in _error(capsys)
+
+
+def test_predict_folder_of_images(tmp_path, capsys):
+    """`medsegkit predict CKPT INPUT_DIR -o OUTPUT_DIR`: one labelled output per input, reruns skip them."""
+    import numpy as np
+
+    from medsegkit import create_model, save_checkpoint
+    from medsegkit.io import read_image, write_image
+
+    ckpt = save_checkpoint(create_model("UNet3d", channels=(4, 8), strides=(2,)), tmp_path / "m.safetensors")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.nii.gz", "b.nrrd"):
+        write_image(rng.random((12, 10, 8)).astype(np.float32), inputs / name)
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(inputs), "-o", str(out), "--quiet"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a_seg.nii.gz", "b_seg.nrrd"]
+    assert read_image(out / "a_seg.nii.gz").array.shape == (12, 10, 8)
+    before = (out / "a_seg.nii.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(inputs), "-o", str(out), "--quiet"]) == 0
+    assert (out / "a_seg.nii.gz").stat().st_mtime_ns == before  # existing outputs are skipped
+    assert capsys.readouterr().out == ""

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medsegkit.weights.checkpoint import atomic_write
+from medsegkit.files import atomic_write
 
 __all__ = ["SAMPLE_CLASS_NAMES", "init_bundle", "network_definition", "sample_data_dir"]
 

@@ -73,7 +73,7 @@ def save_overlay(path: Path, t1: np.ndarray, reference: np.ndarray, prediction: 
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from medsegkit.weights.checkpoint import atomic_write
+    from medsegkit.files import atomic_write
 
     i_mid = int(round(t1.shape[0] * 0.36))  # off the midline: cortex and ventricles
     j_mid = t1.shape[1] // 2 + 4

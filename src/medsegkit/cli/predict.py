@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="checkpoint file, or registry name")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s) or DICOM folder; several = channels")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s) or DICOM folder (several = channels), or one folder of images "
+                   "(then -o is the output folder; under torchrun the files are shared across ranks)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--checkpoint", metavar="FILE", help="weights for the registry name MODEL")
     p.add_argument("--roi", type=int, nargs="+", metavar="N", help="window size (one value or one per axis)")
@@ -86,9 +87,23 @@ def _load(args: argparse.Namespace):
     return load_checkpoint(create_model(spec.name), checkpoint).eval()
 
 
+def _folder_input(images: list[str]) -> Path | None:
+    """The input folder when IMAGE is one folder of image files (not a DICOM series folder)."""
+    if len(images) != 1 or not Path(images[0]).expanduser().is_dir():
+        return None
+    from medsegkit.inference.folder import list_images
+
+    folder = Path(images[0]).expanduser()
+    return folder if list_images(folder) else None
+
+
 def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
-    _check_output(out, args.overwrite, args.images)
+    input_folder = _folder_input(args.images)
+    if input_folder is None:
+        _check_output(out, args.overwrite, args.images)
+    elif out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; with a folder of images, -o names the output folder")
     if not 0 <= args.overlap < 1:
         raise CommandError(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.sw_batch_size < 1:
@@ -100,7 +115,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from medsegkit.inference.predict import _model_spatial_dims
     from medsegkit.io import read_image, write_image
 
-    image = read_image(args.images if len(args.images) > 1 else args.images[0])
+    image = read_image(args.images if len(args.images) > 1 else args.images[0]) if input_folder is None else None
     model = _load(args)
     dims = _model_spatial_dims(model)
     roi = None
@@ -135,25 +150,38 @@ def run_predict(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
 
+    spatial_ndim = image.spatial_ndim if image is not None else dims
+    options = dict(
+        preprocessing=args.preprocessing,
+        largest_component=args.largest_component,
+        fill_holes=args.fill_holes,
+        min_size=args.min_size,
+        output="labels" if args.output_kind == "labels" else "probabilities",
+        roi_size=roi,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        fast=args.fast,
+        tta_flips=tuple(range(spatial_ndim)) if args.tta else (),
+        progress=progress,
+    )
     try:
-        result = segment(
-            model,
-            image,
-            preprocessing=args.preprocessing,
-            largest_component=args.largest_component,
-            fill_holes=args.fill_holes,
-            min_size=args.min_size,
-            output="labels" if args.output_kind == "labels" else "probabilities",
-            roi_size=roi,
-            overlap=args.overlap,
-            sw_batch_size=args.sw_batch_size,
-            fast=args.fast,
-            tta_flips=tuple(range(image.spatial_ndim)) if args.tta else (),
-            progress=progress,
-        )
+        if input_folder is not None:
+            from medsegkit.inference.folder import predict_folder
+            from medsegkit.train.distributed import is_main_process
+
+            # under torchrun each rank takes its share of the files; existing outputs are skipped
+            written = predict_folder(model, input_folder, out, overwrite=args.overwrite,
+                                     log=None if args.quiet else lambda text: print(text, file=sys.stderr),
+                                     **options)
+            for path in written:
+                print(path)
+            if is_main_process() and not args.quiet:
+                print(f"medsegkit predict: {len(written)} file(s) written to {out}", file=sys.stderr)
+            return 0
+        result = segment(model, image, **options)
     finally:
         if bar is not None:
             bar.close()
-    written = write_image(result, out, like=image, overwrite=args.overwrite)
-    print(written)
+    written_path = write_image(result, out, like=image, overwrite=args.overwrite)
+    print(written_path)
     return 0

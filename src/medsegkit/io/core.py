@@ -223,7 +223,7 @@ def write_image(
         )
     fmt = WRITE_SUFFIXES[suffix]
 
-    from medsegkit.weights.checkpoint import atomic_write
+    from medsegkit.files import atomic_write
 
     def write(tmp: Path) -> None:
         # The backends choose compression and layout from the file name, so write to a sibling name with

@@ -271,7 +271,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def _write_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    from medsegkit.weights.checkpoint import atomic_write
+    from medsegkit.files import atomic_write
 
     columns: list[str] = []
     for row in history:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from medsegkit.errors import CheckpointError
+from medsegkit.files import atomic_write
 
 __all__ = [
     "checkpoint_record",
@@ -38,32 +38,6 @@ __all__ = [
 
 FORMAT = "medsegkit-checkpoint"
 RECORD_KEY = "medsegkit"
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file in ``path``'s folder, then rename it to ``path``.
-
-    The rename is atomic on POSIX, so readers never see half a file; on failure the temporary file is
-    removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; follow the user's umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _model_record(model: nn.Module) -> dict[str, Any]:

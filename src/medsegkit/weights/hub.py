@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from medsegkit.errors import CheckpointError
-from medsegkit.weights.checkpoint import atomic_write
+from medsegkit.files import atomic_write
 
 __all__ = ["cache_dir", "download", "hash_prefix_from_filename", "sha256_of"]
 

@@ -1,4 +1,4 @@
-"""Take the screenshots of docs/napari.md: ``xvfb-run -a python docs/images/napari_screenshots.py``.
+"""Take the screenshots of docs/napari.md: ``xvfb-run -a python scripts/napari_screenshots.py``.
 
 Opens napari with the MNI152 sample, docks the Segment widget (the shipped demo model preselected),
 runs it, and saves:

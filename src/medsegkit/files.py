@@ -1,0 +1,42 @@
+"""File helpers with no heavy imports (usable from the napari process): atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write"]
+
+
+def _current_umask() -> int:
+    try:  # Linux reports it without changing it (os.umask would briefly change it for every thread)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    The rename is atomic on POSIX, so readers never see half a file; on failure the temporary file is
+    removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; follow the user's umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
