@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "docs" / "images"  # where docs/napari.md finds them
 
 
 def _wait(app, condition, timeout_s: float) -> None:
