@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import threading
 
 import pytest
 import torch
@@ -15,25 +12,6 @@ from medsegkit import registry
 from medsegkit.errors import CheckpointError
 from medsegkit.registry import WeightsSpec
 from medsegkit.weights import hub, save_checkpoint
-
-
-@pytest.fixture
-def served(tmp_path):
-    """Serve tmp_path/'www' on 127.0.0.1; yields (folder, base_url, request_log)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    log: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, fmt, *args):
-            log.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", log
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture(autouse=True)

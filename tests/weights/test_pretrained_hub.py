@@ -7,10 +7,7 @@ here, named like torchvision's (``<name>-<first 8 hex of its sha256>.pth``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,28 +17,6 @@ import torchvision
 import medsegkit.weights
 from medsegkit import create_model, registry
 from medsegkit.errors import CheckpointError
-
-
-@pytest.fixture
-def served(tmp_path, monkeypatch):
-    """Serve tmp_path/'www' on 127.0.0.1 (port 0); MEDSEGKIT_HOME in tmp_path. Yields (folder, base_url, log)."""
-    monkeypatch.setenv("MEDSEGKIT_HOME", str(tmp_path / "home"))
-    root = tmp_path / "www"
-    root.mkdir()
-    log: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, fmt, *args):
-            log.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}", log
-    server.shutdown()
-    server.server_close()
 
 
 def _redirect(monkeypatch, name: str, url: str) -> None:

@@ -575,12 +575,7 @@ def init_bundle(
         "docs/README.md": _readme(spec.name, info, roi),
         "LICENSE": _license_text(),
     }
-    for rel, text in files.items():
-        atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
-    (directory / "models").mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        _install_checkpoint(checkpoint, directory / "models" / "model.pt")
-    return directory
+    return _write_bundle(directory, files, checkpoint)
 
 
 def _label_map_task(spec: Any, task: str | None) -> str | None:
@@ -620,12 +615,7 @@ def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str
         "docs/README.md": _label_map_readme(spec.name, info, task),
         "LICENSE": _license_text(),
     }
-    for rel, text in files.items():
-        atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
-    (directory / "models").mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        _install_checkpoint(checkpoint, directory / "models" / "model.pt")
-    return directory
+    return _write_bundle(directory, files, checkpoint)
 
 
 def _label_map_readme(name: str, info: Any, task: str) -> str:
@@ -644,6 +634,17 @@ python -m monai.bundle run --config_file configs/inference.json --datalist "['sc
 medsegkit bundle run . scan.nii.gz -o out/
 ```
 """
+
+
+def _write_bundle(directory: Path, files: Mapping[str, str], checkpoint: str | os.PathLike | None) -> Path:
+    """Write each ``files`` entry (relative path -> text) atomically, create ``models/``, and place
+    ``checkpoint`` there as ``model.pt``."""
+    for rel, text in files.items():
+        atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
+    (directory / "models").mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        _install_checkpoint(checkpoint, directory / "models" / "model.pt")
+    return directory
 
 
 def _install_checkpoint(source: str | os.PathLike, target: Path) -> None:
