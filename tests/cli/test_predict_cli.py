@@ -173,9 +173,11 @@ def test_bench_command_prints_table(capsys):
     assert "max |logits predict - MONAI| at 20^3:" in out
 
 
-def test_bench_without_script_is_a_usage_error(capsys, tmp_path):
-    assert main(["bench", "--script", str(tmp_path / "missing.py")]) == 2
-    assert "benchmark script" in _error(capsys)
+def test_bench_bad_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--sizes", "twenty"])
+    assert exit_info.value.code == 2
+    assert "invalid int value: 'twenty'" in capsys.readouterr().err
 
 
 def test_predict_folder_of_images(tmp_path, capsys):
