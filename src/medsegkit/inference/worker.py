@@ -38,6 +38,10 @@ Job kinds (``job["action"]``):
     ``"checkpoint_metadata"``).
 ``"segment"``
     see :func:`segment_job` for the keys; result ``{"path", "format", "shape", "dtype", "class_names"}``.
+``"bundle"``
+    run a MONAI bundle folder (its network, pre- and post-processing) on the layer: see
+    :func:`bundle_job`; same result as ``"segment"``. A bundle run has no cancel points: Cancel ends
+    the process (the parent's terminate path).
 
 Test hook (tests only): the environment variable ``MEDSEGKIT_WORKER_TEST_CRASH`` set to ``"start"`` or
 ``"progress"`` makes the child end itself with ``os._exit(86)`` at that point, as a segfault or an
@@ -58,7 +62,7 @@ import numpy as np
 
 from medsegkit.errors import Cancelled
 
-__all__ = ["describe_job", "run_job", "segment_job", "serve"]
+__all__ = ["bundle_job", "describe_job", "run_job", "segment_job", "serve"]
 
 TEST_CRASH_ENV = "MEDSEGKIT_WORKER_TEST_CRASH"
 TEST_CRASH_EXIT_CODE = 86
@@ -118,8 +122,10 @@ def run_job(job_id: int, job: Mapping[str, Any], messages: Any, cancel: Any) -> 
             result = describe_job(job)
         elif action == "segment":
             result = segment_job(job, tagged, cancel)
+        elif action == "bundle":
+            result = bundle_job(job, tagged, cancel)
         else:
-            raise ValueError(f"unknown worker action {action!r}; expected 'describe' or 'segment'")
+            raise ValueError(f"unknown worker action {action!r}; expected 'describe', 'segment' or 'bundle'")
         tagged.put(("result", result))
     except Cancelled:
         tagged.put(("cancelled",))
@@ -354,3 +360,121 @@ def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
     target.flush()
     del target
     return {"format": "npy", "path": str(path), "shape": list(array.shape), "dtype": str(array.dtype), **common}
+
+
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    target = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+    target[...] = array
+    target.flush()
+    del target
+
+
+def bundle_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, Any]:
+    """Run a MONAI bundle folder's ``configs/inference.json`` on one layer (child side).
+
+    The layer is written, with its geometry, to a temporary ``.nii.gz`` (:func:`medsegkit.io.write_image`),
+    :func:`medsegkit.bundle.run_bundle` runs the bundle on it (its network, preprocessing and
+    post-processing, whose ``Invertd`` brings the result back onto the input's grid), and the
+    ``<name>_seg.nii.gz`` it writes is read back (:func:`medsegkit.io.read_image`).
+
+    Keys of ``job``: ``bundle`` (the bundle folder), and ``input``, ``rgb``, ``channel_axis``,
+    ``world_affine``, ``output_dir``, ``threads`` as for :func:`segment_job` (the bundle's
+    ``network_data_format`` gives the input channels and spatial dims). ``cancel`` is checked before and
+    after the run only: a bundle run cannot stop between windows.
+
+    Returns:
+        As :func:`segment_job`: ``{"format": "npy", "path", "shape", "dtype", "class_names", "task",
+        "layer_channel_axis"}``; the output is a ``(*spatial)`` label map in napari axis order on the
+        layer's grid. ``class_names`` come from the bundle's ``channel_def``.
+
+    Raises:
+        FileNotFoundError: the folder is not a bundle (no ``configs/metadata.json``).
+        ValueError: the layer does not fit the bundle, or the bundle's output is not on the layer's grid.
+    """
+    import json
+    import tempfile
+
+    import torch
+
+    from medsegkit.bundle.runner import run_bundle
+    from medsegkit.io import Image, read_image, write_image
+    from medsegkit.napari._geometry import (
+        drop_axis,
+        image_affine_from_world,
+        resolve_channel_axis,
+        reverse_spatial,
+    )
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    bundle = Path(job["bundle"]).expanduser()
+    meta_file = bundle / "configs" / "metadata.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(
+            f"{bundle} is not a MONAI bundle folder: configs/metadata.json is missing "
+            "(choose the bundle's top folder, the one holding configs/ and models/)"
+        )
+    fmt = json.loads(meta_file.read_text()).get("network_data_format", {})
+    image_fmt = fmt.get("inputs", {}).get("image", {})
+    in_channels = image_fmt.get("num_channels")
+    model_dims = len(image_fmt.get("spatial_shape") or [0, 0, 0])
+    channel_def = fmt.get("outputs", {}).get("pred", {}).get("channel_def", {}) or {}
+    class_names = [str(channel_def[k]) for k in sorted(channel_def, key=lambda k: int(k) if str(k).isdigit() else 0)]
+
+    data = np.asarray(_open_input(job["input"]))
+    channel_axis = resolve_channel_axis(
+        tuple(data.shape), rgb=bool(job.get("rgb")), choice=job.get("channel_axis", "auto"),
+        model_dims=model_dims if model_dims in (2, 3) else 3,
+        in_channels=in_channels if isinstance(in_channels, int) else None,
+    )
+    if channel_axis is not None:
+        data = np.moveaxis(data, channel_axis, 0)
+    has_channels = channel_axis is not None
+    n_spatial = data.ndim - (1 if has_channels else 0)
+    if n_spatial not in (2, 3):
+        raise ValueError(
+            f"the layer has {n_spatial} spatial axes (array shape {tuple(data.shape)}); a bundle runs on 2D or "
+            "3D images: choose the channel axis, or take one time point / one plane first"
+        )
+    world = job.get("world_affine")
+    layer_channel_axis = None if job.get("rgb") else channel_axis
+    if world is not None and layer_channel_axis is not None:
+        world = drop_axis(np.asarray(world, dtype=float), layer_channel_axis)
+    voxels = np.ascontiguousarray(reverse_spatial(data, n_spatial))
+    if voxels.dtype.kind == "b":
+        voxels = voxels.astype(np.uint8)
+    affine = image_affine_from_world(world) if world is not None else np.eye(4)
+    if cancel.is_set():
+        raise Cancelled("cancelled; no layer was added")
+
+    output_dir = Path(job["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bundle-", dir=output_dir) as tmp:
+        source = write_image(Image(voxels, affine, {"source": "napari layer"}, 0 if has_channels else None),
+                             Path(tmp) / "layer.nii.gz")
+        written = run_bundle(bundle, [source], Path(tmp) / "out")
+        if cancel.is_set():
+            raise Cancelled("cancelled; no layer was added")
+        result = read_image(written[0])
+    array = result.array
+    if result.channel_axis is not None:
+        if array.shape[result.channel_axis] != 1:
+            raise ValueError(
+                f"the bundle wrote {array.shape[result.channel_axis]} channels; a label map (one channel) is "
+                "expected: its post-processing should end with an argmax (AsDiscreted argmax=True)"
+            )
+        array = np.take(array, 0, axis=result.channel_axis)
+    spatial = voxels.shape[1:] if has_channels else voxels.shape
+    if tuple(array.shape) != tuple(spatial):
+        raise ValueError(
+            f"the bundle's output has shape {tuple(array.shape)}, not the layer's {tuple(spatial)} (i, j, k): "
+            "its post-processing must invert the preprocessing (Invertd) so the result lies on the input's grid"
+        )
+    if array.dtype.kind == "f":
+        array = np.rint(array).astype(np.int32)
+    array = np.ascontiguousarray(reverse_spatial(array, n_spatial))
+    path = output_dir / "output.npy"
+    _write_npy(array, path)
+    return {"format": "npy", "path": str(path), "shape": list(array.shape), "dtype": str(array.dtype),
+            "class_names": class_names, "label_colors": [], "layer_channel_axis": layer_channel_axis,
+            "task": "semantic"}

@@ -1,4 +1,4 @@
-"""The "Segment" dock widget: run any registry model (or a checkpoint) on an image layer.
+"""The "Segment" dock widget: run any registry model (or a checkpoint, or a MONAI bundle folder) on an image layer.
 
 The widget is a thin client. It never imports torch-side code: the model catalogue comes from a worker
 process (:mod:`medsegkit.napari._catalog`), and each Run spawns a worker process
@@ -99,6 +99,9 @@ class SegmentWidget(Container):
         self.model_info = Label(label="", value="")
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.safetensors *.pt *.pth *.ckpt",
                                    tooltip="weights for the chosen model (medsegkit checkpoint or state dict)")
+        self.bundle = FileEdit(label="bundle folder", mode="d",
+                               tooltip="a MONAI bundle folder (configs/, models/): when set, Run runs the bundle's "
+                                       "inference.json (its network, pre- and post-processing) instead of the model")
         self.pretrained = CheckBox(text="registered pretrained weights", value=False, enabled=False)
         self.roi_size = LineEdit(label="roi size", value="auto",
                                  tooltip="window size: 'auto' (the model's default), 96, or one per axis (z, y, x)")
@@ -115,7 +118,7 @@ class SegmentWidget(Container):
         self.status = Label(label="status", value="")
         self.extend([
             self.image, self.channel_axis, self.model_filter, self.model, self.model_info, self.checkpoint,
-            self.pretrained, self.roi_size, self.overlap, self.tta, self.fast, self.device, self.task,
+            self.bundle, self.pretrained, self.roi_size, self.overlap, self.tta, self.fast, self.device, self.task,
             self.output, self.run_button, self.cancel_button, self.progress, self.status,
         ])
 
@@ -263,8 +266,39 @@ class SegmentWidget(Container):
         text = str(self.checkpoint.line_edit.value).strip()
         return str(Path(text).expanduser()) if text else None
 
+    def bundle_path(self) -> str | None:
+        """The bundle folder typed or picked, or ``None`` when the field is empty."""
+        text = str(self.bundle.line_edit.value).strip()
+        return str(Path(text).expanduser()) if text else None
+
+    def _channel_choice(self) -> Any:
+        choice: Any = self.channel_axis.value
+        if choice == "none":
+            return None
+        return choice if choice == "auto" else int(choice)
+
+    def _build_bundle_job(self, bundle: str, layer: Any) -> dict[str, Any]:
+        if not Path(bundle).is_dir():
+            raise ValueError(f"bundle folder {bundle} does not exist or is not a folder")
+        if self.output.value != "labels":
+            raise ValueError("a bundle writes a label map (its post-processing decides the output): "
+                             "choose output 'labels'")
+        return {
+            "action": "bundle",
+            "bundle": bundle,
+            "rgb": bool(layer.rgb),
+            "channel_axis": self._channel_choice(),
+            "world_affine": data_to_world_matrix(layer).tolist(),
+            "output": "labels",
+            "threads": max(1, (os.cpu_count() or 2) - 1),
+            "label": Path(bundle).resolve().name,
+        }
+
     def build_job(self) -> tuple[dict[str, Any], Any, Any]:
         """The worker job for the current settings, the source layer and its data (full resolution).
+
+        With a bundle folder set, the job runs that bundle (``"action": "bundle"``) and the model list is
+        ignored.
 
         Raises:
             ValueError: nothing to run, or a model without weights (the message says what to choose).
@@ -272,6 +306,10 @@ class SegmentWidget(Container):
         layer = self.image.value
         if layer is None:
             raise ValueError("choose an image layer to segment (open an image or File > Open Sample)")
+        data = layer.data[0] if layer.multiscale else layer.data
+        bundle = self.bundle_path()
+        if bundle is not None:
+            return self._build_bundle_job(bundle, layer), layer, data
         entry = self.entry()
         if entry is None:
             raise ValueError("choose a model (the list is still loading)" if self._catalog is None
@@ -292,12 +330,8 @@ class SegmentWidget(Container):
                 )
             model = {"name": entry["name"], "checkpoint": checkpoint, "pretrained": pretrained and not checkpoint}
             label = entry["name"]
-        data = layer.data[0] if layer.multiscale else layer.data
         ndim = layer.ndim
-        channel_choice: Any = self.channel_axis.value
-        channel_choice = None if channel_choice == "none" else channel_choice
-        if channel_choice not in (None, "auto"):
-            channel_choice = int(channel_choice)
+        channel_choice = self._channel_choice()
         info = entry.get("info") or {}
         predict: dict[str, Any] = {
             "roi_size": parse_roi_size(self.roi_size.value),
@@ -356,11 +390,16 @@ class SegmentWidget(Container):
         self.cancel_button.enabled = True
         self.progress.max = 1
         self.progress.value = 0
-        self.status.value = f"running {job['label']} on {layer.name}…"
+        what = f"bundle {job['label']}" if job["action"] == "bundle" else job["label"]
+        self.status.value = f"running {what} on {layer.name}…"
         thread_worker.start()
 
     def cancel(self, *_: Any) -> None:
-        """Stop the running job at its next window batch (the process is ended if it does not stop)."""
+        """Stop the running job at its next window batch (the process is ended if it does not stop).
+
+        A bundle run has no window batches to stop at: its worker process is terminated after the grace
+        period (``WorkerJob.cancel_grace_s``); the next Run starts a fresh one.
+        """
         if self._job is None:
             return
         self.status.value = "cancelling…"
