@@ -5,40 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from training_data import TINY, blob_volume, small_config
 
 from medsegkit import create_model
 from medsegkit.cli import main
 from medsegkit.io import Image, write_image
 from medsegkit.train.baseline import nearest_class_mean_baseline
-from medsegkit.train.data import LabelledVolume, PatchSampler, split_axial
+from medsegkit.train.data import PatchSampler, split_axial
 from medsegkit.train.loop import TrainConfig, recalibrate_batchnorm, state_path_for, train
 from medsegkit.weights import load_model
-
-TINY = {"out_channels": 3, "channels": (4, 8), "strides": (2,), "layout": "classic"}
-
-
-def _volume(seed: int = 0, size: int = 24) -> LabelledVolume:
-    """Two nested blobs: class 1 (intensity ~0.5) around class 2 (~0.9), background ~0.1, plus noise."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
-    dist = np.linalg.norm(grid - (size / 2 + rng.uniform(-2, 2, (3, 1, 1, 1))), axis=0)
-    label = np.where(dist < size / 5, 2, np.where(dist < size / 3, 1, 0)).astype(np.int64)
-    image = np.array([0.1, 0.5, 0.9], np.float32)[label] + rng.normal(0, 0.08, label.shape).astype(np.float32)
-    return LabelledVolume(image[None], label, np.eye(4), name=f"blob{seed}")
-
-
-def _config(**kw) -> TrainConfig:
-    base = dict(epochs=4, steps_per_epoch=4, patch_size=(16, 16, 16), lr=1e-2, seed=0, num_threads=1,
-                divisible_by=2, intensity_scale=0.0, intensity_shift=0.0)
-    return TrainConfig(**{**base, **kw})
 
 
 def test_short_run_lowers_loss_and_writes_loadable_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = create_model("UNet3d", **TINY)
     out = tmp_path / "model.safetensors"
-    result = train(model, [_volume(0)], [_volume(1)], checkpoint=out, class_names=["bg", "shell", "core"],
-                   config=_config(), metadata={"preprocessing": {"orientation": None}}, progress=False,
+    result = train(model, [blob_volume(0)], [blob_volume(1)], checkpoint=out, class_names=["bg", "shell", "core"],
+                   config=small_config(), metadata={"preprocessing": {"orientation": None}}, progress=False,
                    log=lambda line: None)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
@@ -60,20 +43,20 @@ def test_resume_continues_from_saved_epoch_like_an_uninterrupted_run(tmp_path):
     names = ["bg", "shell", "core"]
     torch.manual_seed(0)
     straight = create_model("UNet3d", **TINY)
-    full = train(straight, [_volume(0)], [_volume(1)], checkpoint=tmp_path / "a.safetensors", class_names=names,
-                 config=_config(epochs=3), progress=False, log=lambda line: None)
+    full = train(straight, [blob_volume(0)], [blob_volume(1)], checkpoint=tmp_path / "a.safetensors", class_names=names,
+                 config=small_config(epochs=3), progress=False, log=lambda line: None)
 
     torch.manual_seed(0)
     first = create_model("UNet3d", **TINY)
-    stopped = train(first, [_volume(0)], [_volume(1)], checkpoint=tmp_path / "b.safetensors", class_names=names,
-                    config=_config(epochs=3, time_budget_s=0.0), progress=False, log=lambda line: None)
+    stopped = train(first, [blob_volume(0)], [blob_volume(1)], checkpoint=tmp_path / "b.safetensors", class_names=names,
+                    config=small_config(epochs=3, time_budget_s=0.0), progress=False, log=lambda line: None)
     assert stopped.epoch == 1  # the time budget stopped it after the first epoch
     assert state_path_for(tmp_path / "b.safetensors").exists()
 
     fresh = create_model("UNet3d", **TINY)  # different random weights: resume must overwrite them
     lines: list[str] = []
-    resumed = train(fresh, [_volume(0)], [_volume(1)], checkpoint=tmp_path / "c.safetensors", class_names=names,
-                    config=_config(epochs=3), resume=tmp_path / "b.safetensors", progress=False, log=lines.append)
+    resumed = train(fresh, [blob_volume(0)], [blob_volume(1)], checkpoint=tmp_path / "c.safetensors", class_names=names,
+                    config=small_config(epochs=3), resume=tmp_path / "b.safetensors", progress=False, log=lines.append)
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
     assert resumed.step == full.step == 12
     assert lines[0].startswith("epoch 2/3")
@@ -84,7 +67,7 @@ def test_resume_continues_from_saved_epoch_like_an_uninterrupted_run(tmp_path):
 
 
 def test_patch_sampler_biases_towards_rare_class():
-    volume = _volume(0, size=32)
+    volume = blob_volume(0, size=32)
     counts = np.zeros(3)
     sampler = PatchSampler([volume], patch_size=(6, 6, 6), num_classes=3, class_ratios=(0, 0, 1), flip_axes=(),
                            divisible_by=1, seed=0)
@@ -96,7 +79,7 @@ def test_patch_sampler_biases_towards_rare_class():
 
 
 def test_split_axial_and_baseline():
-    volume = _volume(0)
+    volume = blob_volume(0)
     train_part, held_out = split_axial(volume, 10)
     assert train_part.label.shape == (24, 24, 10) and held_out.score_from == 10
     result = nearest_class_mean_baseline([train_part], [held_out], ["bg", "shell", "core"])
@@ -114,12 +97,12 @@ def test_config_rejects_unknown_fields():
 def test_class_count_mismatch():
     model = create_model("UNet3d", **TINY)
     with pytest.raises(ValueError, match="3 output channels but 2 class names"):
-        train(model, [_volume(0)], [_volume(1)], checkpoint="unused.safetensors", class_names=["a", "b"],
-              config=_config(), progress=False)
+        train(model, [blob_volume(0)], [blob_volume(1)], checkpoint="unused.safetensors", class_names=["a", "b"],
+              config=small_config(), progress=False)
 
 
 def test_train_cli_then_resume(tmp_path, capsys):
-    volume = _volume(0)
+    volume = blob_volume(0)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     image = write_image(Image((volume.image[0] * 255).astype(np.uint8), affine), tmp_path / "t1.nii.gz")
     label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
@@ -151,7 +134,7 @@ def test_batchnorm_recalibration_averages_over_patches():
     first_norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
     seen: list[torch.Tensor] = []
     first_norm.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0].mean(dim=(0, 2, 3, 4))))
-    sampler = PatchSampler([_volume(0)], patch_size=(8, 8, 8), num_classes=3, divisible_by=2, seed=0)
+    sampler = PatchSampler([blob_volume(0)], patch_size=(8, 8, 8), num_classes=3, divisible_by=2, seed=0)
     model.eval()
     assert recalibrate_batchnorm(model, sampler, 5) == sum(
         isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
@@ -162,8 +145,8 @@ def test_batchnorm_recalibration_averages_over_patches():
 
 def test_train_with_recalibration_records_it(tmp_path):
     model = create_model("UNet3d", **TINY)
-    result = train(model, [_volume(0)], [_volume(1)], checkpoint=tmp_path / "m.pt", class_names=["a", "b", "c"],
-                   config=_config(epochs=1, bn_recalibration=3), progress=False, log=lambda line: None)
+    result = train(model, [blob_volume(0)], [blob_volume(1)], checkpoint=tmp_path / "m.pt", class_names=["a", "b", "c"],
+                   config=small_config(epochs=1, bn_recalibration=3), progress=False, log=lambda line: None)
     assert load_model(result.checkpoint).medsegkit_metadata["training"]["config"]["bn_recalibration"] == 3
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
     assert all(int(m.num_batches_tracked) == 3 for m in norms)
@@ -172,8 +155,8 @@ def test_train_with_recalibration_records_it(tmp_path):
 def test_freeze_batchnorm_phase_fixes_statistics(tmp_path):
     model = create_model("UNet3d", **TINY)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
-    train(model, [_volume(0)], [_volume(1)], checkpoint=tmp_path / "m.safetensors", class_names=["a", "b", "c"],
-          config=_config(epochs=2, freeze_bn_from=2, bn_recalibration=3), progress=False, log=lambda line: None)
+    train(model, [blob_volume(0)], [blob_volume(1)], checkpoint=tmp_path / "m.safetensors", class_names=["a", "b", "c"],
+          config=small_config(epochs=2, freeze_bn_from=2, bn_recalibration=3), progress=False, log=lambda line: None)
     # epoch 1 trained with batch statistics (4 steps, momentum updates); epoch 2 re-estimated them over
     # max(3, 50) patches and then left them alone while the weights trained on
     assert all(int(m.num_batches_tracked) == 50 for m in norms)

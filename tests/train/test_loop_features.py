@@ -7,40 +7,22 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
+from training_data import TINY, blob_volume, small_config
 
 from medsegkit import create_model
 from medsegkit.cli import main
-from medsegkit.train.data import LabelledVolume
-from medsegkit.train.loop import TrainConfig, state_path_for, train
+from medsegkit.train.loop import state_path_for, train
 from medsegkit.weights import load_model, read_checkpoint
 
-TINY = {"out_channels": 3, "channels": (4, 8), "strides": (2,), "layout": "classic"}
 NAMES = ["bg", "shell", "core"]
-
-
-def _volume(seed: int = 0, size: int = 24) -> LabelledVolume:
-    """Two nested blobs: class 1 (intensity ~0.5) around class 2 (~0.9), background ~0.1, plus noise."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
-    dist = np.linalg.norm(grid - (size / 2 + rng.uniform(-2, 2, (3, 1, 1, 1))), axis=0)
-    label = np.where(dist < size / 5, 2, np.where(dist < size / 3, 1, 0)).astype(np.int64)
-    image = np.array([0.1, 0.5, 0.9], np.float32)[label] + rng.normal(0, 0.08, label.shape).astype(np.float32)
-    return LabelledVolume(image[None], label, np.eye(4), name=f"blob{seed}")
-
-
-def _config(**kw) -> TrainConfig:
-    base = dict(epochs=4, steps_per_epoch=4, patch_size=(16, 16, 16), lr=1e-2, seed=0, num_threads=1,
-                divisible_by=2, intensity_scale=0.0, intensity_shift=0.0)
-    return TrainConfig(**{**base, **kw})
 
 
 def _run(tmp_path, name, config, *, model=None, arch=TINY, seed=0, **kw):
     torch.manual_seed(seed)
     model = model if model is not None else create_model("UNet3d", **arch)  # same seed: same initial weights
-    result = train(model, [_volume(0)], [_volume(1)], checkpoint=tmp_path / f"{name}.safetensors", class_names=NAMES,
+    result = train(model, [blob_volume(0)], [blob_volume(1)], checkpoint=tmp_path / f"{name}.safetensors", class_names=NAMES,
                    config=config, progress=False, log=kw.pop("log", lambda line: None), **kw)
     return model, result
 
@@ -54,8 +36,8 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
     """Instance norm is batch-independent and the loss a per-patch mean, so 2 × batch 1 == 1 × batch 2."""
     instance = {**TINY, "norm": "instance"}
     one = dict(epochs=1, steps_per_epoch=1, flip_axes=(0, 1))
-    big, big_run = _run(tmp_path, "batch2", _config(batch_size=2, **one), arch=instance)
-    acc, acc_run = _run(tmp_path, "accum2", _config(batch_size=1, accumulate=2, **one),
+    big, big_run = _run(tmp_path, "batch2", small_config(batch_size=2, **one), arch=instance)
+    acc, acc_run = _run(tmp_path, "accum2", small_config(batch_size=1, accumulate=2, **one),
                         arch=instance)
     assert big_run.step == acc_run.step == 1
     assert big_run.history[0]["train_loss"] == pytest.approx(acc_run.history[0]["train_loss"], abs=1e-5)
@@ -75,7 +57,7 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
         checked += int(clear.sum())
     assert checked > 0.9 * sum(p.numel() for p in big.parameters())
     # without accumulation one micro-batch of 1 gives a different gradient (the check above can fail)
-    _run(tmp_path, "batch1", _config(batch_size=1, **one), arch=instance)
+    _run(tmp_path, "batch1", small_config(batch_size=1, **one), arch=instance)
     single = _adam_moments(tmp_path / "batch1.safetensors")
     assert any(not torch.allclose(single[k], big_m[k], rtol=1e-2) for k in big_m)
     assert load_model(tmp_path / "accum2.safetensors").medsegkit_metadata["training"]["config"]["accumulate"] == 2
@@ -83,7 +65,7 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
 
 def test_accumulate_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="accumulate must be >= 1"):
-        _run(tmp_path, "bad", _config(accumulate=0))
+        _run(tmp_path, "bad", small_config(accumulate=0))
 
 
 def test_amp_trains_in_reduced_precision_and_lowers_the_loss(tmp_path):
@@ -92,7 +74,7 @@ def test_amp_trains_in_reduced_precision_and_lowers_the_loss(tmp_path):
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d))
     first_conv.register_forward_hook(lambda mod, inputs, out: dtypes.add(out.dtype) if mod.training else None)
     lines: list[str] = []
-    _, result = _run(tmp_path, "amp", _config(amp=True, epochs=4), model=model, log=lines.append)
+    _, result = _run(tmp_path, "amp", small_config(amp=True, epochs=4), model=model, log=lines.append)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     if torch.cpu._is_avx512_bf16_supported():
@@ -113,18 +95,18 @@ def test_amp_falls_back_to_float32_with_a_note(tmp_path, monkeypatch):
     next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d)).register_forward_hook(
         lambda mod, inputs, out: dtypes.add(out.dtype))
     lines: list[str] = []
-    _run(tmp_path, "fallback", _config(amp=True, epochs=1, steps_per_epoch=2), model=model, log=lines.append)
+    _run(tmp_path, "fallback", small_config(amp=True, epochs=1, steps_per_epoch=2), model=model, log=lines.append)
     assert lines[0] == "--amp: this CPU has no AVX-512 BF16 support; training in float32"
     assert dtypes == {torch.float32}
 
 
 def test_resumed_run_reproduces_the_loss_curve_exactly(tmp_path):
     """4 epochs straight == 2 epochs, then --resume to 4 (per-epoch losses, weights, optimizer state)."""
-    straight, full = _run(tmp_path, "straight", _config(epochs=4))
-    _run(tmp_path, "part", _config(epochs=2))
+    straight, full = _run(tmp_path, "straight", small_config(epochs=4))
+    _run(tmp_path, "part", small_config(epochs=2))
     torch.manual_seed(1)
     resumed_model = create_model("UNet3d", **TINY)  # other random weights: resume must replace them
-    _, resumed = _run(tmp_path, "resumed", _config(epochs=4), model=resumed_model, resume=tmp_path / "part.safetensors")
+    _, resumed = _run(tmp_path, "resumed", small_config(epochs=4), model=resumed_model, resume=tmp_path / "part.safetensors")
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4] and resumed.step == full.step == 16
     for a, b in zip(full.history, resumed.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6), (a, b)
