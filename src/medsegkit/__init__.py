@@ -6,8 +6,9 @@ napari process can import the package without importing torch-side modules.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from medsegkit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -42,15 +43,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsegkit.registry import ModelInfo, create_model, list_models, model_info, register_model  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"medsegkit.{name}")
-    raise AttributeError(f"module 'medsegkit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+__getattr__, __dir__ = lazy_exports("medsegkit", _LAZY, globals(), submodules=_SUBMODULES)

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medsegkit._lazy import lazy_exports
 
 # class name -> module that defines it
 _CLASSES = {
@@ -21,13 +20,4 @@ _CLASSES = {
 __all__ = sorted(_CLASSES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _CLASSES:
-        value = getattr(importlib.import_module(_CLASSES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'medsegkit.nets' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_CLASSES))
+__getattr__, __dir__ = lazy_exports("medsegkit.nets", _CLASSES, globals())

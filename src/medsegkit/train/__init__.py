@@ -5,8 +5,7 @@ Names are loaded on first use so ``import medsegkit.train`` stays quick.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from medsegkit._lazy import lazy_exports
 
 _LAZY = {
     "TrainConfig": "medsegkit.train.loop",
@@ -36,13 +35,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'medsegkit.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports("medsegkit.train", _LAZY, globals())
