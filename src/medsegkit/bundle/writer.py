@@ -425,7 +425,10 @@ def _multi_gpu_config() -> dict:
             "$monai.utils.set_determinism(seed=123)",
         ],
         "run": ["$@train#trainer.run()"],
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+        # every rank reaches the barrier before any tears its process group down, so no rank shuts gloo's
+        # threads while a peer (rank 0 saving and logging) still has traffic in flight
+        "finalize": ["$dist.is_initialized() and dist.barrier()",
+                     "$dist.is_initialized() and dist.destroy_process_group()"],
     }
 
 

@@ -83,10 +83,15 @@ def setup_distributed(backend: str | None = None, device: str | None = None) -> 
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(barrier: bool = True) -> None:
+    """Destroy the process group (if any). ``barrier``: first wait until every rank gets here, so no rank
+    shuts its group down while a peer still has traffic in flight; pass ``False`` on an error path, where
+    the other ranks may never arrive (torchrun then stops them)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

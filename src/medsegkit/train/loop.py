@@ -377,17 +377,20 @@ def train(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     context, owns_group = _distributed_context(config.device)
+    finished = False
     try:
-        return _run(model, train_volumes, val_volumes, context=context, checkpoint=checkpoint,
+        result = _run(model, train_volumes, val_volumes, context=context, checkpoint=checkpoint,
                     state_file=state_file, metrics_csv=metrics_csv, class_names=class_names, config=config,
                     metadata=metadata, resume=resume, resume_info=resume_info, resume_tensors=resume_tensors,
                     start_epoch=start_epoch, step=step, history=history, elapsed_before=elapsed_before,
                     progress=progress, log=log)
+        finished = True
+        return result
     finally:
         if owns_group:
             from medsegkit.train.distributed import cleanup_distributed
 
-            cleanup_distributed()
+            cleanup_distributed(barrier=finished)
 
 
 def _distributed_context(device: str):
