@@ -172,6 +172,90 @@ def test_model_mode_restored(model3d):
         model3d.eval()
 
 
+def test_default_path_runs_3d_weights_channels_last_and_gives_them_back(model3d):
+    """The default path re-lays out the 5-D weights for the run only: same tensors, same bytes after it."""
+    from medsegkit.inference.fast import prepare_model
+
+    before = {name: (t.data_ptr(), t.stride()) for name, t in model3d.state_dict().items()}
+    prepared = prepare_model(model3d, device=torch.device("cpu"), fast=False, amp=False, example_shape=(1, 1, 16, 16, 16))
+    try:
+        assert prepared.memory_format is torch.channels_last_3d and "channels-last-3d" in prepared.notes
+        conv_weights = [t for t in model3d.parameters() if t.dim() == 5]
+        assert conv_weights and all(w.stride() == torch.empty(w.shape, memory_format=torch.channels_last_3d,
+                                                               device="meta").stride() for w in conv_weights)
+    finally:
+        prepared.restore()
+    assert {name: (t.data_ptr(), t.stride()) for name, t in model3d.state_dict().items()} == before
+    predict(model3d, _volume((20, 20, 20)), roi_size=16)
+    assert {name: (t.data_ptr(), t.stride()) for name, t in model3d.state_dict().items()} == before
+
+
+def test_weights_given_back_when_predict_fails(model3d):
+    before = {name: t.data_ptr() for name, t in model3d.state_dict().items()}
+    with pytest.raises(Cancelled):
+        predict(model3d, _volume((20, 20, 20)), roi_size=16, progress=_raise_cancelled)
+    assert {name: t.data_ptr() for name, t in model3d.state_dict().items()} == before
+
+
+def _raise_cancelled(done, total):
+    raise Cancelled("stop")
+
+
+def test_one_channel_batch_gets_channels_last_strides_without_a_copy():
+    from medsegkit.inference.fast import to_memory_format
+
+    batch = torch.randn(2, 1, 6, 7, 8)
+    restrided = to_memory_format(batch, torch.channels_last_3d)
+    assert restrided.data_ptr() == batch.data_ptr()
+    assert restrided.stride() == (336, 1, 56, 8, 1)  # what torch.empty(..., memory_format=channels_last_3d) has
+    assert torch.equal(restrided, batch)
+    three = torch.randn(2, 3, 4, 5, 6)
+    assert to_memory_format(three, torch.channels_last_3d).stride() == (360, 1, 90, 18, 3)
+
+
+class _ViewingNet(nn.Module):
+    """A 3D model that reshapes an activation with .view(), which a channels-last layout refuses."""
+
+    medsegkit_task, spatial_dims, in_channels, out_channels = "semantic", 3, 1, 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        flat = y.view(y.shape[0], -1)  # merges channels with space: raises on a channels-last y
+        return self.head(torch.tanh(flat).view(y.shape))
+
+
+def test_model_refusing_channels_last_runs_contiguous(caplog):
+    torch.manual_seed(0)
+    model = _ViewingNet().eval()
+    x = _volume((1, 1, 24, 20, 20))
+    with caplog.at_level(logging.INFO, logger="medsegkit.inference"):
+        logits = predict(model, x, roi_size=16, output="logits")
+    assert "cannot run channels-last" in caplog.text
+    reference = sliding_window_inference(x, (16, 16, 16), 4, model, overlap=0.5, mode="gaussian")
+    assert torch.allclose(logits, reference, atol=TOL, rtol=0)
+    assert all(t.is_contiguous() for t in model.parameters())
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_labels_without_weight_normalisation_equal_labels_of_blended_logits(classes):
+    """Label maps skip the division by the weight sums; they equal the labels of the blended outputs."""
+    model = _model(out_channels=classes)
+    x = _volume((1, 1, 30, 26, 22))
+    for tta in ((), (0, 2)):
+        labels = predict(model, x, roi_size=16, tta_flips=tta)
+        blended = predict(model, x, roi_size=16, tta_flips=tta, output="probabilities" if tta else "logits")
+        if classes == 1:
+            expected = (blended[:, 0] > (0.5 if tta else 0.0)).to(torch.uint8)
+        else:
+            expected = blended.argmax(1).to(torch.uint8)
+        torch.testing.assert_close(labels, expected, rtol=0, atol=0)
+
+
 def test_tta_averages_probabilities_over_every_flip(model3d):
     x = _volume((1, 1, 16, 16, 16))  # one window: per-window TTA equals whole-image TTA
     expected = torch.zeros(1, 3, 16, 16, 16)

@@ -259,7 +259,7 @@ def predict_query(
         ValueError: bad task, image layout, NaN/Inf, roi_size, overlap or unsupported option.
         medsegkit.Cancelled: ``cancel`` was set.
     """
-    from medsegkit.inference.fast import prepare_model
+    from medsegkit.inference.fast import prepare_model, to_memory_format
     from medsegkit.inference.predict import (
         _as_source,
         _model_device,
@@ -308,12 +308,14 @@ def predict_query(
     run_on = torch.device(sw_device) if sw_device is not None else _model_device(model)
     channels = in_channels or source.channels * source.repeat_channels
     # the adapter gives fast=True's BatchNorm folding a tensor output to check against
-    prepared = prepare_model(SemanticAdapter(model), device=run_on, fast=fast, amp=amp, example_shape=(1, channels, *roi))
+    # (relayout=False: the query models' attention reshapes with .view(), which channels-last would break)
+    prepared = prepare_model(SemanticAdapter(model), device=run_on, fast=fast, amp=amp, example_shape=(1, channels, *roi),
+                             relayout=False)
     network = prepared.module.model
 
     def segment_windows(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
         with prepared.context():
-            outputs = network(batch.to(run_on).contiguous(memory_format=prepared.memory_format))
+            outputs = network(to_memory_format(batch.to(run_on), prepared.memory_format))
         outputs = {"pred_logits": outputs["pred_logits"].float(), "pred_masks": outputs["pred_masks"].float()}
         if task == "instance":
             maps = instance_map(outputs, threshold=threshold, mask_threshold=mask_threshold, target_size=roi)

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["PreparedModel", "amp_dtype", "bf16_supported", "fold_batchnorm", "prepare_model"]
+__all__ = ["PreparedModel", "amp_dtype", "bf16_supported", "fold_batchnorm", "prepare_model", "to_memory_format"]
 
 logger = logging.getLogger("medsegkit.inference")
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# model -> (key, folded copy); a repeated predict() on the same weights reuses the folded copy
+# model -> (key, folded copy, count); a repeated predict() on the same weights reuses the folded copy
 _FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -185,6 +185,23 @@ def _weights_key(model: nn.Module, device: torch.device, shape: tuple[int, ...])
     return (str(device), shape, tuple(state))
 
 
+def to_memory_format(batch: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``batch`` with the strides of ``memory_format``.
+
+    ``Tensor.contiguous(memory_format=...)`` returns a 1-channel batch unchanged (it already counts as
+    channels-last contiguous), keeping the NCDHW strides; oneDNN then reads that layout as contiguous and
+    converts layouts back and forth inside the network (measured: a 14 ms copy per window batch in a 3D
+    U-Net). A 1-channel batch gets the channels-last strides without a copy (same byte order)."""
+    if memory_format is torch.contiguous_format:
+        return batch.contiguous()
+    wanted = torch.empty(batch.shape, memory_format=memory_format, device="meta").stride()
+    if batch.stride() == wanted:
+        return batch
+    if batch.shape[1] == 1 and batch.is_contiguous():
+        return batch.as_strided(batch.shape, wanted)
+    return batch.contiguous(memory_format=memory_format)
+
+
 @dataclass
 class PreparedModel:
     """A model ready to run window batches, and how it will run them.
@@ -194,6 +211,8 @@ class PreparedModel:
         autocast: autocast dtype, or ``None`` for float32.
         memory_format: memory format for window batches (``torch.contiguous_format`` by default).
         notes: human-readable description of the optimisations in use (for logs and the CLI).
+        swapped: on the default path, the caller's weights given a channels-last layout for the run
+            (undone by :meth:`restore`, or at once if the model raises a layout error); else ``None``.
     """
 
     module: nn.Module
@@ -201,6 +220,7 @@ class PreparedModel:
     autocast: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
     notes: list[str] = field(default_factory=list)
+    swapped: list | None = None  # default path: (tensor, original data) of the re-laid-out weights
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -211,11 +231,33 @@ class PreparedModel:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, C, *roi)`` → float32 ``(B, K, *roi)``."""
-        if self.memory_format is not torch.contiguous_format:
-            batch = batch.contiguous(memory_format=self.memory_format)
-        with self.context():
-            result = _first_tensor(self.module(batch))
+        if self.memory_format is torch.contiguous_format:
+            with self.context():
+                return _first_tensor(self.module(batch)).float()
+        try:
+            with self.context():
+                result = _first_tensor(self.module(to_memory_format(batch, self.memory_format)))
+        except RuntimeError as error:
+            if self.swapped is None:
+                raise
+            # the default path only: a model that reshapes activations with .view() cannot run
+            # channels-last; it runs with its own weights, contiguous, from now on
+            logger.info("inference: %s cannot run channels-last (%s); running it contiguous",
+                        type(self.module).__name__, str(error).splitlines()[0])
+            self.restore()
+            self.memory_format, self.swapped = torch.contiguous_format, None
+            self.notes[:] = [note for note in self.notes if not note.startswith("channels-last")]
+            with self.context():
+                result = _first_tensor(self.module(batch))
         return result.float()
+
+    def restore(self) -> None:
+        """Put back the caller's weight tensors that the default path re-laid out (idempotent)."""
+        if self.swapped:
+            with torch.no_grad():
+                for tensor, original in self.swapped:
+                    tensor.data = original
+            self.swapped.clear()
 
 
 def prepare_model(
@@ -225,11 +267,17 @@ def prepare_model(
     fast: bool,
     amp: bool | str | torch.dtype,
     example_shape: tuple[int, ...],
+    relayout: bool = True,
 ) -> PreparedModel:
     """Prepare ``model`` for window batches of shape ``example_shape = (B, C, *roi)`` on ``device``.
 
-    ``fast=False`` keeps the model as it is (only autocast when ``amp`` asks for it); ``fast=True``
-    adds BatchNorm folding, channels-last and bf16 autocast where native (see the module docstring).
+    ``fast=False`` computes in float32 with the model's own weights (autocast only when ``amp`` asks for
+    it). For a 3D model on the CPU those weights are put in the channels-last-3d memory order for the run
+    (same values, same float32 arithmetic in another order: about 15 % faster, outputs equal to float32
+    rounding; ``relayout=False`` turns this off); :meth:`PreparedModel.restore` puts the original tensors
+    back. ``fast=True`` runs a cached
+    copy with BatchNorm folding, channels-last for 2D and 3D, and bf16 autocast where native (module
+    docstring); the caller's model is not changed.
     """
     notes: list[str] = []
     dtype = amp_dtype(device, amp if amp else (True if fast else False))
@@ -237,30 +285,50 @@ def prepare_model(
         notes.append(f"autocast {str(dtype).replace('torch.', '')}")
     elif fast or amp:
         notes.append("float32 (no native bf16 on this device)")
-    module = model
+    spatial = len(example_shape) - 2
+    if not fast:
+        if relayout and spatial == 3 and device.type == "cpu":
+            swapped = _weights_to_memory_format(model, torch.channels_last_3d)
+            notes.append("channels-last-3d")
+            return PreparedModel(module=model, device=device, autocast=dtype, notes=notes,
+                                 memory_format=torch.channels_last_3d, swapped=swapped)
+        return PreparedModel(module=model, device=device, autocast=dtype, notes=notes)
+
     memory_format = torch.contiguous_format
-    if fast:
-        spatial = len(example_shape) - 2
-        if spatial in (2, 3):
-            memory_format = torch.channels_last_3d if spatial == 3 else torch.channels_last
-        key = _weights_key(model, device, example_shape)
-        cached = _FOLD_CACHE.get(model)
-        if cached is not None and cached[0] == key:
-            module, count = cached[1], cached[2]
-        else:
-            generator = torch.Generator(device="cpu").manual_seed(0)
-            example = torch.randn(example_shape[1:], generator=generator)[None].to(device)
-            module, count = fold_batchnorm(model, example)
-            if memory_format is not torch.contiguous_format:
-                if module is model:  # never change the caller's model in place
-                    module = copy.deepcopy(model).eval()
-                module = module.to(memory_format=memory_format)
-            _FOLD_CACHE[model] = (key, module, count)
-        notes.append(f"{count} BatchNorm layer(s) folded into convolutions")
+    if spatial in (2, 3):
+        memory_format = torch.channels_last_3d if spatial == 3 else torch.channels_last
+    key = _weights_key(model, device, example_shape)
+    cached = _FOLD_CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        module, count = cached[1], cached[2]
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        example = torch.randn(example_shape[1:], generator=generator)[None].to(device)
+        module, count = fold_batchnorm(model, example)
         if memory_format is not torch.contiguous_format:
-            notes.append("channels-last" + ("-3d" if spatial == 3 else ""))
-        notes.append("inference_mode")
+            if module is model:  # never change the caller's model in place
+                module = copy.deepcopy(model).eval()
+            module = module.to(memory_format=memory_format)
+        _FOLD_CACHE[model] = (key, module, count)
+    notes.append(f"{count} BatchNorm layer(s) folded into convolutions")
+    if memory_format is not torch.contiguous_format:
+        notes.append("channels-last" + ("-3d" if spatial == 3 else ""))
+    notes.append("inference_mode")
     return PreparedModel(module=module, device=device, autocast=dtype, memory_format=memory_format, notes=notes)
+
+
+def _weights_to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> list:
+    """Give every 5-D parameter / buffer of ``model`` a ``memory_format`` copy of its data, in place
+    (the tensor objects stay the same). Returns ``[(tensor, original data), ...]`` to undo it."""
+    swapped = []
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dim() == 5:
+                relaid = to_memory_format(tensor.data, memory_format)
+                if relaid.stride() != tensor.stride():
+                    swapped.append((tensor, tensor.data))
+                    tensor.data = relaid
+    return swapped
 
 
 def describe(device: torch.device | str = "cpu") -> str:

@@ -118,7 +118,10 @@ class _Source:
         if self.kind == "torch":
             window = self.data[index]
         else:
-            window = torch.from_numpy(np.ascontiguousarray(np.asarray(self.data[index])))
+            array = np.asarray(self.data[index])
+            if not array.flags.writeable or any(step < 0 for step in array.strides):
+                array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+            window = torch.from_numpy(array)  # a strided view: the window batch makes the one copy
         if not self.has_channel:
             window = window[None]
         window = window.float()
@@ -457,7 +460,9 @@ def predict(
         sw_device: where windows run (default: the model's device).
         amp: autocast (``True``: bf16 where native, else fp16 on CUDA; or ``"bf16"`` / ``"fp16"``).
         fast: the optimised path of :mod:`medsegkit.inference.fast` (BatchNorm folding, channels-last,
-            bf16 where native, ``inference_mode``).
+            bf16 where native, ``inference_mode``). The default path stays float32 with the model's own
+            weights; a 3D model on the CPU runs them in the channels-last-3d layout for the call (put
+            back afterwards), which changes results only by float32 rounding.
         tta_flips: spatial axes of the image to mirror for test-time augmentation; every subset of
             them is run and the probabilities are averaged (nnU-Net's mirroring).
         slice_axis: for a 2D model on a volume, the spatial axis to slice along (default: the last
@@ -545,10 +550,14 @@ def predict(
     was_training = [(module, module.training) for module in model.modules()]
     model.eval()
     model_roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
-    prepared = prepare_model(
-        model, device=run_on, fast=fast, amp=amp,
-        example_shape=(1, in_channels or source.channels * source.repeat_channels, *model_roi),
-    )
+    try:
+        prepared = prepare_model(
+            model, device=run_on, fast=fast, amp=amp,
+            example_shape=(1, in_channels or source.channels * source.repeat_channels, *model_roi),
+        )
+    except BaseException:
+        _restore_modes(was_training)
+        raise
     if prepared.notes:
         logger.info("inference: %s", ", ".join(prepared.notes))
     blend_probabilities = bool(len(flip_sets) > 1 and output != "logits")
@@ -573,13 +582,16 @@ def predict(
             if blend_probabilities:
                 y = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
             total = y if total is None else total + y
-        return (total / len(flip_sets)).to(stitch)
+        if len(flip_sets) > 1:
+            total = total / len(flip_sets)
+        return total.to(stitch)
 
     batches_per_image = math.ceil(len(slices) / sw_batch_size)
     total_batches = source.batch * batches_per_image
-    writer = _Output(out, torch_in and out is None, stitch)
+    writer = None
     done = 0
     try:
+        writer = _Output(out, torch_in and out is None, stitch)
         with torch.inference_mode():
             for n in range(source.batch):
                 done = _run_image(
@@ -588,12 +600,18 @@ def predict(
                 )
         result = writer.finish()
     except BaseException:
-        writer.discard()
+        if writer is not None:
+            writer.discard()
         raise
     finally:
-        for module, mode in was_training:
-            module.training = mode
+        prepared.restore()  # the caller's weights in their own layout again
+        _restore_modes(was_training)
     return result
+
+
+def _restore_modes(was_training: list[tuple[torch.nn.Module, bool]]) -> None:
+    for module, mode in was_training:
+        module.training = mode
 
 
 def _run_image(
@@ -615,6 +633,15 @@ def _run_image(
     bounds = sorted({w[slab].start for w in slices} | {padded[slab]})
     chunks: dict[int, torch.Tensor] = {}  # chunk index -> (K, length, *others) weighted sum
     counts: dict[int, torch.Tensor] = {}  # chunk index -> (length, *others) sum of weights
+    # written chunks and the window batch are reused instead of freed and allocated again: fresh memory
+    # costs a page fault per 4 kB, which on a 3D volume adds up to a tenth of the network's time
+    spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    batch_buffer: list[torch.Tensor] = []
+    weight_in_layout: list[torch.Tensor] = []
+    # Label maps need no normalisation: every voxel's weighted sum is divided by the same positive sum of
+    # weights for all classes, which cannot change the argmax or the sign of a 1-class logit. Only a
+    # 1-class probability (threshold 0.5) and the logits / probability outputs need the weight sums.
+    normalise: bool | None = None  # decided when the number of classes is known (first window)
     finished = 0  # chunks below this index are written
     crop_others = tuple(slice(pad_before[a], pad_before[a] + source.spatial[a]) for a in others)
 
@@ -626,26 +653,49 @@ def _run_image(
             start, stop = max(lo, pad_before[slab]), min(hi, pad_before[slab] + source.spatial[slab])
             if stop > start and finished in chunks:
                 inside = (slice(start - lo, stop - lo), *crop_others)
-                values = chunks[finished][(slice(None), *inside)] / counts[finished][inside]
+                values = chunks[finished][(slice(None), *inside)]
+                if normalise:
+                    values = values / counts[finished][inside]
                 _emit(values.permute(from_slab_first), n, slab, start - pad_before[slab], stop - pad_before[slab],
                       source, output, blend_probabilities, writer)
-            chunks.pop(finished, None)
-            counts.pop(finished, None)
+            for store in (chunks, counts):
+                done_chunk = store.pop(finished, None)
+                if done_chunk is not None:
+                    spare.setdefault(tuple(done_chunk.shape), []).append(done_chunk)
             finished += 1
 
+    def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Zeros of ``shape`` in ``like``'s memory order (a channels-last network output keeps the classes
+        innermost: accumulating it into a chunk of the same order is a contiguous, vectorised FMA)."""
+        reusable = spare.get(shape)
+        if reusable:
+            return reusable.pop().zero_()
+        order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))
+        return like.new_zeros([shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
+
     def accumulate(window: tuple[slice, ...], p: torch.Tensor) -> None:
-        """Add ``p`` ``(K, roi_slab, *roi_others)`` (weighted) into the chunks the window covers."""
+        """Add ``p × weight`` (``p``: ``(K, roi_slab, *roi_others)``) into the chunks the window covers."""
+        nonlocal normalise
+        if normalise is None:
+            normalise = output != "labels" or (blend_probabilities and p.shape[0] == 1)
+        if not weight_in_layout or weight_in_layout[0].shape != p.shape or weight_in_layout[0].stride() != p.stride():
+            # the blending weight broadcast over the classes, once, in the network output's memory order
+            weight_in_layout[:] = [torch.empty_like(p).copy_(w_slab.expand_as(p))]
+        weighted = weight_in_layout[0]
         start, stop = window[slab].start, window[slab].stop
         region = tuple(window[a] for a in others)
         r = bisect.bisect_right(bounds, start) - 1
         while r < len(bounds) - 1 and bounds[r] < stop:
             lo, hi = bounds[r], bounds[r + 1]
             if r not in chunks:
-                chunks[r] = p.new_zeros((p.shape[0], hi - lo, *other_shape))
-                counts[r] = p.new_zeros((hi - lo, *other_shape))
+                chunks[r] = zeros((p.shape[0], hi - lo, *other_shape), p)
+                if normalise:
+                    counts[r] = zeros((hi - lo, *other_shape), w_slab)
             a, b = max(start, lo), min(stop, hi)
-            chunks[r][(slice(None), slice(a - lo, b - lo), *region)] += p[:, a - start:b - start]
-            counts[r][(slice(a - lo, b - lo), *region)] += w_slab[a - start:b - start]
+            chunks[r][(slice(None), slice(a - lo, b - lo), *region)].addcmul_(
+                p[:, a - start:b - start], weighted[:, a - start:b - start])
+            if normalise:
+                counts[r][(slice(a - lo, b - lo), *region)] += w_slab[a - start:b - start]
             r += 1
 
     slab_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -666,10 +716,13 @@ def _run_image(
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"inference cancelled after {done} of {total_batches} window batches")
         group = slices[first:first + sw_batch_size]
-        batch = torch.stack([read(w) for w in group]).to(run_on)
+        windows = [read(w) for w in group]
+        if not batch_buffer or batch_buffer[0].dtype != windows[0].dtype:
+            batch_buffer[:] = [windows[0].new_empty((sw_batch_size, *windows[0].shape))]
+        batch = torch.stack(windows, out=batch_buffer[0][:len(group)]).to(run_on)
         predicted = forward(batch)  # (B, K, *roi)
         for w, p in zip(group, predicted):
-            accumulate(w, (p * weight).permute(to_slab_first))
+            accumulate(w, p.permute(to_slab_first))
         done += 1
         if progress is not None:
             progress(done, total_batches)
