@@ -737,6 +737,8 @@ def _argmax(values: torch.Tensor) -> torch.Tensor:
     A loop over the K classes: torch's reduction over a leading axis is several times slower.
     """
     dtype = torch.uint8 if values.shape[0] <= 256 else torch.int32
+    if values.shape[0] == 2:  # one comparison (a tie gives 0, as argmax does)
+        return torch.gt(values[1], values[0]).to(dtype)
     best = values[0].clone()
     index = torch.zeros(values.shape[1:], dtype=dtype, device=values.device)
     for k in range(1, values.shape[0]):
