@@ -123,6 +123,46 @@ def test_masked_attention_uses_previous_layer_masks():
         assert torch.equal(attn_mask[:, 0], expected)
 
 
+@pytest.mark.parametrize(("spatial_dims", "shape"), [(2, (1, 3, 96, 64)), (3, (1, 1, 32, 64, 32))])
+def test_inference_attention_masks_from_resized_embeddings_equal_the_full_path(spatial_dims, shape):
+    """In eval, attention masks come from resized pixel embeddings (resize(E·F) = E·resize(F)); the
+    result must equal the path that predicts full-resolution masks and resizes them (as in training)."""
+    torch.manual_seed(0)
+    model = Mask2Former(3, backbone="resnet_18", spatial_dims=spatial_dims, in_channels=shape[1], **TINY).eval()
+    x = torch.randn(shape)
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: seen.append(args[4]))
+             for layer in model.decoder_layers]
+    with torch.no_grad():
+        fast = model(x)
+        for hook in hooks:
+            hook.remove()
+        # the full path, step by step, on the same eval-mode network
+        mask_features, levels = model.pixel_decoder(model.backbone(x))
+        memories, keys, sizes = [], [], []
+        for index, (projection, level) in enumerate(zip(model.input_projections, levels)):
+            sizes.append(tuple(level.shape[2:]))
+            pos = sine_position_encoding(sizes[-1], model.hidden_dim, device=level.device, dtype=level.dtype)
+            memory = (projection(level).flatten(2) + model.level_embed.weight[index][None, :, None]).transpose(1, 2)
+            memories.append(memory)
+            keys.append(memory + pos.flatten(2).transpose(1, 2))
+        hidden = model.query_feat.weight.unsqueeze(0)
+        _, _, attn_mask = model._predict(hidden, mask_features, sizes[0])
+        full_masks = [attn_mask]
+        for index, layer in enumerate(model.decoder_layers):
+            hidden = layer(hidden, model.query_embed.weight.unsqueeze(0), memories[index % 3], keys[index % 3], attn_mask)
+            last = index == len(model.decoder_layers) - 1
+            logits, masks, attn_mask = model._predict(hidden, mask_features, None if last else sizes[(index + 1) % 3])
+            if not last:
+                full_masks.append(attn_mask)
+    assert len(seen) == len(full_masks) == TINY["decoder_layers"] - 1
+    for got, expected in zip(seen, full_masks):
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(fast["pred_logits"], logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast["pred_masks"], masks, rtol=0, atol=1e-5)
+    assert "aux_outputs" not in fast
+
+
 def test_deformable_attention_matches_transformers_2d():
     pytest.importorskip("transformers")
     from transformers.models.mask2former.modeling_mask2former import (
@@ -223,3 +263,14 @@ def test_create_model_records_overrides():
         model = create_model("mask2former_swin_tiny", num_classes=4)
     assert model.num_classes == 4 and model.class_head.out_features == 5
     assert model.medsegkit_config == {"name": "mask2former_swin_tiny", "overrides": {"num_classes": 4}}
+
+
+def test_short_axis_softmax_equals_torch_softmax():
+    from medsegkit.nets.layers.deformable_attention import _softmax_short_last
+
+    x = torch.randn(2, 50, 8, 12) * 20  # large logits: the max shift must keep exp finite
+    with torch.no_grad():
+        torch.testing.assert_close(_softmax_short_last(x), x.softmax(-1), rtol=0, atol=1e-6)
+    x.requires_grad_(True)
+    _softmax_short_last(x).pow(2).sum().backward()  # training keeps torch's softmax (autograd)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -334,11 +334,19 @@ class Mask2Former(nn.Module):
             small = F.interpolate(
                 masks, size=tuple(attn_size), mode=_interp_mode(self.spatial_dims), align_corners=False
             )
-            # attend where the predicted mask is foreground; a query with an empty mask attends everywhere
-            attn_mask = small.flatten(2).sigmoid() >= 0.5
-            attn_mask = attn_mask | ~attn_mask.any(-1, keepdim=True)
-            attn_mask = attn_mask.unsqueeze(1)
+            attn_mask = _attention_mask(small)
         return self.class_head(normed), masks, attn_mask
+
+    def _attention_mask_only(self, hidden: torch.Tensor, small_features: torch.Tensor) -> torch.Tensor:
+        """The next layer's attention mask without the full-resolution masks (inference).
+
+        Bilinear / trilinear resizing (``align_corners=False``, no antialiasing) is linear in each channel,
+        and the mask logits are a linear mix of the pixel-embedding channels, so resizing the masks
+        equals mixing the resized pixel embeddings: ``resize(E · F) = E · resize(F)``. The embeddings are
+        resized once per level; each layer then does a matmul at the attention resolution (at most
+        1/8 of the pixels) instead of one at 1/4 resolution plus a resize of ``Q`` mask maps.
+        """
+        return _attention_mask(predict_masks(self.mask_embed(self.decoder_norm(hidden)), small_features))
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         check_input(self, x)
@@ -356,6 +364,22 @@ class Mask2Former(nn.Module):
         batch = x.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0)
         hidden = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+        if not self.training:
+            # only the last layer's outputs are returned: intermediate layers need just their attention mask
+            mode = _interp_mode(self.spatial_dims)
+            # one layout conversion up front: the resize kernel would make a channels-last map (a Swin
+            # backbone's features are) contiguous on every call
+            mask_features = mask_features.contiguous()
+            small_features = [F.interpolate(mask_features, size=size, mode=mode, align_corners=False)
+                              for size in sizes]
+            attn_mask = self._attention_mask_only(hidden, small_features[0])
+            for index, layer in enumerate(self.decoder_layers):
+                level = index % _NUM_LEVELS
+                hidden = layer(hidden, query_pos, memories[level], memory_keys[level], attn_mask)
+                if index < len(self.decoder_layers) - 1:
+                    attn_mask = self._attention_mask_only(hidden, small_features[(index + 1) % _NUM_LEVELS])
+            logits, masks, _ = self._predict(hidden, mask_features, None)
+            return {"pred_logits": logits, "pred_masks": masks}
         logits, masks, attn_mask = self._predict(hidden, mask_features, sizes[0])
         outputs = [{"pred_logits": logits, "pred_masks": masks}]
         for index, layer in enumerate(self.decoder_layers):
@@ -366,10 +390,16 @@ class Mask2Former(nn.Module):
                 hidden, mask_features, None if is_last else sizes[(index + 1) % _NUM_LEVELS]
             )
             outputs.append({"pred_logits": logits, "pred_masks": masks})
-        result = dict(outputs[-1])
-        if self.training:
-            result["aux_outputs"] = outputs[:-1]
-        return result
+        return {**outputs[-1], "aux_outputs": outputs[:-1]}
+
+
+def _attention_mask(mask_logits: torch.Tensor) -> torch.Tensor:
+    """``(N, Q, *spatial)`` mask logits → boolean attention mask ``(N, 1, Q, S)``: attend where the
+    predicted mask is foreground (logit ≥ 0, i.e. sigmoid ≥ 0.5); a query with an empty mask attends
+    everywhere."""
+    attn_mask = mask_logits.flatten(2).sigmoid() >= 0.5
+    attn_mask = attn_mask | ~attn_mask.any(-1, keepdim=True)
+    return attn_mask.unsqueeze(1)
 
 
 def _mask2former(backbone: str, spatial_dims: int, overrides: dict[str, Any]) -> Mask2Former:

@@ -74,6 +74,19 @@ def multi_scale_deformable_attention(
     return output.view(batch, channels, num_queries)
 
 
+def _softmax_short_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)`` for a short last axis (levels × points, e.g. 12).
+
+    The same formula in four whole-tensor passes; torch's CPU softmax kernel vectorises along the last
+    axis and spent 4.5 ms on a (1, 5376, 8, 12) tensor, these take ~1.5 ms. Autograd-safe (no in-place
+    op on a tensor that backward needs).
+    """
+    if x.requires_grad or x.device.type != "cpu":
+        return x.softmax(-1)
+    shifted = (x - x.amax(-1, keepdim=True)).exp_()
+    return shifted.div_(shifted.sum(-1, keepdim=True))
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """Multi-scale deformable attention module (parameters named as in Deformable DETR).
 
@@ -165,7 +178,7 @@ class MultiScaleDeformableAttention(nn.Module):
         grids = torch.addcmul(base, offsets, scale[:, None, :])
         grids = grids.permute(0, 2, 3, 4, 1, 5).reshape(batch * heads, levels, points, num_queries, dims)
 
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points).softmax(-1)
+        weights = _softmax_short_last(self.attention_weights(query).view(batch, num_queries, heads, levels * points))
         weights = weights.permute(0, 2, 3, 1).reshape(batch * heads, levels, points, num_queries)
 
         output = multi_scale_deformable_attention(projected, spatial_shapes, grids, weights, heads)
