@@ -58,6 +58,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from medsegkit._runtime import prefer_huge_pages
+
+    prefer_huge_pages()  # before any command imports torch
     from medsegkit.errors import Cancelled, MedsegkitError
 
     parser = build_parser()

@@ -48,6 +48,9 @@ __all__ = [
 
 def _child_entry(requests: Any, messages: Any, cancel: Any) -> None:
     """Runs in the spawned process: the first place torch-side code may be imported."""
+    from medsegkit._runtime import prefer_huge_pages
+
+    prefer_huge_pages()  # before torch's first allocation in this process
     from medsegkit.inference.worker import serve
 
     serve(requests, messages, cancel)
