@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medsegkit import create_model, list_models, model_info
 from medsegkit.nets import Mask2Former
@@ -126,41 +127,27 @@ def test_masked_attention_uses_previous_layer_masks():
 @pytest.mark.parametrize(("spatial_dims", "shape"), [(2, (1, 3, 96, 64)), (3, (1, 1, 32, 64, 32))])
 def test_inference_attention_masks_from_resized_embeddings_equal_the_full_path(spatial_dims, shape):
     """In eval, attention masks come from resized pixel embeddings (resize(E·F) = E·resize(F)); the
-    result must equal the path that predicts full-resolution masks and resizes them (as in training)."""
+    result must equal the training path, which predicts full-resolution masks and resizes them."""
     torch.manual_seed(0)
-    model = Mask2Former(3, backbone="resnet_18", spatial_dims=spatial_dims, in_channels=shape[1], **TINY).eval()
+    model = Mask2Former(3, backbone="resnet_18", spatial_dims=spatial_dims, in_channels=shape[1], **TINY)
     x = torch.randn(shape)
-    seen = []
-    hooks = [layer.register_forward_pre_hook(lambda module, args: seen.append(args[4]))
-             for layer in model.decoder_layers]
+    masks_seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for layer in model.decoder_layers:
+        layer.register_forward_pre_hook(lambda module, args: masks_seen[model.training].append(args[4]))
     with torch.no_grad():
-        fast = model(x)
-        for hook in hooks:
-            hook.remove()
-        # the full path, step by step, on the same eval-mode network
-        mask_features, levels = model.pixel_decoder(model.backbone(x))
-        memories, keys, sizes = [], [], []
-        for index, (projection, level) in enumerate(zip(model.input_projections, levels)):
-            sizes.append(tuple(level.shape[2:]))
-            pos = sine_position_encoding(sizes[-1], model.hidden_dim, device=level.device, dtype=level.dtype)
-            memory = (projection(level).flatten(2) + model.level_embed.weight[index][None, :, None]).transpose(1, 2)
-            memories.append(memory)
-            keys.append(memory + pos.flatten(2).transpose(1, 2))
-        hidden = model.query_feat.weight.unsqueeze(0)
-        _, _, attn_mask = model._predict(hidden, mask_features, sizes[0])
-        full_masks = [attn_mask]
-        for index, layer in enumerate(model.decoder_layers):
-            hidden = layer(hidden, model.query_embed.weight.unsqueeze(0), memories[index % 3], keys[index % 3], attn_mask)
-            last = index == len(model.decoder_layers) - 1
-            logits, masks, attn_mask = model._predict(hidden, mask_features, None if last else sizes[(index + 1) % 3])
-            if not last:
-                full_masks.append(attn_mask)
-    assert len(seen) == len(full_masks) == TINY["decoder_layers"] - 1
-    for got, expected in zip(seen, full_masks):
+        fast = model.eval()(x)
+        # the training branch with every layer behaving as in eval (BatchNorm statistics, no dropout)
+        model.train()
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+                module.eval()
+        full = model(x)
+    assert len(masks_seen[False]) == len(masks_seen[True]) == TINY["decoder_layers"] - 1
+    for got, expected in zip(masks_seen[False], masks_seen[True]):
         assert torch.equal(got, expected)
-    torch.testing.assert_close(fast["pred_logits"], logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast["pred_masks"], masks, rtol=0, atol=1e-5)
-    assert "aux_outputs" not in fast
+    torch.testing.assert_close(fast["pred_logits"], full["pred_logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast["pred_masks"], full["pred_masks"], rtol=0, atol=1e-5)
+    assert "aux_outputs" not in fast and len(full["aux_outputs"]) == TINY["decoder_layers"] - 1
 
 
 def test_deformable_attention_matches_transformers_2d():

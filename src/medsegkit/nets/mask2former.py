@@ -365,32 +365,37 @@ class Mask2Former(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0)
         hidden = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         if not self.training:
-            # only the last layer's outputs are returned: intermediate layers need just their attention mask
+            # inference returns only the last layer's outputs, so the layers before it need just their
+            # attention masks, from pixel embeddings resized once per level (_attention_mask_only). One
+            # layout conversion up front: the resize kernel would make a channels-last map (a Swin
+            # backbone's are) contiguous on every call.
             mode = _interp_mode(self.spatial_dims)
-            # one layout conversion up front: the resize kernel would make a channels-last map (a Swin
-            # backbone's features are) contiguous on every call
             mask_features = mask_features.contiguous()
             small_features = [F.interpolate(mask_features, size=size, mode=mode, align_corners=False)
                               for size in sizes]
-            attn_mask = self._attention_mask_only(hidden, small_features[0])
-            for index, layer in enumerate(self.decoder_layers):
-                level = index % _NUM_LEVELS
-                hidden = layer(hidden, query_pos, memories[level], memory_keys[level], attn_mask)
-                if index < len(self.decoder_layers) - 1:
-                    attn_mask = self._attention_mask_only(hidden, small_features[(index + 1) % _NUM_LEVELS])
-            logits, masks, _ = self._predict(hidden, mask_features, None)
-            return {"pred_logits": logits, "pred_masks": masks}
-        logits, masks, attn_mask = self._predict(hidden, mask_features, sizes[0])
-        outputs = [{"pred_logits": logits, "pred_masks": masks}]
+        outputs: list[dict[str, torch.Tensor]] = []
+
+        def read_out(hidden: torch.Tensor, next_level: int | None) -> torch.Tensor | None:
+            """Record the queries' outputs (every layer in training, the last in inference) and return the
+            attention mask for the next layer, which attends to ``next_level`` (``None``: no next layer)."""
+            if next_level is not None and not self.training:
+                return self._attention_mask_only(hidden, small_features[next_level])
+            logits, masks, attn_mask = self._predict(
+                hidden, mask_features, None if next_level is None else sizes[next_level]
+            )
+            outputs.append({"pred_logits": logits, "pred_masks": masks})
+            return attn_mask
+
+        attn_mask = read_out(hidden, 0)
         for index, layer in enumerate(self.decoder_layers):
             level = index % _NUM_LEVELS
             hidden = layer(hidden, query_pos, memories[level], memory_keys[level], attn_mask)
             is_last = index == len(self.decoder_layers) - 1
-            logits, masks, attn_mask = self._predict(
-                hidden, mask_features, None if is_last else sizes[(index + 1) % _NUM_LEVELS]
-            )
-            outputs.append({"pred_logits": logits, "pred_masks": masks})
-        return {**outputs[-1], "aux_outputs": outputs[:-1]}
+            attn_mask = read_out(hidden, None if is_last else (index + 1) % _NUM_LEVELS)
+        result = dict(outputs[-1])
+        if self.training:
+            result["aux_outputs"] = outputs[:-1]
+        return result
 
 
 def _attention_mask(mask_logits: torch.Tensor) -> torch.Tensor:
