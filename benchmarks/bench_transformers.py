@@ -58,14 +58,6 @@ def build_reference(name: str):
     return model.eval()
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory_mib(fn) -> float:
     """Growth of the peak resident set size while ``fn()`` runs, in MiB (Linux only).
 
@@ -76,9 +68,11 @@ def peak_memory_mib(fn) -> float:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
+    from medsegkit.inference.benchmark import current_rss_mb, peak_rss_mb
+
+    before = current_rss_mb()
     fn()
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak_rss_mb() - before
 
 
 def main(argv: list[str] | None = None) -> int:

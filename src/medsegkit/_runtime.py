@@ -6,12 +6,11 @@ Torch-free: this must run before torch allocates its first CPU tensor.
 from __future__ import annotations
 
 import os
-import sys
 
 __all__ = ["prefer_huge_pages"]
 
 
-def prefer_huge_pages() -> bool:
+def prefer_huge_pages() -> None:
     """Ask PyTorch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``).
 
     A 3D network's activations are hundreds of MB that are freed and allocated again for every window
@@ -19,9 +18,5 @@ def prefer_huge_pages() -> bool:
     546). PyTorch reads the variable once, at its first CPU allocation, so it only takes effect when set
     before that; a value the user set (``THP_MEM_ALLOC_ENABLE=0`` turns it off) is kept. Only the
     processes medsegkit starts call this: importing the library changes nothing in a user's process.
-
-    Returns:
-        whether the setting can still take effect (torch not imported yet).
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    return "torch" not in sys.modules

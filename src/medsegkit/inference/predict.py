@@ -120,7 +120,7 @@ class _Source:
         else:
             array = np.asarray(self.data[index])
             if not array.flags.writeable or any(step < 0 for step in array.strides):
-                array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+                array = array.copy()  # torch.from_numpy takes neither; the copy is C-contiguous
             window = torch.from_numpy(array)  # a strided view: the window batch makes the one copy
         if not self.has_channel:
             window = window[None]
