@@ -636,8 +636,8 @@ def _run_image(
     # written chunks and the window batch are reused instead of freed and allocated again: fresh memory
     # costs a page fault per 4 kB, which on a 3D volume adds up to a tenth of the network's time
     spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    batch_buffer: list[torch.Tensor] = []
-    weight_in_layout: list[torch.Tensor] = []
+    batch_buffer: torch.Tensor | None = None
+    weighted: torch.Tensor | None = None  # the blending weight broadcast over the classes, in the output's layout
     # Label maps need no normalisation: every voxel's weighted sum is divided by the same positive sum of
     # weights for all classes, which cannot change the argmax or the sign of a 1-class logit. Only a
     # 1-class probability (threshold 0.5) and the logits / probability outputs need the weight sums.
@@ -675,13 +675,11 @@ def _run_image(
 
     def accumulate(window: tuple[slice, ...], p: torch.Tensor) -> None:
         """Add ``p × weight`` (``p``: ``(K, roi_slab, *roi_others)``) into the chunks the window covers."""
-        nonlocal normalise
+        nonlocal normalise, weighted
         if normalise is None:
             normalise = output != "labels" or (blend_probabilities and p.shape[0] == 1)
-        if not weight_in_layout or weight_in_layout[0].shape != p.shape or weight_in_layout[0].stride() != p.stride():
-            # the blending weight broadcast over the classes, once, in the network output's memory order
-            weight_in_layout[:] = [torch.empty_like(p).copy_(w_slab.expand_as(p))]
-        weighted = weight_in_layout[0]
+        if weighted is None or weighted.shape != p.shape or weighted.stride() != p.stride():
+            weighted = torch.empty_like(p).copy_(w_slab.expand_as(p))  # once, in the network output's memory order
         start, stop = window[slab].start, window[slab].stop
         region = tuple(window[a] for a in others)
         r = bisect.bisect_right(bounds, start) - 1
@@ -717,9 +715,9 @@ def _run_image(
             raise Cancelled(f"inference cancelled after {done} of {total_batches} window batches")
         group = slices[first:first + sw_batch_size]
         windows = [read(w) for w in group]
-        if not batch_buffer or batch_buffer[0].dtype != windows[0].dtype:
-            batch_buffer[:] = [windows[0].new_empty((sw_batch_size, *windows[0].shape))]
-        batch = torch.stack(windows, out=batch_buffer[0][:len(group)]).to(run_on)
+        if batch_buffer is None or batch_buffer.dtype != windows[0].dtype:
+            batch_buffer = windows[0].new_empty((sw_batch_size, *windows[0].shape))
+        batch = torch.stack(windows, out=batch_buffer[:len(group)]).to(run_on)
         predicted = forward(batch)  # (B, K, *roi)
         for w, p in zip(group, predicted):
             accumulate(w, p.permute(to_slab_first))
