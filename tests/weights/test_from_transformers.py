@@ -36,6 +36,7 @@ def swin_config():
 
 
 def hf_maskformer(backbone_config):
+    torch.manual_seed(0)  # transformers' own init draws from the global generator
     config = transformers.MaskFormerConfig(
         backbone_config=backbone_config,
         num_labels=5,
@@ -54,6 +55,7 @@ def hf_maskformer(backbone_config):
 
 
 def hf_mask2former(backbone_config):
+    torch.manual_seed(0)  # transformers' own init draws from the global generator
     config = transformers.Mask2FormerConfig(
         backbone_config=backbone_config,
         num_labels=5,
@@ -106,6 +108,45 @@ def test_maskformer_resnet_parity(kind):
     assert ours.backbone.depth == (18 if kind == "basic" else 50)
     assert ours.num_classes == 5 and ours.num_queries == 10
     assert_parity(hf_model, ours)
+
+
+@pytest.mark.slow
+def test_maskformer_parity_on_the_fast_inference_path(monkeypatch):
+    """Full-width FPN (256) on a 48² stride-4 map: the Winograd conv and the folded mask projection run.
+
+    Winograd moves results by float rounding, ~5e-6 of the output's scale here (masks reach ~15-20 on
+    this randomised model), so masks are compared relative to their scale; the plain path
+    (``fast_inference=False``) meets the absolute 1e-4."""
+    torch.manual_seed(0)
+    config = transformers.MaskFormerConfig(
+        backbone_config=resnet_config("bottleneck"),
+        num_labels=5,
+        decoder_config={"model_type": "detr", "decoder_layers": 2, "num_queries": 10},
+    )
+    hf_model = _randomised(transformers.MaskFormerForInstanceSegmentation(config))
+    ours = convert(hf_model, source="transformers")
+    assert ours.backbone.fast_inference and ours.pixel_decoder.folds_projection(10)
+    winograd_calls = []
+    real = torch._nnpack_spatial_convolution
+
+    def spy(*args):
+        winograd_calls.append(tuple(args[0].shape))
+        return real(*args)
+
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", spy)
+    x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = hf_model(pixel_values=x)
+        fast = ours(x)
+        ours.backbone.fast_inference = ours.pixel_decoder.fast_inference = False
+        plain = ours(x)
+    masks = reference.masks_queries_logits
+    if torch.backends.nnpack.is_available():
+        assert (1, 256, 48, 48) in winograd_calls
+    assert (plain["pred_masks"] - masks).abs().max().item() <= TOLERANCE
+    assert (plain["pred_logits"] - reference.class_queries_logits).abs().max().item() <= TOLERANCE
+    assert (fast["pred_masks"] - masks).abs().max().item() <= 1e-5 * masks.abs().max().item()
+    assert (fast["pred_logits"] - reference.class_queries_logits).abs().max().item() <= TOLERANCE
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
 
+from medsegkit.nets.layers.inference_conv import activate_, conv, recording_grad
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
 from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
 from medsegkit.registry import register_model
@@ -101,6 +102,15 @@ def conv_norm(
     return layers
 
 
+def run_conv_norm(unit: nn.Sequential, x: torch.Tensor, *, fast: bool, in_place: bool) -> torch.Tensor:
+    """``unit(x)`` for a :func:`conv_norm` unit: a Winograd conv with ``fast``, an in-place ReLU with
+    ``in_place`` (callers pass ``not recording_grad(...)`` for both)."""
+    if not (fast or in_place):
+        return unit(x)
+    x = unit.norm(conv(unit.conv, x, fast=fast))
+    return activate_(unit.act, x, in_place=in_place) if hasattr(unit, "act") else x
+
+
 def predict_masks(mask_embed: torch.Tensor, pixel_embed: torch.Tensor) -> torch.Tensor:
     """``(N, Q, C)`` · ``(N, C, *spatial)`` → mask logits ``(N, Q, *spatial)`` (one batched matmul)."""
     batch, channels = pixel_embed.shape[:2]
@@ -126,8 +136,13 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
 class FPNPixelDecoder(nn.Module):
     """MaskFormer's pixel decoder: a top-down FPN ending at stride 4, then a 3×3 mask projection.
 
+    ``fast_inference``: Winograd 3×3 convs in eval mode without autograd
+    (:mod:`medsegkit.nets.layers.inference_conv`; the mask projection always runs plain). Without
+    autograd, adds and ReLUs run in place either way (same values).
+
     Shapes:
-        features (stride 4, 8, 16, 32; ``in_channels`` each) → ``(N, mask_dim, *spatial / 4)``.
+        features (stride 4, 8, 16, 32; ``in_channels`` each) → ``(N, mask_dim, *spatial / 4)``, or with
+        ``project=False`` the FPN output ``(N, feature_dim, *spatial / 4)`` before the projection.
     """
 
     def __init__(
@@ -137,8 +152,10 @@ class FPNPixelDecoder(nn.Module):
         spatial_dims: int = 2,
         feature_dim: int = 256,
         mask_dim: int = 256,
+        fast_inference: bool = False,
     ) -> None:
         super().__init__()
+        self.fast_inference = fast_inference
         self.stem = conv_norm(spatial_dims, in_channels[-1], feature_dim, 3, act=True)
         self.layers = nn.ModuleList()
         for lateral_channels in reversed(in_channels[:-1]):
@@ -148,13 +165,46 @@ class FPNPixelDecoder(nn.Module):
             self.layers.append(layer)
         self.mask_projection = Conv[Conv.CONV, spatial_dims](feature_dim, mask_dim, 3, padding=1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = self.stem(features[-1])
+    def forward(self, features: Sequence[torch.Tensor], *, project: bool = True) -> torch.Tensor:
+        in_place = not recording_grad(self)
+        fast = self.fast_inference and in_place
+        x = run_conv_norm(self.stem, features[-1], fast=fast, in_place=in_place)
         for layer, lateral in zip(self.layers, reversed(features[:-1])):
             lateral = layer.lateral(lateral)
-            x = lateral + F.interpolate(x, size=lateral.shape[2:], mode="nearest")
-            x = layer.output(x)
-        return self.mask_projection(x)
+            upsampled = F.interpolate(x, size=lateral.shape[2:], mode="nearest")
+            x = lateral.add_(upsampled) if in_place else lateral + upsampled
+            x = run_conv_norm(layer.output, x, fast=fast, in_place=in_place)
+        return self.mask_projection(x) if project else x
+
+    @staticmethod
+    def _padded_queries(queries: int) -> int:
+        # oneDNN's CPU kernels block output channels by 32: 100 outputs took 53 ms at 256 x 128², 128 took 44
+        return -(-queries // 32) * 32
+
+    def folds_projection(self, queries: int) -> bool:
+        """Whether :meth:`project_masks` is cheaper than projecting first, for ``queries`` queries."""
+        return self._padded_queries(queries) < self.mask_projection.out_channels
+
+    def project_masks(self, mask_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mask logits straight from the unprojected FPN output: ``predict_masks(mask_embed, projection(x))``.
+
+        The projection is linear, so the mask embeddings are multiplied into its weights first and one
+        convolution with ``Q`` output channels (padded to a multiple of 32) replaces a
+        ``mask_dim``-channel one plus the product (batches as groups). Cheaper whenever ``Q < mask_dim``
+        (100 < 256 by default).
+
+        Shapes: ``mask_embed (N, Q, mask_dim)``, ``x (N, feature_dim, *spatial)`` → ``(N, Q, *spatial)``.
+        """
+        projection = self.mask_projection
+        batch, queries = mask_embed.shape[:2]
+        padded = self._padded_queries(queries)
+        mask_embed = F.pad(mask_embed, (0, 0, 0, padded - queries))
+        weight = torch.einsum("nqc,ci...->nqi...", mask_embed, projection.weight)
+        weight = weight.reshape(batch * padded, *projection.weight.shape[1:])
+        bias = (mask_embed @ projection.bias).reshape(-1)
+        convolve = F.conv2d if x.dim() == 4 else F.conv3d
+        masks = convolve(x.reshape(1, -1, *x.shape[2:]), weight, bias, padding=projection.padding, groups=batch)
+        return masks.view(batch, padded, *masks.shape[2:])[:, :queries].contiguous()
 
 
 class DetrDecoderLayer(nn.Module):
@@ -200,6 +250,13 @@ class MaskFormer(nn.Module):
         fpn_dim: channels of the FPN.
         mask_dim: channels of the per-pixel and mask embeddings.
         backbone_kwargs: extra arguments of the backbone (e.g. ``{"norm": "instance"}``).
+        fast_inference: in eval mode without autograd, run 2D 3×3 convs of ≥ 256 channels on maps of
+            ≥ 40² with Winograd (backbone and FPN; :mod:`medsegkit.nets.layers.inference_conv`).
+            Outputs move by float rounding (max |Δ| ~5e-5 on masks of magnitude ~8 against
+            transformers at 512²); ``False`` gives the plain path.
+
+    In eval mode the mask projection is folded into the mask embeddings
+    (:meth:`FPNPixelDecoder.project_masks`) when ``num_queries < mask_dim``.
 
     Shapes:
         input ``(N, in_channels, *spatial)`` (sides multiples of 32 give exact stride-4 masks) →
@@ -225,6 +282,7 @@ class MaskFormer(nn.Module):
         fpn_dim: int = 256,
         mask_dim: int = 256,
         backbone_kwargs: Mapping[str, Any] | None = None,
+        fast_inference: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -237,11 +295,18 @@ class MaskFormer(nn.Module):
         self.num_queries = num_queries
         self.hidden_dim = hidden_dim
         self.backbone = build_backbone(
-            backbone, spatial_dims=spatial_dims, in_channels=in_channels, backbone_kwargs=backbone_kwargs
+            backbone,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            backbone_kwargs={"fast_inference": fast_inference, **(backbone_kwargs or {})},
         )
         channels = self.backbone.stage_channels
         self.pixel_decoder = FPNPixelDecoder(
-            channels, spatial_dims=spatial_dims, feature_dim=fpn_dim, mask_dim=mask_dim
+            channels,
+            spatial_dims=spatial_dims,
+            feature_dim=fpn_dim,
+            mask_dim=mask_dim,
+            fast_inference=fast_inference,
         )
         self.input_projection = (
             Conv[Conv.CONV, spatial_dims](channels[-1], hidden_dim, 1) if channels[-1] != hidden_dim else None
@@ -257,7 +322,8 @@ class MaskFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         check_input(self, x)
         features = self.backbone(x)
-        pixel_embed = self.pixel_decoder(features)
+        fold_projection = not self.training and self.pixel_decoder.folds_projection(self.num_queries)
+        pixel_embed = self.pixel_decoder(features, project=not fold_projection)
         memory = features[-1] if self.input_projection is None else self.input_projection(features[-1])
         memory_pos = sine_position_encoding(
             memory.shape[2:], self.hidden_dim, device=memory.device, dtype=memory.dtype
@@ -273,12 +339,12 @@ class MaskFormer(nn.Module):
             hidden = layer(hidden, query_pos, memory, memory_key)
             if self.training or index == len(self.decoder_layers) - 1:
                 normed = self.decoder_norm(hidden)
-                outputs.append(
-                    {
-                        "pred_logits": self.class_head(normed),
-                        "pred_masks": predict_masks(self.mask_embed(normed), pixel_embed),
-                    }
-                )
+                mask_embed = self.mask_embed(normed)
+                if fold_projection:
+                    masks = self.pixel_decoder.project_masks(mask_embed, pixel_embed)
+                else:
+                    masks = predict_masks(mask_embed, pixel_embed)
+                outputs.append({"pred_logits": self.class_head(normed), "pred_masks": masks})
         result = dict(outputs[-1])
         if self.training:
             result["aux_outputs"] = outputs[:-1]
