@@ -165,30 +165,69 @@ def test_deformable_attention_matches_transformers_2d():
     locations = torch.rand(batch, queries, heads, levels, points, 2) * 1.4 - 0.2  # some outside the map
     weights = torch.rand(batch, queries, heads, levels, points)
     expected = reference(value, shapes, locations, weights)  # (N, Q, C)
-    grids = (2 * locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(batch * heads, levels, points, queries, 2)
-    ours_weights = weights.permute(0, 2, 3, 4, 1).reshape(batch * heads, levels, points, queries)
-    ours = multi_scale_deformable_attention(
-        value.flatten(2).transpose(1, 2), shapes, grids, ours_weights, heads
-    )
-    assert (ours.transpose(1, 2) - expected).abs().max() < 1e-5
+    sizes = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float32)  # (levels, x/y)
+    pixels = (locations * sizes[:, None, :] - 0.5).permute(3, 5, 0, 1, 2, 4)  # (levels, 2, N, Q, heads, P)
+    ours = multi_scale_deformable_attention(value, shapes, pixels, weights.permute(3, 0, 1, 2, 4))
+    assert ours.shape == expected.shape == (batch, queries, heads * head_dim)
+    assert (ours - expected).abs().max() < 1e-5
 
 
-def test_deformable_attention_3d_samples_voxels():
+def test_deformable_attention_3d_samples_voxels_and_interpolates():
     torch.manual_seed(0)
     heads, head_dim, points = 2, 3, 2
     shapes = [(4, 3, 2), (2, 2, 1)]
     length = sum(d * h * w for d, h, w in shapes)
-    value = torch.randn(1, heads * head_dim, length)
-    # query 0 samples voxel (d=1, h=2, w=0) of level 0 and voxel (1, 0, 0) of level 1, exactly at centres
-    centre0 = torch.tensor([(0 + 0.5) / 2, (2 + 0.5) / 3, (1 + 0.5) / 4]) * 2 - 1  # (x, y, z)
-    centre1 = torch.tensor([(0 + 0.5) / 1, (0 + 0.5) / 2, (1 + 0.5) / 2]) * 2 - 1
-    grids = torch.stack([centre0, centre1]).view(1, 2, 1, 1, 3).expand(heads, 2, points, 1, 3).contiguous()
-    weights = torch.tensor([0.25, 0.15, 0.35, 0.25]).view(1, 2, 2, 1).expand(heads, 2, 2, 1).contiguous()
-    out = multi_scale_deformable_attention(value, shapes, grids, weights, heads)
-    level0 = value[:, :, :24].view(heads * head_dim, 4, 3, 2)[:, 1, 2, 0]
-    level1 = value[:, :, 24:].view(heads * head_dim, 2, 2, 1)[:, 1, 0, 0]
-    expected = 0.4 * level0 + 0.6 * level1
-    assert torch.allclose(out[0, :, 0], expected, atol=1e-6)
+    value = torch.randn(1, length, heads, head_dim)
+    # point 0 samples voxel (d=1, h=2, w=0) of level 0 / (1, 0, 0) of level 1 exactly at its centre
+    # (pixel coordinates (x, y, z)); point 1 lies halfway between two voxels along z
+    pixels = torch.zeros(2, 3, 1, 1, heads, points)
+    pixels[0, :, 0, 0, :, 0] = torch.tensor([0.0, 2.0, 1.0])[:, None]
+    pixels[1, :, 0, 0, :, 0] = torch.tensor([0.0, 0.0, 1.0])[:, None]
+    pixels[0, :, 0, 0, :, 1] = torch.tensor([1.0, 0.0, 2.5])[:, None]
+    pixels[1, :, 0, 0, :, 1] = torch.tensor([0.0, 1.0, 1.5])[:, None]  # z = 1.5: half outside (zeros)
+    weights = torch.tensor([[0.25, 0.15], [0.35, 0.25]]).view(2, 1, 1, 1, points).expand(2, 1, 1, heads, points)
+    out = multi_scale_deformable_attention(value, shapes, pixels, weights)
+    level0 = value[0, :24].view(4, 3, 2, heads, head_dim)
+    level1 = value[0, 24:].view(2, 2, 1, heads, head_dim)
+    expected = (
+        0.25 * level0[1, 2, 0]
+        + 0.15 * 0.5 * (level0[2, 0, 1] + level0[3, 0, 1])
+        + 0.35 * level1[1, 0, 0]
+        + 0.25 * 0.5 * level1[1, 1, 0]
+    )
+    assert out.shape == (1, 1, heads * head_dim)
+    torch.testing.assert_close(out[0, 0], expected.flatten(), rtol=0, atol=1e-6)
+
+
+def test_deformable_attention_gradients_match_grid_sample():
+    """Autograd through the gather: values, attention weights and sampling positions (via the
+    interpolation weights) get grid_sample's gradients."""
+    torch.manual_seed(0)
+    heads, head_dim, points, queries = 2, 4, 3, 5
+    shapes = [(5, 6), (3, 2)]
+    length = sum(h * w for h, w in shapes)
+    value = torch.randn(1, length, heads, head_dim, requires_grad=True)
+    grid = (torch.rand(2, heads, points, queries, 2) * 2.4 - 1.2).requires_grad_(True)  # (levels, h, P, Q, xy)
+    attn = torch.rand(2, heads, points, queries, requires_grad=True)
+    out_ref = 0
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        level_value = value[0, start : start + h * w].reshape(h, w, heads, head_dim).permute(2, 3, 0, 1)
+        start += h * w
+        sampled = torch.nn.functional.grid_sample(level_value, grid[level], align_corners=False)  # (h, D, P, Q)
+        out_ref = out_ref + (sampled * attn[level][:, None]).sum(2)  # (heads, D, Q)
+    out_ref = out_ref.permute(2, 0, 1).reshape(1, queries, heads * head_dim)
+    sizes = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float32)
+    pixels = ((grid + 1) * sizes[:, None, None, None, :] - 1) / 2  # (levels, heads, P, Q, xy)
+    ours = multi_scale_deformable_attention(
+        value, shapes, pixels.permute(0, 4, 3, 1, 2).unsqueeze(2), attn.permute(0, 3, 1, 2).unsqueeze(1)
+    )
+    torch.testing.assert_close(ours, out_ref, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(ours)
+    got = torch.autograd.grad((ours * upstream).sum(), [value, grid, attn])
+    expected = torch.autograd.grad((out_ref * upstream).sum(), [value, grid, attn])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 def test_deformable_module_errors_and_init():

@@ -2,19 +2,24 @@
 
 Every query looks at ``num_points`` sampled locations per head and per feature level, around its
 reference point, and averages them with softmax weights. Sampling is bilinear (2D) or trilinear (3D)
-through ``torch.nn.functional.grid_sample`` (4-D or 5-D), so it runs on any device without a
-custom kernel.
+with zero padding, as ``grid_sample(..., align_corners=False)`` does it.
 
-Why it is faster than the usual port (transformers' ``multi_scale_deformable_attention``): the layout
-is chosen so that nothing large is reshuffled. The value projection is transposed once to
-``(N, C, L)`` and each level is a *view* of it; sampling grids are laid out as
-``(N·heads, points, queries, dims)`` so ``grid_sample`` returns ``(N·heads, head_dim, points, queries)``
-and the weighted sum over points is a handful of fused multiply-adds on contiguous rows
-(no ``stack`` of all sampled values, no ``(…, points)``-last reductions).
+How, and why it is faster than the usual port (transformers' ``multi_scale_deformable_attention``,
+``grid_sample`` per level and a weighted sum over a stacked tensor): the interpolation and the weighted
+sum are one sparse gather. Each (query, head) is a bag of ``levels × points × 2^dims`` rows of the value
+table (the corners of every sample), each row with weight ``attention × interpolation weight``;
+``F.embedding_bag(mode="sum", per_sample_weights=...)`` reads and sums those rows in one call. The
+value projection ``(N, L, C)`` *is* that table, viewed as ``(N·L·heads, head_dim)`` rows, so nothing is
+transposed, and the output comes out as ``(N, Q, C)``. The corner indices and weights are a few
+elementwise passes per level on contiguous ``(N, Q, heads, points)`` tensors. Measured on 2 cores for
+Mask2Former's encoder at 224² (1029 queries, 8 heads, 3 levels, 4 points): 1.8–2.4 ms per call
+against 4.3–7.7 ms for ``grid_sample``. Autograd flows to the values, the attention weights and the
+sampling offsets (through the interpolation weights), as with ``grid_sample``.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -27,51 +32,71 @@ __all__ = ["MultiScaleDeformableAttention", "multi_scale_deformable_attention"]
 def multi_scale_deformable_attention(
     value: torch.Tensor,
     spatial_shapes: Sequence[Sequence[int]],
-    sampling_grids: torch.Tensor,
+    pixel_locations: torch.Tensor,
     attention_weights: torch.Tensor,
-    num_heads: int,
 ) -> torch.Tensor:
-    """Core of deformable attention.
+    """Core of deformable attention: weighted multilinear samples of the values, summed per query and head.
 
     Args:
-        value: ``(N, C, L)`` with ``C = num_heads * head_dim`` and ``L = sum(prod(shape))``, the levels'
-            flattened feature maps one after the other (channel-first).
+        value: ``(N, L, heads, head_dim)``, the levels' flattened feature maps one after the other
+            (row-major over each level's ``spatial_shapes``).
         spatial_shapes: per level ``(H, W)`` or ``(D, H, W)``.
-        sampling_grids: ``(N * num_heads, levels, points, Q, dims)`` in ``grid_sample``'s normalised
-            coordinates (``[-1, 1]``, ``align_corners=False``), last axis ordered ``(x, y[, z])``.
-        attention_weights: ``(N * num_heads, levels, points, Q)``, softmax-normalised over levels and
-            points.
-        num_heads: number of heads.
+        pixel_locations: ``(levels, dims, N, Q, heads, points)`` sampling positions in each level's
+            pixel coordinates, axis order ``(x, y[, z])`` (last spatial axis first); pixel centres are at
+            integers, so ``grid_sample``'s normalised ``g`` is ``((g + 1) * size - 1) / 2`` here.
+            Samples outside the map read zeros.
+        attention_weights: ``(levels, N, Q, heads, points)``.
 
     Returns:
-        ``(N, C, Q)``.
+        ``(N, Q, heads * head_dim)``.
     """
-    value = value.contiguous()  # no-op for the module's own layout; levels are views of it
-    batch, channels, _ = value.shape
-    head_dim = channels // num_heads
-    num_points = sampling_grids.shape[2]
-    num_queries = sampling_grids.shape[3]
-    trailing = (1,) * (len(spatial_shapes[0]) - 2)  # grid_sample wants as many output dims as input dims
-    output = None
+    batch, length, heads, head_dim = value.shape
+    dims, queries = pixel_locations.shape[1], pixel_locations.shape[3]
+    if len(spatial_shapes) != pixel_locations.shape[0] or any(len(s) != dims for s in spatial_shapes):
+        raise ValueError(
+            f"pixel_locations {tuple(pixel_locations.shape)} do not match spatial shapes {list(spatial_shapes)}"
+        )
+    pixel_locations, attention_weights = pixel_locations.contiguous(), attention_weights.contiguous()
+    device = value.device
+    # table row of (n, token, head) in value viewed as (N * L * heads, head_dim)
+    rows = torch.arange(batch, device=device).view(batch, 1, 1, 1) * (length * heads) + torch.arange(
+        heads, device=device
+    ).view(1, 1, heads, 1)
+    indices, weights = [], []
     start = 0
     for level, shape in enumerate(spatial_shapes):
-        size = 1
-        for s in shape:
-            size *= int(s)
-        # a view, no copy: (N, C, size) -> (N * heads, head_dim, *shape)
-        level_value = value[:, :, start : start + size].view(batch * num_heads, head_dim, *shape)
-        start += size
-        grid = sampling_grids[:, level].view(batch * num_heads, num_points, num_queries, *trailing, -1)
-        sampled = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        sampled = sampled.view(batch * num_heads, head_dim, num_points, num_queries)
-        weights = attention_weights[:, level].unsqueeze(1)  # (N * heads, 1, points, Q)
-        for point in range(num_points):
-            if output is None:
-                output = sampled[:, :, point] * weights[:, :, point]
-            else:
-                output.addcmul_(sampled[:, :, point], weights[:, :, point])
-    assert output is not None
-    return output.view(batch, channels, num_queries)
+        per_axis = []  # per axis: ((low corner row offsets, high ...), (low corner weights, high ...))
+        stride = heads
+        for axis, size in enumerate(int(s) for s in reversed(shape)):
+            position = pixel_locations[level, axis]
+            low = position.floor()
+            frac = position - low
+            weight_low = (1 - frac) * ((low >= 0) & (low <= size - 1))
+            weight_high = frac * ((low >= -1) & (low <= size - 2))
+            if axis == 0:  # fold the attention weights in once per level
+                weight_low = weight_low * attention_weights[level]
+                weight_high = weight_high * attention_weights[level]
+            low = low.long()
+            offset_low = low.clamp(0, size - 1) * stride
+            offset_high = (low + 1).clamp_(0, size - 1).mul_(stride)
+            if axis == 0:
+                base = rows + start * heads
+                offset_low, offset_high = offset_low + base, offset_high + base
+            per_axis.append(((offset_low, offset_high), (weight_low, weight_high)))
+            stride *= size
+        for corner in itertools.product((0, 1), repeat=dims):
+            index, weight = per_axis[0][0][corner[0]], per_axis[0][1][corner[0]]
+            for (offsets, factors), bit in zip(per_axis[1:], corner[1:]):
+                index = index + offsets[bit]
+                weight = weight * factors[bit]
+            indices.append(index)
+            weights.append(weight)
+        start += stride // heads
+    bags = batch * queries * heads
+    index = torch.stack(indices, 3).reshape(bags, -1)  # (N, Q, heads, levels * corners, points)
+    weight = torch.stack(weights, 3).reshape(bags, -1)
+    output = F.embedding_bag(index, value.reshape(-1, head_dim), mode="sum", per_sample_weights=weight)
+    return output.view(batch, queries, heads * head_dim)
 
 
 def _softmax_short_last(x: torch.Tensor) -> torch.Tensor:
@@ -167,19 +192,17 @@ class MultiScaleDeformableAttention(nn.Module):
         heads, levels, points, dims = self.num_heads, self.num_levels, self.num_points, self.spatial_dims
         if len(spatial_shapes) != levels:
             raise ValueError(f"expected {levels} feature levels, got spatial shapes {list(spatial_shapes)}")
-        # values channel-first once: each level is then a view
-        projected = F.linear(value, self.value_proj.weight, self.value_proj.bias).transpose(1, 2).contiguous()
+        projected = self.value_proj(value).view(batch, value.shape[1], heads, self.embed_dim // heads)
 
-        # sampling grid = (2 * reference - 1) + offsets * 2 / level size, in grid_sample coordinates
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, dims)
+        # pixel position = reference * level size - 0.5 (pixel centres at integers) + offset (in pixels)
         sizes = [tuple(reversed([int(s) for s in shape])) for shape in spatial_shapes]  # (x, y[, z]) order
-        scale = 2.0 / torch.tensor(sizes, dtype=query.dtype, device=query.device)  # (levels, dims)
-        base = (2 * reference_points - 1)[:, :, None, None, None, :]
-        grids = torch.addcmul(base, offsets, scale[:, None, :])
-        grids = grids.permute(0, 2, 3, 4, 1, 5).reshape(batch * heads, levels, points, num_queries, dims)
+        sizes = torch.tensor(sizes, dtype=query.dtype, device=query.device)  # (levels, dims)
+        centres = reference_points.permute(2, 0, 1).unsqueeze(0) * sizes[:, :, None, None] - 0.5
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, dims)
+        locations = offsets.permute(3, 5, 0, 1, 2, 4).contiguous() + centres[..., None, None]
 
         weights = _softmax_short_last(self.attention_weights(query).view(batch, num_queries, heads, levels * points))
-        weights = weights.permute(0, 2, 3, 1).reshape(batch * heads, levels, points, num_queries)
+        weights = weights.view(batch, num_queries, heads, levels, points).permute(3, 0, 1, 2, 4).contiguous()
 
-        output = multi_scale_deformable_attention(projected, spatial_shapes, grids, weights, heads)
-        return self.output_proj(output.transpose(1, 2))
+        output = multi_scale_deformable_attention(projected, spatial_shapes, locations, weights)
+        return self.output_proj(output)
