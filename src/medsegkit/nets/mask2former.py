@@ -154,7 +154,11 @@ class DeformablePixelDecoder(nn.Module):
             points.append(torch.stack([g.reshape(-1) for g in reversed(grid)], -1))
         return torch.cat(points, 0).unsqueeze(0)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, features: Sequence[torch.Tensor], *, project: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``project=False`` returns the last FPN map ``(N, feature_dim, *spatial / 4)`` instead of the mask
+        features, for :meth:`project_masks`."""
         batch = features[0].shape[0]
         levels = list(reversed(features[-_NUM_LEVELS:]))  # coarsest first
         tokens, positions, shapes = [], [], []
@@ -188,7 +192,23 @@ class DeformablePixelDecoder(nn.Module):
                 align_corners=False,
             )
             outputs.append(output(lateral_map + upsampled))
-        return self.mask_projection(outputs[-1]), outputs[:_NUM_LEVELS]
+        last = self.mask_projection(outputs[-1]) if project else outputs[-1]
+        return last, outputs[:_NUM_LEVELS]
+
+    def project_masks(self, mask_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``predict_masks(mask_embed, mask_projection(x))`` with the 1×1 projection folded into the embeddings.
+
+        ``E · (W x + b) = (E W) · x + E b``: one product with the ``feature_dim``-channel map replaces the
+        projection (a ``mask_dim × feature_dim`` matmul over every pixel) plus the product. It also holds
+        for a resized ``x``, since bilinear / trilinear weights sum to one.
+
+        Shapes: ``mask_embed (N, Q, mask_dim)``, ``x (N, feature_dim, *spatial)`` → ``(N, Q, *spatial)``.
+        """
+        projection = self.mask_projection
+        embed = mask_embed @ projection.weight.flatten(1)  # (N, Q, feature_dim)
+        bias = (mask_embed @ projection.bias).unsqueeze(-1)  # (N, Q, 1)
+        masks = torch.baddbmm(bias, embed, x.reshape(x.shape[0], x.shape[1], -1))
+        return masks.view(*mask_embed.shape[:2], *x.shape[2:])
 
 
 class MaskedAttentionDecoderLayer(nn.Module):
@@ -340,18 +360,21 @@ class Mask2Former(nn.Module):
     def _attention_mask_only(self, hidden: torch.Tensor, small_features: torch.Tensor) -> torch.Tensor:
         """The next layer's attention mask without the full-resolution masks (inference).
 
-        Bilinear / trilinear resizing (``align_corners=False``, no antialiasing) is linear in each channel,
-        and the mask logits are a linear mix of the pixel-embedding channels, so resizing the masks
-        equals mixing the resized pixel embeddings: ``resize(E · F) = E · resize(F)``. The embeddings are
-        resized once per level; each layer then does a matmul at the attention resolution (at most
-        1/8 of the pixels) instead of one at 1/4 resolution plus a resize of ``Q`` mask maps.
+        Bilinear / trilinear resizing (``align_corners=False``, no antialiasing) is linear in each channel
+        with weights summing to one, and the mask logits are an affine mix of the FPN map's channels
+        (projection, then embeddings), so resizing the masks equals mixing the resized map:
+        ``resize(E · (W F + b)) = (E W) · resize(F) + E b``. The map is resized once per level; each layer
+        then does one matmul at the attention resolution (at most 1/8 of the pixels) instead of one at
+        1/4 resolution plus a resize of ``Q`` mask maps.
         """
-        return _attention_mask(predict_masks(self.mask_embed(self.decoder_norm(hidden)), small_features))
+        embed = self.mask_embed(self.decoder_norm(hidden))
+        return _attention_mask(self.pixel_decoder.project_masks(embed, small_features))
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         check_input(self, x)
         features = self.backbone(x)
-        mask_features, levels = self.pixel_decoder(features)
+        # inference folds the mask projection into the embeddings (pixel_decoder.project_masks)
+        mask_features, levels = self.pixel_decoder(features, project=self.training)
         memories, memory_keys, sizes = [], [], []
         for index, (projection, level) in enumerate(zip(self.input_projections, levels)):
             sizes.append(tuple(level.shape[2:]))
@@ -366,9 +389,9 @@ class Mask2Former(nn.Module):
         hidden = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         if not self.training:
             # inference returns only the last layer's outputs, so the layers before it need just their
-            # attention masks, from pixel embeddings resized once per level (_attention_mask_only). One
-            # layout conversion up front: the resize kernel would make a channels-last map (a Swin
-            # backbone's are) contiguous on every call.
+            # attention masks, from the (unprojected) FPN map resized once per level
+            # (_attention_mask_only). One layout conversion up front: the resize kernel would make a
+            # channels-last map contiguous on every call.
             mode = _interp_mode(self.spatial_dims)
             mask_features = mask_features.contiguous()
             small_features = [F.interpolate(mask_features, size=size, mode=mode, align_corners=False)
@@ -378,8 +401,13 @@ class Mask2Former(nn.Module):
         def read_out(hidden: torch.Tensor, next_level: int | None) -> torch.Tensor | None:
             """Record the queries' outputs (every layer in training, the last in inference) and return the
             attention mask for the next layer, which attends to ``next_level`` (``None``: no next layer)."""
-            if next_level is not None and not self.training:
-                return self._attention_mask_only(hidden, small_features[next_level])
+            if not self.training:
+                if next_level is not None:
+                    return self._attention_mask_only(hidden, small_features[next_level])
+                normed = self.decoder_norm(hidden)
+                masks = self.pixel_decoder.project_masks(self.mask_embed(normed), mask_features)
+                outputs.append({"pred_logits": self.class_head(normed), "pred_masks": masks})
+                return None
             logits, masks, attn_mask = self._predict(
                 hidden, mask_features, None if next_level is None else sizes[next_level]
             )

@@ -51,19 +51,29 @@ def multi_scale_deformable_attention(
         ``(N, Q, heads * head_dim)``.
     """
     batch, length, heads, head_dim = value.shape
-    dims, queries = pixel_locations.shape[1], pixel_locations.shape[3]
-    if len(spatial_shapes) != pixel_locations.shape[0] or any(len(s) != dims for s in spatial_shapes):
+    # positions in float32 at least: half precision has no sub-pixel resolution on large maps
+    pixel_locations = pixel_locations.to(torch.promote_types(pixel_locations.dtype, torch.float32)).contiguous()
+    attention_weights = attention_weights.contiguous()
+    levels, dims, queries = len(spatial_shapes), pixel_locations.shape[1], pixel_locations.shape[3]
+    if levels != pixel_locations.shape[0] or any(len(s) != dims for s in spatial_shapes):
         raise ValueError(
             f"pixel_locations {tuple(pixel_locations.shape)} do not match spatial shapes {list(spatial_shapes)}"
         )
-    pixel_locations, attention_weights = pixel_locations.contiguous(), attention_weights.contiguous()
     device = value.device
     # table row of (n, token, head) in value viewed as (N * L * heads, head_dim)
     rows = torch.arange(batch, device=device).view(batch, 1, 1, 1) * (length * heads) + torch.arange(
         heads, device=device
     ).view(1, 1, heads, 1)
+    # bag (n, query, head) holds levels x corners x points entries; without autograd they are written
+    # straight into place, with it they are stacked (out= is not differentiable)
+    corners = 2**dims
+    in_place = not (torch.is_grad_enabled() and (pixel_locations.requires_grad or attention_weights.requires_grad))
+    if in_place:
+        slots = (batch, queries, heads, levels * corners, pixel_locations.shape[-1])
+        index = torch.empty(slots, dtype=torch.long, device=device)
+        weight = torch.empty(slots, dtype=attention_weights.dtype, device=device)
     indices, weights = [], []
-    start = 0
+    start = slot = 0
     for level, shape in enumerate(spatial_shapes):
         per_axis = []  # per axis: ((low corner row offsets, high ...), (low corner weights, high ...))
         stride = heads
@@ -71,30 +81,43 @@ def multi_scale_deformable_attention(
             position = pixel_locations[level, axis]
             low = position.floor()
             frac = position - low
-            weight_low = (1 - frac) * ((low >= 0) & (low <= size - 1))
-            weight_high = frac * ((low >= -1) & (low <= size - 2))
+            high = low + 1
+            low_clamped, high_clamped = low.clamp(0, size - 1), high.clamp(0, size - 1)
+            # a corner outside the map reads zero: weight 0 (its clamped row is a valid dummy)
+            weight_low = torch.where(low_clamped == low, 1 - frac, 0.0)
+            weight_high = torch.where(high_clamped == high, frac, 0.0)
             if axis == 0:  # fold the attention weights in once per level
                 weight_low = weight_low * attention_weights[level]
                 weight_high = weight_high * attention_weights[level]
-            low = low.long()
-            offset_low = low.clamp(0, size - 1) * stride
-            offset_high = (low + 1).clamp_(0, size - 1).mul_(stride)
+            offset_low = low_clamped.long().mul_(stride)
+            offset_high = high_clamped.long().mul_(stride)
             if axis == 0:
                 base = rows + start * heads
-                offset_low, offset_high = offset_low + base, offset_high + base
+                offset_low, offset_high = offset_low.add_(base), offset_high.add_(base)
             per_axis.append(((offset_low, offset_high), (weight_low, weight_high)))
             stride *= size
         for corner in itertools.product((0, 1), repeat=dims):
-            index, weight = per_axis[0][0][corner[0]], per_axis[0][1][corner[0]]
-            for (offsets, factors), bit in zip(per_axis[1:], corner[1:]):
-                index = index + offsets[bit]
-                weight = weight * factors[bit]
-            indices.append(index)
-            weights.append(weight)
+            (first_offsets, first_factors), (second_offsets, second_factors) = per_axis[0], per_axis[1]
+            if in_place:
+                corner_index = torch.add(first_offsets[corner[0]], second_offsets[corner[1]], out=index[:, :, :, slot])
+                corner_weight = torch.mul(first_factors[corner[0]], second_factors[corner[1]], out=weight[:, :, :, slot])
+                for (offsets, factors), bit in zip(per_axis[2:], corner[2:]):
+                    corner_index.add_(offsets[bit])
+                    corner_weight.mul_(factors[bit])
+            else:
+                corner_index = first_offsets[corner[0]] + second_offsets[corner[1]]
+                corner_weight = first_factors[corner[0]] * second_factors[corner[1]]
+                for (offsets, factors), bit in zip(per_axis[2:], corner[2:]):
+                    corner_index = corner_index + offsets[bit]
+                    corner_weight = corner_weight * factors[bit]
+                indices.append(corner_index)
+                weights.append(corner_weight)
+            slot += 1
         start += stride // heads
+    if not in_place:
+        index, weight = torch.stack(indices, 3), torch.stack(weights, 3)
     bags = batch * queries * heads
-    index = torch.stack(indices, 3).reshape(bags, -1)  # (N, Q, heads, levels * corners, points)
-    weight = torch.stack(weights, 3).reshape(bags, -1)
+    index, weight = index.reshape(bags, -1), weight.reshape(bags, -1).to(value.dtype)
     output = F.embedding_bag(index, value.reshape(-1, head_dim), mode="sum", per_sample_weights=weight)
     return output.view(batch, queries, heads * head_dim)
 

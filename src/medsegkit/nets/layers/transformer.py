@@ -64,7 +64,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+        return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))  # fc1's output is fresh
 
 
 class MLP(nn.Module):
@@ -84,5 +84,5 @@ class MLP(nn.Module):
         for index, layer in enumerate(self.layers):
             x = layer(x)
             if index < last:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)  # the linear layer's fresh output
         return x
