@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +57,24 @@ def _relative_position_index(window: int) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return (relative[..., 0] * (2 * window - 1) + relative[..., 1]).flatten()
+
+
+@functools.lru_cache(maxsize=64)
+def _window_order(height: int, width: int, window: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token order of the (cyclically shifted) window partition of an ``height × width`` grid, and its inverse.
+
+    ``tokens.index_select(1, order)`` on ``(N, H·W, C)`` gives the windows ``(N, windows·T, C)`` of
+    ``torch.roll(x, (-shift, -shift))`` in one gather (instead of a roll and a reshape copy);
+    ``windows.index_select(1, inverse)`` puts them back, rolled by ``+shift``.
+    """
+    with torch.inference_mode(False):  # plain tensors, usable where autograd records
+        rows = (torch.arange(height, device=device) + shift) % height
+        cols = (torch.arange(width, device=device) + shift) % width
+        grid = rows[:, None] * width + cols[None, :]  # source token of every rolled position
+        order = grid.view(height // window, window, width // window, window).transpose(1, 2).reshape(-1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=device)
+    return order, inverse
 
 
 def _shift_mask(height: int, width: int, window: int, shift: int, device, dtype) -> torch.Tensor:
@@ -98,17 +117,35 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index]
         return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+    def attention_bias(self, grid: tuple[int, int], shift: int, dtype: torch.dtype) -> torch.Tensor:
+        """Relative position bias plus, for shifted windows, the region mask: ``(1 or windows, heads, T, T)``
+        for one image of ``grid`` (padded) tokens. Cached while no gradient is recorded, until the bias
+        table changes or another grid / dtype comes."""
+        table = self.relative_position_bias_table
+        cache = not torch.is_grad_enabled()
+        key = (grid, shift, dtype, table.device, table._version, table.data_ptr())
+        cached = self.__dict__.get("_attention_bias")
+        if cache and cached is not None and cached[0] == key:
+            return cached[1]
+        bias = self.relative_position_bias().unsqueeze(0)
+        if shift:
+            bias = bias + _shift_mask(*grid, self.window_size, shift, table.device, table.dtype)[:, None]
+        bias = bias.to(dtype)
+        if cache:
+            self.__dict__["_attention_bias"] = (key, bias)
+        return bias
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+        """``x (batch · windows, T, C)``, ``bias`` from :meth:`attention_bias` (``None``: no shift) →
+        ``(batch · windows, T, C)``."""
         windows, tokens, channels = x.shape
         head_dim = channels // self.num_heads
         qkv = self.qkv(x).view(windows, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        bias = self.relative_position_bias()
-        if mask is not None:  # (windows per image, T, T) -> (batch * windows, heads, T, T)
-            bias = (bias[None, None] + mask[None, :, None]).expand(batch, -1, -1, -1, -1)
-            bias = bias.reshape(windows, self.num_heads, tokens, tokens)
-        else:
-            bias = bias.unsqueeze(0)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias.to(x.dtype))
+        if bias is None:
+            bias = self.relative_position_bias().unsqueeze(0).to(x.dtype)
+        if bias.shape[0] not in (1, windows):  # per-image masks for a batch: (batch · windows, heads, T, T)
+            bias = bias.unsqueeze(0).expand(batch, *bias.shape).reshape(windows, *bias.shape[1:])
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(windows, tokens, channels))
 
 
@@ -147,20 +184,18 @@ class SwinBlock(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = height + pad_h, width + pad_w
-        mask = None
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-            mask = _shift_mask(padded_h, padded_w, window, shift, x.device, x.dtype)
-        rows, cols = padded_h // window, padded_w // window
-        windows = x.view(batch, rows, window, cols, window, channels).transpose(2, 3)
-        windows = windows.reshape(batch * rows * cols, window * window, channels)
-        windows = self.attn(windows, mask, batch)
-        x = windows.view(batch, rows, cols, window, window, channels).transpose(2, 3)
-        x = x.reshape(batch, padded_h, padded_w, channels)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        # (shifted) window partition and its reverse as one token gather each
+        order, inverse = _window_order(padded_h, padded_w, window, shift, x.device)
+        tokens = x.reshape(batch, padded_h * padded_w, channels)
+        windows = tokens.index_select(1, order).view(-1, window * window, channels)
+        bias = self.attn.attention_bias((padded_h, padded_w), shift, x.dtype)
+        windows = self.attn(windows, bias, batch)
+        x = windows.view(batch, -1, channels).index_select(1, inverse).view(batch, padded_h, padded_w, channels)
         if pad_h or pad_w:
             x = x[:, :height, :width]
+        if not (self.training or torch.is_grad_enabled()):  # same sums, no new tensors
+            x = x.add_(shortcut)
+            return self.mlp(self.norm2(x)).add_(x)
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
