@@ -32,8 +32,9 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medsegkit.nets.layers.deformable_attention import MultiScaleDeformableAttention
+from medsegkit.nets.layers.inference_conv import recording_grad
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
-from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
+from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention, add_residual
 from medsegkit.nets.maskformer import build_backbone, check_input, conv_norm, predict_masks
 from medsegkit.registry import register_model
 
@@ -77,10 +78,10 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: torch.Tensor,
         spatial_shapes: Sequence[Sequence[int]],
     ) -> torch.Tensor:
-        x = self.self_attn_norm(
-            x + self.dropout(self.self_attn(x + pos, reference_points, x, spatial_shapes))
-        )
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        in_place = not recording_grad(self)
+        attended = self.dropout(self.self_attn(x + pos, reference_points, x, spatial_shapes))
+        x = self.self_attn_norm(add_residual(x, attended, in_place=in_place))
+        return self.ffn_norm(add_residual(x, self.dropout(self.ffn(x)), in_place=in_place))
 
 
 class DeformablePixelDecoder(nn.Module):
@@ -241,12 +242,12 @@ class MaskedAttentionDecoderLayer(nn.Module):
         memory_key: torch.Tensor,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = self.cross_attn_norm(
-            x + self.dropout(self.cross_attn(x + query_pos, memory_key, memory, attn_mask))
-        )
+        in_place = not recording_grad(self)
+        attended = self.dropout(self.cross_attn(x + query_pos, memory_key, memory, attn_mask))
+        x = self.cross_attn_norm(add_residual(x, attended, in_place=in_place))
         q = x + query_pos
-        x = self.self_attn_norm(x + self.dropout(self.self_attn(q, q, x)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        x = self.self_attn_norm(add_residual(x, self.dropout(self.self_attn(q, q, x)), in_place=in_place))
+        return self.ffn_norm(add_residual(x, self.dropout(self.ffn(x)), in_place=in_place))
 
 
 class Mask2Former(nn.Module):

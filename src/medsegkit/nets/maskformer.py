@@ -29,7 +29,7 @@ from torch import nn
 
 from medsegkit.nets.layers.inference_conv import activate_, conv, recording_grad
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
-from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
+from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention, add_residual
 from medsegkit.registry import register_model
 
 __all__ = ["MaskFormer", "build_backbone"]
@@ -227,10 +227,12 @@ class DetrDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_key: torch.Tensor
     ) -> torch.Tensor:
+        in_place = not recording_grad(self)
         q = x + query_pos
-        x = self.self_attn_norm(x + self.dropout(self.self_attn(q, q, x)))
-        x = self.cross_attn_norm(x + self.dropout(self.cross_attn(x + query_pos, memory_key, memory)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        x = self.self_attn_norm(add_residual(x, self.dropout(self.self_attn(q, q, x)), in_place=in_place))
+        attended = self.dropout(self.cross_attn(x + query_pos, memory_key, memory))
+        x = self.cross_attn_norm(add_residual(x, attended, in_place=in_place))
+        return self.ffn_norm(add_residual(x, self.dropout(self.ffn(x)), in_place=in_place))
 
 
 class MaskFormer(nn.Module):

@@ -221,10 +221,17 @@ class MultiScaleDeformableAttention(nn.Module):
         sizes = [tuple(reversed([int(s) for s in shape])) for shape in spatial_shapes]  # (x, y[, z]) order
         sizes = torch.tensor(sizes, dtype=query.dtype, device=query.device)  # (levels, dims)
         centres = reference_points.permute(2, 0, 1).unsqueeze(0) * sizes[:, :, None, None] - 0.5
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, dims)
+        # offsets and attention logits both read the query: one matmul
+        offsets_and_logits = F.linear(
+            query,
+            torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
+            torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]),
+        )
+        offsets, logits = offsets_and_logits.split([heads * levels * points * dims, heads * levels * points], -1)
+        offsets = offsets.reshape(batch, num_queries, heads, levels, points, dims)
         locations = offsets.permute(3, 5, 0, 1, 2, 4).contiguous() + centres[..., None, None]
 
-        weights = _softmax_short_last(self.attention_weights(query).view(batch, num_queries, heads, levels * points))
+        weights = _softmax_short_last(logits.reshape(batch, num_queries, heads, levels * points))
         weights = weights.view(batch, num_queries, heads, levels, points).permute(3, 0, 1, 2, 4).contiguous()
 
         output = multi_scale_deformable_attention(projected, spatial_shapes, locations, weights)
