@@ -116,3 +116,45 @@ def test_drop_path_only_in_training():
     assert not torch.allclose(first, body(x)[-1])
     first.sum().backward()
     assert body.patch_embed.proj.weight.grad is not None
+
+
+def test_window_gather_equals_roll_and_partition():
+    from medsegkit.nets.backbones.swin import _window_order
+
+    height, width, window, shift, channels = 8, 12, 4, 2, 3
+    x = torch.randn(2, height, width, channels)
+    order, inverse = _window_order(height, width, window, shift, x.device)
+    rolled = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    expected = rolled.view(2, height // window, window, width // window, window, channels).transpose(2, 3)
+    expected = expected.reshape(2, -1, channels)
+    windows = x.reshape(2, -1, channels).index_select(1, order)
+    assert torch.equal(windows, expected)
+    back = windows.index_select(1, inverse).view(2, height, width, channels)
+    assert torch.equal(back, x)
+
+
+def test_inference_path_matches_the_autograd_path_and_caches_the_bias():
+    """Without autograd: window gathers, in-place residual adds and the cached attention bias. Equal to
+    the autograd path up to the attention kernel (SDPA picks another one when gradients flow); the
+    cache follows the bias table and the grid size."""
+    torch.manual_seed(0)
+    body = SwinTransformer(**SMALL, drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 70, 45)  # padding and shifted windows
+    graded = [f.detach() for f in body(x)]
+    with torch.no_grad():
+        first = body(x)
+        again = body(x)  # cached attention biases
+    for a, b, c in zip(graded, first, again):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c)
+    shifted = body.stages[2].blocks[1].attn
+    cached_key = shifted.__dict__["_attention_bias"][0]
+    with torch.no_grad():
+        shifted.relative_position_bias_table.add_(1.0)  # the table changes: the cache is rebuilt
+        changed = body(x)
+        assert shifted.__dict__["_attention_bias"][0] != cached_key
+        shifted.relative_position_bias_table.sub_(1.0)
+    assert not all(torch.equal(a, b) for a, b in zip(changed, first))
+    with torch.no_grad():
+        other = body(torch.randn(1, 3, 64, 64))  # another grid: another bias
+    assert [tuple(f.shape[-2:]) for f in other] == [(16, 16), (8, 8), (4, 4), (2, 2)]
