@@ -32,9 +32,9 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medsegkit.nets.layers.deformable_attention import MultiScaleDeformableAttention
-from medsegkit.nets.layers.inference_conv import recording_grad
+from medsegkit.nets.layers.inference_conv import add_residual, recording_grad
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
-from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention, add_residual
+from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
 from medsegkit.nets.maskformer import build_backbone, check_input, conv_norm, predict_masks
 from medsegkit.registry import register_model
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medsegkit.nets.layers.inference_conv import activate_, conv, recording_grad
+from medsegkit.nets.layers.inference_conv import activate_, add_residual, conv, recording_grad
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
-from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention, add_residual
+from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
 from medsegkit.registry import register_model
 
 __all__ = ["MaskFormer", "build_backbone"]
@@ -172,7 +172,7 @@ class FPNPixelDecoder(nn.Module):
         for layer, lateral in zip(self.layers, reversed(features[:-1])):
             lateral = layer.lateral(lateral)
             upsampled = F.interpolate(x, size=lateral.shape[2:], mode="nearest")
-            x = lateral.add_(upsampled) if in_place else lateral + upsampled
+            x = add_residual(upsampled, lateral, in_place=in_place)
             x = run_conv_norm(layer.output, x, fast=fast, in_place=in_place)
         return self.mask_projection(x) if project else x
 

@@ -29,7 +29,7 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
-from medsegkit.nets.layers.inference_conv import activate_, conv, recording_grad
+from medsegkit.nets.layers.inference_conv import activate_, add_residual, conv, recording_grad
 
 __all__ = ["BasicBlock", "Bottleneck", "RESNET_LAYOUTS", "ResNet"]
 
@@ -69,9 +69,7 @@ def _shortcut(downsample: nn.Module | None, x: torch.Tensor, fast: bool) -> torc
 
 def _residual(act: nn.Module, out: torch.Tensor, identity: torch.Tensor, in_place: bool) -> torch.Tensor:
     """``act(out + identity)``; in place (same values, no new tensors) when no gradient is recorded."""
-    if in_place:
-        return activate_(act, out.add_(identity), in_place=True)
-    return act(out + identity)
+    return activate_(act, add_residual(identity, out, in_place=in_place), in_place=in_place)
 
 
 class BasicBlock(nn.Module):

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsegkit.nets.layers.inference_conv import add_residual, recording_grad
+
 __all__ = ["SWIN_CONFIGS", "SwinTransformer"]
 
 # name -> (embed_dim, depths, num_heads, window_size)
@@ -193,11 +195,9 @@ class SwinBlock(nn.Module):
         x = windows.view(batch, -1, channels).index_select(1, inverse).view(batch, padded_h, padded_w, channels)
         if pad_h or pad_w:
             x = x[:, :height, :width]
-        if not (self.training or torch.is_grad_enabled()):  # same sums, no new tensors
-            x = x.add_(shortcut)
-            return self.mlp(self.norm2(x)).add_(x)
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        in_place = not recording_grad(self)  # same sums, no new tensors (drop path is then the identity)
+        x = add_residual(shortcut, self.drop_path(x), in_place=in_place)
+        return add_residual(x, self.drop_path(self.mlp(self.norm2(x))), in_place=in_place)
 
 
 class PatchMerging(nn.Module):

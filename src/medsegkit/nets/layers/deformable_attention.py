@@ -97,21 +97,17 @@ def multi_scale_deformable_attention(
             per_axis.append(((offset_low, offset_high), (weight_low, weight_high)))
             stride *= size
         for corner in itertools.product((0, 1), repeat=dims):
+            # products over the axes, written into the bag slot (out=) or into new tensors to stack
+            index_out = index[:, :, :, slot] if in_place else None
+            weight_out = weight[:, :, :, slot] if in_place else None
             (first_offsets, first_factors), (second_offsets, second_factors) = per_axis[0], per_axis[1]
-            if in_place:
-                corner_index = torch.add(first_offsets[corner[0]], second_offsets[corner[1]], out=index[:, :, :, slot])
-                corner_weight = torch.mul(first_factors[corner[0]], second_factors[corner[1]], out=weight[:, :, :, slot])
-                for (offsets, factors), bit in zip(per_axis[2:], corner[2:]):
-                    corner_index.add_(offsets[bit])
-                    corner_weight.mul_(factors[bit])
-            else:
-                corner_index = first_offsets[corner[0]] + second_offsets[corner[1]]
-                corner_weight = first_factors[corner[0]] * second_factors[corner[1]]
-                for (offsets, factors), bit in zip(per_axis[2:], corner[2:]):
-                    corner_index = corner_index + offsets[bit]
-                    corner_weight = corner_weight * factors[bit]
-                indices.append(corner_index)
-                weights.append(corner_weight)
+            corner_index = torch.add(first_offsets[corner[0]], second_offsets[corner[1]], out=index_out)
+            corner_weight = torch.mul(first_factors[corner[0]], second_factors[corner[1]], out=weight_out)
+            for (offsets, factors), bit in zip(per_axis[2:], corner[2:]):
+                corner_index = torch.add(corner_index, offsets[bit], out=index_out)
+                corner_weight = torch.mul(corner_weight, factors[bit], out=weight_out)
+            indices.append(corner_index)
+            weights.append(corner_weight)
             slot += 1
         start += stride // heads
     if not in_place:

@@ -14,6 +14,10 @@ torchvision's exact arithmetic, and Mask2Former keeps the plain path because its
 masks (``sigmoid < 0.5``) turn a 1e-5 change into a different attention pattern. MaskFormer uses it.
 
 The module's forward hooks do not run for a convolution that takes the Winograd kernel.
+
+It also holds the small helpers every network here uses to run adds and ReLUs in place when no gradient
+is recorded (:func:`recording_grad`, :func:`add_residual`, :func:`activate_`): the same values, fewer
+fresh tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = [
     "WINOGRAD_MIN_CHANNELS",
     "WINOGRAD_MIN_PIXELS",
     "activate_",
+    "add_residual",
     "conv",
     "recording_grad",
     "winograd_applies",
@@ -83,6 +88,12 @@ def conv(layer: nn.Module, x: torch.Tensor, *, fast: bool = True) -> torch.Tenso
     if x.shape[0] == 1:
         return torch._nnpack_spatial_convolution(x, layer.weight, layer.bias, [1, 1])
     return torch.cat([torch._nnpack_spatial_convolution(s, layer.weight, layer.bias, [1, 1]) for s in x.split(1)])
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    """``x + branch``; with ``in_place`` (no autograd recording) added into ``branch``, a fresh tensor the
+    caller owns: the same sum, one allocation less."""
+    return branch.add_(x) if in_place else x + branch
 
 
 def activate_(act: nn.Module, x: torch.Tensor, *, in_place: bool) -> torch.Tensor:

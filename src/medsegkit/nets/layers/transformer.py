@@ -10,13 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "FeedForward", "MultiheadAttention", "add_residual"]
-
-
-def add_residual(x: torch.Tensor, branch: torch.Tensor, *, in_place: bool) -> torch.Tensor:
-    """``x + branch``; with ``in_place`` (no autograd recording) added into ``branch``, a fresh tensor the
-    caller owns: the same sum, one allocation less."""
-    return branch.add_(x) if in_place else x + branch
+__all__ = ["MLP", "FeedForward", "MultiheadAttention"]
 
 
 class MultiheadAttention(nn.Module):
