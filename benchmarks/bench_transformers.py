@@ -95,12 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.row_only:
-        torch.set_num_threads(args.threads)
         for case in args.cases:
             print(run_case(case, args.repeats), flush=True)
         return 0
-    torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
         f"best of {args.repeats}"
