@@ -5,9 +5,19 @@ torch is imported inside the fixture: the napari tests (their own process) must 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
 
 from medsegkit import registry
+
+# Property and fuzz tests: derandomized in CI (the same examples every run, so a red run reproduces);
+# locally `HYPOTHESIS_PROFILE=explore` draws fresh examples, `HYPOTHESIS_MAX_EXAMPLES=N` scales them.
+_HYPOTHESIS_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, **_HYPOTHESIS_COMMON)
+settings.register_profile("explore", derandomize=False, **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def tiny_segnet_class():
