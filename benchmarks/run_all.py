@@ -2,7 +2,8 @@
 
 Each ``bench_*.py`` module exposes ``main(argv) -> int`` and runs with its own defaults here; extra
 arguments go to the benchmark chosen with ``--only`` (``python benchmarks/run_all.py --only inference
---sizes 96 128``).
+--sizes 96 128``). ``bench_cold_start.py`` (cold ``medsegkit predict``, import profile, worker memory) is
+one of them; ``soak.py`` (minutes; exit code 1 on a leak) runs on its own: ``python benchmarks/soak.py``.
 """
 
 from __future__ import annotations

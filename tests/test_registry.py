@@ -97,3 +97,42 @@ def test_docs_table_lists_every_model():
         info = medsegkit.model_info(name)
         assert f"`{name}`" in table
         assert f"{info.num_params:,}" in table
+
+
+# -- rebuilding from a checkpoint record: name resolution is the registry's (weights only load tensors) --
+
+
+def test_model_from_record_by_name(tiny_registered):
+    model = registry.model_from_record({"name": tiny_registered, "overrides": {"out_channels": 3}})
+    assert model.medsegkit_config == {"name": tiny_registered, "overrides": {"out_channels": 3}}
+
+
+def test_model_from_record_by_medsegkit_class():
+    from medsegkit.nets import UNet
+
+    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}
+    model = registry.model_from_record({"target": "medsegkit.nets.UNet", "args": args})
+    assert type(model) is UNet
+    assert registry.count_parameters(model) == registry.count_parameters(UNet(**args))
+
+
+def test_model_from_record_refuses_foreign_classes_and_empty_records():
+    from medsegkit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"^checkpoint x\.pt names class 'os\.system'; only medsegkit classes"):
+        registry.model_from_record({"target": "os.system", "args": {"command": "true"}}, source="checkpoint x.pt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint does not record which model it belongs to"):
+        registry.model_from_record({})
+
+
+def test_load_model_is_one_function_under_its_public_names(tiny_registered, tmp_path):
+    import medsegkit.weights
+    from medsegkit.weights import save_checkpoint
+
+    assert medsegkit.load_model is registry.load_model is medsegkit.weights.load_model
+    model = medsegkit.create_model(tiny_registered, out_channels=3).eval()
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors", metadata={"class_names": ["a", "b", "c"]})
+    rebuilt = medsegkit.weights.load_model(path)
+    assert not rebuilt.training and rebuilt.medsegkit_metadata == {"class_names": ["a", "b", "c"]}
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)

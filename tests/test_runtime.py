@@ -50,7 +50,7 @@ def test_command_line_asks_torch_for_huge_pages_and_keeps_a_users_choice():
 
 
 def test_napari_worker_sets_it_before_importing_torch(monkeypatch):
-    import medsegkit.inference.worker as worker
+    import medsegkit.worker as worker
     from medsegkit.napari import _worker_client
 
     seen = {}

@@ -23,23 +23,31 @@ _LAZY = {
     "Cancelled": "medsegkit.errors",
     "CheckpointError": "medsegkit.errors",
     "MedsegkitError": "medsegkit.errors",
+    "ImageReadError": "medsegkit.errors",
     "predict": "medsegkit.inference",
     "segment": "medsegkit.inference",
     "read_image": "medsegkit.io",
     "write_image": "medsegkit.io",
     "Image": "medsegkit.io",
     "evaluate": "medsegkit.metrics",
-    "convert": "medsegkit.weights",
+    "evaluate_cohort": "medsegkit.metrics",
+    "stats": "medsegkit.measurements",
+    "segment_many": "medsegkit.cohort",
+    "show": "medsegkit.viz",
+    "view": "medsegkit.viz",
+    "convert": "medsegkit.registry",
     "load_checkpoint": "medsegkit.weights",
-    "load_model": "medsegkit.weights",
+    "load_model": "medsegkit.registry",
     "save_checkpoint": "medsegkit.weights",
+    "export": "medsegkit.exporter",
 }
-_SUBMODULES = {"nets", "weights", "inference", "io", "postprocess", "metrics", "transforms", "train", "bundle"}
+_SUBMODULES = {"nets", "weights", "inference", "io", "postprocess", "metrics", "transforms", "train", "bundle",
+               "data", "qc", "interactive"}
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medsegkit.errors import Cancelled, CheckpointError, MedsegkitError  # noqa: F401
+    from medsegkit.errors import Cancelled, CheckpointError, ImageReadError, MedsegkitError  # noqa: F401
     from medsegkit.registry import ModelInfo, create_model, list_models, model_info, register_model  # noqa: F401
 
 

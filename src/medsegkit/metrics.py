@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["evaluate", "dice_per_class", "format_table"]
+__all__ = ["evaluate", "evaluate_cohort", "cohort_summary", "dice_per_class", "format_table", "save_cohort_boxplot"]
 
 
 def _as_label_volume(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -159,3 +159,125 @@ def format_table(result: dict[str, Any], class_names: Sequence[str] | None = Non
         rows.append(row)
     rows.append(f"mean Dice: {result['mean_dice']:.3f}")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# cohorts: many (prediction, reference) pairs -> one table
+
+
+def _cohort_pairs(pairs: Any) -> list[tuple[str, Any, Any]]:
+    """``[(case, prediction, reference)]`` from ``{case: (prediction, reference)}`` or a list of pairs."""
+    import os
+    from pathlib import Path
+
+    if isinstance(pairs, (str, os.PathLike)):
+        raise TypeError("evaluate_cohort takes (prediction, reference) pairs; for two folders or patterns use "
+                        "evaluate_cohort(medsegkit.cohort.match_pairs(predictions, references))")
+    items = list(pairs.items()) if isinstance(pairs, dict) else list(enumerate(pairs))
+    out = []
+    for key, pair in items:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"pair {key!r} must be (prediction, reference); got {type(pair).__name__}")
+        prediction, reference = pair
+        if isinstance(key, str):
+            case = key
+        elif isinstance(prediction, (str, os.PathLike)):
+            case = Path(prediction).name
+        else:
+            case = f"case{key}"
+        out.append((case, prediction, reference))
+    return out
+
+
+def evaluate_cohort(
+    pairs: Any,
+    *,
+    labels: Iterable[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    hd95: bool = True,
+    boxplot: Any = None,
+) -> Any:
+    """Score many predictions against their references: one row per case and class.
+
+    Args:
+        pairs: ``{case: (prediction, reference)}`` or a list of ``(prediction, reference)`` pairs (paths,
+            Images or arrays on the same grid; a list names cases by the prediction's file name).
+            For two folders or glob patterns: :func:`medsegkit.cohort.match_pairs`.
+        labels: classes to score (default: every non-zero label present in either map, per case).
+        class_names: names by label (background first) for the ``class`` column.
+        hd95: compute HD95 (the slowest part).
+        boxplot: optional PNG path: Dice (and HD95) per class across cases as box plots
+            (:func:`save_cohort_boxplot`).
+
+    Returns:
+        A ``pandas.DataFrame`` with ``case, label, class, dice, hd95, volume_prediction_ml,
+        volume_reference_ml, volume_difference_ml, relative_volume_difference``;
+        :func:`cohort_summary` turns it into per-class mean / std / median.
+    """
+    import os
+
+    import pandas as pd
+
+    from medsegkit.io import read_image
+
+    rows = []
+    for case, prediction, reference in _cohort_pairs(pairs):
+        prediction = read_image(prediction) if isinstance(prediction, (str, os.PathLike)) else prediction
+        reference = read_image(reference) if isinstance(reference, (str, os.PathLike)) else reference
+        result = evaluate(prediction, reference, labels=labels, hd95=hd95)
+        for label in result["labels"]:
+            rows.append({
+                "case": case,
+                "label": label,
+                "class": class_names[label] if class_names and label < len(class_names) else str(label),
+                "dice": result["dice"][label],
+                "hd95": result["hd95"][label] if hd95 else math.nan,
+                "volume_prediction_ml": result["volume_prediction"][label],
+                "volume_reference_ml": result["volume_reference"][label],
+                "volume_difference_ml": result["volume_difference"][label],
+                "relative_volume_difference": result["relative_volume_difference"][label],
+            })
+    table = pd.DataFrame(rows, columns=["case", "label", "class", "dice", "hd95", "volume_prediction_ml",
+                                        "volume_reference_ml", "volume_difference_ml", "relative_volume_difference"])
+    if boxplot is not None:
+        save_cohort_boxplot(table, boxplot)
+    return table
+
+
+def cohort_summary(table: Any) -> Any:
+    """Per-class ``mean``, ``std``, ``median``, ``min`` and ``max`` of Dice, HD95 and volume difference of an
+    :func:`evaluate_cohort` table (one row per class, ``cases`` = how many cases scored it)."""
+    metrics = ["dice", "hd95", "volume_difference_ml"]
+    summary = table.groupby(["label", "class"])[metrics].agg(["mean", "std", "median", "min", "max"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary.insert(0, "cases", table.groupby(["label", "class"]).size())
+    return summary.reset_index()
+
+
+def save_cohort_boxplot(table: Any, path: Any) -> Any:
+    """PNG of Dice (left) and HD95 in mm (right) per class across cases, as box plots with the cases as
+    dots; written atomically. Returns the path."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure  # no pyplot: works headless and leaves the user's backend alone
+
+    from medsegkit.files import atomic_write
+
+    if table.empty:
+        raise ValueError("the cohort table is empty: nothing to plot")
+    classes = list(dict.fromkeys(table["class"]))
+    metrics = [("dice", "Dice")] + ([("hd95", "HD95 (mm)")] if table["hd95"].notna().any() else [])
+    fig = Figure(figsize=(4.5 * len(metrics), 3.6))
+    for position, (column, title) in enumerate(metrics, start=1):
+        ax = fig.add_subplot(1, len(metrics), position)
+        values = [table.loc[table["class"] == c, column].dropna().to_numpy() for c in classes]
+        ax.boxplot(values, showfliers=False)
+        ax.set_xticks(range(1, len(classes) + 1), classes)
+        for x, v in enumerate(values, start=1):
+            ax.plot(np.full(v.shape, x, dtype=float), v, "o", alpha=0.6, color="tab:blue")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    target = Path(path)
+    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    return target

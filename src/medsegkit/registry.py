@@ -11,6 +11,12 @@ the napari picker and tests read (family, task, dims, input shape, reference, we
 
 ``create_model(name, **overrides)`` calls the builder; ``model_info(name, **overrides)`` describes the
 configuration that call would build (parameter count included) without allocating real weights.
+
+Layering: model code registers through :mod:`medsegkit._specs` (``register_model`` and the specs,
+re-exported here); this module resolves names (``create_model``, ``convert`` with a name as
+``target``, and ``load_model`` / ``model_from_record`` for checkpoints) and calls
+:mod:`medsegkit.weights` to convert and load tensors into the models it built. The arrows
+point one way: ``registry → weights → nets → _specs``; weights never imports the registry.
 """
 
 from __future__ import annotations
@@ -20,22 +26,26 @@ import difflib
 import fnmatch
 import importlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from medsegkit._serialize import jsonable
+from medsegkit._specs import _REGISTRY, TASKS, ModelSpec, WeightsSpec, register_model
 
 __all__ = [
     "ModelInfo",
     "ModelSpec",
     "WeightsSpec",
+    "convert",
     "create_model",
     "get_model_spec",
     "list_models",
+    "load_model",
+    "model_from_record",
     "model_info",
     "register_model",
 ]
-
-TASKS = ("semantic", "instance", "universal")
 
 # Modules whose import registers builders. Listed here (not discovered) so that registration order,
 # and therefore `list_models()` before sorting, is stable and import errors are loud.
@@ -46,52 +56,6 @@ FAMILY_MODULES = (
     "medsegkit.nets.maskformer",
     "medsegkit.nets.mask2former",
 )
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """Registered weights of one model name, described as data (as torchvision does).
-
-    Attributes:
-        url: where the file lives (``https://``, ``http://`` or ``file://``).
-        sha256: the full sha256 hex digest, or the prefix the publisher gives (torchvision puts the
-            first 8 hex digits of the sha256 in the file name).
-        source: the library whose key layout the file uses (``"medsegkit"``, ``"torchvision"``,
-            ``"monai"``, ``"transformers"``); anything but ``"medsegkit"`` goes through
-            :func:`medsegkit.weights.convert`.
-        arch: constructor arguments the weights need (e.g. ``{"num_classes": 91}``); an override that
-            conflicts with one of them raises ``ValueError``.
-        num_params: parameter count of the model these weights fill.
-        meta: anything else worth recording: class names, preprocessing, training data, metrics.
-    """
-
-    url: str
-    sha256: str
-    source: str = "medsegkit"
-    arch: Mapping[str, Any] = field(default_factory=dict)
-    num_params: int | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the registry knows about one public name."""
-
-    name: str
-    builder: Callable[..., Any]
-    family: str
-    task: str
-    spatial_dims: int
-    input_shape: tuple[int, ...]
-    reference: str
-    dotted_path: str
-    default_roi_size: tuple[int, ...] | None = None
-    default_preprocessing: str | None = None
-    weights: WeightsSpec | None = None
-
-    @property
-    def has_weights(self) -> bool:
-        return self.weights is not None
 
 
 @dataclass
@@ -118,51 +82,7 @@ class ModelInfo:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
 _families_loaded = False
-
-
-def register_model(
-    fn: Callable[..., Any] | None = None,
-    *,
-    family: str | None = None,
-    task: str = "semantic",
-    spatial_dims: int = 2,
-    input_shape: Sequence[int] = (1, 3, 224, 224),
-    reference: str = "",
-    dotted_path: str | None = None,
-    default_roi_size: Sequence[int] | None = None,
-    default_preprocessing: str | None = None,
-    weights: WeightsSpec | None = None,
-):
-    """Register a builder function under its own ``__name__``.
-
-    Usable bare (``@register_model``) or with metadata (``@register_model(family=..., ...)``).
-    ``dotted_path`` is the class a MONAI bundle names as ``_target_``; it defaults to the builder.
-    """
-
-    def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
-        name = builder.__name__
-        if name in _REGISTRY and _REGISTRY[name].builder is not builder:
-            raise ValueError(f"model name {name!r} is registered twice ({_REGISTRY[name].builder.__module__})")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r} for {name!r}")
-        _REGISTRY[name] = ModelSpec(
-            name=name,
-            builder=builder,
-            family=family or builder.__module__.rsplit(".", 1)[-1],
-            task=task,
-            spatial_dims=int(spatial_dims),
-            input_shape=tuple(int(s) for s in input_shape),
-            reference=reference,
-            dotted_path=dotted_path or f"{builder.__module__}.{name}",
-            default_roi_size=tuple(default_roi_size) if default_roi_size is not None else None,
-            default_preprocessing=default_preprocessing,
-            weights=weights,
-        )
-        return builder
-
-    return decorate(fn) if fn is not None else decorate
 
 
 def _load_families() -> None:
@@ -310,7 +230,7 @@ def create_model(name: str, *, pretrained: bool | str = False, **overrides: Any)
     elif pretrained not in (False, None) and not isinstance(pretrained, str):
         raise TypeError(f"pretrained must be a bool or a path/URL string, got {type(pretrained).__name__}")
     model = spec.builder(**overrides)
-    model.medsegkit_config = {"name": spec.name, "overrides": _jsonable(overrides)}
+    model.medsegkit_config = {"name": spec.name, "overrides": jsonable(overrides)}
     if pretrained is True:
         from medsegkit.weights import load_registered_weights
 
@@ -322,17 +242,93 @@ def create_model(name: str, *, pretrained: bool | str = False, **overrides: Any)
     return model
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    raise TypeError(
-        f"override value {value!r} of type {type(value).__name__} cannot be recorded in a checkpoint; "
-        "use plain numbers, strings, lists or dicts"
+def model_from_record(record: Mapping[str, Any], *, source: str = "checkpoint"):
+    """Build the model a checkpoint record names (untrained weights; the caller loads the state).
+
+    ``record`` is the ``"model"`` entry :func:`medsegkit.weights.save_checkpoint` writes: either
+    ``{"name": registry name, "overrides": {...}}`` or ``{"target": "medsegkit.<dotted class>",
+    "args": {...}}`` (models built from a class that records its ``init_args``). ``source`` names the
+    file in error messages.
+
+    Raises:
+        CheckpointError: the record names no model, or a class outside medsegkit (never imported).
+    """
+    from medsegkit.errors import CheckpointError
+
+    if "name" in record:
+        return create_model(record["name"], **record.get("overrides", {}))
+    if "target" in record:
+        target = record["target"]
+        if not target.startswith("medsegkit."):
+            raise CheckpointError(f"{source} names class {target!r}; only medsegkit classes are rebuilt")
+        return _resolve_dotted(target)(**record.get("args", {}))
+    raise CheckpointError(
+        f"{source} does not record which model it belongs to (not written by "
+        f"medsegkit.save_checkpoint); build the model yourself and call load_checkpoint(model, path)"
     )
+
+
+def load_model(path_or_url, *, map_location="cpu"):
+    """Rebuild a model from a medsegkit checkpoint alone (name + arguments recorded inside).
+
+    Name resolution is the registry's part (:func:`model_from_record`); reading the file and loading
+    the tensors is :mod:`medsegkit.weights`'. Also importable as ``medsegkit.load_model`` and
+    ``medsegkit.weights.load_model``.
+
+    Args:
+        path_or_url: a local checkpoint or an ``http(s)://`` URL (downloaded once into the cache).
+        map_location: device the tensors are read onto.
+
+    Returns:
+        The model in eval mode, ``model.medsegkit_metadata`` holding the checkpoint's metadata (class
+        names, preprocessing, metrics).
+
+    Raises:
+        CheckpointError: the file records no model, names a class outside medsegkit, or its weights do
+            not fit the recorded model.
+    """
+    from medsegkit.weights.checkpoint import fetch_checkpoint, load_state, read_checkpoint
+
+    path = fetch_checkpoint(path_or_url)
+    state, record = read_checkpoint(path, map_location=map_location)
+    model = model_from_record(record.get("model") or {}, source=f"checkpoint {path}")
+    load_state(model, state, source=f"checkpoint {path}")
+    model.medsegkit_metadata = record.get("metadata", {})
+    return model.eval()
+
+
+def convert(obj: Any, *, source: str, target: Any = None):
+    """Turn a model (or bare state dict) of another library into the equivalent medsegkit model.
+
+    Also importable as ``medsegkit.convert`` and ``medsegkit.weights.convert``. The registry's part is
+    resolving a registry name: it is built with the architecture read from ``obj``
+    (:func:`medsegkit.weights.target_arguments`, keeping the arguments the name's builder accepts), so
+    that ``model.medsegkit_config`` records it; the weights are then mapped by
+    :func:`medsegkit.weights.convert_weights`.
+
+    Args:
+        obj: a model of the ``source`` library (its configuration is read from it), or a bare state dict.
+        source: ``"monai"``, ``"torchvision"`` or ``"transformers"``.
+        target: a registry name, or a built medsegkit model to fill; required for a bare state dict.
+            Without it, the model is built from ``obj``'s configuration.
+
+    Returns:
+        A medsegkit model whose outputs equal the source model's (max |Δ| ≤ 1e-5 fp32; 1e-4 for the
+        transformer models).
+
+    Raises:
+        ValueError: unknown ``source``; a bare state dict without ``target``; weights that do not fit.
+        KeyError: unknown registry name (the message lists the closest names).
+        TypeError: ``obj`` is not a model the ``source`` converter supports, or ``target`` not a model.
+    """
+    from medsegkit.weights import convert_weights, target_arguments
+
+    if isinstance(target, str):
+        spec = get_model_spec(target)
+        accepted = set(accepted_arguments(spec.name))
+        arguments = target_arguments(obj, source=source)
+        target = create_model(spec.name, **{k: v for k, v in arguments.items() if k in accepted})
+    return convert_weights(obj, source=source, target=target)
 
 
 def count_parameters(module) -> int:

@@ -13,7 +13,7 @@ from medsegkit.inference.folder import list_images, output_path_for, predict_fol
 from medsegkit.io import Image, read_image, write_image
 
 # the module (``medsegkit.inference.segment`` the attribute is the function of the same name)
-segment_module = importlib.import_module("medsegkit.inference.segment")
+folder_module = importlib.import_module("medsegkit.inference.folder")  # predict_folder calls its `segment`
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_existing_outputs_are_skipped_unless_overwrite(images, model, tmp_path):
 
 def test_interrupted_run_leaves_no_partial_file_and_resumes(images, model, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_segment = segment_module.segment
+    real_segment = folder_module.segment
     calls = []
 
     def failing(model, path, **kw):
@@ -93,7 +93,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(images, model, tmp_p
             raise RuntimeError("killed while segmenting")
         return real_segment(model, path, **kw)
 
-    monkeypatch.setattr(segment_module, "segment", failing)
+    monkeypatch.setattr(folder_module, "segment", failing)
     with pytest.raises(RuntimeError, match="killed"):
         _run(model, images, out)
     assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz"]  # complete first result, no temp files
@@ -104,7 +104,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(images, model, tmp_p
         path.write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(segment_module, "segment", real_segment)
+    monkeypatch.setattr(folder_module, "segment", real_segment)
     monkeypatch.setattr("medsegkit.io.nifti.write_nifti", broken_write)
     monkeypatch.setattr("medsegkit.io.sitk.write_sitk", lambda image, path, fmt: broken_write(image, path))
     with pytest.raises(OSError, match="disk full"):

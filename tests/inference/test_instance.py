@@ -16,7 +16,8 @@ from scipy import ndimage
 
 from medsegkit.errors import Cancelled
 from medsegkit.inference import predict
-from medsegkit.inference.instance import predict_instances, tile_starts
+from medsegkit.inference.instance import predict_instances
+from medsegkit.inference.windows import window_slices
 
 
 class ComponentDetector(torch.nn.Module):
@@ -74,11 +75,18 @@ def _assert_same_partition(labels: np.ndarray, truth: np.ndarray) -> None:
     assert all((a == 0) == (b == 0) for a, b in pairs)
 
 
-def test_tile_starts_cover_the_image():
-    assert tile_starts(100, 48, 0.25) == [0, 36, 52]
-    assert tile_starts(30, 48, 0.25) == [0]
+def _starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Tile starts along one axis on the engine's grid (MONAI's), tiles clipped to the image."""
+    slices, padded, _ = window_slices((size,), (min(tile, size),), overlap)
+    assert padded == (size,)  # no padding: a tile is never larger than the image
+    return sorted({s[0].start for s in slices})
+
+
+def test_tiles_are_the_window_grid_and_cover_the_image():
+    assert _starts(100, 48, 0.25) == [0, 36, 52]
+    assert _starts(30, 48, 0.25) == [0]
     for size, tile, overlap in [(257, 64, 0.5), (64, 64, 0.0), (1000, 333, 0.1)]:
-        starts = tile_starts(size, tile, overlap)
+        starts = _starts(size, tile, overlap)
         assert starts[0] == 0 and starts[-1] + tile == size
         assert all(b - a <= tile for a, b in zip(starts, starts[1:]))
 
@@ -118,7 +126,7 @@ def test_tiles_merge_objects_crossing_tile_borders():
     truth[2:6, 2:6] = 4  # inside one tile
     image = (truth > 0).astype(np.float32) * 0.8
     model = ComponentDetector()
-    labels = predict_instances(model, image, tile_size=48, tile_overlap=0.25)
+    labels = predict_instances(model, image, roi_size=48, overlap=0.25)
     _assert_same_partition(labels, truth)
     shapes = [s for call in model.calls for s in call]
     assert len(shapes) == 9 and all(s == (3, 48, 48) for s in shapes)
@@ -151,7 +159,7 @@ def test_tensor_batch_progress_and_cancel():
     ]  # (2, 1, 32, 32)
     calls = []
     labels = predict_instances(
-        ComponentDetector(), batch, batch_size=1, progress=lambda d, t: calls.append((d, t))
+        ComponentDetector(), batch, sw_batch_size=1, progress=lambda d, t: calls.append((d, t))
     )
     assert isinstance(labels, torch.Tensor) and labels.dtype == torch.int32 and labels.shape == (2, 32, 32)
     assert calls == [(1, 2), (2, 2)]

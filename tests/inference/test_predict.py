@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -172,19 +171,16 @@ def test_model_mode_restored(model3d):
         model3d.eval()
 
 
-def test_default_path_runs_3d_weights_channels_last_and_gives_them_back(model3d):
-    """The default path re-lays out the 5-D weights for the run only: same tensors, same bytes after it."""
+def test_default_path_runs_3d_channels_last_without_touching_the_callers_weights(model3d):
+    """The default path runs a channels-last-3d copy; the caller's tensors keep their storage and strides."""
     from medsegkit.inference.fast import prepare_model
 
     before = {name: (t.data_ptr(), t.stride()) for name, t in model3d.state_dict().items()}
     prepared = prepare_model(model3d, device=torch.device("cpu"), fast=False, amp=False, example_shape=(1, 1, 16, 16, 16))
-    try:
-        assert prepared.memory_format is torch.channels_last_3d and "channels-last-3d" in prepared.notes
-        conv_weights = [t for t in model3d.parameters() if t.dim() == 5]
-        assert conv_weights and all(w.stride() == torch.empty(w.shape, memory_format=torch.channels_last_3d,
-                                                               device="meta").stride() for w in conv_weights)
-    finally:
-        prepared.restore()
+    assert prepared.memory_format is torch.channels_last_3d and "channels-last-3d" in prepared.notes
+    conv_weights = [t for t in prepared.module.parameters() if t.dim() == 5]
+    assert conv_weights and all(w.stride() == torch.empty(w.shape, memory_format=torch.channels_last_3d,
+                                                           device="meta").stride() for w in conv_weights)
     assert {name: (t.data_ptr(), t.stride()) for name, t in model3d.state_dict().items()} == before
     predict(model3d, _volume((20, 20, 20)), roi_size=16)
     assert {name: (t.data_ptr(), t.stride()) for name, t in model3d.state_dict().items()} == before
@@ -282,20 +278,30 @@ def test_progress_called_once_per_window_batch(model3d):
     assert {c[1] for c in calls} == {expected}
 
 
+class _Gate:
+    """Forward-call counter and events shared by a model and its inference copies (``deepcopy`` keeps it)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first_done = threading.Event()
+        self.go_on = threading.Event()
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class _GatedModel(MonaiUNet):
     """Counts forward calls and blocks after the first until the test lets it go on."""
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
-        self.first_done = threading.Event()
-        self.go_on = threading.Event()
+        self.gate = _Gate()
 
     def forward(self, x):
-        self.calls += 1
-        if self.calls == 2:
-            self.first_done.set()
-            self.go_on.wait(10)
+        self.gate.calls += 1
+        if self.gate.calls == 2:
+            self.gate.first_done.set()
+            self.gate.go_on.wait(10)
         return super().forward(x)
 
 
@@ -319,12 +325,12 @@ def test_cancel_from_another_thread_stops_within_one_batch_and_writes_nothing(tm
 
     worker = threading.Thread(target=run)
     worker.start()
-    assert model.first_done.wait(20)
+    assert model.gate.first_done.wait(20)
     cancel.set()  # set while the second batch runs
-    model.go_on.set()
+    model.gate.go_on.set()
     worker.join(30)
     assert not worker.is_alive() and len(errors) == 1
-    assert model.calls == 2  # the batch in flight finished, no further batch started
+    assert model.gate.calls == 2  # the batch in flight finished, no further batch started
     assert "after 2 of" in str(errors[0])
     assert list(tmp_path.iterdir()) == []  # no output and no partial store left
 
@@ -499,13 +505,12 @@ def test_model_with_wrong_output_size_is_reported():
 # --------------------------------------------------------------------------------------------------
 # task dispatch
 def test_instance_and_universal_models_are_routed(monkeypatch):
-    import medsegkit.inference as inference_package
+    import importlib
 
+    predict_module = importlib.import_module("medsegkit.inference.predict")  # the module, not the function
     seen = {}
-    fake_instance = types.ModuleType("medsegkit.inference.instance")
-    fake_instance.predict_instances = lambda model, image, **kw: seen.setdefault("instance", kw) and "instances"
-    monkeypatch.setitem(sys.modules, "medsegkit.inference.instance", fake_instance)
-    monkeypatch.setattr(inference_package, "instance", fake_instance, raising=False)
+    monkeypatch.setattr(predict_module, "predict_instances",
+                        lambda model, image, **kw: seen.setdefault("instance", kw) and "instances")
 
     class SemanticAdapter(nn.Module):
         def __init__(self, model):
@@ -515,11 +520,8 @@ def test_instance_and_universal_models_are_routed(monkeypatch):
         def forward(self, x):
             return self.model(x)
 
-    fake_adapters = types.ModuleType("medsegkit.inference.adapters")
-    fake_adapters.SemanticAdapter = SemanticAdapter
-    fake_adapters.predict_query = lambda model, image, task, **kw: ("query", task, kw["roi_size"])
-    monkeypatch.setitem(sys.modules, "medsegkit.inference.adapters", fake_adapters)
-    monkeypatch.setattr(inference_package, "adapters", fake_adapters, raising=False)
+    monkeypatch.setattr(predict_module, "SemanticAdapter", SemanticAdapter)
+    monkeypatch.setattr(predict_module, "predict_query", lambda model, image, task, **kw: ("query", task, kw["roi_size"]))
 
     class InstanceNet(MonaiUNet):
         medsegkit_task = "instance"
@@ -607,9 +609,9 @@ def test_instance_norm_is_not_folded():
 
 
 def test_fast_without_bf16_falls_back_to_float32_and_says_so(monkeypatch, caplog, model3d):
-    import medsegkit.inference.fast as fast_module
+    import medsegkit.amp as amp_module
 
-    monkeypatch.setattr(fast_module, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(amp_module, "bf16_supported", lambda device: False)
     x = _volume((1, 1, 24, 24, 24))
     with caplog.at_level(logging.INFO, logger="medsegkit.inference"):
         logits = predict(model3d, x, roi_size=16, fast=True, output="logits")

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from medsegkit.io import Image, read_image
-from medsegkit.napari._reader import get_reader
+from medsegkit.napari._reader import get_reader, read_layers
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_data"
 
@@ -137,3 +137,55 @@ def test_sample_data_has_image_and_reference_labels(make_napari_viewer):
     np.testing.assert_allclose(t1.translate, tissue.translate)
     assert t1.metadata["medsegkit"]["sample"] == "mni152"
     assert tissue.metadata["medsegkit"]["class_names"] == ["background", "CSF", "GM", "WM"]
+
+
+def _damaged_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Inputs the reader fuzzing found (tests/io/test_fuzz_readers.py): {name: (path, part of the message)}."""
+    huge = folder / "huge.nrrd"
+    huge.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 10000 10000 10000\nencoding: raw\n"
+                     b"endian: little\n\nabcd")
+    zlib_damaged = folder / "damaged.mha"
+    zlib_damaged.write_bytes(b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nCompressedData = True\n"
+                             b"ElementDataFile = LOCAL\nx\x9c" + bytes(range(40, 60)))
+    truncated = folder / "truncated.nii.gz"
+    truncated.write_bytes((SAMPLE / "mni152_t1_2mm.nii.gz").read_bytes()[:5000])
+    cases = {"huge": (huge, "10000 x 10000 x 10000 image"), "zlib": (zlib_damaged, "compressed voxel data are damaged"),
+             "truncated": (truncated, "truncated.nii.gz")}
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    duplicated = folder / "duplicated"
+    duplicated.mkdir()
+    for name in ("a.dcm", "b.dcm"):  # one slice twice: two slices at one position
+        (duplicated / name).write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    cases["dicom"] = (duplicated, "two slices are at the same position")
+    assert pydicom is not None
+    return cases
+
+
+def test_damaged_files_notify_and_keep_the_viewer(make_napari_viewer, tmp_path):
+    """A file the reader refuses: an error notification with its one-line reason, no layer, the viewer alive
+    (another file opens afterwards)."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    viewer = make_napari_viewer()
+    cases = _damaged_inputs(tmp_path)
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        for name, (path, message) in cases.items():
+            seen.clear()
+            assert get_reader(str(path)) is not None, name  # ours to read, and refused with a reason
+            assert viewer.open(str(path), plugin="medsegkit") == [], name
+            assert len(viewer.layers) == 0
+            errors = [n for n in seen if n.severity == NotificationSeverity.ERROR]
+            assert len(errors) == 1 and message in errors[0].message and "\n" not in errors[0].message, seen
+        # several paths handed to the reader at once: the readable one still opens, the damaged one is reported
+        seen.clear()
+        (layer,) = read_layers([str(cases["huge"][0]), str(SAMPLE / "mni152_t1_2mm.nii.gz")])
+        assert layer[1]["name"] == "mni152_t1_2mm" and layer[0].shape == (95, 117, 99)
+        assert sum(n.severity == NotificationSeverity.ERROR for n in seen) == 1
+        (opened,) = viewer.open(str(SAMPLE / "mni152_t1_2mm.nii.gz"), plugin="medsegkit")
+        assert opened.data.shape == (95, 117, 99)
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)

@@ -134,7 +134,7 @@ def test_window_gather_equals_roll_and_partition():
 
 
 def test_inference_path_matches_the_autograd_path_and_caches_the_bias():
-    """Without autograd: window gathers, in-place residual adds and the cached attention bias. Equal to
+    """Without autograd: window gathers and the cached attention bias. Equal to
     the autograd path up to the attention kernel (SDPA picks another one when gradients flow); the
     cache follows the bias table and the grid size."""
     torch.manual_seed(0)
@@ -158,3 +158,19 @@ def test_inference_path_matches_the_autograd_path_and_caches_the_bias():
     with torch.no_grad():
         other = body(torch.randn(1, 3, 64, 64))  # another grid: another bias
     assert [tuple(f.shape[-2:]) for f in other] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_a_model_built_under_inference_mode_runs_without_the_bias_cache():
+    """Inference tensors have no version counter, so their attention bias is not cached (no error)."""
+    torch.manual_seed(0)
+    body = SwinTransformer(**SMALL, drop_path_rate=0.0).eval()
+    x = torch.randn(1, 3, 40, 36)
+    with torch.no_grad():
+        expected = body(x)
+    with torch.inference_mode():
+        built = SwinTransformer(**SMALL, drop_path_rate=0.0).eval()
+        built.load_state_dict(body.state_dict())
+        assert built.stages[0].blocks[0].attn.relative_position_bias_table.is_inference()
+        got = built(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert "_attention_bias" not in built.stages[0].blocks[0].attn.__dict__

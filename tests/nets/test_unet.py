@@ -60,23 +60,6 @@ def test_full_size_counts_equal_monai():
     assert count(ours_att) == count(monai_att) == 5_909_130
 
 
-@pytest.mark.parametrize(
-    "args, kwargs",
-    [
-        ((2, 1, 2, (4, 8, 16), (2, 2)), {}),
-        ((3, 2, 3, (4, 8, 16, 32), (2, 2, 2)), {"num_res_units": 1, "norm": "batch"}),
-        ((3, 1, 2, (4, 8, 16), ((1, 2, 2), (2, 2, 2))), {"kernel_size": (1, 3, 3), "num_res_units": 3}),
-        (
-            (2, 1, 4, (6, 12, 24), (2, 2)),
-            {"norm": ("group", {"num_groups": 3}), "bias": False, "up_kernel_size": 5},
-        ),
-        ((1, 2, 2, (4, 8), (2,)), {"act": ("leakyrelu", {"negative_slope": 0.01}), "adn_ordering": "ADN"}),
-    ],
-)
-def test_unet_counts_equal_monai(args, kwargs):
-    assert count(UNet(*args, **kwargs)) == count(MonaiUNet(*args, **kwargs))
-
-
 def test_resunet_is_unet_with_two_residual_units():
     args = (3, 1, 2, (4, 8, 16), (2, 2))
     assert (
@@ -87,12 +70,48 @@ def test_resunet_is_unet_with_two_residual_units():
     assert count(UNet(*args, block="res")) == count(ResUNet(*args))
 
 
-@pytest.mark.parametrize("dims, channels", [(2, (4, 8, 16)), (3, (3, 6, 12, 24)), (2, (8, 8))])
-def test_attention_unet_counts_equal_monai(dims, channels):
-    strides = (2,) * (len(channels) - 1)
-    assert count(AttentionUNet(dims, 1, 3, channels, strides)) == count(
-        MonaiAttentionUnet(dims, 1, 3, channels, strides)
-    )
+# Parity of counts, weights and outputs with MONAI over the whole knob space: test_unet_monai_properties.py
+
+
+def test_attention_merge_conv_keeps_monais_kernel_3():
+    """MONAI's AttentionUnet builds its merge convs with kernel 3 whatever kernel_size says (issue 13)."""
+    args = (2, 1, 2, (3, 4, 5), (1, 2))
+    monai_model = MonaiAttentionUnet(*args, up_kernel_size=5, kernel_size=5)
+    ours = AttentionUNet(*args, up_kernel_size=5, kernel_size=5)
+    assert count(ours) == count(monai_model) == 3_534
+    assert [stage.units[0].conv.kernel_size for stage in ours.decoder.stages] == [(3, 3), (3, 3)]
+    assert ours.encoder.stages[0].units[0].conv.kernel_size == (5, 5)
+    ours.load_state_dict(monai_model.state_dict(), strict=True)
+
+    same = AttentionUNet(*args, up_kernel_size=5, kernel_size=5, merge_kernel_size=5)
+    assert count(same) == 4_334
+    assert [stage.units[0].conv.kernel_size for stage in same.decoder.stages] == [(5, 5), (5, 5)]
+    per_axis = AttentionUNet(*args, merge_kernel_size=(1, 3))
+    assert per_axis.decoder.stages[0].units[0].conv.kernel_size == (1, 3)
+    assert per_axis.decoder.stages[0].units[0].conv.padding == (0, 1)
+    assert per_axis.eval()(torch.randn(1, 1, 8, 8)).shape == (1, 2, 8, 8)
+    with pytest.raises(ValueError, match="merge_kernel_size values should be positive odd ints"):
+        AttentionUNet(*args, merge_kernel_size=4)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        same.load_state_dict(monai_model.state_dict())
+
+
+def test_unet_takes_monai_dropout_specs():
+    args = (2, 1, 2, (4, 8, 16), (2, 2))
+
+    def types(model: nn.Module) -> set[str]:
+        return {type(m).__name__ for m in model.modules()}
+
+    assert "AlphaDropout" in types(UNet(*args, dropout=("alphadropout", {"p": 0.1})))
+    assert not {"Dropout", "AlphaDropout"} & types(UNet(*args, dropout=None))
+    drops = [m for m in UNet(*args, dropout=("dropout", {"p": 0.3})).modules() if isinstance(m, nn.Dropout)]
+    assert drops and {m.p for m in drops} == {0.3}
+    assert UNet(*args, dropout=["dropout", {"p": 0.3}]).init_args["dropout"] == ["dropout", {"p": 0.3}]
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\], got -0.1"):
+        UNet(*args, dropout=-0.1)
+    with pytest.raises(ValueError, match="dropout must be a probability in .* got \\{'p': 0.1\\}"):
+        UNet(*args, dropout={"p": 0.1})
+    assert UNet(*args, adn_ordering="nda").eval()(torch.randn(1, 1, 8, 8)).shape == (1, 2, 8, 8)
 
 
 # ------------------------------------------------------------------ knob matrix

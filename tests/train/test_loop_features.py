@@ -11,6 +11,7 @@ import pytest
 import torch
 from training_data import TINY, blob_volume, small_config
 
+import medsegkit.amp
 from medsegkit import create_model
 from medsegkit.cli import main
 from medsegkit.train.loop import state_path_for, train
@@ -77,11 +78,11 @@ def test_amp_trains_in_reduced_precision_and_lowers_the_loss(tmp_path):
     _, result = _run(tmp_path, "amp", small_config(amp=True, epochs=4), model=model, log=lines.append)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
-    if torch.cpu._is_avx512_bf16_supported():
+    if medsegkit.amp.bf16_supported("cpu"):
         assert dtypes == {torch.bfloat16}
         assert not any("--amp" in line for line in lines)
     else:
-        assert dtypes == {torch.float32} and "no AVX-512 BF16" in lines[0]
+        assert dtypes == {torch.float32} and "no native bfloat16 support" in lines[0]
     assert next(model.parameters()).dtype == torch.float32  # master weights stay float32
     loaded = load_model(tmp_path / "amp.safetensors")
     assert loaded.medsegkit_metadata["training"]["config"]["amp"] is True
@@ -89,14 +90,14 @@ def test_amp_trains_in_reduced_precision_and_lowers_the_loss(tmp_path):
 
 
 def test_amp_falls_back_to_float32_with_a_note(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(medsegkit.amp, "bf16_supported", lambda device: False)
     model = create_model("UNet3d", **TINY)
     dtypes: set[torch.dtype] = set()
     next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d)).register_forward_hook(
         lambda mod, inputs, out: dtypes.add(out.dtype))
     lines: list[str] = []
     _run(tmp_path, "fallback", small_config(amp=True, epochs=1, steps_per_epoch=2), model=model, log=lines.append)
-    assert lines[0] == "--amp: this CPU has no AVX-512 BF16 support; training in float32"
+    assert lines[0] == "--amp: cpu has no native bfloat16 support; training in float32"
     assert dtypes == {torch.float32}
 
 

@@ -1,14 +1,15 @@
-"""MONAI → medsegkit parity: same outputs (max |Δ| ≤ 1e-5, fp32, eval mode) after converting MONAI's
-``UNet`` / ``AttentionUnet``, both through ``medsegkit.weights.convert`` and through a direct
-``load_state_dict(monai_model.state_dict())``; and back with ``to_monai``.
+"""MONAI → medsegkit conversion: ``convert``, ``config_from_monai``, ``to_monai``, readable keys, errors.
 
-Print the figures: ``python tests/weights/test_from_monai.py`` (or ``pytest -s`` on this file).
+Parity of parameter counts, weights and outputs with MONAI's ``UNet`` / ``AttentionUnet`` over the whole
+knob space (strict loading, max |Δ| ≤ 1e-5, ``to_monai`` round trip) is property-tested in
+``tests/nets/test_unet_monai_properties.py``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from model_fixtures import randomise
 from monai.networks.nets import AttentionUnet as MonaiAttentionUnet
 from monai.networks.nets import UNet as MonaiUNet
 
@@ -18,121 +19,6 @@ from medsegkit.weights.from_monai import config_from_monai, to_monai
 
 TOLERANCE = 1e-5
 
-# name -> (MONAI class, args, kwargs, input shape, our class)
-CONFIGS = {
-    "UNet-2d-instance-prelu": (MonaiUNet, (2, 1, 3, (4, 8, 16), (2, 2)), {}, (2, 1, 32, 32), UNet),
-    "UNet-3d-res2-batch": (
-        MonaiUNet,
-        (3, 2, 3, (4, 8, 16, 32), (2, 2, 2)),
-        {"num_res_units": 2, "norm": "batch"},
-        (1, 2, 16, 16, 16),
-        UNet,
-    ),
-    "UNet-3d-aniso-res1-group-leaky-ADN": (
-        MonaiUNet,
-        (3, 1, 2, (4, 8, 16), ((1, 2, 2), (2, 2, 2))),
-        {
-            "kernel_size": (1, 3, 3),
-            "up_kernel_size": (1, 3, 3),
-            "num_res_units": 1,
-            "norm": ("group", {"num_groups": 2}),
-            "act": ("leakyrelu", {"negative_slope": 0.01}),
-            "adn_ordering": "ADN",
-            "dropout": 0.1,
-        },
-        (2, 1, 8, 16, 16),
-        UNet,
-    ),
-    "UNet-2d-res3-batch-nobias": (
-        MonaiUNet,
-        (2, 1, 2, (4, 8, 16, 32), (2, 2, 2)),
-        {"num_res_units": 3, "norm": "batch", "bias": False},
-        (2, 1, 32, 32),
-        UNet,
-    ),
-    "UNet-3d-plain-batch-relu": (
-        MonaiUNet,
-        (3, 1, 4, (4, 8, 16), (2, 2)),
-        {"norm": "batch", "act": "relu"},
-        (1, 1, 16, 16, 16),
-        UNet,
-    ),
-    "AttentionUnet-2d": (
-        MonaiAttentionUnet,
-        (2, 1, 3, (4, 8, 16), (2, 2)),
-        {},
-        (2, 1, 32, 32),
-        AttentionUNet,
-    ),
-    "AttentionUnet-3d": (
-        MonaiAttentionUnet,
-        (3, 2, 2, (4, 8, 16, 32), (2, 2, 2)),
-        {"dropout": 0.1},
-        (1, 2, 16, 16, 16),
-        AttentionUNet,
-    ),
-    "AttentionUnet-3d-aniso": (
-        MonaiAttentionUnet,
-        (3, 1, 2, (4, 8, 16), ((1, 2, 2), (2, 2, 2))),
-        {},
-        (1, 1, 4, 16, 16),
-        AttentionUNet,
-    ),
-}
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights and BatchNorm statistics, so that parity checks every tensor, not the default init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, value in model.state_dict().items():
-            if not value.is_floating_point():
-                continue
-            if key.endswith("running_var"):
-                value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
-            else:
-                value.copy_(torch.randn(value.shape, generator=generator) * 0.3)
-    return model
-
-
-def parity(name: str) -> tuple[float, float, float]:
-    """max |Δ| of (convert, load_state_dict, to_monai) against MONAI for configuration ``name``."""
-    monai_cls, args, kwargs, shape, ours_cls = CONFIGS[name]
-    torch.manual_seed(0)
-    reference = randomise(monai_cls(*args, **kwargs)).eval()
-    x = torch.randn(shape)
-    with torch.no_grad():
-        expected = reference(x)
-        converted = convert(reference, source="monai").eval()
-        direct = ours_cls(*args, **kwargs)
-        direct.load_state_dict(reference.state_dict())
-        direct.eval()
-        back = to_monai(direct).eval()
-        deltas = tuple(float((m(x) - expected).abs().max()) for m in (converted, direct, back))
-    assert type(converted) is ours_cls
-    return deltas
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_parity_with_monai(name):
-    via_convert, via_load, via_to_monai = parity(name)
-    print(
-        f"\n[monai parity] {name}: max|Δ| convert={via_convert:.3g} load_state_dict={via_load:.3g} "
-        f"to_monai={via_to_monai:.3g} (tolerance {TOLERANCE:g}, fp32, eval)"
-    )
-    assert via_convert <= TOLERANCE
-    assert via_load <= TOLERANCE
-    assert via_to_monai <= TOLERANCE
-
-
-def test_parameter_counts_match_after_convert():
-    for name, (monai_cls, args, kwargs, _, _) in CONFIGS.items():
-        reference = monai_cls(*args, **kwargs)
-        ours = convert(reference, source="monai")
-        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()), (
-            name
-        )
-        assert set(ours.state_dict()) != set(reference.state_dict())  # readable keys, not MONAI's
 
 
 def test_readable_keys():
@@ -207,10 +93,17 @@ def test_nested_model_loads_monai_keys_under_prefix():
         assert float((wrapper.net.eval()(x) - reference(x)).abs().max()) <= TOLERANCE
 
 
-if __name__ == "__main__":
-    print(
-        f"{'configuration':40s} {'convert':>10s} {'load_sd':>10s} {'to_monai':>10s}   (max |Δ| vs MONAI, fp32, eval)"
+def test_to_monai_keeps_dtype_and_refuses_what_monai_lacks():
+    ours = UNet(2, 1, 2, (4, 8), (2,), num_res_units=1).double().train()
+    back = to_monai(ours)
+    assert back.training and {p.dtype for p in back.parameters()} == {torch.float64}
+    assert {p.dtype for p in convert(back, source="monai").parameters()} == {torch.float64}
+    merge5 = AttentionUNet(2, 1, 2, (4, 8, 16), (2, 2), kernel_size=5, merge_kernel_size=5)
+    with pytest.raises(ValueError, match="merge convs' kernel 3"):
+        to_monai(merge5)
+    assert isinstance(
+        to_monai(AttentionUNet(2, 1, 2, (4, 8), (2,), merge_kernel_size=(3, 3))), MonaiAttentionUnet
     )
-    for config in CONFIGS:
-        a, b, c = parity(config)
-        print(f"{config:40s} {a:10.3g} {b:10.3g} {c:10.3g}")
+    per_stage = UNet(2, 1, 2, (4, 8), (2,), kernel_size=((1, 3), (3, 3)))
+    with pytest.raises(ValueError, match="MONAI takes one kernel_size for every stage"):
+        to_monai(per_stage)

@@ -111,12 +111,15 @@ def test_maskformer_resnet_parity(kind):
 
 
 @pytest.mark.slow
-def test_maskformer_parity_on_the_fast_inference_path(monkeypatch):
-    """Full-width FPN (256) on a 48² stride-4 map: the Winograd conv and the folded mask projection run.
+def test_maskformer_parity_on_the_winograd_inference_copy(monkeypatch):
+    """Full-width FPN (256) on a 48² stride-4 map: in ``prepare_model(winograd=True)``'s copy the
+    Winograd conv and the folded mask projection run.
 
     Winograd moves results by float rounding, ~5e-6 of the output's scale here (masks reach ~15-20 on
-    this randomised model), so masks are compared relative to their scale; the plain path
-    (``fast_inference=False``) meets the absolute 1e-4."""
+    this randomised model), so masks are compared relative to their scale; the plain model meets the
+    absolute 1e-4."""
+    from medsegkit.inference.fast import prepare_model
+
     torch.manual_seed(0)
     config = transformers.MaskFormerConfig(
         backbone_config=resnet_config("bottleneck"),
@@ -125,7 +128,9 @@ def test_maskformer_parity_on_the_fast_inference_path(monkeypatch):
     )
     hf_model = _randomised(transformers.MaskFormerForInstanceSegmentation(config))
     ours = convert(hf_model, source="transformers")
-    assert ours.backbone.fast_inference and ours.pixel_decoder.folds_projection(10)
+    assert ours.pixel_decoder.folds_projection(10)
+    prepared = prepare_model(ours, device=torch.device("cpu"), fast=False, amp=False, example_shape=(1, 3, 192, 192),
+                             winograd=True)
     winograd_calls = []
     real = torch._nnpack_spatial_convolution
 
@@ -137,9 +142,10 @@ def test_maskformer_parity_on_the_fast_inference_path(monkeypatch):
     x = torch.randn(1, 3, 192, 192, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = hf_model(pixel_values=x)
-        fast = ours(x)
-        ours.backbone.fast_inference = ours.pixel_decoder.fast_inference = False
         plain = ours(x)
+    assert not winograd_calls  # the plain model has no inference shortcuts
+    with torch.inference_mode():
+        fast = prepared.module(x)
     masks = reference.masks_queries_logits
     if torch.backends.nnpack.is_available():
         assert (1, 256, 48, 48) in winograd_calls

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medsegkit._serialize import jsonable
 from medsegkit.files import atomic_write
 
 __all__ = ["SAMPLE_CLASS_NAMES", "init_bundle", "network_definition", "sample_data_dir"]
@@ -45,14 +46,6 @@ def sample_data_dir() -> str:
     from importlib.resources import files
 
     return str(files("medsegkit") / "sample_data")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def network_definition(name: str, **overrides: Any) -> tuple[dict[str, Any], Any]:
@@ -77,9 +70,9 @@ def network_definition(name: str, **overrides: Any) -> tuple[dict[str, Any], Any
         module = cls.__module__
         public = f"medsegkit.nets.{cls.__name__}"
         target = public if module.startswith("medsegkit.nets.") else f"{module}.{cls.__qualname__}"
-        definition = {"_target_": target, **_jsonable(init_args)}
+        definition = {"_target_": target, **jsonable(init_args)}
     else:
-        definition = {"_target_": "medsegkit.create_model", "name": spec.name, **_jsonable(overrides)}
+        definition = {"_target_": "medsegkit.create_model", "name": spec.name, **jsonable(overrides)}
     if spec.task == "universal":
         definition = {"_target_": "medsegkit.inference.adapters.SemanticAdapter", "model": definition}
     return definition, info
@@ -419,16 +412,18 @@ def _multi_gpu_config() -> dict:
         "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers[:2]",
         "initialize": [
             "$import torch.distributed as dist",
+            "$import medsegkit.train.distributed",
             "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() "
             "else 'gloo')",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
             "$monai.utils.set_determinism(seed=123)",
         ],
         "run": ["$@train#trainer.run()"],
-        # every rank reaches the barrier before any tears its process group down, so no rank shuts gloo's
-        # threads while a peer (rank 0 saving and logging) still has traffic in flight
-        "finalize": ["$dist.is_initialized() and dist.barrier()",
-                     "$dist.is_initialized() and dist.destroy_process_group()"],
+        # barrier, destroy the process group, then end the worker with os._exit after the atexit handlers and
+        # flushed logs: gloo's native threads outlive destroy_process_group() and abort the process if one
+        # needs the GIL during interpreter shutdown (docs/bundles.md, "Multi-GPU training")
+        "finalize": ["$medsegkit.train.distributed.cleanup_distributed()",
+                     "$medsegkit.train.distributed.end_worker_process(0)"],
     }
 
 

@@ -19,7 +19,9 @@ COMMAND_MODULES = (
     "medsegkit.cli.demo",  # demo
     "medsegkit.cli.train",  # train
     "medsegkit.cli.evaluate",  # evaluate
+    "medsegkit.cli.stats",  # stats
     "medsegkit.cli.bundle",  # bundle init|run|verify
+    "medsegkit.cli.export",  # export
 )
 
 USAGE_ERRORS = (
@@ -69,17 +71,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        result = args.func(args)
+        code = int(args.func(args) or 0)
     except Cancelled:
         print("medsegkit: cancelled", file=sys.stderr)
-        return 130
+        code = 130
     except KeyboardInterrupt:
         print("medsegkit: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except (CommandError, MedsegkitError, *USAGE_ERRORS) as err:
         print(f"medsegkit {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    return int(result or 0)
+        code = 2
+    if "torch.distributed" in sys.modules:
+        # a torchrun worker whose process group our helpers own ends past gloo's native threads, on the error
+        # path too (docs/training.md, "How a worker ends"); anywhere else this returns at once
+        from medsegkit.train.distributed import end_worker_process
+
+        end_worker_process(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,8 @@
 """``medsegkit predict MODEL_OR_CHECKPOINT IMAGE [IMAGE ...] -o OUT``: segment a file through ``segment``.
 
 ``MODEL_OR_CHECKPOINT`` is a checkpoint file written by :func:`medsegkit.save_checkpoint` (it records the
-registry name and arguments, so no architecture flags are needed) or a registry name: with
+registry name and arguments, so no architecture flags are needed), an export of ``medsegkit export`` (its
+folder or network file; its sidecar gives the preprocessing and windows) or a registry name: with
 ``--checkpoint FILE`` the file's weights are loaded into that architecture; without it the name must have
 registered weights (a model with random weights is refused). Several ``IMAGE`` files on one grid are
 read as the channels of one input (T1 + T2). The labels are written on the input's grid.
@@ -23,7 +24,8 @@ def add_parser(subparsers) -> None:
         help="segment image file(s) with a model or checkpoint",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="checkpoint file, or registry name")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="checkpoint file, export (folder, .onnx, .xml, .pt2, "
+                   ".ts), or registry name")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s) or DICOM folder (several = channels), or one folder of images "
                    "(then -o is the output folder; under torchrun the files are shared across ranks)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file (.nii.gz, .nii, .nrrd, .mha)")
@@ -33,7 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all spatial axes")
-    p.add_argument("--fast", action="store_true", help="optimised path: BatchNorm folding, channels-last, bf16")
+    p.add_argument("--fast", action="store_true", help="optimised path: BatchNorm folding, channels-last, bf16 (refused for MaskFormer / Mask2Former: "
+                   "bf16 changes their labels)")
     p.add_argument("--output-kind", choices=["labels", "probabilities"], default="labels",
                    help="write labels (default) or class probabilities (C, *spatial)")
     p.add_argument("--preprocessing", default=None,
@@ -41,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     p.add_argument("--fill-holes", action="store_true", help="fill holes in each class")
     p.add_argument("--min-size", type=int, default=0, help="remove components smaller than N voxels")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+                   help="what runs the windows (default auto: torch for a checkpoint, the format's own backend for "
+                   "an export of `medsegkit export`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
@@ -112,12 +118,12 @@ def run_predict(args: argparse.Namespace) -> int:
         raise CommandError(f"--roi sizes must be positive, got {args.roi}")
 
     from medsegkit.inference import segment
-    from medsegkit.inference.predict import _model_spatial_dims
+    from medsegkit.inference.windows import model_spatial_dims
     from medsegkit.io import read_image, write_image
 
     image = read_image(args.images if len(args.images) > 1 else args.images[0]) if input_folder is None else None
     model = _load(args)
-    dims = _model_spatial_dims(model)
+    dims = model_spatial_dims(model)
     roi = None
     if args.roi is not None:
         if len(args.roi) not in (1, dims):
@@ -134,8 +140,14 @@ def run_predict(args: argparse.Namespace) -> int:
             raise CommandError(f"--device {args.device}: CUDA is not available on this machine")
         model = model.to(device)
     if args.fast:
+        from medsegkit.inference.adapters import refuse_fast
         from medsegkit.inference.fast import describe
 
+        if getattr(model, "medsegkit_task", None) == "universal":
+            try:
+                refuse_fast(model, True, "semantic")
+            except ValueError as err:
+                raise CommandError(f"--fast: {err}") from None
         print(f"medsegkit predict: {describe(args.device or 'cpu')}", file=sys.stderr)
 
     bar = None
@@ -163,6 +175,7 @@ def run_predict(args: argparse.Namespace) -> int:
         fast=args.fast,
         tta_flips=tuple(range(spatial_ndim)) if args.tta else (),
         progress=progress,
+        backend=args.backend,
     )
     try:
         if input_folder is not None:

@@ -264,10 +264,12 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(model, train_volumes, val_volumes, checkpoint=args.output, class_names=names, config=config,
                    metadata=metadata, resume=args.resume, metrics_csv=args.metrics_csv,
                    progress=not args.no_progress)
-    if not main_process:
-        return 0
-    dice = result.validation["dice"]
-    print(f"wrote {result.checkpoint} after epoch {result.epoch} ({result.step} steps, {result.wall_time_s:.0f} s)")
-    print("validation Dice: " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))
-    print(f"mean foreground Dice: {result.validation['mean_foreground_dice']:.3f}")
+    if main_process:
+        dice = result.validation["dice"]
+        print(f"wrote {result.checkpoint} after epoch {result.epoch} ({result.step} steps, {result.wall_time_s:.0f} s)")
+        print("validation Dice: " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+        print(f"mean foreground Dice: {result.validation['mean_foreground_dice']:.3f}")
+    from medsegkit.train.distributed import end_worker_process
+
+    end_worker_process(0)  # a torchrun worker ends here, past gloo's threads (docs/training.md); else returns
     return 0

@@ -11,11 +11,13 @@
 
 ``predict(model, image, task="instance" | "panoptic")`` calls :func:`predict_query` for models whose
 ``medsegkit_task`` is ``"universal"``; ``task="semantic"`` wraps them in :class:`SemanticAdapter`.
+:func:`predict_query` is a consumer of the window engine (:mod:`medsegkit.inference.windows`): the grid,
+the reading, the batches, progress, cancel and the network call are the engine's; merging is its own.
+``fast=True`` is refused for query models (:func:`refuse_fast`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,12 +26,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsegkit.errors import Cancelled
+from medsegkit.inference.windows import (
+    WindowGrid,
+    as_source,
+    iterate_windows,
+    model_device,
+    model_in_channels,
+    model_spatial_dims,
+    prepared_runner,
+    registered_roi,
+    resolve_overlap,
+    resolve_roi,
+    write_into,
+)
 from medsegkit.postprocess import instance_map, linear_interp_mode, panoptic_map, semantic_probabilities
 
-__all__ = ["SemanticAdapter", "predict_query"]
+__all__ = ["QUERY_TASKS", "SemanticAdapter", "predict_query", "refuse_fast"]
 
-TASKS = ("instance", "panoptic")
+QUERY_TASKS = ("instance", "panoptic")
+FAST_REFUSED = (
+    "fast=True is not available for query models (MaskFormer / Mask2Former): its bf16 autocast changed "
+    "{share} of a trained model's labels, more than the 0.5 % the fast path may change; run with fast=False"
+)
+
+
+def refuse_fast(model: nn.Module, fast: bool, task: str) -> None:
+    """Raise ``ValueError`` for ``fast=True`` on a query model (any ``task``).
+
+    Measured on tiny MaskFormer / Mask2Former trained on synthetic shapes (``docs/inference.md``):
+    Mask2Former's semantic labels agreed on 98.4 % of pixels (less than the 99.5 % the fast path must
+    keep), so the fast path is refused for every task of these models instead of degrading silently.
+    """
+    if fast:
+        raise ValueError(FAST_REFUSED.format(share="up to 1.6 %") + f" (task={task!r}, {type(model).__name__})")
 
 
 class SemanticAdapter(nn.Module):
@@ -74,17 +103,9 @@ class SemanticAdapter(nn.Module):
         self.spatial_dims = model.spatial_dims
         self.in_channels = model.in_channels
         self.out_channels = model.num_classes
-        roi = getattr(model, "default_roi_size", None)
-        config = getattr(model, "medsegkit_config", None)
-        if roi is None and isinstance(config, dict) and "name" in config:
-            from medsegkit.registry import get_model_spec
-
-            try:
-                roi = get_model_spec(config["name"]).default_roi_size
-            except KeyError:  # a checkpoint of a name this build does not register: predict's default
-                roi = None
+        roi = registered_roi(model)
         if roi is not None:
-            self.default_roi_size = tuple(int(r) for r in roi)
+            self.default_roi_size = roi
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, *spatial)`` → per-class scores ``(N, K, *spatial)``."""
@@ -239,7 +260,8 @@ def predict_query(
         merge_iou: minimum IoU for a window's segment to join an existing one.
         device: where the label map is stitched (default: the input tensor's device, CPU for arrays).
         sw_device: where windows run (default: the model's device).
-        amp, fast: as in :func:`medsegkit.inference.predict`.
+        amp: as in :func:`medsegkit.inference.predict`.
+        fast: must be ``False``: refused for query models (:func:`refuse_fast`).
         cval: padding value.
         return_segments: also return the segment table.
         out: an array of the result's shape to write into (numpy, memmap, zarr, tensor).
@@ -256,21 +278,10 @@ def predict_query(
         ``{"id", "label_id", "was_fused", "score"}``.
 
     Raises:
-        ValueError: bad task, image layout, NaN/Inf, roi_size, overlap or unsupported option.
+        ValueError: bad task, image layout, NaN/Inf, roi_size, overlap, ``fast=True`` or unsupported option.
         medsegkit.Cancelled: ``cancel`` was set.
     """
-    from medsegkit.inference.fast import prepare_model, to_memory_format
-    from medsegkit.inference.predict import (
-        _as_source,
-        _model_device,
-        _model_in_channels,
-        _model_spatial_dims,
-        _read_window,
-        _roi_for,
-        window_slices,
-    )
-
-    if task not in TASKS:
+    if task not in QUERY_TASKS:
         raise ValueError(f"task must be 'instance' or 'panoptic' for predict_query, got {task!r}")
     if getattr(model, "medsegkit_task", None) != "universal":
         raise ValueError(
@@ -287,35 +298,29 @@ def predict_query(
         raise ValueError(f"merge_iou must be in [0, 1], got {merge_iou}")
     if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__"):
         raise ValueError("out for instance / panoptic results must be an array of the result's shape, not a path")
+    refuse_fast(model, fast, task)
 
-    dims = _model_spatial_dims(model)
-    in_channels = _model_in_channels(model)
-    source, image_dims = _as_source(image, dims, in_channels, slice_axis)
+    dims = model_spatial_dims(model)
+    in_channels = model_in_channels(model)
+    source, image_dims = as_source(image, dims, in_channels, slice_axis)
     if image_dims != dims or slice_axis is not None:
         raise ValueError(
             f"a {dims}D query model segments {dims}D images for task={task!r}; slice-by-slice instance "
             "segmentation of volumes is not supported (use a 3D model)"
         )
-    overlaps = tuple(overlap) if isinstance(overlap, Sequence) else (overlap,) * dims
-    if len(overlaps) != dims or not all(isinstance(o, (int, float)) and 0 <= o < 1 for o in overlaps):
-        raise ValueError(f"overlap must be one float in [0, 1) or one per spatial axis ({dims}), got {overlap!r}")
-    roi = _roi_for(roi_size, dims, model, source.spatial, None)
-    slices, padded, pad_before = window_slices(source.spatial, roi, overlaps)
-    crop = [slice(b, b + s) for b, s in zip(pad_before, source.spatial)]
+    try:
+        overlaps = resolve_overlap(overlap, dims, dims, None)
+    except ValueError:
+        raise ValueError(f"overlap must be one float in [0, 1) or one per spatial axis ({dims}), got {overlap!r}") from None
+    roi = resolve_roi(roi_size, model, dims, source.spatial, None)
+    grid = WindowGrid(source.spatial, roi, overlaps)
 
     torch_in = source.kind == "torch"
     stitch = torch.device(device) if device is not None else (source.data.device if torch_in else torch.device("cpu"))
-    run_on = torch.device(sw_device) if sw_device is not None else _model_device(model)
+    run_on = torch.device(sw_device) if sw_device is not None else model_device(model)
     channels = in_channels or source.channels * source.repeat_channels
-    # the adapter gives fast=True's BatchNorm folding a tensor output to check against
-    # (relayout=False: the query models' attention reshapes with .view(), which channels-last would break)
-    prepared = prepare_model(SemanticAdapter(model), device=run_on, fast=fast, amp=amp, example_shape=(1, channels, *roi),
-                             relayout=False)
-    network = prepared.module.model
 
-    def segment_windows(batch: torch.Tensor) -> list[list[dict[str, Any]]]:
-        with prepared.context():
-            outputs = network(to_memory_format(batch.to(run_on), prepared.memory_format))
+    def segments_of(outputs: dict[str, torch.Tensor]) -> list[list[dict[str, Any]]]:
         outputs = {"pred_logits": outputs["pred_logits"].float(), "pred_masks": outputs["pred_masks"].float()}
         if task == "instance":
             maps = instance_map(outputs, threshold=threshold, mask_threshold=mask_threshold, target_size=roi)
@@ -327,42 +332,26 @@ def predict_query(
             )
         return [_window_segments(seg.to(stitch), info, task) for seg, info in maps]
 
-    batches = math.ceil(len(slices) / sw_batch_size)
-    total, done = source.batch * batches, 0
-    results, tables = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for n in range(source.batch):
-                canvas = _Canvas(padded, stitch, merge_iou)
-                for start in range(0, len(slices), sw_batch_size):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled(f"inference cancelled after {done} of {total} window batches")
-                    windows = slices[start : start + sw_batch_size]
-                    batch = torch.stack([_read_window(source, n, w, pad_before, cval) for w in windows])
-                    for window, segments in zip(windows, segment_windows(batch)):
-                        canvas.add_window(window, segments)
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                labels, table = canvas.result(crop)
-                results.append(labels)
-                tables.append(table)
-    finally:
-        model.train(was_training)
+    canvases = [_Canvas(grid.padded, stitch, merge_iou) for _ in range(source.batch)]
+    # relayout=False: the query models' attention reshapes with .view(), which channels-last would break
+    with prepared_runner(model, device=run_on, fast=False, amp=amp, example_shape=(1, channels, *roi),
+                         relayout=False, call=_query_outputs) as runner:
+        for batch in iterate_windows(source, grid, runner, batch_size=sw_batch_size, cval=cval, progress=progress,
+                                     cancel=cancel):
+            for window, segments in zip(batch.windows, segments_of(batch.output)):
+                canvases[batch.n].add_window(window, segments)
+    results, tables = zip(*(canvas.result(grid.crop) for canvas in canvases))
 
     labels = torch.stack(results) if source.has_batch else results[0]
     if not torch_in:
         labels = labels.cpu().numpy()
     if out is not None:
-        if tuple(out.shape) != tuple(labels.shape):
-            raise ValueError(f"out has shape {tuple(out.shape)}, the result has {tuple(labels.shape)}")
-        if isinstance(out, torch.Tensor):
-            out.copy_(torch.as_tensor(labels))
-        else:
-            out[...] = labels.cpu().numpy() if torch_in else labels
-        labels = out
+        labels = write_into(out, labels)
     if return_segments:
-        return labels, tables if source.has_batch else tables[0]
+        return labels, list(tables) if source.has_batch else tables[0]
     return labels
+
+
+def _query_outputs(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The query model's own outputs (``pred_logits``, ``pred_masks``) for a window batch."""
+    return model(batch)

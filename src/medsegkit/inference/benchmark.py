@@ -143,12 +143,9 @@ def window_forward_time(model, roi, sw_batch_size, fast: bool, repeats: int = 3)
 
     batch = torch.randn(sw_batch_size, 1, *roi)
     prepared = prepare_model(model, device=torch.device("cpu"), fast=fast, amp=False, example_shape=(1, 1, *roi))
-    try:
-        with torch.inference_mode():
-            prepared(batch)  # warm-up
-            seconds, _ = timed(lambda: prepared(batch), repeats)
-    finally:
-        prepared.restore()
+    with torch.inference_mode():
+        prepared(batch)  # warm-up
+        seconds, _ = timed(lambda: prepared(batch), repeats)
     return seconds / sw_batch_size
 
 

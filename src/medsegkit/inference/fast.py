@@ -1,6 +1,10 @@
-"""The optimised inference path (``predict(..., fast=True)``): same network, cheaper forward.
+"""Inference preparation: a copy of the network with a cheaper forward; the caller's model is never changed.
 
-What it does, in order:
+The networks' own forwards are plain PyTorch. :func:`prepare_model` builds an inference copy by module
+swaps that keep the state dict and forward hooks (``medsegkit.nets.layers.residual.InPlaceResidual``,
+in-place ReLUs, ``medsegkit.nets.layers.inference_conv.ChannelsLastSequential`` for the ResNet stem,
+and on request ``WinogradConv2d``), on every path. The optimised path (``predict(..., fast=True)``)
+adds, in order:
 
 1. **Conv–BatchNorm folding**: every ``BatchNorm`` (eval mode, running statistics) that reads the output
    of a convolution used nowhere else is folded into that convolution's weight and bias
@@ -25,9 +29,12 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+from medsegkit.amp import amp_dtype, bf16_supported  # re-exported: the one AMP choice lives in medsegkit.amp
 
 __all__ = ["PreparedModel", "amp_dtype", "bf16_supported", "fold_batchnorm", "prepare_model", "to_memory_format"]
 
@@ -35,56 +42,6 @@ logger = logging.getLogger("medsegkit.inference")
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-# model -> (key, folded copy, count); a repeated predict() on the same weights reuses the folded copy
-_FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def bf16_supported(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CPU: AVX-512 BF16 or AMX; CUDA: capability ≥ 8)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-    return False
-
-
-def amp_dtype(device: torch.device | str, amp: bool | str | torch.dtype) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (``None``: run in float32).
-
-    ``amp=True`` picks bfloat16 where native, else float16 on CUDA, else float32 (logged).
-    ``"bf16"`` / ``"fp16"`` / a ``torch.dtype`` ask for one type; bf16 without hardware support falls
-    back to float32 with a logged warning instead of running an emulated, slower bf16.
-    """
-    device = torch.device(device)
-    if amp is False or amp is None:
-        return None
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if isinstance(amp, str):
-        if amp not in names:
-            raise ValueError(f"amp must be True, False, 'bf16' or 'fp16', got {amp!r}")
-        wanted: torch.dtype | None = names[amp]
-    elif isinstance(amp, torch.dtype):
-        if amp not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"amp dtype must be torch.bfloat16 or torch.float16, got {amp}")
-        wanted = amp
-    elif amp is True:
-        wanted = None
-    else:
-        raise ValueError(f"amp must be True, False, 'bf16' or 'fp16', got {amp!r}")
-    if wanted in (None, torch.bfloat16) and bf16_supported(device):
-        return torch.bfloat16
-    if device.type == "cuda" and wanted in (None, torch.float16):
-        return torch.float16
-    if wanted is torch.float16 and device.type == "cpu":
-        logger.warning("fp16 autocast is not supported on CPU; running in float32")
-        return None
-    logger.warning("%s has no native bfloat16 support; running in float32 instead of bf16", device)
-    return None
-
 
 def _trace_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
     """(conv name, bn name) pairs where the BN's input is the conv's output, and the traced output."""
@@ -134,6 +91,10 @@ def _first_tensor(output) -> torch.Tensor:
     if isinstance(output, (tuple, list)):
         return output[0]
     raise TypeError(f"model returned {type(output).__name__}; expected a tensor (N, C, *spatial)")
+
+
+def _dense_output(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return _first_tensor(module(batch)).float()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -203,16 +164,28 @@ def to_memory_format(batch: torch.Tensor, memory_format: torch.memory_format) ->
 
 
 @dataclass
+class _InferenceCopy:
+    """What :func:`prepare_model` built for one model and one set of options (cached per model)."""
+
+    key: tuple
+    module: nn.Module
+    folded: int
+    swaps: dict[str, int]
+    memory_format: torch.memory_format
+    layout_decided: bool = False  # set by the first batch: the channels-last fallback is decided once
+
+
+@dataclass
 class PreparedModel:
     """A model ready to run window batches, and how it will run them.
 
     Attributes:
-        module: the network to call (a folded copy on the fast path).
+        module: the network to call: the caller's model when nothing needed changing, else the
+            inference copy (module swaps, folded BatchNorm, channels-last weights); never the caller's
+            model changed.
         autocast: autocast dtype, or ``None`` for float32.
         memory_format: memory format for window batches (``torch.contiguous_format`` by default).
         notes: human-readable description of the optimisations in use (for logs and the CLI).
-        swapped: on the default path, the caller's weights given a channels-last layout for the run
-            (undone by :meth:`restore`, or at once if the model raises a layout error); else ``None``.
     """
 
     module: nn.Module
@@ -220,7 +193,7 @@ class PreparedModel:
     autocast: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
     notes: list[str] = field(default_factory=list)
-    swapped: list | None = None  # default path: (tensor, original data) of the re-laid-out weights
+    built: _InferenceCopy | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -229,35 +202,119 @@ class PreparedModel:
                 stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
             yield
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *roi)`` → float32 ``(B, K, *roi)``."""
-        if self.memory_format is torch.contiguous_format:
-            with self.context():
-                return _first_tensor(self.module(batch)).float()
+    def _run(self, call: Callable[[nn.Module, torch.Tensor], Any], batch: torch.Tensor) -> Any:
+        with torch.inference_mode(), self.context():
+            return call(self.module, to_memory_format(batch, self.memory_format))
+
+    def invoke(self, call: Callable[[nn.Module, torch.Tensor], Any], batch: torch.Tensor) -> Any:
+        """``call(module, batch)`` with the batch in :attr:`memory_format`, under autocast and
+        ``inference_mode``; returns what ``call`` returns (e.g. a query model's dict).
+
+        The first batch decides the layout, once: a model that cannot run channels-last (it reshapes
+        activations with ``.view()``) raises a ``RuntimeError`` there, and the copy is put back to the
+        contiguous layout for this and every later batch. Errors on later batches are raised as they are.
+        """
+        built = self.built
+        if built is None or built.layout_decided or self.memory_format is torch.contiguous_format:
+            if built is not None:
+                built.layout_decided = True
+            return self._run(call, batch)
         try:
-            with self.context():
-                result = _first_tensor(self.module(to_memory_format(batch, self.memory_format)))
+            result = self._run(call, batch)
         except RuntimeError as error:
-            if self.swapped is None:
-                raise
-            # the default path only: a model that reshapes activations with .view() cannot run
-            # channels-last; it runs with its own weights, contiguous, from now on
             logger.info("inference: %s cannot run channels-last (%s); running it contiguous",
                         type(self.module).__name__, str(error).splitlines()[0])
-            self.restore()
-            self.memory_format, self.swapped = torch.contiguous_format, None
+            built.module.to(memory_format=torch.contiguous_format)  # the copy, never the caller's model
+            built.memory_format = self.memory_format = torch.contiguous_format
+            built.layout_decided = True
             self.notes[:] = [note for note in self.notes if not note.startswith("channels-last")]
-            with self.context():
-                result = _first_tensor(self.module(batch))
-        return result.float()
+            return self._run(call, batch)
+        built.layout_decided = True
+        return result
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *roi)`` → float32 ``(B, K, *roi)`` (:meth:`invoke` on a dense model)."""
+        return self.invoke(_dense_output, batch)
 
     def restore(self) -> None:
-        """Put back the caller's weight tensors that the default path re-laid out (idempotent)."""
-        if self.swapped:
-            with torch.no_grad():
-                for tensor, original in self.swapped:
-                    tensor.data = original
-            self.swapped.clear()
+        """Nothing to undo: :func:`prepare_model` never changes the caller's model (it works on a copy).
+        Kept so that callers written for the in-place relayout of earlier versions keep working."""
+
+
+# model -> {options: _InferenceCopy}; a repeated predict() on the same weights reuses the copy
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _inference_swaps(model: nn.Module, *, winograd: bool) -> dict[str, list[str]]:
+    """Which modules of ``model`` :func:`_apply_swaps` changes, by kind → module names (nothing is changed).
+
+    - ``"residual"``: every :class:`~medsegkit.nets.layers.residual.Residual` → ``InPlaceResidual``.
+    - ``"relu"``: the ``nn.ReLU`` modules of a :class:`~medsegkit.nets.backbones.resnet.ResNet`, which
+      only ever see fresh tensors (norm outputs, residual sums) → ``inplace=True``.
+    - ``"stem"``: a ResNet's stem → :class:`~medsegkit.nets.layers.inference_conv.ChannelsLastSequential`.
+    - ``"winograd"`` (with ``winograd``): every 2D 3×3 convolution that
+      :func:`~medsegkit.nets.layers.inference_conv.winograd_shape` accepts, outside a Mask2Former →
+      :class:`~medsegkit.nets.layers.inference_conv.WinogradConv2d`.
+    """
+    from medsegkit.nets.backbones.resnet import ResNet
+    from medsegkit.nets.layers.inference_conv import winograd_shape
+    from medsegkit.nets.layers.residual import Residual
+    from medsegkit.nets.mask2former import Mask2Former
+
+    swaps: dict[str, list[str]] = {"residual": [], "relu": [], "stem": [], "winograd": []}
+    plain_convs: set[str] = set()  # inside a Mask2Former: its attention-mask thresholds flip on 1e-5 changes
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, Mask2Former):
+            plain_convs.update(prefix + n for n, _ in module.named_modules())
+        if type(module) is Residual:
+            swaps["residual"].append(name)
+        elif isinstance(module, ResNet):
+            if type(module.stem) is nn.Sequential:
+                swaps["stem"].append(prefix + "stem")
+            swaps["relu"] += [prefix + n for n, m in module.named_modules() if type(m) is nn.ReLU and not m.inplace]
+        elif winograd and type(module) is nn.Conv2d and winograd_shape(module) and name not in plain_convs:
+            swaps["winograd"].append(name)
+    return {kind: names for kind, names in swaps.items() if names}
+
+
+def _apply_swaps(model: nn.Module, swaps: dict[str, list[str]]) -> None:
+    """Make the changes :func:`_inference_swaps` listed, in place (on the inference copy only)."""
+    from medsegkit.nets.layers.inference_conv import ChannelsLastSequential, WinogradConv2d
+    from medsegkit.nets.layers.residual import InPlaceResidual
+
+    for name in swaps.get("residual", []):
+        model.get_submodule(name).__class__ = InPlaceResidual
+    for name in swaps.get("relu", []):
+        model.get_submodule(name).inplace = True
+    for name in swaps.get("stem", []):
+        ChannelsLastSequential.swap(model.get_submodule(name))
+    for name in swaps.get("winograd", []):
+        WinogradConv2d.swap(model.get_submodule(name))
+
+
+def _build(model: nn.Module, key: tuple, *, fast: bool, winograd: bool, memory_format: torch.memory_format,
+           device: torch.device, example_shape: tuple[int, ...]) -> _InferenceCopy:
+    """The inference copy of ``model``: BatchNorm folded (``fast``), module swaps, weights in ``memory_format``."""
+    module, folded = model, 0
+    if fast:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        example = torch.randn(example_shape[1:], generator=generator)[None].to(device)
+        module, folded = fold_batchnorm(model, example)
+    swaps = _inference_swaps(module, winograd=winograd)
+    if module is model and (swaps or memory_format is not torch.contiguous_format):
+        # never change the caller's model: new module objects; they share the caller's weight tensors
+        # (no second copy in memory) unless the weights get another layout
+        shared = {} if memory_format is not torch.contiguous_format else {
+            id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())
+        }
+        module = copy.deepcopy(model, shared)
+    if module is not model:
+        module.eval()
+        _apply_swaps(module, swaps)
+        if memory_format is not torch.contiguous_format:
+            module = module.to(memory_format=memory_format)
+    return _InferenceCopy(key, module, folded, {kind: len(names) for kind, names in swaps.items()}, memory_format)
 
 
 def prepare_model(
@@ -268,16 +325,26 @@ def prepare_model(
     amp: bool | str | torch.dtype,
     example_shape: tuple[int, ...],
     relayout: bool = True,
+    winograd: bool | None = None,
 ) -> PreparedModel:
     """Prepare ``model`` for window batches of shape ``example_shape = (B, C, *roi)`` on ``device``.
 
-    ``fast=False`` computes in float32 with the model's own weights (autocast only when ``amp`` asks for
-    it). For a 3D model on the CPU those weights are put in the channels-last-3d memory order for the run
-    (same values, same float32 arithmetic in another order: about 15 % faster, outputs equal to float32
-    rounding; ``relayout=False`` turns this off); :meth:`PreparedModel.restore` puts the original tensors
-    back. ``fast=True`` runs a cached
-    copy with BatchNorm folding, channels-last for 2D and 3D, and bf16 autocast where native (module
-    docstring); the caller's model is not changed.
+    The caller's model is never changed: everything below happens on a copy (cached per model until its
+    weights change), built by module swaps that keep the state dict and forward hooks:
+
+    - always: residual adds and the ResNet's ReLUs in place, the ResNet stem channels-last on the CPU
+      (:func:`_inference_swaps`; the same values as the plain model, fewer passes over memory);
+    - ``fast=False``: float32 (autocast only when ``amp`` asks for it); a 3D model on the CPU gets its
+      weights in the channels-last-3d order (same values to float32 rounding, about 15 % faster;
+      ``relayout=False`` turns this off);
+    - ``fast=True``: BatchNorm folding, channels-last for 2D and 3D, and bf16 autocast where native
+      (module docstring);
+    - ``winograd`` (default: ``fast``): Winograd 3×3 convolutions
+      (:class:`~medsegkit.nets.layers.inference_conv.WinogradConv2d`) outside Mask2Former; outputs move
+      by ~1e-5 of their scale.
+
+    A model that cannot run channels-last falls back to the contiguous layout on its first batch
+    (:meth:`PreparedModel.__call__`).
     """
     notes: list[str] = []
     dtype = amp_dtype(device, amp if amp else (True if fast else False))
@@ -286,56 +353,39 @@ def prepare_model(
     elif fast or amp:
         notes.append("float32 (no native bf16 on this device)")
     spatial = len(example_shape) - 2
-    if not fast:
-        if relayout and spatial == 3 and device.type == "cpu":
-            swapped = _weights_to_memory_format(model, torch.channels_last_3d)
-            notes.append("channels-last-3d")
-            return PreparedModel(module=model, device=device, autocast=dtype, notes=notes,
-                                 memory_format=torch.channels_last_3d, swapped=swapped)
-        return PreparedModel(module=model, device=device, autocast=dtype, notes=notes)
-
+    winograd = fast if winograd is None else bool(winograd)
     memory_format = torch.contiguous_format
-    if spatial in (2, 3):
+    if fast and spatial in (2, 3):
         memory_format = torch.channels_last_3d if spatial == 3 else torch.channels_last
-    key = _weights_key(model, device, example_shape)
-    cached = _FOLD_CACHE.get(model)
-    if cached is not None and cached[0] == key:
-        module, count = cached[1], cached[2]
-    else:
-        generator = torch.Generator(device="cpu").manual_seed(0)
-        example = torch.randn(example_shape[1:], generator=generator)[None].to(device)
-        module, count = fold_batchnorm(model, example)
-        if memory_format is not torch.contiguous_format:
-            if module is model:  # never change the caller's model in place
-                module = copy.deepcopy(model).eval()
-            module = module.to(memory_format=memory_format)
-        _FOLD_CACHE[model] = (key, module, count)
-    notes.append(f"{count} BatchNorm layer(s) folded into convolutions")
-    if memory_format is not torch.contiguous_format:
+    elif relayout and spatial == 3 and device.type == "cpu":
+        memory_format = torch.channels_last_3d
+    key = (_weights_key(model, device, example_shape if fast else ()), fast, winograd, memory_format)
+    copies = _COPIES.setdefault(model, {})
+    built = copies.get(key[1:])
+    if built is None or built.key != key:
+        built = _build(model, key, fast=fast, winograd=winograd, memory_format=memory_format, device=device,
+                       example_shape=example_shape)
+        copies[key[1:]] = built
+    if fast:
+        notes.append(f"{built.folded} BatchNorm layer(s) folded into convolutions")
+    if built.swaps.get("winograd"):
+        notes.append(f"Winograd 3x3 convolutions ({built.swaps['winograd']})")
+    if built.swaps.get("residual") or built.swaps.get("relu"):
+        notes.append("in-place residual adds and ReLUs")
+    if built.memory_format is not torch.contiguous_format:
         notes.append("channels-last" + ("-3d" if spatial == 3 else ""))
-    notes.append("inference_mode")
-    return PreparedModel(module=module, device=device, autocast=dtype, memory_format=memory_format, notes=notes)
-
-
-def _weights_to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> list:
-    """Give every 5-D parameter / buffer of ``model`` a ``memory_format`` copy of its data, in place
-    (the tensor objects stay the same). Returns ``[(tensor, original data), ...]`` to undo it."""
-    swapped = []
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.dim() == 5:
-                relaid = to_memory_format(tensor.data, memory_format)
-                if relaid.stride() != tensor.stride():
-                    swapped.append((tensor, tensor.data))
-                    tensor.data = relaid
-    return swapped
+    if fast:
+        notes.append("inference_mode")
+    return PreparedModel(module=built.module, device=device, autocast=dtype, memory_format=built.memory_format,
+                         notes=notes, built=built if built.module is not model else None)
 
 
 def describe(device: torch.device | str = "cpu") -> str:
-    """One line saying what ``fast=True`` will do on ``device`` (used by the CLI)."""
+    """One line saying what ``fast=True`` will do on ``device`` and for which models (used by the CLI)."""
     device = torch.device(device)
     precision = "bf16 autocast" if bf16_supported(device) else "float32 (no native bf16)"
-    return f"fast path on {device}: BatchNorm folding, channels-last, {precision}, inference_mode"
+    return (f"fast path on {device}: BatchNorm folding, channels-last, {precision}, inference_mode "
+            "(semantic and detection models; refused for MaskFormer / Mask2Former)")
 
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]

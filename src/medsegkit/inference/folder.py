@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from medsegkit.inference.segment import resolve_model, segment
+
 __all__ = ["list_images", "output_path_for", "predict_folder"]
 
 
@@ -84,9 +86,8 @@ def predict_folder(
         FileNotFoundError / NotADirectoryError: ``input_dir`` is missing or not a folder.
         ValueError: ``output_dir`` is ``input_dir`` with an empty ``suffix`` (results would replace inputs).
     """
-    from medsegkit.inference.segment import resolve_model, segment
+    from medsegkit._ranks import shard
     from medsegkit.io import write_image
-    from medsegkit.train.distributed import shard
 
     images = list_images(input_dir)
     out_dir = Path(output_dir).expanduser()

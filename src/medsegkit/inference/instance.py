@@ -4,7 +4,7 @@
 ``(C, H, W)`` images in [0, 1] in, ``{"boxes", "labels", "scores", "masks"}`` per image out) into a label
 map: 0 = background, 1..K = instances.
 
-- **2D**: one detection pass per image, or per tile (``tile_size``, ``tile_overlap``) for large images.
+- **2D**: one detection pass per image, or per tile (``roi_size``, ``overlap``) for large images.
   Detections from different tiles are the same object when their masks, compared inside the region the
   two tiles share, have IoU ≥ ``link_iou``; such detections are merged (union of masks).
 - **3D**: slice-wise detection along ``slice_axis`` (tiles within a slice as in 2D), then the instances of
@@ -20,18 +20,30 @@ map: 0 = background, 1..K = instances.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.cluster.hierarchy import DisjointSet
 from torch import nn
 
-from medsegkit.errors import Cancelled
+from medsegkit.inference.windows import (
+    ImageSource,
+    WindowGrid,
+    as_source,
+    iterate_windows,
+    model_device,
+    model_in_channels,
+    prepared_runner,
+    resolve_overlap,
+    resolve_roi,
+    resolve_slice_axis,
+    write_into,
+)
 
-__all__ = ["predict_instances", "tile_starts"]
+__all__ = ["predict_instances"]
 
 logger = logging.getLogger("medsegkit.inference")
 
@@ -55,89 +67,29 @@ class _Detection:
         return self.x0 + self.mask.shape[1]
 
 
-class _DisjointSet:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
+class _DetectorInput:
+    """Batch transform: slices of a volume ``(B, C, *roi)`` (one voxel thick along ``slice_axis``) become
+    ``(B, C, H, W)``, and intensities outside [0, 1] are min–max scaled to [0, 1] over the whole image
+    ``n`` (not per slice or tile, so that slices and tiles see the same scale)."""
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
+    def __init__(self, source: ImageSource, slice_axis: int | None) -> None:
+        self.source, self.slice_axis = source, slice_axis
+        self.ranges: dict[int, tuple[float, float]] = {}
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of length ``tile`` covering ``size`` with fractional ``overlap``.
-
-    The last tile ends at the image border; an image not larger than a tile is one tile.
-    """
-    if size <= tile:
-        return [0]
-    step = max(1, int(tile * (1 - overlap)))
-    starts = list(range(0, size - tile + 1, step))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)
-    return starts
-
-
-def _layout(
-    shape: tuple[int, ...], spatial_dims: int | None, slice_axis: int | None, in_channels: int
-) -> tuple[int, int]:
-    """(number of image spatial dims, number of leading batch/channel axes), predict()'s rules."""
-    ndim = len(shape)
-    if spatial_dims is not None:
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 (an image) or 3 (a volume), got {spatial_dims!r}")
-        image_dims = spatial_dims
-    elif slice_axis is not None or ndim == 5:
-        image_dims = 3
-    elif ndim == 3:
-        image_dims = 2 if shape[0] in {1, in_channels} else 3
-    else:
-        image_dims = 2
-    leading = ndim - image_dims
-    if leading not in (0, 1, 2):
-        raise ValueError(
-            f"image has {ndim} dimension(s) (shape {shape}); an instance model takes (H, W), (C, H, W), "
-            "(N, C, H, W) images or (D, H, W), (C, D, H, W), (N, C, D, H, W) volumes (pass spatial_dims=3 "
-            "or slice_axis for a volume)"
-        )
-    return image_dims, leading
-
-
-def _scale_to_unit(volume: np.ndarray) -> np.ndarray:
-    low, high = float(volume.min()), float(volume.max())
-    if low >= 0.0 and high <= 1.0:
-        return volume
-    logger.info("scaling intensities [%g, %g] to [0, 1] for the detection model", low, high)
-    if high == low:
-        return np.zeros_like(volume)
-    return (volume - low) / (high - low)
-
-
-def _autocast(device: torch.device, amp: Any):
-    if not amp:
-        return torch.autocast(device.type, enabled=False)
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if isinstance(amp, torch.dtype):
-        dtype = amp
-    elif isinstance(amp, str):
-        if amp not in names:
-            raise ValueError(f"amp must be a bool, 'bf16' or 'fp16', got {amp!r}")
-        dtype = names[amp]
-    else:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    def __call__(self, n: int, batch: torch.Tensor) -> torch.Tensor:
+        if self.slice_axis is not None:
+            batch = batch.squeeze(2 + self.slice_axis)
+        if n not in self.ranges:
+            self.ranges[n] = self.source.value_range(n)
+            low, high = self.ranges[n]
+            if low < 0.0 or high > 1.0:
+                logger.info("scaling intensities [%g, %g] to [0, 1] for the detection model", low, high)
+        low, high = self.ranges[n]
+        if low >= 0.0 and high <= 1.0:
+            return batch
+        if high == low:
+            return torch.zeros_like(batch)
+        return (batch - low) / (high - low)
 
 
 def _detections_of(
@@ -190,7 +142,7 @@ def _paint_slice(
     link_iou: float,
 ) -> tuple[np.ndarray, int]:
     """Merge detections across tile borders and paint them (highest score first) into a label map."""
-    groups = _DisjointSet(len(detections))
+    groups = DisjointSet(range(len(detections)))
     if len(tiles) > 1:
         for i, a in enumerate(detections):
             for j in range(i + 1, len(detections)):
@@ -198,10 +150,10 @@ def _paint_slice(
                 if a.tile == b.tile or a.y1 <= b.y0 or b.y1 <= a.y0 or a.x1 <= b.x0 or b.x1 <= a.x0:
                     continue
                 if _shared_iou(a, b, tiles) >= link_iou:
-                    groups.union(i, j)
+                    groups.merge(i, j)
     members: dict[int, list[_Detection]] = {}
     for i, d in enumerate(detections):
-        members.setdefault(groups.find(i), []).append(d)
+        members.setdefault(groups[i], []).append(d)
     labels = np.zeros(shape, dtype=np.int32)
     count = 0
     for group in sorted(members.values(), key=lambda g: -max(d.score for d in g)):
@@ -221,7 +173,7 @@ def _paint_slice(
 def _link_slices(label_slices: list[np.ndarray], counts: list[int], link_iou: float) -> np.ndarray:
     """Join 2D instances of neighbouring slices with mask IoU ≥ ``link_iou``; (D, H, W) labels 1..K."""
     offsets = np.cumsum([0] + counts)
-    groups = _DisjointSet(int(offsets[-1]) + 1)
+    groups = DisjointSet(range(int(offsets[-1]) + 1))
     for z in range(len(label_slices) - 1):
         a, b = label_slices[z], label_slices[z + 1]
         if counts[z] == 0 or counts[z + 1] == 0:
@@ -235,12 +187,12 @@ def _link_slices(label_slices: list[np.ndarray], counts: list[int], link_iou: fl
         for pair, overlap in zip(pairs, inter):
             la, lb = divmod(int(pair), counts[z + 1] + 1)
             if overlap / (area_a[la] + area_b[lb] - overlap) >= link_iou:
-                groups.union(int(offsets[z]) + la, int(offsets[z + 1]) + lb)
+                groups.merge(int(offsets[z]) + la, int(offsets[z + 1]) + lb)
     # consecutive ids in order of first appearance
     lookup = np.zeros(int(offsets[-1]) + 1, dtype=np.int64)
     roots: dict[int, int] = {}
     for global_id in range(1, int(offsets[-1]) + 1):
-        root = groups.find(global_id)
+        root = groups[global_id]
         lookup[global_id] = roots.setdefault(root, len(roots) + 1)
     volume = np.zeros((len(label_slices), *label_slices[0].shape), dtype=np.int64)
     for z, labels in enumerate(label_slices):
@@ -257,19 +209,16 @@ def predict_instances(
     slice_axis: int | None = None,
     score_threshold: float = 0.5,
     mask_threshold: float = 0.5,
-    tile_size: int | Sequence[int] | None = None,
-    tile_overlap: float = 0.25,
+    roi_size: int | Sequence[int] | None = None,
+    overlap: float = 0.25,
     link_iou: float = 0.3,
-    batch_size: int = 4,
+    sw_batch_size: int = 4,
     device: str | torch.device | None = None,
+    sw_device: str | torch.device | None = None,
     amp: Any = False,
+    fast: bool = False,
     progress: Callable[[int, int], None] | None = None,
     cancel: Any = None,
-    roi_size: int | Sequence[int] | None = None,
-    overlap: float | None = None,
-    sw_batch_size: int | None = None,
-    sw_device: str | torch.device | None = None,
-    fast: bool = False,
     mode: str = "gaussian",
     tta_flips: Sequence[int] = (),
     output: str = "labels",
@@ -281,27 +230,28 @@ def predict_instances(
         model: a detection model in torchvision's convention (``MaskRCNN``); run in eval mode, without
             gradients, on its own device (or ``sw_device``).
         image: ``(H, W)``, ``(C, H, W)``, ``(N, C, H, W)`` images or ``(D, H, W)``, ``(C, D, H, W)``,
-            ``(N, C, D, H, W)`` volumes (numpy or torch); any real dtype and intensity range.
+            ``(N, C, D, H, W)`` volumes (numpy, torch or lazy arrays); any real dtype and intensity range.
         spatial_dims: 2 (image) or 3 (volume); ``None`` tells them apart as
             :func:`medsegkit.inference.predict` does (3 leading dims: channels if the first is 1 or the
             model's channel count, else a volume; a given ``slice_axis`` or 5 dims means a volume).
         slice_axis: for volumes, the spatial axis sliced along (default: the last, as ``predict``).
         score_threshold: detections with a lower score are ignored.
         mask_threshold: mask probability above which a pixel belongs to the instance.
-        tile_size: detect in tiles of this size (int or ``(h, w)``) with ``tile_overlap``; ``None`` runs
-            each image or slice whole. ``roi_size`` is accepted as its alias (``predict``'s name).
-        tile_overlap: fractional overlap of neighbouring tiles in ``[0, 1)`` (``overlap`` is an alias).
+        roi_size: detect in tiles of this size (int or ``(h, w)``, clipped to the image) on the window
+            engine's grid (:class:`~medsegkit.inference.windows.WindowGrid`); ``None`` runs each image or
+            slice whole.
+        overlap: fractional overlap of neighbouring tiles in ``[0, 1)``.
         link_iou: mask IoU at or above which two detections are one object (across tile borders,
             measured inside the region both tiles saw; across neighbouring slices).
-        batch_size: images (tiles/slices) per model call (``sw_batch_size`` is an alias).
+        sw_batch_size: tiles / slices per model call.
         device: where a tensor result goes (default: the input's device).
-        amp: autocast (``True``, ``"bf16"``, ``"fp16"``).
-        progress: ``progress(done, total)`` after every model call.
-        cancel: object with ``is_set()``; checked before every model call, raises
-            :class:`medsegkit.Cancelled`.
         sw_device: device to run the model on (default: the model's).
+        amp: autocast (``True``, ``"bf16"``, ``"fp16"``; :mod:`medsegkit.amp`'s one choice).
         fast, mode: accepted for ``predict`` compatibility; detection output is not blended, so
             ``mode`` has no effect, and ``fast`` (a dense-model optimisation) is ignored with a log note.
+        progress: ``progress(done, total)`` after every model call, ``total = N × ceil(tiles / sw_batch_size)``.
+        cancel: object with ``is_set()``; checked before every model call, raises
+            :class:`medsegkit.Cancelled`.
         tta_flips: must be empty (test-time flips are not defined for instance maps).
         output: must be ``"labels"``.
         out: optional array of the result's shape to write into (returned).
@@ -330,142 +280,55 @@ def predict_instances(
     ):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    tile_size = tile_size if tile_size is not None else roi_size
-    tile_overlap = float(overlap) if overlap is not None else float(tile_overlap)
-    if not 0.0 <= tile_overlap < 1.0:
-        raise ValueError(f"tile overlap must be in [0, 1), got {tile_overlap!r}")
-    batch_size = int(sw_batch_size) if sw_batch_size is not None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
+    if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     if fast:
         logger.info("fast=True has no effect for instance (detection) models")
 
-    torch_in = isinstance(image, torch.Tensor)
-    if torch_in:
-        if image.dtype == torch.bool or image.is_complex():
-            raise ValueError(f"image dtype {image.dtype} is not accepted; give real numbers")
-        out_device = torch.device(device) if device is not None else image.device
-        array = image.detach().cpu().float().numpy()
-    else:
-        array = np.asarray(image)
-        if array.dtype.kind not in "iuf":
-            raise ValueError(
-                f"image dtype {array.dtype} is not accepted; give real numbers (float or integer arrays)"
-            )
-        array = array.astype(np.float32, copy=False)
-    if array.size == 0:
-        raise ValueError(f"image is empty (shape {array.shape}); give an array with at least one pixel")
-    if not np.isfinite(array).all():
-        raise ValueError(
-            "image contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) before inference"
-        )
+    in_channels = model_in_channels(model) or 3
+    source, image_dims = as_source(image, 2, in_channels, slice_axis, image_dims=spatial_dims)
+    axis = resolve_slice_axis(slice_axis, 2, image_dims)
+    # whole images / slices by default; tiles never larger than the image (no padding)
+    roi = resolve_roi(0 if roi_size is None else roi_size, model, 2, source.spatial, axis)
+    grid = WindowGrid(source.spatial, tuple(min(r, s) for r, s in zip(roi, source.spatial)),
+                      resolve_overlap(overlap, 2, image_dims, axis))
+    plane = [a for a in range(image_dims) if a != axis]  # the two axes of a slice
+    height, width = (source.spatial[a] for a in plane)
+    tiles = sorted({(w[plane[0]].start, w[plane[0]].stop, w[plane[1]].start, w[plane[1]].stop) for w in grid.slices})
+    tile_index = {t: i for i, t in enumerate(tiles)}
 
-    in_channels = int(getattr(model, "in_channels", 3))
-    shape = tuple(array.shape)
-    image_dims, leading = _layout(shape, spatial_dims, slice_axis, in_channels)
-    has_batch = leading == 2
-    if leading == 0:
-        array = array[None]
-    if not has_batch:
-        array = array[None]
-    channels = array.shape[1]
-    if channels != in_channels:
-        if channels == 1 and in_channels == 3:
-            logger.info("the model takes 3 input channels; repeating the single image channel 3 times")
-            array = np.repeat(array, 3, axis=1)
-        else:
-            raise ValueError(
-                f"image has {channels} channel(s) (shape {shape}) but the model takes {in_channels}; give "
-                f"(*spatial), (1, *spatial) or ({in_channels}, *spatial)"
-            )
-    if image_dims == 3:
-        axis = 2 if slice_axis is None else int(slice_axis)
-        if not -3 <= axis < 3:
-            raise ValueError(f"slice_axis must be a spatial axis in [0, 3), got {slice_axis!r}")
-        axis %= 3
-    elif slice_axis is not None:
-        raise ValueError(f"slice_axis is only for volumes; got a 2D image of shape {shape}")
-
-    # (N, C, *spatial) -> per item: slices (S, C, H, W)
-    items = []
-    for item in array:
-        item = _scale_to_unit(item)
-        if image_dims == 3:
-            item = np.moveaxis(item, 1 + axis, 0)  # (S, C, H, W)
-        else:
-            item = item[None]
-        items.append(item)
-    height, width = items[0].shape[-2:]
-    tile_hw = (
-        (height, width)
-        if tile_size is None
-        else (
-            (int(tile_size),) * 2
-            if isinstance(tile_size, (int, np.integer))
-            else tuple(int(t) for t in tile_size)
-        )
-    )
-    if len(tile_hw) != 2 or min(tile_hw) < 1:
-        raise ValueError(f"tile_size must be a positive int or (h, w), got {tile_size!r}")
-    tiles = [
-        (y, min(y + tile_hw[0], height), x, min(x + tile_hw[1], width))
-        for y in tile_starts(height, tile_hw[0], tile_overlap)
-        for x in tile_starts(width, tile_hw[1], tile_overlap)
-    ]
-    units = [
-        (n, s, t) for n, item in enumerate(items) for s in range(item.shape[0]) for t in range(len(tiles))
-    ]
+    torch_in = source.kind == "torch"
+    run_on = torch.device(sw_device) if sw_device is not None else model_device(model)
     detections: dict[tuple[int, int], list[_Detection]] = {}
-    run_on = torch.device(sw_device) if sw_device is not None else next(model.parameters()).device
-    total = -(-len(units) // batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        for done, start in enumerate(range(0, len(units), batch_size), start=1):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("instance prediction cancelled")
-            batch = units[start : start + batch_size]
-            inputs = []
-            for n, s, t in batch:
-                y0, y1, x0, x1 = tiles[t]
-                inputs.append(torch.from_numpy(np.ascontiguousarray(items[n][s, :, y0:y1, x0:x1])).to(run_on))
-            with torch.no_grad(), _autocast(run_on, amp):
-                results = model(inputs)
-            for (n, s, t), result in zip(batch, results):
-                found = _detections_of(result, t, tiles[t][0], tiles[t][2], score_threshold, mask_threshold)
-                detections.setdefault((n, s), []).extend(found)
-            if progress is not None:
-                progress(done, total)
-    finally:
-        model.train(was_training)
+    example = (1, in_channels, *(grid.roi[a] for a in plane))
+    with prepared_runner(model, device=run_on, fast=False, amp=amp, example_shape=example, relayout=False,
+                         call=_detect) as runner:
+        for batch in iterate_windows(source, grid, runner, batch_size=int(sw_batch_size), transform=_DetectorInput(source, axis),
+                                     progress=progress, cancel=cancel):
+            for window, result in zip(batch.windows, batch.output):
+                tile = (window[plane[0]].start, window[plane[0]].stop, window[plane[1]].start, window[plane[1]].stop)
+                found = _detections_of(result, tile_index[tile], tile[0], tile[2], score_threshold, mask_threshold)
+                detections.setdefault((batch.n, 0 if axis is None else window[axis].start), []).extend(found)
 
     results_per_item = []
-    for n, item in enumerate(items):
-        painted = [
-            _paint_slice(detections.get((n, s), []), tiles, (height, width), link_iou)
-            for s in range(item.shape[0])
-        ]
-        if image_dims == 2:
+    slices = 1 if axis is None else source.spatial[axis]
+    for n in range(source.batch):
+        painted = [_paint_slice(detections.get((n, s), []), tiles, (height, width), link_iou) for s in range(slices)]
+        if axis is None:
             labels = painted[0][0]
         else:
-            labels = np.moveaxis(
-                _link_slices([p[0] for p in painted], [p[1] for p in painted], link_iou), 0, axis
-            )
+            labels = np.moveaxis(_link_slices([p[0] for p in painted], [p[1] for p in painted], link_iou), 0, axis)
         results_per_item.append(labels)
-    labels = np.stack(results_per_item) if has_batch else results_per_item[0]
+    labels = np.stack(results_per_item) if source.has_batch else results_per_item[0]
     dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
     labels = labels.astype(np.int32 if torch_in else dtype)
-    result: np.ndarray | torch.Tensor = torch.from_numpy(labels).to(out_device) if torch_in else labels
     if out is not None:
-        if isinstance(out, (str, bytes, os.PathLike)) or not hasattr(out, "shape"):
-            raise ValueError(
-                f"out must be an array of the result's shape (numpy, memmap, zarr, tensor), got {type(out).__name__}; "
-                "instance label maps are not written to paths"
-            )
-        if tuple(out.shape) != tuple(labels.shape):
-            raise ValueError(f"out has shape {tuple(out.shape)} but the label map is {tuple(labels.shape)}")
-        out[...] = (
-            torch.from_numpy(labels).to(out.device, out.dtype) if isinstance(out, torch.Tensor) else labels
-        )
-        return out
-    return result
+        return write_into(out, labels)
+    if torch_in:
+        return torch.from_numpy(labels).to(torch.device(device) if device is not None else source.data.device)
+    return labels
+
+
+def _detect(module: nn.Module, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """A detection model's outputs for a batch ``(B, C, H, W)`` given as torchvision's list of images."""
+    return module(list(batch))

@@ -1,20 +1,24 @@
-"""Sliding-window inference on arrays: :func:`predict`.
+"""Sliding-window inference on arrays: :func:`predict`, the one entry point of every task.
 
-One window loop, built on MONAI's utilities (``dense_patch_slices``, ``compute_importance_map``,
-``get_valid_patch_size`` and the scan interval rule of ``sliding_window_inference``), so that its result
-equals ``monai.inferers.sliding_window_inference`` with the same model and settings, and so that it can
-do what MONAI's function cannot:
+:func:`predict` checks its arguments and dispatches on the model's ``medsegkit_task``: semantic models
+(and query models with ``task="semantic"``, through :class:`~medsegkit.inference.adapters.SemanticAdapter`)
+are blended here; query models' instance / panoptic maps go to
+:func:`~medsegkit.inference.adapters.predict_query`, detection models to
+:func:`~medsegkit.inference.instance.predict_instances`. All three are consumers of the window engine
+(:mod:`medsegkit.inference.windows`).
 
-- **lazy input**: numpy, torch, dask, zarr (anything with ``shape``, ``dtype`` and slicing) is read one
-  window at a time; the input is never converted or padded as a whole;
+The semantic consumer blends window logits so that its result equals
+``monai.inferers.sliding_window_inference`` with the same model and settings (MONAI's grid and
+``compute_importance_map``), and does what MONAI's function cannot:
+
 - **slab-wise output**: windows are visited in order along the *slab axis* (the spatial axis where a
   window covers the smallest fraction of the image); as soon as no remaining window touches a slab of
   the volume, that slab is normalised, turned into labels / probabilities and written out (to memory, a
   numpy memmap or a zarr array). The float32 accumulator therefore spans one window thickness along
   the slab axis instead of the whole volume (MONAI's full-size float32 output and count map);
-- ``progress(done, total)`` after every window batch, ``cancel`` checked between batches;
-- 2D models on 3D volumes (MONAI ``SliceInferer`` semantics) through the same loop: a 2D window is a 3D
-  window one voxel thick along ``slice_axis``;
+- lazy input, ``progress`` and ``cancel`` (from the engine's iterator);
+- 2D models on 3D volumes (MONAI ``SliceInferer`` semantics): a 2D window is a 3D window one voxel
+  thick along ``slice_axis``;
 - mirror test-time augmentation, bf16 / fp16 autocast and the optimised ``fast=True`` path.
 """
 
@@ -22,12 +26,10 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsegkit.errors import Cancelled
+from medsegkit.inference.adapters import QUERY_TASKS, SemanticAdapter, predict_query, refuse_fast
+from medsegkit.inference.backends import ExportedNetwork, backend_network, check_backend, load_exported
+from medsegkit.inference.instance import predict_instances
+from medsegkit.inference.windows import (
+    ImageSource,
+    Region,
+    Runner,
+    WindowGrid,
+    as_source,
+    check_overlap,
+    iterate_windows,
+    model_device,
+    model_in_channels,
+    model_spatial_dims,
+    prepared_runner,
+    resolve_overlap,
+    resolve_roi,
+    resolve_slice_axis,
+    window_slices,
+)
 
 __all__ = ["OUTPUTS", "predict", "window_slices"]
 
@@ -43,238 +64,6 @@ logger = logging.getLogger("medsegkit.inference")
 
 OUTPUTS = ("labels", "probabilities", "logits")
 MODES = ("gaussian", "constant")
-DEFAULT_ROI = {2: (256, 256), 3: (96, 96, 96)}
-
-
-# --------------------------------------------------------------------------------------------------
-# model facts
-def _model_spatial_dims(model: nn.Module) -> int:
-    for attr in ("spatial_dims", "dimensions"):
-        value = getattr(model, attr, None)
-        if isinstance(value, int) and value in (1, 2, 3):
-            return value
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            return 2
-        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-            return 3
-    raise ValueError(
-        f"cannot tell whether {type(model).__name__} is a 2D or 3D model: set its attribute "
-        f"`spatial_dims` to 2 or 3"
-    )
-
-
-def _model_in_channels(model: nn.Module) -> int | None:
-    value = getattr(model, "in_channels", None)
-    if isinstance(value, int):
-        return value
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            return int(module.in_channels)
-    return None
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _default_roi(model: nn.Module, spatial_dims: int) -> tuple[int, ...]:
-    roi = getattr(model, "default_roi_size", None)
-    config = getattr(model, "medsegkit_config", None)
-    if roi is None and isinstance(config, dict) and "name" in config:
-        from medsegkit.registry import get_model_spec
-
-        try:
-            roi = get_model_spec(config["name"]).default_roi_size
-        except KeyError:
-            roi = None
-    if roi is not None and len(roi) == spatial_dims:
-        return tuple(int(r) for r in roi)
-    return DEFAULT_ROI.get(spatial_dims, (128,) * spatial_dims)
-
-
-# --------------------------------------------------------------------------------------------------
-# input
-@dataclass
-class _Source:
-    """The image as ``(N, C, *spatial)`` whatever its container, read one window at a time."""
-
-    data: Any  # numpy array, torch tensor or lazy array, in its original layout
-    kind: str  # "numpy" | "torch" | "lazy"
-    has_batch: bool
-    has_channel: bool
-    spatial: tuple[int, ...]
-    channels: int
-    batch: int
-    repeat_channels: int = 1
-
-    def read(self, n: int, region: Sequence[slice]) -> torch.Tensor:
-        """Float32 tensor ``(C_model, *region)`` of image ``n`` (region inside the image)."""
-        index: tuple = ((n,) if self.has_batch else ()) + ((slice(None),) if self.has_channel else ()) + tuple(region)
-        if self.kind == "torch":
-            window = self.data[index]
-        else:
-            array = np.asarray(self.data[index])
-            if not array.flags.writeable or any(step < 0 for step in array.strides):
-                array = array.copy()  # torch.from_numpy takes neither; the copy is C-contiguous
-            window = torch.from_numpy(array)  # a strided view: the window batch makes the one copy
-        if not self.has_channel:
-            window = window[None]
-        window = window.float()
-        if self.kind == "lazy" and not bool(torch.isfinite(window).all()):
-            raise ValueError(
-                f"image contains NaN or Inf values (found in the window at {_region_text(region)}); "
-                "replace them (e.g. numpy.nan_to_num) before inference"
-            )
-        if self.repeat_channels > 1:
-            window = window.repeat(self.repeat_channels, *([1] * (window.ndim - 1)))
-        return window
-
-
-def _region_text(region: Sequence[slice]) -> str:
-    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
-
-
-def _check_dtype(image: Any) -> None:
-    if isinstance(image, torch.Tensor):
-        if image.dtype == torch.bool or image.is_complex():
-            raise ValueError(
-                f"image dtype {image.dtype} is not accepted; give real numbers (float or integer tensors)"
-            )
-        return
-    dtype = np.dtype(getattr(image, "dtype", np.float32))
-    if dtype.kind not in "iuf":
-        raise ValueError(
-            f"image dtype {dtype} is not accepted; give real numbers (float or integer arrays), "
-            f"not {'booleans' if dtype.kind == 'b' else 'complex numbers' if dtype.kind == 'c' else dtype.name}"
-        )
-
-
-def _as_source(image: Any, model_dims: int, in_channels: int | None, slice_axis: int | None) -> tuple[_Source, int]:
-    """Wrap ``image`` and return it with the number of spatial dims of the *image* (2 or 3)."""
-    if isinstance(image, torch.Tensor):
-        kind = "torch"
-    elif isinstance(image, np.ndarray):
-        kind = "numpy"
-    elif hasattr(image, "shape") and hasattr(image, "dtype") and hasattr(image, "__getitem__"):
-        kind = "lazy"
-    elif isinstance(image, (list, tuple)):
-        image = np.asarray(image)
-        kind = "numpy"
-    else:
-        raise ValueError(
-            f"image must be a numpy array, a torch tensor or a lazy array (dask, zarr), got {type(image).__name__}"
-        )
-    _check_dtype(image)
-    shape = tuple(int(s) for s in image.shape)
-    if any(s == 0 for s in shape) or len(shape) == 0:
-        raise ValueError(f"image is empty (shape {shape}); give an array with at least one voxel")
-
-    # how many leading axes are batch / channel
-    ndim = len(shape)
-    accepted = f"(*spatial), (C, *spatial) or (N, C, *spatial) with {model_dims} spatial axes"
-    if model_dims == 2 and (slice_axis is not None or ndim == 5):
-        image_dims = 3  # a volume, run slice by slice
-    elif model_dims == 2 and ndim == 3:
-        # (C, H, W) when the first axis looks like channels, else a (D, H, W) volume
-        image_dims = 2 if shape[0] in {1, in_channels} else 3
-    else:
-        image_dims = model_dims
-    leading = ndim - image_dims
-    if leading not in (0, 1, 2):
-        if model_dims == 2:
-            accepted += " (or a volume (D, H, W), (C, D, H, W), (N, C, D, H, W) run slice by slice)"
-        raise ValueError(
-            f"image has {ndim} dimension(s) (shape {shape}) but a {model_dims}D model takes {accepted}"
-        )
-    has_batch, has_channel = leading == 2, leading >= 1
-    channels = shape[1] if has_batch else (shape[0] if has_channel else 1)
-    repeat = 1
-    if in_channels is not None and channels != in_channels:
-        if in_channels == 3 and channels == 1:
-            repeat = 3
-            logger.info("the model takes 3 input channels; repeating the single image channel 3 times")
-        else:
-            raise ValueError(
-                f"image has {channels} channel(s) (shape {shape}) but the model takes {in_channels}; "
-                f"give an array (C={in_channels}, *spatial) or (N, {in_channels}, *spatial)"
-            )
-    if kind != "lazy":
-        finite = torch.isfinite(image).all() if kind == "torch" else np.isfinite(image).all()
-        if not bool(finite):
-            raise ValueError("image contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) before inference")
-    source = _Source(
-        data=image,
-        kind=kind,
-        has_batch=has_batch,
-        has_channel=has_channel,
-        spatial=shape[leading:],
-        channels=channels,
-        batch=shape[0] if has_batch else 1,
-        repeat_channels=repeat,
-    )
-    return source, image_dims
-
-
-# --------------------------------------------------------------------------------------------------
-# windows
-def _scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]) -> tuple[int, ...]:
-    # the rule of monai.inferers.utils._get_scan_interval (private there, so restated here)
-    interval = []
-    for size, roi, o in zip(image_size, roi_size, overlap):
-        if roi == size:
-            interval.append(int(roi))
-        else:
-            step = int(roi * (1 - o))
-            interval.append(step if step > 0 else 1)
-    return tuple(interval)
-
-
-def window_slices(
-    image_size: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float] = 0.5
-) -> tuple[list[tuple[slice, ...]], tuple[int, ...], list[int]]:
-    """The windows MONAI's ``sliding_window_inference`` visits.
-
-    Args:
-        image_size: spatial size of the image.
-        roi_size: window size (same length).
-        overlap: fraction of overlap per axis, in ``[0, 1)``.
-
-    Returns:
-        ``(slices, padded_size, pad_before)``: window slices in the coordinates of the image padded to
-        at least ``roi_size`` (MONAI pads symmetrically, the odd voxel after), the padded size, and the
-        padding before each axis.
-    """
-    from monai.data.utils import dense_patch_slices
-
-    overlaps = tuple(overlap) if isinstance(overlap, Sequence) else (float(overlap),) * len(image_size)
-    padded = tuple(max(s, r) for s, r in zip(image_size, roi_size))
-    pad_before = [(p - s) // 2 for p, s in zip(padded, image_size)]
-    slices = dense_patch_slices(padded, roi_size, _scan_interval(padded, roi_size, overlaps))
-    return slices, padded, pad_before
-
-
-def _read_window(source: _Source, n: int, window: Sequence[slice], pad_before: Sequence[int], cval: float) -> torch.Tensor:
-    """Window of image ``n`` in padded coordinates; the parts outside the image are ``cval``."""
-    inside = []
-    target = []
-    clipped = False
-    for s, before, size in zip(window, pad_before, source.spatial):
-        lo, hi = s.start - before, s.stop - before
-        lo_c, hi_c = max(lo, 0), min(hi, size)
-        clipped |= (lo_c, hi_c) != (lo, hi)
-        inside.append(slice(lo_c, hi_c))
-        target.append(slice(lo_c - lo, hi_c - lo))
-    data = source.read(n, inside)
-    if not clipped:
-        return data
-    full = torch.full((data.shape[0], *(s.stop - s.start for s in window)), float(cval), dtype=data.dtype)
-    full[(slice(None), *target)] = data
-    return full
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,48 +149,6 @@ def _label_dtype(classes: int) -> np.dtype:
     return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.int32)
 
 
-# --------------------------------------------------------------------------------------------------
-def _dispatch(model: nn.Module, image: Any, task: str | None, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """Route instance and universal models; returns ``(dense_model, None)`` or ``(None, result)``."""
-    model_task = getattr(model, "medsegkit_task", "semantic")
-    if model_task == "semantic":
-        if task not in (None, "semantic"):
-            raise ValueError(f"task={task!r} needs a universal model; {type(model).__name__} is a semantic model")
-        return model, None
-    if model_task == "instance":
-        if task not in (None, "instance"):
-            raise ValueError(f"{type(model).__name__} is an instance model; task must be None or 'instance', got {task!r}")
-        from medsegkit.inference import instance
-
-        return None, instance.predict_instances(model, image, **kwargs)
-    if model_task == "universal":
-        task = task or "semantic"
-        from medsegkit.inference import adapters
-
-        if task == "semantic":
-            return adapters.SemanticAdapter(model), None
-        if task in ("instance", "panoptic"):
-            return None, adapters.predict_query(model, image, task=task, **kwargs)
-        raise ValueError(f"task must be 'semantic', 'instance' or 'panoptic', got {task!r}")
-    raise ValueError(
-        f"{type(model).__name__}.medsegkit_task is {model_task!r}; expected 'semantic', 'instance' or 'universal'"
-    )
-
-
-def _roi_for(roi_size: Any, model_dims: int, model: nn.Module, image_spatial: Sequence[int], slice_axis: int | None) -> tuple[int, ...]:
-    """The window size in the model's dims, non-positive entries replaced by the image size."""
-    spatial_of_model = [s for i, s in enumerate(image_spatial) if i != slice_axis] if slice_axis is not None else list(image_spatial)
-    if roi_size is None:
-        roi = _default_roi(model, model_dims)
-    elif isinstance(roi_size, (int, np.integer)):
-        roi = (int(roi_size),) * model_dims
-    else:
-        roi = tuple(roi_size)
-        if len(roi) != model_dims or not all(isinstance(r, (int, np.integer)) or r is None for r in roi):
-            raise ValueError(f"roi_size must be an int or {model_dims} ints for a {model_dims}D model, got {roi_size!r}")
-    return tuple(int(size) if r is None or r <= 0 else int(r) for r, size in zip(roi, spatial_of_model))
-
-
 def _flip_sets(tta_flips: Sequence[int], roi: Sequence[int]) -> list[tuple[int, ...]]:
     image_dims = len(roi)
     if isinstance(tta_flips, (bool, int)) or not all(isinstance(a, (int, np.integer)) for a in tta_flips):
@@ -439,12 +186,15 @@ def predict(
     cancel: Any = None,
     sigma_scale: float | Sequence[float] = 0.125,
     cval: float = 0.0,
+    backend: str = "auto",
 ):
     """Segment an array with a model by sliding windows (no preprocessing).
 
     Args:
         model: a segmentation network; its ``spatial_dims`` (2 or 3) and ``in_channels`` attributes
-            tell the image layout apart; ``medsegkit_task`` routes instance and universal models.
+            tell the image layout apart; ``medsegkit_task`` routes instance and universal models. Or an
+            export of :func:`medsegkit.export` (its folder or network file: ``.onnx``, ``.xml``, ``.pt2``,
+            ``.ts``), whose windows have the exported roi size.
         image: ``(*spatial)``, ``(C, *spatial)`` or ``(N, C, *spatial)`` as a numpy array, torch tensor
             or lazy array (dask, zarr: read window by window). A 2D model on a 3D volume ``(D, H, W)``
             runs slice by slice along ``slice_axis``; for a 2D model a 3-axis array is ``(C, H, W)``
@@ -462,7 +212,10 @@ def predict(
         fast: the optimised path of :mod:`medsegkit.inference.fast` (BatchNorm folding, channels-last,
             bf16 where native, ``inference_mode``). The default path stays float32 with the model's own
             weights; a 3D model on the CPU runs them in the channels-last-3d layout for the call (put
-            back afterwards), which changes results only by float32 rounding.
+            back afterwards), which changes results only by float32 rounding. Refused (``ValueError``)
+            for query models (MaskFormer / Mask2Former, every task): bf16 changed a trained model's
+            labels beyond the 0.5 % the fast path may change (``docs/inference.md``); ignored, with a
+            logged note, for detection models.
         tta_flips: spatial axes of the image to mirror for test-time augmentation; every subset of
             them is run and the probabilities are averaged (nnU-Net's mirroring).
         slice_axis: for a 2D model on a volume, the spatial axis to slice along (default: the last
@@ -479,6 +232,12 @@ def predict(
             ``N × ceil(number_of_windows / sw_batch_size)``.
         cancel: an object with ``is_set()`` (``threading.Event``) checked before every window batch;
             when set, :class:`medsegkit.Cancelled` is raised and a partly written ``out`` store removed.
+        backend: what runs the windows: ``"torch"`` (eager PyTorch), ``"onnxruntime"`` or
+            ``"openvino"`` (a PyTorch model is converted to ONNX first, seconds per call; an export is
+            opened on that backend), or ``"auto"``: for now PyTorch for a PyTorch model and the format's
+            own backend for an export (ONNX → ONNX Runtime, OpenVINO IR → OpenVINO, ``.pt2`` /
+            ``.ts`` → torch); it does not measure the backends yet. Other backends run semantic
+            models only, in float32 (``fast`` / ``amp`` are refused).
 
     Returns:
         numpy array for numpy / lazy input, tensor for tensor input (on ``device``); ``out`` when given
@@ -495,83 +254,110 @@ def predict(
         raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
     if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    overlaps = tuple(overlap) if isinstance(overlap, Sequence) else (overlap,)
-    if not all(isinstance(o, (int, float)) and 0 <= o < 1 for o in overlaps):
-        raise ValueError(f"overlap must be in [0, 1) (0.5 = half a window), got {overlap!r}")
+    check_overlap(overlap)
+    check_backend(backend)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_exported(model, backend=backend)
+    elif isinstance(model, ExportedNetwork) and backend not in ("auto", model.backend):
+        if model.path is None:
+            raise ValueError(f"this network was opened on {model.backend}; backend={backend!r} needs the PyTorch model")
+        model = load_exported(model.path, backend=backend)
 
-    passthrough = dict(
+    options = dict(
         roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, device=device,
         sw_device=sw_device, amp=amp, fast=fast, tta_flips=tta_flips, slice_axis=slice_axis,
         output=output, out=out, progress=progress, cancel=cancel,
     )
-    dense_model, routed = _dispatch(model, image, task, passthrough)
-    if dense_model is None:
-        return routed
-    model = dense_model
+    model_task = getattr(model, "medsegkit_task", "semantic")
+    if model_task == "semantic":
+        if task not in (None, "semantic"):
+            raise ValueError(f"task={task!r} needs a universal model; {type(model).__name__} is a semantic model")
+        return _predict_semantic(model, image, sigma_scale=sigma_scale, cval=cval, backend=backend, **options)
+    if backend not in ("auto", "torch"):
+        raise ValueError(
+            f"backend={backend!r} runs semantic output only; {type(model).__name__} with task={task!r} "
+            "runs on backend='torch'"
+        )
+    if model_task == "instance":
+        if task not in (None, "instance"):
+            raise ValueError(f"{type(model).__name__} is an instance model; task must be None or 'instance', got {task!r}")
+        return predict_instances(model, image, **options)
+    if model_task == "universal":
+        task = task or "semantic"
+        if task not in ("semantic", *QUERY_TASKS):
+            raise ValueError(f"task must be 'semantic', 'instance' or 'panoptic', got {task!r}")
+        refuse_fast(model, fast, task)
+        if task == "semantic":
+            return _predict_semantic(SemanticAdapter(model), image, sigma_scale=sigma_scale, cval=cval,
+                                     backend=backend, **options)
+        return predict_query(model, image, task=task, **options)
+    raise ValueError(
+        f"{type(model).__name__}.medsegkit_task is {model_task!r}; expected 'semantic', 'instance' or 'universal'"
+    )
 
-    model_dims = _model_spatial_dims(model)
-    in_channels = _model_in_channels(model)
-    source, image_dims = _as_source(image, model_dims, in_channels, slice_axis)
-    if image_dims != model_dims:
-        slice_axis = image_dims - 1 if slice_axis is None else int(slice_axis)
-        if not -image_dims <= slice_axis < image_dims:
-            raise ValueError(f"slice_axis must be a spatial axis in [0, {image_dims}), got {slice_axis}")
-        slice_axis %= image_dims
-    elif slice_axis is not None:
-        raise ValueError(f"slice_axis is only for a 2D model on a 3D volume; this is a {model_dims}D model on a {image_dims}D image")
-    roi = _roi_for(roi_size, model_dims, model, source.spatial, slice_axis)
-    if slice_axis is not None:
-        roi = roi[:slice_axis] + (1,) + roi[slice_axis:]
-    if len(overlaps) == 1:
-        overlaps = overlaps * image_dims
-    elif len(overlaps) == model_dims and slice_axis is not None:
-        overlaps = overlaps[:slice_axis] + (0.0,) + overlaps[slice_axis:]
-    if len(overlaps) != image_dims:
-        raise ValueError(f"overlap must be one float or one per spatial axis ({model_dims}), got {overlap!r}")
+
+# --------------------------------------------------------------------------------------------------
+# the semantic consumer: blending window logits into slabs
+def _predict_semantic(
+    model: nn.Module, image: Any, *, roi_size, sw_batch_size, overlap, mode, device, sw_device, amp, fast,
+    tta_flips, slice_axis, output, out, progress, cancel, sigma_scale, cval, backend="auto",
+):
+    """:func:`predict` for a dense model ``(N, C, *roi)`` → ``(N, K, *roi)``."""
+    from monai.data.utils import compute_importance_map
+
+    model_dims = model_spatial_dims(model)
+    in_channels = model_in_channels(model)
+    source, image_dims = as_source(image, model_dims, in_channels, slice_axis)
+    slice_axis = resolve_slice_axis(slice_axis, model_dims, image_dims)
+    roi = resolve_roi(roi_size, model, model_dims, source.spatial, slice_axis)
+    grid = WindowGrid(source.spatial, roi, resolve_overlap(overlap, model_dims, image_dims, slice_axis))
     flip_sets = _flip_sets(tta_flips, roi)
 
     torch_in = source.kind == "torch"
     stitch = torch.device(device) if device is not None else (source.data.device if torch_in else torch.device("cpu"))
-    run_on = torch.device(sw_device) if sw_device is not None else _model_device(model)
-
-    from monai.data.utils import compute_importance_map
-
-    slices, padded, pad_before = window_slices(source.spatial, roi, overlaps)
-    # slab axis: the axis where a window covers the smallest fraction of the image
-    slab = min(range(image_dims), key=lambda a: (roi[a] / padded[a], a))
-    order = sorted(range(len(slices)), key=lambda i: slices[i][slab].start)
-    slices = [slices[i] for i in order]
+    run_on = torch.device(sw_device) if sw_device is not None else model_device(model)
     weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=sigma_scale, device=stitch, dtype=torch.float32)
-    weight = weight[None]  # (1, *roi)
-
-    from medsegkit.inference.fast import prepare_model
-
-    # each module's own mode, restored afterwards (an adapter made here must not leave the wrapped model in training mode)
-    was_training = [(module, module.training) for module in model.modules()]
-    model.eval()
-    model_roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
-    try:
-        prepared = prepare_model(
-            model, device=run_on, fast=fast, amp=amp,
-            example_shape=(1, in_channels or source.channels * source.repeat_channels, *model_roi),
-        )
-    except BaseException:
-        _restore_modes(was_training)
-        raise
-    if prepared.notes:
-        logger.info("inference: %s", ", ".join(prepared.notes))
     blend_probabilities = bool(len(flip_sets) > 1 and output != "logits")
+    model_roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
+    example = (1, in_channels or source.channels * source.repeat_channels, *model_roi)
+    if backend in ("onnxruntime", "openvino") and not isinstance(model, ExportedNetwork):
+        model = backend_network(model, backend, (sw_batch_size, *example[1:]), model_dims)
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *roi)`` on run_on → float32 ``(B, K, *roi)`` on stitch (TTA averaged)."""
+    writer = _Output(out, torch_in and out is None, stitch)
+    order = grid.slab_order()  # slabs finish (and are written) as the windows pass them
+    try:
+        with prepared_runner(model, device=run_on, fast=fast, amp=amp, example_shape=example) as runner:
+            forward = _Mirrored(runner, flip_sets, slice_axis, blend_probabilities, stitch)
+            blender = None
+            for batch in iterate_windows(source, grid, forward, batch_size=sw_batch_size, order=order, cval=cval,
+                                         slab_reads=True, progress=progress, cancel=cancel):
+                if blender is None or blender.n != batch.n:
+                    blender = _SlabBlender(batch.n, grid, order, weight, output, blend_probabilities, source, writer)
+                blender.add(batch.windows, batch.output)
+        return writer.finish()
+    except BaseException:
+        writer.discard()
+        raise
+
+
+class _Mirrored:
+    """The runner with mirror TTA and 2D-on-3D slicing: ``(B, C, *roi)`` → float32 ``(B, K, *roi)`` on ``stitch``
+    (TTA averaged; probabilities when ``blend_probabilities``)."""
+
+    def __init__(self, runner: Runner, flip_sets, slice_axis: int | None, blend_probabilities: bool, stitch) -> None:
+        self.runner, self.flip_sets, self.slice_axis = runner, flip_sets, slice_axis
+        self.blend_probabilities, self.stitch = blend_probabilities, stitch
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.runner.device)
         total = None
-        for axes in flip_sets:
+        for axes in self.flip_sets:
             x = batch.flip([2 + a for a in axes]) if axes else batch
-            if slice_axis is not None:
-                x = x.squeeze(2 + slice_axis)
-            y = prepared(x)
-            if slice_axis is not None:
-                y = y.unsqueeze(2 + slice_axis)
+            if self.slice_axis is not None:
+                x = x.squeeze(2 + self.slice_axis)
+            y = self.runner(x)
+            if self.slice_axis is not None:
+                y = y.unsqueeze(2 + self.slice_axis)
             if tuple(y.shape[2:]) != tuple(batch.shape[2:]) or y.shape[0] != batch.shape[0]:
                 raise ValueError(
                     f"the model returned shape {tuple(y.shape)} for windows of shape {tuple(x.shape)}; "
@@ -579,154 +365,136 @@ def predict(
                 )
             if axes:
                 y = y.flip([2 + a for a in axes])
-            if blend_probabilities:
+            if self.blend_probabilities:
                 y = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
             total = y if total is None else total + y
-        if len(flip_sets) > 1:
-            total = total / len(flip_sets)
-        return total.to(stitch)
-
-    batches_per_image = math.ceil(len(slices) / sw_batch_size)
-    total_batches = source.batch * batches_per_image
-    writer = None
-    done = 0
-    try:
-        writer = _Output(out, torch_in and out is None, stitch)
-        with torch.inference_mode():
-            for n in range(source.batch):
-                done = _run_image(
-                    n, source, slices, padded, pad_before, slab, weight, forward, run_on, sw_batch_size,
-                    cval, output, blend_probabilities, writer, progress, cancel, done, total_batches,
-                )
-        result = writer.finish()
-    except BaseException:
-        if writer is not None:
-            writer.discard()
-        raise
-    finally:
-        prepared.restore()  # the caller's weights in their own layout again
-        _restore_modes(was_training)
-    return result
+        if len(self.flip_sets) > 1:
+            total = total / len(self.flip_sets)
+        return total.to(self.stitch)
 
 
-def _restore_modes(was_training: list[tuple[torch.nn.Module, bool]]) -> None:
-    for module, mode in was_training:
-        module.training = mode
-
-
-def _run_image(
-    n, source, slices, padded, pad_before, slab, weight, forward, run_on, sw_batch_size, cval, output,
-    blend_probabilities, writer, progress, cancel, done, total_batches,
-) -> int:
-    """Window loop over image ``n``; slabs are finished and written as soon as no window needs them.
+class _SlabBlender:
+    """Weighted blending of the windows of image ``n``; slabs are finished and written as soon as no window
+    left in ``order`` needs them.
 
     The accumulator is split into *chunks* along the slab axis, one per gap between consecutive window
     starts (so a window touches two or three chunks); a chunk is made when a window first touches it
     and dropped once written, so memory holds only the chunks the windows in flight cover.
     """
-    dims = len(padded)
-    others = [a for a in range(dims) if a != slab]
-    to_slab_first = [0, 1 + slab] + [1 + a for a in others]
-    from_slab_first = [to_slab_first.index(i) for i in range(dims + 1)]
-    w_slab = weight.permute(to_slab_first)[0]  # (roi_slab, *roi_others)
-    other_shape = tuple(padded[a] for a in others)
-    bounds = sorted({w[slab].start for w in slices} | {padded[slab]})
-    chunks: dict[int, torch.Tensor] = {}  # chunk index -> (K, length, *others) weighted sum
-    counts: dict[int, torch.Tensor] = {}  # chunk index -> (length, *others) sum of weights
-    # written chunks and the window batch are reused instead of freed and allocated again: fresh memory
-    # costs a page fault per 4 kB, which on a 3D volume adds up to a tenth of the network's time
-    spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    batch_buffer: torch.Tensor | None = None
-    weighted: torch.Tensor | None = None  # the blending weight broadcast over the classes, in the output's layout
-    # Label maps need no normalisation: every voxel's weighted sum is divided by the same positive sum of
-    # weights for all classes, which cannot change the argmax or the sign of a 1-class logit. Only a
-    # 1-class probability (threshold 0.5) and the logits / probability outputs need the weight sums.
-    normalise: bool | None = None  # decided when the number of classes is known (first window)
-    finished = 0  # chunks below this index are written
-    crop_others = tuple(slice(pad_before[a], pad_before[a] + source.spatial[a]) for a in others)
 
-    def finish(upto: int) -> None:
-        """Write every chunk that ends at or before slab index ``upto``."""
-        nonlocal finished
-        while finished < len(bounds) - 1 and bounds[finished + 1] <= upto:
-            lo, hi = bounds[finished], bounds[finished + 1]
-            start, stop = max(lo, pad_before[slab]), min(hi, pad_before[slab] + source.spatial[slab])
-            if stop > start and finished in chunks:
-                inside = (slice(start - lo, stop - lo), *crop_others)
-                values = chunks[finished][(slice(None), *inside)]
-                if normalise:
-                    values = values / counts[finished][inside]
-                _emit(values.permute(from_slab_first), n, slab, start - pad_before[slab], stop - pad_before[slab],
-                      source, output, blend_probabilities, writer)
-            for store in (chunks, counts):
-                done_chunk = store.pop(finished, None)
-                if done_chunk is not None:
-                    spare.setdefault(tuple(done_chunk.shape), []).append(done_chunk)
-            finished += 1
+    def __init__(self, n: int, grid: WindowGrid, order: list[int], weight: torch.Tensor, output: str,
+                 blend_probabilities: bool, source: ImageSource, writer: _Output) -> None:
+        self.n, self.grid, self.output, self.source, self.writer = n, grid, output, source, writer
+        self.blend_probabilities = blend_probabilities
+        dims = len(grid.padded)
+        self.slab = slab = grid.slab_axis
+        self.others = [a for a in range(dims) if a != slab]
+        self.to_slab_first = [0, 1 + slab] + [1 + a for a in self.others]
+        self.from_slab_first = [self.to_slab_first.index(i) for i in range(dims + 1)]
+        self.w_slab = weight[None].permute(self.to_slab_first)[0]  # (roi_slab, *roi_others)
+        self.other_shape = tuple(grid.padded[a] for a in self.others)
+        self.starts = [grid.slices[i][slab].start for i in order]  # slab starts of the windows, in visiting order
+        self.seen = 0
+        self.bounds = sorted(set(self.starts) | {grid.padded[slab]})
+        self.chunks: dict[int, torch.Tensor] = {}  # chunk index -> (K, length, *others) weighted sum
+        self.counts: dict[int, torch.Tensor] = {}  # chunk index -> (length, *others) sum of weights
+        # written chunks are reused instead of freed and allocated again: fresh memory costs a page fault
+        # per 4 kB, which on a 3D volume adds up to a tenth of the network's time
+        self.spare: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self.weighted: torch.Tensor | None = None  # the weight broadcast over the classes, in the output's layout
+        # Label maps need no normalisation: every voxel's weighted sum is divided by the same positive sum of
+        # weights for all classes, which cannot change the argmax or the sign of a 1-class logit. Only a
+        # 1-class probability (threshold 0.5) and the logits / probability outputs need the weight sums.
+        self.normalise: bool | None = None  # decided when the number of classes is known (first window)
+        self.finished = 0  # chunks below this index are written
+        self.crop_others = tuple(slice(grid.pad_before[a], grid.pad_before[a] + source.spatial[a]) for a in self.others)
 
-    def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def add(self, windows: list[Region], predicted: torch.Tensor) -> None:
+        """Blend a batch ``(B, K, *roi)`` and write the slabs no later window touches."""
+        for window, p in zip(windows, predicted):
+            self._accumulate(window, p.permute(self.to_slab_first))
+        self.seen += len(windows)
+        self._finish(self.starts[self.seen] if self.seen < len(self.starts) else self.grid.padded[self.slab])
+
+    def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Zeros of ``shape`` in ``like``'s memory order (a channels-last network output keeps the classes
         innermost: accumulating it into a chunk of the same order is a contiguous, vectorised FMA)."""
-        reusable = spare.get(shape)
+        reusable = self.spare.get(shape)
         if reusable:
             return reusable.pop().zero_()
         order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))
         return like.new_zeros([shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
 
-    def accumulate(window: tuple[slice, ...], p: torch.Tensor) -> None:
+    def _accumulate(self, window: Region, p: torch.Tensor) -> None:
         """Add ``p × weight`` (``p``: ``(K, roi_slab, *roi_others)``) into the chunks the window covers."""
-        nonlocal normalise, weighted
-        if normalise is None:
-            normalise = output != "labels" or (blend_probabilities and p.shape[0] == 1)
+        if self.normalise is None:
+            self.normalise = self.output != "labels" or (self.blend_probabilities and p.shape[0] == 1)
+        weighted = self.weighted
         if weighted is None or weighted.shape != p.shape or weighted.stride() != p.stride():
-            weighted = torch.empty_like(p).copy_(w_slab.expand_as(p))  # once, in the network output's memory order
-        start, stop = window[slab].start, window[slab].stop
-        region = tuple(window[a] for a in others)
+            weighted = self.weighted = torch.empty_like(p).copy_(self.w_slab.expand_as(p))  # in p's memory order
+        start, stop = window[self.slab].start, window[self.slab].stop
+        region = tuple(window[a] for a in self.others)
+        bounds = self.bounds
         r = bisect.bisect_right(bounds, start) - 1
         while r < len(bounds) - 1 and bounds[r] < stop:
             lo, hi = bounds[r], bounds[r + 1]
-            if r not in chunks:
-                chunks[r] = zeros((p.shape[0], hi - lo, *other_shape), p)
-                if normalise:
-                    counts[r] = zeros((hi - lo, *other_shape), w_slab)
+            if r not in self.chunks:
+                self.chunks[r] = self._zeros((p.shape[0], hi - lo, *self.other_shape), p)
+                if self.normalise:
+                    self.counts[r] = self._zeros((hi - lo, *self.other_shape), self.w_slab)
             a, b = max(start, lo), min(stop, hi)
-            chunks[r][(slice(None), slice(a - lo, b - lo), *region)].addcmul_(
+            self.chunks[r][(slice(None), slice(a - lo, b - lo), *region)].addcmul_(
                 p[:, a - start:b - start], weighted[:, a - start:b - start])
-            if normalise:
-                counts[r][(slice(a - lo, b - lo), *region)] += w_slab[a - start:b - start]
+            if self.normalise:
+                self.counts[r][(slice(a - lo, b - lo), *region)] += self.w_slab[a - start:b - start]
             r += 1
 
-    slab_cache: dict[tuple[int, int], torch.Tensor] = {}
+    def _finish(self, upto: int) -> None:
+        """Write every chunk that ends at or before slab index ``upto``."""
+        while self.finished < len(self.bounds) - 1 and self.bounds[self.finished + 1] <= upto:
+            self.finish_chunk(self.finished)
+            self.finished += 1
 
-    def read(window: tuple[slice, ...]) -> torch.Tensor:
-        """One window; a lazy source is read one slab (window thickness × whole plane) at a time."""
-        if source.kind != "lazy":
-            return _read_window(source, n, window, pad_before, cval)
-        key = (window[slab].start, window[slab].stop)
-        if key not in slab_cache:
-            slab_cache.clear()  # windows come sorted along the slab axis: an old slab is never needed again
-            whole = tuple(window[a] if a == slab else slice(0, padded[a]) for a in range(dims))
-            slab_cache[key] = _read_window(source, n, whole, pad_before, cval)
-        crop = tuple(slice(0, key[1] - key[0]) if a == slab else window[a] for a in range(dims))
-        return slab_cache[key][(slice(None), *crop)]
+    def finish_chunk(self, index: int) -> None:
+        """Write chunk ``index`` (slab ``bounds[index]:bounds[index + 1]``) from what was accumulated into it,
+        and recycle its memory. :class:`medsegkit.interactive.Session` calls it to finish chunks out of
+        order (after accumulating the windows that touch them, in ``order``)."""
+        bounds, before, size = self.bounds, self.grid.pad_before[self.slab], self.source.spatial[self.slab]
+        lo, hi = bounds[index], bounds[index + 1]
+        start, stop = max(lo, before), min(hi, before + size)
+        if stop > start and index in self.chunks:
+            inside = (slice(start - lo, stop - lo), *self.crop_others)
+            values = self.chunks[index][(slice(None), *inside)]
+            if self.normalise:
+                values = values / self.counts[index][inside]
+            self._emit(values.permute(self.from_slab_first), start - before, stop - before)
+        for store in (self.chunks, self.counts):
+            done_chunk = store.pop(index, None)
+            if done_chunk is not None:
+                self.spare.setdefault(tuple(done_chunk.shape), []).append(done_chunk)
 
-    for first in range(0, len(slices), sw_batch_size):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"inference cancelled after {done} of {total_batches} window batches")
-        group = slices[first:first + sw_batch_size]
-        windows = [read(w) for w in group]
-        if batch_buffer is None or batch_buffer.dtype != windows[0].dtype:
-            batch_buffer = windows[0].new_empty((sw_batch_size, *windows[0].shape))
-        batch = torch.stack(windows, out=batch_buffer[:len(group)]).to(run_on)
-        predicted = forward(batch)  # (B, K, *roi)
-        for w, p in zip(group, predicted):
-            accumulate(w, p.permute(to_slab_first))
-        done += 1
-        if progress is not None:
-            progress(done, total_batches)
-        remaining = first + sw_batch_size
-        finish(slices[remaining][slab].start if remaining < len(slices) else padded[slab])
-    return done
+    def _emit(self, values: torch.Tensor, start: int, stop: int) -> None:
+        """Turn blended ``(K, *region)`` values into the requested output and write them."""
+        classes, output, source = values.shape[0], self.output, self.source
+        if output == "logits":
+            result = values
+        elif output == "probabilities":
+            if self.blend_probabilities:
+                result = values
+            else:
+                result = torch.sigmoid(values) if classes == 1 else torch.softmax(values, dim=0)
+        elif classes == 1:
+            result = (values[0] > (0.5 if self.blend_probabilities else 0.0)).to(torch.uint8)
+        else:
+            result = _argmax(values)
+        if self.writer.array is None:
+            shape = ((source.batch,) if source.has_batch else ()) + ((classes,) if output != "labels" else ()) + source.spatial
+            dtype = _label_dtype(classes) if output == "labels" else np.dtype(np.float32)
+            self.writer.allocate(tuple(shape), dtype, self.slab)
+        region = [slice(None)] * len(source.spatial)
+        region[self.slab] = slice(start, stop)
+        index = ((self.n,) if source.has_batch else ()) + ((slice(None),) if output != "labels" else ()) + tuple(region)
+        self.writer.write(index, result)
 
 
 def _argmax(values: torch.Tensor) -> torch.Tensor:
@@ -744,29 +512,3 @@ def _argmax(values: torch.Tensor) -> torch.Tensor:
         index.masked_fill_(better, k)
         torch.maximum(best, values[k], out=best)
     return index
-
-
-def _emit(values, n, slab, start, stop, source, output, blend_probabilities, writer) -> None:
-    """Turn blended ``(K, *region)`` values into the requested output and write them."""
-    classes = values.shape[0]
-    if output == "logits":
-        result = values
-    elif output == "probabilities":
-        if blend_probabilities:
-            result = values
-        else:
-            result = torch.sigmoid(values) if classes == 1 else torch.softmax(values, dim=0)
-    else:
-        if classes == 1:
-            result = (values[0] > (0.5 if blend_probabilities else 0.0)).to(torch.uint8)
-        else:
-            result = _argmax(values)
-    if writer.array is None:
-        spatial = source.spatial
-        shape = ((source.batch,) if source.has_batch else ()) + ((classes,) if output != "labels" else ()) + spatial
-        dtype = _label_dtype(classes) if output == "labels" else np.dtype(np.float32)
-        writer.allocate(tuple(shape), dtype, slab)
-    region = [slice(None)] * len(source.spatial)
-    region[slab] = slice(start, stop)
-    index = ((n,) if source.has_batch else ()) + ((slice(None),) if output != "labels" else ()) + tuple(region)
-    writer.write(index, result)

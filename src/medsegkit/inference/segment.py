@@ -29,6 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit.inference.predict import OUTPUTS, predict
+from medsegkit.inference.windows import model_spatial_dims
+
 if TYPE_CHECKING:  # pragma: no cover
     from medsegkit.io import Image
 
@@ -38,7 +41,9 @@ logger = logging.getLogger("medsegkit.inference")
 
 
 def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike, *, map_location: str = "cpu") -> nn.Module:
-    """A ready model from a module, a checkpoint path / URL, or a registry name with registered weights.
+    """A ready model from a module, a checkpoint path / URL, an export of :func:`medsegkit.export` (its
+    folder or network file, opened on its own backend as an
+    :class:`~medsegkit.inference.backends.ExportedNetwork`), or a registry name with registered weights.
 
     Raises:
         FileNotFoundError: a path-like string that names no file.
@@ -55,6 +60,10 @@ def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike, *, map_loc
     from medsegkit.weights import load_model
 
     text = os.fspath(model_or_checkpoint)
+    from medsegkit.inference.backends import is_exported, load_exported
+
+    if is_exported(text):  # an export of medsegkit.export: the sidecar holds what the checkpoint would
+        return load_exported(text)
     if "://" in text or Path(text).expanduser().exists():
         return load_model(text, map_location=map_location)
     looks_like_path = os.sep in text or Path(text).suffix in (".pt", ".pth", ".ckpt", ".safetensors")
@@ -148,7 +157,9 @@ def segment(
     """Segment ``image`` and return the result on the input's grid.
 
     Args:
-        model_or_checkpoint: a model, a checkpoint path / URL, or a registry name with registered weights.
+        model_or_checkpoint: a model, a checkpoint path / URL, an export (folder or ``.onnx`` / ``.xml`` /
+            ``.pt2`` / ``.ts`` file with its ``medsegkit.json`` sidecar), or a registry name with
+            registered weights.
         image: an :class:`~medsegkit.io.Image` ``(i, j, k)`` / ``(C, i, j, k)`` (or a path to read).
         preprocessing: preset name (``"mr"``, ``"ct"``, ``"none"``) or spec dict; default: the
             checkpoint's recorded preprocessing, else the registry's preset, else none.
@@ -164,7 +175,6 @@ def segment(
         An :class:`~medsegkit.io.Image` with the input's affine; ``meta["class_names"]`` when the
         checkpoint records them.
     """
-    from medsegkit.inference.predict import OUTPUTS, _model_spatial_dims, predict
     from medsegkit.io import Image, read_image
     from medsegkit.transforms import preprocess, restore
 
@@ -179,8 +189,13 @@ def segment(
     if not isinstance(image, Image):
         raise TypeError(f"image must be a medsegkit.io.Image or a path, got {type(image).__name__}")
     model = resolve_model(model_or_checkpoint)
+    sidecar = getattr(model, "sidecar", None)  # an export records the window settings it was made for
+    if isinstance(sidecar, Mapping):
+        for key in ("overlap", "mode"):
+            if key in sidecar:
+                predict_kwargs.setdefault(key, sidecar[key])
     spec = _preprocessing_for(model, preprocessing)
-    model_dims = _model_spatial_dims(model)
+    model_dims = model_spatial_dims(model)
     if model_dims > image.spatial_ndim:
         raise ValueError(
             f"image is {image.spatial_ndim}D (shape {image.spatial_shape}) but {type(model).__name__} is a "

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from medsegkit.errors import ImageReadError
 from medsegkit.io.image import Image, describe_grid, same_grid
 
 __all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "read_image", "write_image"]
@@ -41,7 +42,14 @@ def _accepted(table: dict[str, str], extra: str = "") -> str:
 
 
 def _read_one(path: str | os.PathLike, series_uid: str | None) -> Image:
-    path = Path(path).expanduser()
+    try:
+        return _read_backend(Path(path).expanduser(), series_uid)
+    except MemoryError as err:
+        # headers are checked against the file size first, so this is a real image too big for this machine
+        raise ImageReadError(f"could not read {path}: not enough memory for its voxels ({err})") from err
+
+
+def _read_backend(path: Path, series_uid: str | None) -> Image:
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
@@ -51,20 +59,20 @@ def _read_one(path: str | os.PathLike, series_uid: str | None) -> Image:
     else:
         suffix = _suffix(path, READ_SUFFIXES)
         if suffix is None:
-            raise ValueError(
+            raise ImageReadError(
                 f"unknown image format for {path.name!r}; read_image accepts files ending in "
                 f"{_accepted(READ_SUFFIXES)}, or a folder holding a DICOM series"
             )
         if series_uid is not None:
             raise ValueError(f"series_uid is only for DICOM folders, but {path} is a {suffix} file")
         if path.stat().st_size == 0:
-            raise ValueError(f"{path} is empty (0 bytes); was it written completely?")
+            raise ImageReadError(f"could not read {path}: it is empty (0 bytes); was it written completely?")
         fmt = READ_SUFFIXES[suffix]
         if suffix.endswith(".gz"):
             with open(path, "rb") as fh:
                 if fh.read(2) != b"\x1f\x8b":
-                    raise ValueError(
-                        f"{path} ends in .gz but is not gzip-compressed (corrupt or misnamed file)"
+                    raise ImageReadError(
+                        f"could not read {path}: it ends in .gz but is not gzip-compressed (corrupt or misnamed file)"
                     )
         if fmt == "nifti":
             from medsegkit.io.nifti import read_nifti
@@ -94,7 +102,7 @@ def read_image(
             one grid: each becomes a channel (channels first,
             ``(C, i, j, k)``, in the order given; a file that already has channels adds all of them).
         series_uid: for a DICOM folder holding several series, the one to read (default: the series
-            with the most files).
+            with the most files; several series of that size are an error asking for ``series_uid``).
 
     Returns:
         The image; ``meta`` holds ``"path"`` (the first input), ``"paths"`` (all inputs), ``"format"``
@@ -102,8 +110,12 @@ def read_image(
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: unknown extension (the message lists the accepted ones), empty or corrupt file, a
-            folder without DICOM, or several inputs whose grids differ (the message names both grids).
+        medsegkit.errors.ImageReadError: (a ``ValueError``) the file cannot be read: unknown extension (the
+            message lists the accepted ones), empty, truncated or corrupt file, a damaged or impossible
+            header (sizes the file cannot hold, spacing not finite and > 0, a non-finite or singular
+            orientation, an unknown voxel type), a folder without DICOM, an inconsistent DICOM series.
+            Headers are checked before any voxel buffer is allocated. See ``docs/io.md``.
+        ValueError: several inputs whose grids differ (the message names both grids).
     """
     if isinstance(path_or_paths, (str, os.PathLike)):
         return _read_one(path_or_paths, series_uid)

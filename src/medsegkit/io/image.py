@@ -68,10 +68,16 @@ def _check_affine(affine: Any) -> np.ndarray:
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be a 4x4 matrix (RAS voxel -> mm), got shape {affine.shape}")
     if not np.all(np.isfinite(affine)):
-        raise ValueError(f"affine must be finite, got\n{affine}")
+        raise ValueError(f"affine must be finite, got {matrix_text(affine)}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"affine is singular (a voxel axis has zero length):\n{affine}")
+        raise ValueError(f"affine is singular (a voxel axis has zero length): {matrix_text(affine)}")
     return affine
+
+
+def matrix_text(matrix: Any) -> str:
+    """A matrix on one line for error messages: ``[[1, 0, 0, 0], [0, 2, 0, 0], ...]``."""
+    rows = np.atleast_2d(np.asarray(matrix, dtype=np.float64))
+    return "[" + ", ".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in rows) + "]"
 
 
 @dataclass(eq=False, repr=False)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from medsegkit.io.image import Image
+from medsegkit.io.image import Image, matrix_text
 
 __all__ = ["read_nifti", "write_nifti"]
 
@@ -16,22 +17,81 @@ __all__ = ["read_nifti", "write_nifti"]
 _WRITE_DTYPES = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}
 
 
+# A gzip (deflate) stream expands at most ~1032-fold, so a .nii.gz of S bytes holds at most this many
+# bytes of voxels: a header claiming more is damaged and is refused before anything is allocated.
+GZIP_MAX_RATIO = 1032
+
+# Voxel types read_image returns (numpy kinds): bool, signed and unsigned integers, floats.
+_READ_KINDS = "biuf"
+
+
 def read_nifti(path: Path) -> Image:
     """Read a NIfTI file. A 4D file ``(i, j, k, t)`` becomes a channel image ``(t, i, j, k)``; a 5D
     vector file ``(i, j, k, 1, c)`` becomes ``(c, i, j, k)``. Unscaled integer data keep their dtype;
-    scaled data (``scl_slope`` set) come back as float as nibabel returns them."""
+    scaled data (``scl_slope`` set) come back as float as nibabel returns them.
+
+    The header is checked before any voxel is read (sizes the file can hold, a known numeric voxel type,
+    a finite non-singular affine); every problem raises :class:`~medsegkit.errors.ImageReadError`.
+    """
     import nibabel as nib
 
+    from medsegkit.errors import ImageReadError
+
+    def fail(what: str) -> ImageReadError:
+        return ImageReadError(f"could not read {path} as NIfTI: {what}")
+
     try:
-        nii = nib.load(str(path))
+        # mmap=False: voxels are copied into memory, so a file changed on disk later cannot fault the process
+        nii = nib.load(str(path), mmap=False)
+        header = nii.header
+        shape = tuple(int(n) for n in nii.shape)
+        dtype = np.dtype(header.get_data_dtype())
+        offset = int(nii.dataobj.offset)
+        affine = np.asarray(nii.affine, dtype=np.float64)
+    except (gzip.BadGzipFile, zlib.error, EOFError) as err:
+        raise fail(f"the gzip stream is corrupt or truncated ({_one_line(err)})") from err
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as err:
+        raise fail(f"damaged or unsupported header ({_one_line(err)}); NIfTI-1 and NIfTI-2 files are accepted") from err
+    except (OSError, ValueError, TypeError, KeyError, OverflowError) as err:
+        raise fail(f"the file is truncated or its header is damaged ({_one_line(err)})") from err
+    if not shape or min(shape) < 1:
+        raise fail(f"the header's image size {shape} has an axis of length < 1 (damaged header)")
+    if dtype.kind not in _READ_KINDS or dtype.fields is not None:
+        raise fail(f"voxel type {dtype} (datatype code {int(header['datatype'])}) is not supported; "
+                   "accepted: integer, float and bool voxels")
+    needed = math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    available = size * GZIP_MAX_RATIO if compressed else size - offset
+    if needed > available:
+        held = (f"a {size}-byte gzip file holds at most {available} bytes" if compressed
+                else f"the file holds {max(available, 0)} bytes after the {offset}-byte header")
+        raise fail(f"the header claims {shape} voxels of {dtype} ({needed} bytes) but {held} "
+                   "(truncated file or damaged header)")
+    if int(header["sform_code"]) <= 0:
+        # The affine comes from the qform (or pixdim alone). nibabel's header check on load quietly turns a
+        # zero voxel size into 1 and a negative one positive, so look at the stored values.
+        try:
+            with nib.openers.ImageOpener(str(path)) as fh:
+                stored = type(header).from_fileobj(fh, check=False)["pixdim"]
+        except (OSError, EOFError, zlib.error, ValueError) as err:
+            raise fail(f"the header is truncated or damaged ({_one_line(err)})") from err
+        pixdim = [float(v) for v in stored[1 : 1 + min(len(shape), 3)]]
+        if not all(math.isfinite(v) and v > 0 for v in pixdim):
+            raise fail(f"voxel sizes (pixdim) {pixdim} are not accepted without an sform: spacing must be "
+                       "finite and > 0")
+    if not np.all(np.isfinite(affine)):
+        raise fail(f"the affine (voxel -> mm) is not finite: {matrix_text(affine)}; "
+                   "check pixdim, the qform quaternion and the sform rows")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise fail(f"the affine (voxel -> mm) is singular (zero spacing or collapsed axes): {matrix_text(affine)}; "
+                   "spacing must be > 0 and the axes independent")
+    try:
         array = np.asarray(nii.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as err:
-        raise ValueError(f"could not read {path}: the gzip stream is corrupt or truncated ({err})") from err
-    except nib.filebasedimages.ImageFileError as err:
-        raise ValueError(f"could not read {path} as NIfTI: {err}") from err
-    except OSError as err:
-        raise ValueError(f"could not read {path} as NIfTI (file truncated or damaged?): {err}") from err
-    header = nii.header
+        raise fail(f"the gzip stream is corrupt or truncated ({_one_line(err)})") from err
+    except (OSError, ValueError) as err:
+        raise fail(f"the voxel data are truncated or damaged ({_one_line(err)})") from err
     channel_axis = None
     if array.ndim == 5 and array.shape[3] == 1:
         array = array[:, :, :, 0, :]
@@ -39,16 +99,22 @@ def read_nifti(path: Path) -> Image:
         array = np.moveaxis(array, -1, 0)
         channel_axis = 0
     if array.ndim not in ((2, 3) if channel_axis is None else (4,)):
-        raise ValueError(
-            f"{path}: only 2D/3D images (with optional 4th channel axis) are supported, got shape {nii.shape}"
-        )
+        raise fail(f"shape {nii.shape} is not supported; accepted: 2D/3D images with an optional 4th "
+                   "(channel) axis")
     meta = {
         "format": "nifti",
-        "dtype": str(header.get_data_dtype()),
+        "dtype": str(dtype),
         "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]),
     }
-    return Image(np.ascontiguousarray(array), nii.affine, meta, channel_axis)
+    try:
+        return Image(np.ascontiguousarray(array), affine, meta, channel_axis)
+    except ValueError as err:
+        raise fail(str(err)) from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def write_nifti(image: Image, path: Path) -> None:

@@ -3,7 +3,7 @@
 The plugin is a thin layer: ``_widget.py`` (the dock widget), ``_reader.py`` / ``_writer.py`` (medical
 formats through :mod:`medsegkit.io`), ``_sample_data.py`` (the MNI152 sample), ``_catalog.py`` (the
 model list, fetched from a worker process), ``_worker_client.py`` (the parent side of
-:mod:`medsegkit.inference.worker`) and ``_geometry.py`` (axis order and transforms).
+:mod:`medsegkit.worker`) and ``_geometry.py`` (axis order and transforms).
 
 Importing this package imports neither napari nor Qt nor torch: napari loads the modules named in the
 manifest when it needs them.

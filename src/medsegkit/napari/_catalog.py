@@ -1,7 +1,7 @@
 """The model catalogue the Segment widget shows, fetched once per session from a worker process.
 
 ``list_models()`` and ``model_info(name)`` import the model families (torch, MONAI, torchvision), which
-must never happen in napari's process (see :mod:`medsegkit.inference.worker`), so a spawned worker
+must never happen in napari's process (see :mod:`medsegkit.worker`), so a spawned worker
 answers a ``"describe"`` job and the JSON answer is cached here for the rest of the session.
 """
 

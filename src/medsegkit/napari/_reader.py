@@ -1,6 +1,6 @@
 """napari reader: NIfTI, NRRD, MetaImage and DICOM series folders through :func:`medsegkit.io.read_image`.
 
-Layers get the image's geometry (see :mod:`medsegkit.napari._geometry`): data turned to the closest
+Layers get the image's geometry (see :mod:`medsegkit.io.geometry`): data turned to the closest
 RAS voxel order (permutations and flips only, no resampling) with the spatial axes reversed to
 napari's ``(z, y, x)``, ``scale`` = spacing, ``translate`` = origin, and ``affine`` = the
 direction when it is not the identity, so that the layer lies at its RAS millimetre position.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medsegkit.napari._geometry import layer_geometry, reverse_spatial, to_canonical
+from medsegkit.io.geometry import layer_geometry, reverse_spatial, to_canonical
 
 __all__ = ["get_reader", "image_to_layer_data", "read_layers"]
 
@@ -104,8 +104,25 @@ def _contrast_limits(data: Any) -> tuple[float, float]:
 
 
 def read_layers(path: str | Sequence[str]) -> list[LayerData]:
-    """Read each path (file or DICOM folder) into layer-data tuples."""
+    """Read each path (file or DICOM folder) into layer-data tuples.
+
+    A path that cannot be read (damaged, truncated, an impossible header, an inconsistent DICOM series:
+    :class:`medsegkit.errors.ImageReadError`, or a missing file) shows an error notification with the
+    reader's one-line message and adds no layer; the other paths are still read. When no path could be
+    read, napari's "nothing to add" sentinel ``[(None,)]`` keeps the viewer as it was.
+    """
+    from medsegkit.errors import ImageReadError
     from medsegkit.io import read_image
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [image_to_layer_data(read_image(p), _layer_name(p)) for p in paths]
+    layers: list[LayerData] = []
+    for p in paths:
+        try:
+            image = read_image(p)
+        except (ImageReadError, FileNotFoundError) as err:
+            from napari.utils.notifications import show_error
+
+            show_error(f"medsegkit: {' '.join(str(err).split())}")
+            continue
+        layers.append(image_to_layer_data(image, _layer_name(p)))
+    return layers or [(None,)]

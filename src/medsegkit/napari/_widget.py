@@ -2,7 +2,7 @@
 
 The widget is a thin client. It never imports torch-side code: the model catalogue comes from a worker
 process (:mod:`medsegkit.napari._catalog`), and each Run spawns a worker process
-(:mod:`medsegkit.inference.worker`) driven from a ``napari.qt.threading`` generator worker that relays
+(:mod:`medsegkit.worker`) driven from a ``napari.qt.threading`` generator worker that relays
 its progress. The layer's array goes to the worker as a ``.npy`` memory map (or a zarr store for
 dask/zarr/multiscale layers), and the result comes back the same way.
 """
@@ -32,8 +32,9 @@ from magicgui.widgets import (
 )
 
 from medsegkit.errors import Cancelled
+from medsegkit.io.geometry import drop_axis
 from medsegkit.napari import _catalog
-from medsegkit.napari._geometry import data_to_world_matrix, drop_axis
+from medsegkit.napari._geometry import data_to_world_matrix
 from medsegkit.napari._worker_client import WorkerJob, read_output, write_input_array
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,7 +108,8 @@ class SegmentWidget(Container):
                                  tooltip="window size: 'auto' (the model's default), 96, or one per axis (z, y, x)")
         self.overlap = FloatSpinBox(label="overlap", value=0.5, min=0.0, max=0.95, step=0.05)
         self.tta = CheckBox(text="mirror test-time augmentation", value=False)
-        self.fast = CheckBox(text="fast path (BN folding, channels-last, bf16)", value=False)
+        self.fast = CheckBox(text="fast path (BN folding, channels-last, bf16)", value=False,
+                             tooltip="not for MaskFormer / Mask2Former: bf16 changes their labels, so it is refused")
         self.device = ComboBox(label="device", choices=self._device_choices, value="cpu")
         self.task = ComboBox(label="task", choices=["semantic", "instance", "panoptic"], value="semantic",
                              enabled=False, tooltip="for universal (MaskFormer / Mask2Former) models")
@@ -116,13 +118,15 @@ class SegmentWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
         self.status = Label(label="status", value="")
+        self.quality = Label(label="quality", value="")  # QC flags of the last labels result
+        self.last_quality: Any = None  # their table (pandas.DataFrame), one row per structure
         self.extend([
             self.image, self.channel_axis, self.model_filter, self.model, self.model_info, self.checkpoint,
             self.bundle, self.pretrained, self.roi_size, self.overlap, self.tta, self.fast, self.device, self.task,
-            self.output, self.run_button, self.cancel_button, self.progress, self.status,
+            self.output, self.run_button, self.cancel_button, self.progress, self.status, self.quality,
         ])
 
-        for label in (self.model_info, self.status):  # long messages wrap instead of widening the dock
+        for label in (self.model_info, self.status, self.quality):  # long messages wrap instead of widening the dock
             label.native.setWordWrap(True)
         self.model_filter.changed.connect(self._refresh_model_choices)
         self.model.changed.connect(self._on_model_changed)
@@ -216,6 +220,10 @@ class SegmentWidget(Container):
         if not has_weights:
             self.pretrained.value = False
         self.task.enabled = bool(info and info.get("task") == "universal")
+        # the fast path is refused for query models (medsegkit.inference.adapters.refuse_fast)
+        self.fast.enabled = not self.task.enabled
+        if self.task.enabled:
+            self.fast.value = False
         if entry is None:
             self.model_info.value = ""
             return
@@ -336,7 +344,7 @@ class SegmentWidget(Container):
         predict: dict[str, Any] = {
             "roi_size": parse_roi_size(self.roi_size.value),
             "overlap": float(self.overlap.value),
-            "fast": bool(self.fast.value),
+            "fast": bool(self.fast.value) and info.get("task") != "universal",
             "device": self.device.value,
         }
         n_spatial = info.get("spatial_dims") or min(ndim, 3)
@@ -426,10 +434,32 @@ class SegmentWidget(Container):
 
                 geometry["colormap"] = label_colormap([tuple(c)[:3] for c in colors])
             self._viewer.add_labels(output, name=name, metadata=meta, **geometry)
+            if info.get("task") in (None, "semantic") and isinstance(output, np.ndarray):
+                self._show_quality(output, geometry, info.get("class_names") or [])
         else:
             self._viewer.add_image(output, name=f"{name} probabilities", metadata=meta, channel_axis=0,
                                    blending="additive", **geometry)
         self.status.value = f"done in {self.last_run_seconds:.1f} s: added {name!r}"
+
+    def _show_quality(self, labels: Any, geometry: dict[str, Any], class_names: list[str]) -> None:
+        """Per-structure QC of a labels result, computed here with numpy / scipy / pandas (no torch): the
+        fragmentation and border flags of :mod:`medsegkit.qc` (one case: no cohort z-score, no mirrored pass)."""
+        from medsegkit.io import Image
+        from medsegkit.measurements import stats
+        from medsegkit.qc import add_quality_flags
+
+        array = np.asarray(labels)
+        if array.ndim not in (2, 3) or array.dtype.kind not in "iub":
+            self.last_quality, self.quality.value = None, ""
+            return
+        scale = [float(s) for s in geometry.get("scale", (1.0,) * array.ndim)][-array.ndim:]
+        affine = np.eye(4)
+        affine[range(array.ndim), range(array.ndim)] = scale  # voxel volume = product of the layer's scale
+        table = add_quality_flags(stats(Image(array, affine), class_names=class_names or None))
+        self.last_quality = table
+        flagged = table[table["flagged"]]
+        self.quality.value = ("no QC flags" if flagged.empty else
+                              "; ".join(f"{row['class']}: {row['flags']}" for _, row in flagged.iterrows()))
 
     def _on_error(self, err: BaseException) -> None:
         if isinstance(err, Cancelled):

@@ -1,9 +1,9 @@
 """Parent side of the model worker: spawn it, hand it files, relay its progress. No torch, no Qt.
 
-The child side and the protocol are described in :mod:`medsegkit.inference.worker`. This module is
+The child side and the protocol are described in :mod:`medsegkit.worker`. This module is
 what napari's process uses; it imports only numpy (and dask/zarr for lazy layers), so importing it
 never pulls torch, MONAI or triton into the viewer's process. The spawned child is started through
-:func:`_child_entry`, which imports :mod:`medsegkit.inference.worker` only inside the child.
+:func:`_child_entry`, which imports :mod:`medsegkit.worker` only inside the child.
 
 One :class:`WorkerProcess` per session (:func:`default_worker`) serves the jobs one after another, so
 torch and MONAI are imported once, not at every Run; a :class:`WorkerJob` is one job's handle
@@ -51,7 +51,7 @@ def _child_entry(requests: Any, messages: Any, cancel: Any) -> None:
     from medsegkit._runtime import prefer_huge_pages
 
     prefer_huge_pages()  # before torch's first allocation in this process
-    from medsegkit.inference.worker import serve
+    from medsegkit.worker import serve
 
     serve(requests, messages, cancel)
 
@@ -140,6 +140,13 @@ class WorkerProcess:
         )
         with _main_module_hidden():
             self._process.start()
+
+    def start(self) -> None:
+        """Start the process now if it is not running (otherwise the first job starts it)."""
+        with self._lock:
+            if self._process is None or not self._process.is_alive():
+                self._discard()
+                self._start()
 
     def _discard(self) -> None:
         """End the process (terminate, then kill) and drop its queues."""
@@ -256,7 +263,7 @@ class WorkerJob:
     before the job reached the process.
 
     Args:
-        job: the job dict (see :mod:`medsegkit.inference.worker`); may be completed (``job.job[...]``)
+        job: the job dict (see :mod:`medsegkit.worker`); may be completed (``job.job[...]``)
             until :meth:`run` starts.
         worker: the process to run in; default :func:`default_worker`.
         cancel_grace_s: after :meth:`cancel`, how long the child may take to reach its next cancel

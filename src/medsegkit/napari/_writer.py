@@ -2,7 +2,7 @@
 
 The layer's data → world transform (``scale``, ``translate``, ``rotate``, ``shear``, ``affine``) is
 turned back into the image's RAS affine with the reader's axis rule (see
-:mod:`medsegkit.napari._geometry`); when the layer remembers its source file's affine
+:mod:`medsegkit.io.geometry`); when the layer remembers its source file's affine
 (``metadata["medsegkit"]["source_affine"]``, set by the reader and copied to segmentation results),
 the voxels are also put back in that file's axis order, so a scan read, segmented and saved gives a
 label file on exactly the scan's voxel grid.
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medsegkit.napari._geometry import from_canonical, image_affine_from_world, reverse_spatial
+from medsegkit.io.geometry import from_canonical, image_affine_from_world, reverse_spatial
 
 __all__ = ["layer_to_image", "write_labels"]
 

@@ -24,8 +24,8 @@ from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
+from medsegkit._specs import WeightsSpec, register_model
 from medsegkit.nets.backbones.resnet import ResNet
-from medsegkit.registry import WeightsSpec, register_model
 
 __all__ = ["FCN", "FCNHead", "fcn_resnet_50", "fcn_resnet_50_3d", "fcn_resnet_101", "fcn_resnet_101_3d"]
 

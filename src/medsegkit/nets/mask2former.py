@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
 
+from medsegkit._specs import register_model
 from medsegkit.nets.layers.deformable_attention import MultiScaleDeformableAttention
-from medsegkit.nets.layers.inference_conv import add_residual, recording_grad
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
+from medsegkit.nets.layers.residual import Residual
 from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
 from medsegkit.nets.maskformer import build_backbone, check_input, conv_norm, predict_masks
-from medsegkit.registry import register_model
 
 __all__ = ["Mask2Former"]
 
@@ -70,6 +70,7 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout=dropout)
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        self.residual = Residual()
 
     def forward(
         self,
@@ -78,10 +79,9 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: torch.Tensor,
         spatial_shapes: Sequence[Sequence[int]],
     ) -> torch.Tensor:
-        in_place = not recording_grad(self)
         attended = self.dropout(self.self_attn(x + pos, reference_points, x, spatial_shapes))
-        x = self.self_attn_norm(add_residual(x, attended, in_place=in_place))
-        return self.ffn_norm(add_residual(x, self.dropout(self.ffn(x)), in_place=in_place))
+        x = self.self_attn_norm(self.residual(x, attended))
+        return self.ffn_norm(self.residual(x, self.dropout(self.ffn(x))))
 
 
 class DeformablePixelDecoder(nn.Module):
@@ -234,6 +234,7 @@ class MaskedAttentionDecoderLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout=dropout)
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        self.residual = Residual()
 
     def forward(
         self,
@@ -243,12 +244,11 @@ class MaskedAttentionDecoderLayer(nn.Module):
         memory_key: torch.Tensor,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        in_place = not recording_grad(self)
         attended = self.dropout(self.cross_attn(x + query_pos, memory_key, memory, attn_mask))
-        x = self.cross_attn_norm(add_residual(x, attended, in_place=in_place))
+        x = self.cross_attn_norm(self.residual(x, attended))
         q = x + query_pos
-        x = self.self_attn_norm(add_residual(x, self.dropout(self.self_attn(q, q, x)), in_place=in_place))
-        return self.ffn_norm(add_residual(x, self.dropout(self.ffn(x)), in_place=in_place))
+        x = self.self_attn_norm(self.residual(x, self.dropout(self.self_attn(q, q, x))))
+        return self.ffn_norm(self.residual(x, self.dropout(self.ffn(x))))
 
 
 class Mask2Former(nn.Module):

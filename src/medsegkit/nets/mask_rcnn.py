@@ -42,8 +42,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
+from medsegkit._specs import WeightsSpec, register_model
 from medsegkit.nets.backbones.resnet import ResNet
-from medsegkit.registry import WeightsSpec, register_model
 
 __all__ = ["MaskRCNN", "ResNetFPN", "mask_rcnn_resnet_50_fpn", "mask_rcnn_resnet_101_fpn"]
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medsegkit.nets.layers.inference_conv import activate_, add_residual, conv, recording_grad
+from medsegkit._specs import register_model
 from medsegkit.nets.layers.position_encoding import sine_position_encoding
+from medsegkit.nets.layers.residual import Residual
 from medsegkit.nets.layers.transformer import MLP, FeedForward, MultiheadAttention
-from medsegkit.registry import register_model
 
 __all__ = ["MaskFormer", "build_backbone"]
 
@@ -102,15 +102,6 @@ def conv_norm(
     return layers
 
 
-def run_conv_norm(unit: nn.Sequential, x: torch.Tensor, *, fast: bool, in_place: bool) -> torch.Tensor:
-    """``unit(x)`` for a :func:`conv_norm` unit: a Winograd conv with ``fast``, an in-place ReLU with
-    ``in_place`` (callers pass ``not recording_grad(...)`` for both)."""
-    if not (fast or in_place):
-        return unit(x)
-    x = unit.norm(conv(unit.conv, x, fast=fast))
-    return activate_(unit.act, x, in_place=in_place) if hasattr(unit, "act") else x
-
-
 def predict_masks(mask_embed: torch.Tensor, pixel_embed: torch.Tensor) -> torch.Tensor:
     """``(N, Q, C)`` · ``(N, C, *spatial)`` → mask logits ``(N, Q, *spatial)`` (one batched matmul)."""
     batch, channels = pixel_embed.shape[:2]
@@ -136,10 +127,6 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
 class FPNPixelDecoder(nn.Module):
     """MaskFormer's pixel decoder: a top-down FPN ending at stride 4, then a 3×3 mask projection.
 
-    ``fast_inference``: Winograd 3×3 convs in eval mode without autograd
-    (:mod:`medsegkit.nets.layers.inference_conv`; the mask projection always runs plain). Without
-    autograd, adds and ReLUs run in place either way (same values).
-
     Shapes:
         features (stride 4, 8, 16, 32; ``in_channels`` each) → ``(N, mask_dim, *spatial / 4)``, or with
         ``project=False`` the FPN output ``(N, feature_dim, *spatial / 4)`` before the projection.
@@ -152,10 +139,8 @@ class FPNPixelDecoder(nn.Module):
         spatial_dims: int = 2,
         feature_dim: int = 256,
         mask_dim: int = 256,
-        fast_inference: bool = False,
     ) -> None:
         super().__init__()
-        self.fast_inference = fast_inference
         self.stem = conv_norm(spatial_dims, in_channels[-1], feature_dim, 3, act=True)
         self.layers = nn.ModuleList()
         for lateral_channels in reversed(in_channels[:-1]):
@@ -164,16 +149,14 @@ class FPNPixelDecoder(nn.Module):
             layer.output = conv_norm(spatial_dims, feature_dim, feature_dim, 3, act=True)
             self.layers.append(layer)
         self.mask_projection = Conv[Conv.CONV, spatial_dims](feature_dim, mask_dim, 3, padding=1)
+        self.residual = Residual()
 
     def forward(self, features: Sequence[torch.Tensor], *, project: bool = True) -> torch.Tensor:
-        in_place = not recording_grad(self)
-        fast = self.fast_inference and in_place
-        x = run_conv_norm(self.stem, features[-1], fast=fast, in_place=in_place)
+        x = self.stem(features[-1])
         for layer, lateral in zip(self.layers, reversed(features[:-1])):
             lateral = layer.lateral(lateral)
             upsampled = F.interpolate(x, size=lateral.shape[2:], mode="nearest")
-            x = add_residual(upsampled, lateral, in_place=in_place)
-            x = run_conv_norm(layer.output, x, fast=fast, in_place=in_place)
+            x = layer.output(self.residual(upsampled, lateral))
         return self.mask_projection(x) if project else x
 
     @staticmethod
@@ -223,16 +206,16 @@ class DetrDecoderLayer(nn.Module):
         self.ffn = FeedForward(hidden_dim, ffn_dim)
         self.ffn_norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
+        self.residual = Residual()
 
     def forward(
         self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_key: torch.Tensor
     ) -> torch.Tensor:
-        in_place = not recording_grad(self)
         q = x + query_pos
-        x = self.self_attn_norm(add_residual(x, self.dropout(self.self_attn(q, q, x)), in_place=in_place))
+        x = self.self_attn_norm(self.residual(x, self.dropout(self.self_attn(q, q, x))))
         attended = self.dropout(self.cross_attn(x + query_pos, memory_key, memory))
-        x = self.cross_attn_norm(add_residual(x, attended, in_place=in_place))
-        return self.ffn_norm(add_residual(x, self.dropout(self.ffn(x)), in_place=in_place))
+        x = self.cross_attn_norm(self.residual(x, attended))
+        return self.ffn_norm(self.residual(x, self.dropout(self.ffn(x))))
 
 
 class MaskFormer(nn.Module):
@@ -252,10 +235,10 @@ class MaskFormer(nn.Module):
         fpn_dim: channels of the FPN.
         mask_dim: channels of the per-pixel and mask embeddings.
         backbone_kwargs: extra arguments of the backbone (e.g. ``{"norm": "instance"}``).
-        fast_inference: in eval mode without autograd, run 2D 3×3 convs of ≥ 256 channels on maps of
-            ≥ 40² with Winograd (backbone and FPN; :mod:`medsegkit.nets.layers.inference_conv`).
-            Outputs move by float rounding (max |Δ| ~5e-5 on masks of magnitude ~8 against
-            transformers at 512²); ``False`` gives the plain path.
+
+    The forward is plain PyTorch; :func:`medsegkit.inference.fast.prepare_model` builds the inference
+    copy (in-place adds and ReLUs, channels-last stem, and with ``winograd=True`` Winograd 3×3
+    convolutions in the backbone and FPN).
 
     In eval mode the mask projection is folded into the mask embeddings
     (:meth:`FPNPixelDecoder.project_masks`) when ``num_queries < mask_dim``.
@@ -284,7 +267,6 @@ class MaskFormer(nn.Module):
         fpn_dim: int = 256,
         mask_dim: int = 256,
         backbone_kwargs: Mapping[str, Any] | None = None,
-        fast_inference: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -300,7 +282,7 @@ class MaskFormer(nn.Module):
             backbone,
             spatial_dims=spatial_dims,
             in_channels=in_channels,
-            backbone_kwargs={"fast_inference": fast_inference, **(backbone_kwargs or {})},
+            backbone_kwargs=backbone_kwargs,
         )
         channels = self.backbone.stage_channels
         self.pixel_decoder = FPNPixelDecoder(
@@ -308,7 +290,6 @@ class MaskFormer(nn.Module):
             spatial_dims=spatial_dims,
             feature_dim=fpn_dim,
             mask_dim=mask_dim,
-            fast_inference=fast_inference,
         )
         self.input_projection = (
             Conv[Conv.CONV, spatial_dims](channels[-1], hidden_dim, 1) if channels[-1] != hidden_dim else None

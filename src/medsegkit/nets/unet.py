@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,9 +37,10 @@ from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
 
+from medsegkit._serialize import jsonable
+from medsegkit._specs import register_model
 from medsegkit.nets.layers.attention import AttentionGate, NoGate, SpatialSelfAttention
 from medsegkit.nets.layers.padding import pad_to_multiple
-from medsegkit.registry import register_model
 
 __all__ = [
     "AttentionUNet",
@@ -143,6 +144,28 @@ def _norm_spec(norm: Any) -> Any:
     return norm
 
 
+def _dropout_spec(dropout: Any) -> Any:
+    """MONAI's dropout forms: a probability in [0, 1], ``None`` (no dropout layer), a name or ``(name, {args})``."""
+    dropout = _spec(dropout)
+    if dropout is None or isinstance(dropout, str):
+        return dropout
+    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool):
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+        return float(dropout)
+    if (
+        isinstance(dropout, tuple)
+        and len(dropout) == 2
+        and isinstance(dropout[0], str)
+        and isinstance(dropout[1], dict)
+    ):
+        return dropout
+    raise ValueError(
+        "dropout must be a probability in [0, 1], None, a MONAI dropout name or (name, {arguments}) "
+        f"such as ('dropout', {{'p': 0.1}}), got {dropout!r}"
+    )
+
+
 def _norm_for(norm: Any, channels: int) -> Any:
     """``"group"`` without ``num_groups`` → the largest divisor of ``channels`` that is ≤ 32 (the seed's rule)."""
     name, kwargs = (norm, {}) if isinstance(norm, str) else (norm if norm is not None else (None, {}))
@@ -150,16 +173,6 @@ def _norm_for(norm: Any, channels: int) -> Any:
         groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
         return ("group", {**(kwargs or {}), "num_groups": groups})
     return norm
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if _is_seq(value):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _transposed_padding(
@@ -183,7 +196,7 @@ def _transposed_padding(
 class _Roles:
     """The act / norm / dropout of one kind of block (encoder, upsampler, decoder)."""
 
-    def __init__(self, act: Any, norm: Any, dropout: float) -> None:
+    def __init__(self, act: Any, norm: Any, dropout: Any) -> None:
         self.act, self.norm, self.dropout = act, norm, dropout
 
 
@@ -299,6 +312,7 @@ class _EncoderDecoder(nn.Module):
         deep_supervision: bool,
         layout: str,
         gates: dict[str, Any] | None = None,
+        merge_kernel_size: Any = None,
     ) -> None:
         # ---- validation (MONAI's messages where MONAI checks the same thing) ----
         if spatial_dims not in (1, 2, 3):
@@ -344,7 +358,7 @@ class _EncoderDecoder(nn.Module):
             raise ValueError(f"skip_merge must be one of {SKIP_MERGES} (or 'concat'), got {skip_merge!r}")
         if not isinstance(num_res_units, int) or num_res_units < 0:
             raise ValueError(f"num_res_units must be an int >= 0, got {num_res_units!r}")
-        if not isinstance(adn_ordering, str) or set(adn_ordering) - set("ADN"):
+        if not isinstance(adn_ordering, str) or set(adn_ordering.upper()) - set("ADN"):
             raise ValueError(f"adn_ordering must be a string of the letters A, D, N, got {adn_ordering!r}")
 
         n = len(channels) - 1  # number of downsamplings
@@ -357,6 +371,16 @@ class _EncoderDecoder(nn.Module):
         dilations = _per_stage_geometry(dilation, n_stages, spatial_dims, "dilation")
         if any(k % 2 == 0 for ks in kernels for k in ks):
             raise ValueError(f"kernel_size values should be odd, got {kernel_size!r}")
+        # the first decoder conv of each level (the one merging the skip); None: the level's kernel_size
+        merge_kernels = (
+            kernels
+            if merge_kernel_size is None
+            else _per_stage_geometry(merge_kernel_size, n_stages, spatial_dims, "merge_kernel_size")
+        )
+        if any(k < 1 or k % 2 == 0 for ks in merge_kernels for k in ks):
+            raise ValueError(
+                f"merge_kernel_size values should be positive odd ints, got {merge_kernel_size!r}"
+            )
         enc_convs = _per_stage(convs_per_stage, n_stages, "convs_per_stage", int)
         dec_convs = (
             enc_convs[:n]
@@ -392,16 +416,17 @@ class _EncoderDecoder(nn.Module):
         self._in_channels: int = in_channels
 
         def unit(
-            role: str, cin: int, cout: int, stage: int, *, stride=1, subunits=None, last=False
+            role: str, cin: int, cout: int, stage: int, *, stride=1, subunits=None, last=False, kernel=None
         ) -> nn.Module:
             r = roles[role]
+            kernel = kernels[stage] if kernel is None else kernel
             if num_res_units > 0:
                 return ResidualUnit(
                     spatial_dims,
                     cin,
                     cout,
                     strides=stride,
-                    kernel_size=kernels[stage],
+                    kernel_size=kernel,
                     subunits=subunits or num_res_units,
                     act=r.act,
                     norm=_norm_for(r.norm, cout),
@@ -416,7 +441,7 @@ class _EncoderDecoder(nn.Module):
                 cin,
                 cout,
                 strides=stride,
-                kernel_size=kernels[stage],
+                kernel_size=kernel,
                 act=r.act,
                 norm=_norm_for(r.norm, cout),
                 dropout=r.dropout,
@@ -566,7 +591,7 @@ class _EncoderDecoder(nn.Module):
                         bias_init=gates["bias_init"],
                     )
                 merged = 2 * skip_c if merge == "cat" else skip_c
-                units = [unit("dec", merged, out_c, level)]
+                units = [unit("dec", merged, out_c, level, kernel=merge_kernels[level])]
                 units += [unit("dec", out_c, out_c, level) for _ in range(dec_convs[level] - 1)]
                 stage = DecoderStage(
                     up, nn.Sequential(*units), attention(level, out_c), gate, False, merge == "add", coarse
@@ -791,9 +816,11 @@ class UNet(_EncoderDecoder):
         act: MONAI activation spec (``"PRELU"``, ``"relu"``, ``("leakyrelu", {"negative_slope": 0.01})``, ...).
         norm: MONAI norm spec (``"INSTANCE"``, ``"batch"``, ``("group", {"num_groups": 8})``, ``"group"``
             (largest divisor of the channels ≤ 32), ``None`` / ``"none"``).
-        dropout: dropout probability.
+        dropout: MONAI dropout spec: a probability in [0, 1], ``None`` (no dropout layer), or
+            ``("dropout" | "alphadropout", {"p": ...})``.
         bias: conv bias.
-        adn_ordering: order of activation (A), dropout (D) and norm (N) after each conv.
+        adn_ordering: order of activation (A), dropout (D) and norm (N) after each conv (any subset, either
+            case, as MONAI's ``ADN``).
         convs_per_stage: conv units per encoder stage (int, or one per stage incl. the bottleneck);
             a unit is one ``Convolution`` or one ``ResidualUnit``. MONAI: 1.
         decoder_convs_per_stage: conv units per decoder level (default: the encoder stage's); in
@@ -831,7 +858,7 @@ class UNet(_EncoderDecoder):
         num_res_units: int = 0,
         act: tuple | str | None = Act.PRELU,
         norm: tuple | str | None = Norm.INSTANCE,
-        dropout: float = 0.0,
+        dropout: float | tuple | str | None = 0.0,
         bias: bool = True,
         adn_ordering: str = "NDA",
         *,
@@ -851,7 +878,7 @@ class UNet(_EncoderDecoder):
     ) -> None:
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.init_args = _jsonable(init_args)
+        self.init_args = jsonable(init_args, strict=False)
         if block is not None:
             if block not in ("basic", "res"):
                 raise ValueError(f"block must be 'basic' or 'res', got {block!r}")
@@ -859,9 +886,7 @@ class UNet(_EncoderDecoder):
                 raise ValueError(f"block='basic' conflicts with num_res_units={num_res_units}")
             if block == "res" and num_res_units == 0:
                 num_res_units = 2
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        role = _Roles(_act_spec(act), _norm_spec(norm), float(dropout))
+        role = _Roles(_act_spec(act), _norm_spec(norm), _dropout_spec(dropout))
         self._build(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -908,7 +933,7 @@ class ResUNet(UNet):
         num_res_units: int = 2,
         act: tuple | str | None = Act.PRELU,
         norm: tuple | str | None = Norm.INSTANCE,
-        dropout: float = 0.0,
+        dropout: float | tuple | str | None = 0.0,
         bias: bool = True,
         adn_ordering: str = "NDA",
         *,
@@ -957,7 +982,7 @@ class ResUNet(UNet):
             deep_supervision=deep_supervision,
             layout=layout,
         )
-        self.init_args = _jsonable(init_args)
+        self.init_args = jsonable(init_args, strict=False)
 
 
 class AttentionUNet(_EncoderDecoder):
@@ -967,7 +992,8 @@ class AttentionUNet(_EncoderDecoder):
     up_kernel_size, dropout)`` builds exactly MONAI's network: ``layout="classic"``, two convs per
     encoder stage (BatchNorm + ReLU), strided-conv down, transposed conv (``up_kernel_size``, BatchNorm +
     ReLU) up, gates with BatchNorm on the upsampled features at every level, one merge conv per decoder
-    level (instance norm + PReLU, MONAI ``Convolution``'s defaults) and a 1×1 head.
+    level (instance norm + PReLU, MONAI ``Convolution``'s defaults) and a 1×1 head. Like MONAI, the merge
+    conv has kernel 3 whatever ``kernel_size`` says; ``merge_kernel_size`` (not a MONAI argument) changes it.
 
     The other keyword knobs are :class:`UNet`'s (``convs_per_stage`` defaults to 2,
     ``decoder_convs_per_stage`` to 1, ``head_kernel_size`` to 1; the layout is always ``"classic"``).
@@ -980,7 +1006,7 @@ class AttentionUNet(_EncoderDecoder):
         strides: one downsampling factor per level (int or one per axis).
         kernel_size: odd conv kernel (int, per axis, or per stage).
         up_kernel_size: transposed-conv kernel.
-        dropout: dropout probability in the conv blocks (MONAI: not in the upsamplers).
+        dropout: dropout in the conv blocks (MONAI: not in the upsamplers); :class:`UNet`'s forms.
         num_res_units: ``> 0`` uses MONAI ``ResidualUnit``s instead of plain convs.
         act: ``None`` keeps MONAI's per-block choice (ReLU in the encoder and the upsamplers, PReLU in the
             decoder convs); a MONAI activation spec applies to every block.
@@ -998,6 +1024,11 @@ class AttentionUNet(_EncoderDecoder):
         skip_merge: ``"cat"`` or ``"add"``.
         stem_channels: add a stem conv to this many channels.
         head_kernel_size: kernel of the head conv to ``out_channels``.
+        merge_kernel_size: kernel of the first conv of each decoder level, the one that merges the skip
+            (odd; int, per axis or per stage like ``kernel_size``). ``None``: MONAI's 3, whatever
+            ``kernel_size`` says (MONAI's ``AttentionUnet`` builds that conv with ``Convolution``'s default
+            kernel); pass ``merge_kernel_size=kernel_size`` for the same kernel as the other convs (then a
+            MONAI checkpoint no longer fits unless ``kernel_size`` is 3).
         deep_supervision: 1×1 auxiliary heads after every decoder level but the last.
         gate_levels: decoder levels that get a gate (0 = finest); ``None``: all (MONAI). The seed gates
             every level but the finest: ``range(1, len(channels) - 1)``.
@@ -1020,7 +1051,7 @@ class AttentionUNet(_EncoderDecoder):
         strides: Sequence[int | Sequence[int]],
         kernel_size: int | Sequence[int] | Sequence[Any] = 3,
         up_kernel_size: int | Sequence[int] | Sequence[Any] = 3,
-        dropout: float = 0.0,
+        dropout: float | tuple | str | None = 0.0,
         *,
         num_res_units: int = 0,
         act: tuple | str | None = None,
@@ -1037,6 +1068,7 @@ class AttentionUNet(_EncoderDecoder):
         skip_merge: str = "cat",
         stem_channels: int | None = None,
         head_kernel_size: int | None = 1,
+        merge_kernel_size: int | Sequence[int] | Sequence[Any] | None = None,
         deep_supervision: bool = False,
         gate_levels: Sequence[int] | None = None,
         gate_signal: str = "upsampled",
@@ -1046,7 +1078,7 @@ class AttentionUNet(_EncoderDecoder):
     ) -> None:
         init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.init_args = _jsonable(init_args)
+        self.init_args = jsonable(init_args, strict=False)
         if gate_signal not in GATE_SIGNALS:
             raise ValueError(f"gate_signal must be one of {GATE_SIGNALS}, got {gate_signal!r}")
         if head_kernel_size is None:
@@ -1056,9 +1088,9 @@ class AttentionUNet(_EncoderDecoder):
         enc_norm = Norm.BATCH if norm is None else _norm_spec(norm)
         dec_norm = Norm.INSTANCE if norm is None else _norm_spec(norm)
         roles = {
-            "enc": _Roles(enc_act, enc_norm, float(dropout)),
+            "enc": _Roles(enc_act, enc_norm, _dropout_spec(dropout)),
             "up": _Roles(enc_act, enc_norm, 0.0),  # MONAI's UpConv gets no dropout
-            "dec": _Roles(dec_act, dec_norm, float(dropout)),
+            "dec": _Roles(dec_act, dec_norm, _dropout_spec(dropout)),
         }
         self._build(
             spatial_dims=spatial_dims,
@@ -1084,6 +1116,7 @@ class AttentionUNet(_EncoderDecoder):
             head_kernel_size=head_kernel_size,
             deep_supervision=deep_supervision,
             layout="classic",
+            merge_kernel_size=3 if merge_kernel_size is None else merge_kernel_size,
             gates={
                 "levels": None if gate_levels is None else [int(g) for g in gate_levels],
                 "signal": gate_signal,

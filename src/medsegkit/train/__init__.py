@@ -26,6 +26,7 @@ _LAZY = {
     "DistributedContext": "medsegkit.train.distributed",
     "setup_distributed": "medsegkit.train.distributed",
     "cleanup_distributed": "medsegkit.train.distributed",
+    "end_worker_process": "medsegkit.train.distributed",
     "is_main_process": "medsegkit.train.distributed",
     "barrier": "medsegkit.train.distributed",
     "wrap_model": "medsegkit.train.distributed",

@@ -13,32 +13,51 @@ group norm, since SyncBatchNorm needs CUDA); only rank 0 writes checkpoints and 
 
 ``python -m medsegkit.train.distributed selfcheck`` (under torchrun) proves the equivalence: N ranks on
 1/N of a global batch reproduce one process on the whole batch.
+
+Ending a worker: after :func:`cleanup_distributed`, a torchrun worker ends through :func:`end_worker_process`,
+not through Python's interpreter shutdown. torch cannot stop gloo's native worker threads
+(``pt_gloo_runloop``, ``gloo_tcp_loop``): ``ProcessGroupGloo`` has no ``shutdown``, its threads are joined only
+when the group object is freed, and ``DistributedDataParallel`` keeps references to the default group, so it
+never is. Those threads outlive ``destroy_process_group()``; when one of them still has to take the GIL (to
+release the last reference to a tensor from the last collective, delayed on a busy machine) after
+``Py_FinalizeEx`` began, CPython ends it with ``pthread_exit``, whose unwinding crosses a ``noexcept`` C++
+frame: ``std::terminate`` -- "terminate called without an active exception", SIGABRT, and torchrun kills
+the other ranks. :func:`end_worker_process` runs the ``atexit`` handlers, flushes logs and standard
+streams, and leaves with ``os._exit`` so no finalisation runs beside those threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
+
+from medsegkit._ranks import shard  # re-exported: the torch-free rank helpers live below inference and train
 
 __all__ = [
     "DistributedContext",
     "barrier",
     "cleanup_distributed",
+    "end_worker_process",
     "is_main_process",
     "setup_distributed",
     "shard",
     "wrap_model",
 ]
 
-T = TypeVar("T")
+# set once setup_distributed() started, or cleanup_distributed() destroyed, this process's group: its native
+# communication threads then run until the process ends (see end_worker_process)
+_group_threads_started = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ def setup_distributed(backend: str | None = None, device: str | None = None) -> 
         backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, gloo otherwise.
         device: force a device (``"cpu"``); default ``cuda:LOCAL_RANK`` when CUDA is available.
     """
+    global _group_threads_started
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,6 +100,7 @@ def setup_distributed(backend: str | None = None, device: str | None = None) -> 
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=chosen, rank=rank, world_size=world_size)
+        _group_threads_started = True
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -87,12 +108,36 @@ def cleanup_distributed(barrier: bool = True) -> None:
     """Destroy the process group (if any). ``barrier``: first wait until every rank gets here, so no rank
     shuts its group down while a peer still has traffic in flight; pass ``False`` on an error path, where
     the other ranks may never arrive (torchrun then stops them)."""
+    global _group_threads_started
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        _group_threads_started = True
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def end_worker_process(exit_code: int = 0) -> None:
+    """End this torchrun worker now if these helpers started or destroyed its process group (whose native
+    threads then live until the process ends); return, doing nothing, otherwise (a plain process, or a group
+    someone else owns and has not handed to :func:`cleanup_distributed`).
+
+    Call it last, after :func:`cleanup_distributed`, where the entry point would return ``exit_code``.
+    It runs the ``atexit`` handlers (temporary files, child processes...), shuts logging down, flushes
+    ``sys.stdout`` / ``sys.stderr`` and calls ``os._exit(exit_code)``: the process ends without interpreter
+    finalisation, the phase in which a gloo thread that needs the GIL is killed by ``pthread_exit`` and
+    aborts the process (see the module docstring).
+    """
+    if not _group_threads_started:
+        return
+    cleanup_distributed(barrier=exit_code == 0)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(exit_code)
 
 
 def is_main_process() -> bool:
@@ -121,19 +166,6 @@ def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[context.device])
     return DistributedDataParallel(model)
-
-
-def shard(items: Sequence[T], rank: int | None = None, world_size: int | None = None) -> list[T]:
-    """Items ``rank, rank + world_size, ...`` of ``items`` (every item on exactly one rank)."""
-    if rank is None or world_size is None:
-        import torch.distributed as dist
-
-        initialised = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if initialised else int(os.environ.get("RANK", "0"))
-        world_size = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    return list(items[rank::world_size])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = selfcheck(args.steps, args.global_batch, args.out)
     if result["rank"] == 0:
         print(json.dumps(result))
+    end_worker_process(0)  # under torchrun: ends here, without interpreter finalisation
     return 0
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit.amp import amp_choice
+from medsegkit.nets.layers.padding import pad_to_multiple
 from medsegkit.train.data import LabelledVolume, PatchSampler
 
 __all__ = [
@@ -69,8 +71,9 @@ class TrainConfig:
         seed: seeds torch and the patch sampler.
         num_threads: ``torch.set_num_threads`` during training (``None``: leave as is).
         device: ``"cpu"``, ``"cuda"``... (under ``torchrun``, ``"cuda"`` means ``cuda:LOCAL_RANK``).
-        amp: mixed precision: float16 autocast + gradient scaling on CUDA, bfloat16 autocast on CPUs
-            with AVX-512 BF16; elsewhere a note is printed and training stays in float32.
+        amp: mixed precision, chosen by :mod:`medsegkit.amp`: bfloat16 autocast where the device has
+            native bf16 (CPU: AVX-512 BF16 / AMX; CUDA: capability ≥ 8), else float16 autocast + gradient
+            scaling on CUDA; elsewhere a note is printed and training stays in float32.
         accumulate: micro-batches of ``batch_size`` patches per optimiser step (gradient accumulation:
             the effective batch is ``accumulate * batch_size`` per process).
     """
@@ -130,18 +133,6 @@ def state_path_for(checkpoint: str | os.PathLike) -> Path:
     return checkpoint.with_name(f"{checkpoint.name.split('.')[0]}.state.safetensors")
 
 
-def _pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pad the spatial axes of ``(N, C, *spatial)`` symmetrically to multiples of ``k``."""
-    pads, crop = [], [slice(None), slice(None)]
-    for size in x.shape[2:]:
-        total = (-size) % k
-        before = total // 2
-        pads.append((before, total - before))
-        crop.append(slice(before, before + size))
-    flat = [p for pair in reversed(pads) for p in pair]
-    return torch.nn.functional.pad(x, flat), tuple(crop)
-
-
 @torch.no_grad()
 def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, *, divisible_by: int = 16) -> np.ndarray:
     """Class indices for a whole normalised volume in one forward pass.
@@ -154,7 +145,7 @@ def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor, *, divisi
     """
     device = next(model.parameters()).device
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None].to(device)
-    x, crop = _pad_to_multiple(x, divisible_by)
+    x, crop = pad_to_multiple(x, divisible_by, method="symmetric")
     was_training = model.training
     model.eval()
     try:
@@ -410,15 +401,8 @@ def _distributed_context(device: str):
 
 def _amp_settings(requested: bool, device: torch.device) -> tuple[torch.dtype | None, str | None]:
     """``(autocast dtype or None, note to print or None)`` for ``--amp`` on ``device``."""
-    if not requested:
-        return None, None
-    if device.type == "cuda":
-        return torch.float16, None
-    if device.type == "cpu":
-        if torch.cpu._is_avx512_bf16_supported():
-            return torch.bfloat16, None
-        return None, "--amp: this CPU has no AVX-512 BF16 support; training in float32"
-    return None, f"--amp: mixed precision is not supported on {device.type}; training in float32"
+    dtype, reason = amp_choice(device, requested)  # the package's one AMP choice (medsegkit.amp)
+    return dtype, (None if reason is None else f"--amp: {reason}; training in float32")
 
 
 def _gather(obj: Any, context) -> list[Any]:

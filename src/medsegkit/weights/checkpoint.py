@@ -6,7 +6,8 @@ A medsegkit checkpoint holds the state dict and a JSON record::
      "model": {"name": "UNet3d", "overrides": {...}}       # or {"target": "pkg.Class", "args": {...}}
      "metadata": {"class_names": [...], "label_colors": [...], "preprocessing": {...}, ...}}
 
-so that :func:`load_model` rebuilds the model from the file alone. ``.safetensors`` files keep the
+so that :func:`medsegkit.load_model` (registry layer: it resolves the recorded name) rebuilds the
+model from the file alone; this module only reads, writes and loads tensors into built modules. ``.safetensors`` files keep the
 record as JSON in the header metadata; other suffixes (``.pt``, ``.pth``, ``.ckpt``) use a plain dict
 ``{"state_dict": ..., "medsegkit": json_string}`` saved by ``torch.save`` and read with
 ``weights_only=True`` (no code is ever unpickled).
@@ -30,8 +31,9 @@ from medsegkit.files import atomic_write
 
 __all__ = [
     "checkpoint_record",
+    "fetch_checkpoint",
     "load_checkpoint",
-    "load_model",
+    "load_state",
     "read_checkpoint",
     "save_checkpoint",
 ]
@@ -190,7 +192,8 @@ def _split_loaded(obj: Any, path: Path):
     )
 
 
-def _fetch(path_or_url: str | os.PathLike) -> Path:
+def fetch_checkpoint(path_or_url: str | os.PathLike) -> Path:
+    """A local path for ``path_or_url``: URLs are downloaded once into the cache (:mod:`.hub`)."""
     text = str(path_or_url)
     if "://" in text:
         from medsegkit.weights.hub import download
@@ -215,7 +218,7 @@ def load_checkpoint(
         CheckpointError: the file was written for another architecture (the message names the record's
             model and the first mismatching keys), or it is unsafe/corrupt.
     """
-    state, record = read_checkpoint(_fetch(path_or_url), map_location=map_location)
+    state, record = read_checkpoint(fetch_checkpoint(path_or_url), map_location=map_location)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
@@ -231,34 +234,14 @@ def load_checkpoint(
     return model
 
 
-def load_model(path_or_url: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from a medsegkit checkpoint alone (name + arguments recorded inside).
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
+    """Strictly load ``state`` into the freshly built ``model`` (in place); ``source`` names the file in errors.
 
-    The model comes back in eval mode with ``model.medsegkit_metadata`` holding the checkpoint's
-    metadata (class names, preprocessing, metrics).
+    Raises:
+        CheckpointError: the weights do not fit the model (missing / unexpected keys, shapes).
     """
-    path = _fetch(path_or_url)
-    state, record = read_checkpoint(path, map_location=map_location)
-    model_record = record.get("model") or {}
-    if "name" in model_record:
-        from medsegkit.registry import create_model
-
-        model = create_model(model_record["name"], **model_record.get("overrides", {}))
-    elif "target" in model_record:
-        from medsegkit.registry import _resolve_dotted
-
-        target = model_record["target"]
-        if not target.startswith("medsegkit."):
-            raise CheckpointError(f"checkpoint {path} names class {target!r}; only medsegkit classes are rebuilt")
-        model = _resolve_dotted(target)(**model_record.get("args", {}))
-    else:
-        raise CheckpointError(
-            f"checkpoint {path} does not record which model it belongs to (not written by "
-            f"medsegkit.save_checkpoint); build the model yourself and call load_checkpoint(model, path)"
-        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit the recorded model: {err}") from err
-    model.medsegkit_metadata = record.get("metadata", {})
-    return model.eval()
+        raise CheckpointError(f"{source}: weights do not fit the recorded model: {err}") from err
+    return model

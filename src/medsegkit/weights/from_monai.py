@@ -3,7 +3,8 @@
 The key map is explicit and lives with the networks (:meth:`medsegkit.nets.unet.UNet.monai_key_map`,
 a list of ``(monai_prefix, our_prefix)`` pairs such as ``("model.1.submodule.0.", "encoder.stages.1.units.0.")``);
 our models apply it in a load pre-hook, so ``ours.load_state_dict(monai_model.state_dict())`` works
-directly. Parity: outputs equal MONAI's within 1e-5 (fp32, eval mode); see ``tests/weights/test_from_monai.py``.
+directly. Parity over MONAI's whole knob space (counts, strict loading, outputs within 1e-5, the
+``to_monai`` round trip) is property-tested in ``tests/nets/test_unet_monai_properties.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["config_from_monai", "convert", "to_monai"]
+__all__ = ["config_from_monai", "convert", "target_arguments", "to_monai"]
 
 
 def _monai_classes():
@@ -51,7 +52,7 @@ def config_from_monai(model: nn.Module) -> tuple[str, dict[str, Any]]:
         "up_kernel_size": model.up_kernel_size,
     }
     if isinstance(model, monai_attention_unet):
-        return "AttentionUNet", {**common, "dropout": float(model.dropout)}
+        return "AttentionUNet", {**common, "dropout": model.dropout}
     return "UNet", {
         **common,
         "num_res_units": int(model.num_res_units),
@@ -63,20 +64,27 @@ def config_from_monai(model: nn.Module) -> tuple[str, dict[str, Any]]:
     }
 
 
-def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: str | nn.Module | None = None) -> nn.Module:
+def target_arguments(model: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of the medsegkit network equal to a MONAI ``model`` (those of
+    :func:`config_from_monai`): what :func:`medsegkit.convert` builds a registry-name target with."""
+    return config_from_monai(model)[1]
+
+
+def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: nn.Module | None = None) -> nn.Module:
     """Turn a MONAI ``UNet`` / ``AttentionUnet`` (or its state dict) into the equal medsegkit network.
 
     Args:
         obj: a MONAI model (its configuration is read from it), or a bare MONAI state dict.
-        target: a registry name (``"UNet3d"``; pass the configuration through a built model if it is not
-            the registry default) or a built medsegkit model to load into. Required for a state dict;
-            with a MONAI model, an optional model to fill instead of building one.
+        target: a built medsegkit model to load into. Required for a state dict; with a MONAI model, an
+            optional model to fill instead of building one. (A registry name is resolved by
+            :func:`medsegkit.convert`, which builds it and calls this function.)
 
     Returns:
-        The medsegkit model holding ``obj``'s weights, in ``obj``'s train/eval mode (eval for a state dict).
+        The medsegkit model holding ``obj``'s weights, in ``obj``'s train/eval mode (eval for a state dict);
+        a model built here lives on ``obj``'s device in its dtype.
 
     Raises:
-        TypeError: ``obj`` is neither a supported MONAI model nor a state dict.
+        TypeError: ``obj`` is neither a supported MONAI model nor a state dict, or ``target`` is not a model.
         ValueError: a state dict without ``target``.
         RuntimeError: the weights do not fit ``target`` (PyTorch's message lists the mismatching keys).
     """
@@ -87,6 +95,7 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: str | nn.Module
         if target is None:
             cls_name, kwargs = config_from_monai(obj)
             model = getattr(unet, cls_name)(**kwargs)
+            _follow(model, obj)
         else:
             model = _target_model(target)
         model.load_state_dict(state)
@@ -94,24 +103,34 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: str | nn.Module
     if not isinstance(obj, Mapping):
         raise TypeError(f"obj must be a MONAI model or a state dict, got {type(obj).__name__}")
     if target is None:
-        raise ValueError("a bare MONAI state dict needs target= (a registry name or a built medsegkit model)")
+        raise ValueError(
+            "a bare MONAI state dict needs target= (a built medsegkit model, or a registry name via medsegkit.convert)"
+        )
     model = _target_model(target)
     model.load_state_dict(dict(obj))
     return model.eval()
 
 
-def _target_model(target: str | nn.Module) -> nn.Module:
+def _follow(model: nn.Module, source: nn.Module) -> None:
+    """Move ``model`` to ``source``'s device and floating-point dtype (those of its first float parameter)."""
+    reference = next((p for p in source.parameters() if p.is_floating_point()), None)
+    if reference is not None:
+        model.to(device=reference.device, dtype=reference.dtype)
+
+
+def _target_model(target: nn.Module) -> nn.Module:
     if isinstance(target, nn.Module):
         return target
-    if isinstance(target, str):
-        from medsegkit.registry import create_model
-
-        return create_model(target)
-    raise TypeError(f"target must be a registry name or a medsegkit model, got {type(target).__name__}")
+    raise TypeError(
+        f"target must be a built medsegkit model, got {type(target).__name__} (a registry name is resolved by "
+        "medsegkit.convert)"
+    )
 
 
 def to_monai(model: nn.Module) -> nn.Module:
     """The MONAI ``UNet`` / ``AttentionUnet`` equal to a medsegkit model built with MONAI's layout.
+
+    The MONAI model gets ``model``'s weights (MONAI's key names), device, dtype and train/eval mode.
 
     Raises:
         ValueError: the model uses knobs MONAI has no counterpart for (pooling, stem, deep supervision,
@@ -136,6 +155,11 @@ def to_monai(model: nn.Module) -> nn.Module:
         "up_kernel_size",
     )
     kwargs: dict[str, Any] = {name: _tuples(args[name]) for name in positional}
+    for name in ("kernel_size", "up_kernel_size"):
+        if isinstance(kwargs[name], tuple) and any(isinstance(k, tuple) for k in kwargs[name]):
+            raise ValueError(
+                f"MONAI takes one {name} for every stage; this model has one per stage: {args[name]!r}"
+            )
     if isinstance(model, AttentionUNet):
         defaults_ok = (
             args["act"] is None
@@ -146,12 +170,14 @@ def to_monai(model: nn.Module) -> nn.Module:
             and args["inter_channels"] is None
             and args["dilation"] == 1
             and args["num_res_units"] == 0
+            and _all_three(args.get("merge_kernel_size"))
         )
         if not defaults_ok:
             raise ValueError(
-                "MONAI's AttentionUnet hard-codes act, norm, bias, gates and dilation; this model changes them"
+                "MONAI's AttentionUnet hard-codes act, norm, bias, gates, dilation and the merge convs' kernel 3; "
+                "this model changes them"
             )
-        monai_model = monai_attention_unet(**kwargs, dropout=args["dropout"])
+        monai_model = monai_attention_unet(**kwargs, dropout=_tuples(args["dropout"]))
     else:
         if args.get("dilation", 1) != 1:
             raise ValueError("MONAI's UNet has no dilation argument; this model uses dilation != 1")
@@ -164,6 +190,7 @@ def to_monai(model: nn.Module) -> nn.Module:
             bias=args["bias"],
             adn_ordering=args["adn_ordering"],
         )
+    _follow(monai_model, model)
     inverse = [(ours, theirs) for theirs, ours in pairs]
     state = {}
     for key, value in model.state_dict().items():
@@ -173,6 +200,15 @@ def to_monai(model: nn.Module) -> nn.Module:
         state[renamed] = value
     monai_model.load_state_dict(state)
     return monai_model.train(model.training)
+
+
+def _all_three(merge_kernel_size: Any) -> bool:
+    """``merge_kernel_size`` builds MONAI's merge convs (kernel 3 on every axis of every level)."""
+    if merge_kernel_size is None:
+        return True
+    if isinstance(merge_kernel_size, (list, tuple)):
+        return all(_all_three(k) for k in merge_kernel_size)
+    return merge_kernel_size == 3
 
 
 def _tuples(value: Any) -> Any:

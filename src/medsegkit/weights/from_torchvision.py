@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["convert", "fcn_key", "mask_rcnn_key", "resnet_key"]
+__all__ = ["convert", "fcn_key", "mask_rcnn_key", "resnet_key", "target_arguments"]
 
 _LAYER_KEY = re.compile(r"^layer([1-4])\.(\d+)\.(conv[1-3]|bn[1-3]|downsample\.[01])\.(.+)$")
 _HEAD_INDEX = {"0": "conv", "1": "norm", "4": "out"}
@@ -173,17 +173,20 @@ def _config_of(obj: nn.Module) -> tuple[str, dict[str, Any]]:
     )
 
 
-def _build(kind: str, config: dict[str, Any], target: str | nn.Module | None) -> nn.Module:
-    if isinstance(target, nn.Module):
-        return target
-    if isinstance(target, str):
-        from medsegkit.registry import accepted_arguments, create_model, get_model_spec
+def target_arguments(obj: nn.Module) -> dict[str, Any]:
+    """Constructor arguments read from a torchvision model: what :func:`medsegkit.convert` builds a
+    registry-name target with (keeping those its builder accepts).
 
-        spec = get_model_spec(target)
-        if kind == "resnet":  # a classification backbone into a detector/FCN: keep the target's own config
-            return create_model(spec.name)
-        accepted = set(accepted_arguments(spec.name))
-        return create_model(spec.name, **{k: v for k, v in config.items() if k in accepted})
+    Empty for a classification ``ResNet``: it fills the backbone of a target built with the name's own
+    defaults (its ``depth`` / ``num_fc_classes`` describe the backbone, not the target).
+    """
+    kind, config = _config_of(obj)
+    return {} if kind == "resnet" else config
+
+
+def _build(kind: str, config: dict[str, Any], target: nn.Module | None) -> nn.Module:
+    if target is not None:
+        return target
     if kind == "resnet":
         from medsegkit.nets.backbones.resnet import ResNet
 
@@ -233,16 +236,16 @@ def _load_resnet_into(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     _load(body, mapped)
 
 
-def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: str | nn.Module | None = None) -> nn.Module:
+def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: nn.Module | None = None) -> nn.Module:
     """Convert a torchvision model (or a bare torchvision state dict) into the medsegkit equivalent.
 
     Args:
         obj: torchvision ``ResNet``, ``FCN`` (``fcn_resnet50/101``) or ``MaskRCNN``
             (``maskrcnn_resnet50_fpn``), or a state dict of one of them.
-        target: a registry name or a built medsegkit ``ResNet`` / ``FCN`` / ``MaskRCNN``. Without it, the
-            model is built from ``obj``'s configuration. A registry name is built with the architecture
-            read from ``obj`` (for a classification ResNet, with the name's own defaults: the ResNet fills
-            its backbone). Required with a state dict.
+        target: a built medsegkit ``ResNet`` / ``FCN`` / ``MaskRCNN`` (a classification ResNet fills the
+            backbone of an FCN / Mask R-CNN). Without it, the model is built from ``obj``'s
+            configuration. Required with a state dict. (A registry name is resolved by
+            :func:`medsegkit.convert`: built with :func:`target_arguments`, then filled here.)
 
     Returns:
         The target model with torchvision's weights (FCN without ``aux_head``: the aux weights are
@@ -252,22 +255,25 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: str | nn.Module
     from medsegkit.nets.fcn import FCN
     from medsegkit.nets.mask_rcnn import MaskRCNN
 
+    if target is not None and not isinstance(target, nn.Module):
+        raise TypeError(
+            f"target must be a built medsegkit ResNet, FCN or MaskRCNN, got {type(target).__name__} (a registry "
+            "name is resolved by medsegkit.convert)"
+        )
     if isinstance(obj, nn.Module):
         kind, config = _config_of(obj)
         state = obj.state_dict()
         model = _build(kind, config, target)
     elif isinstance(obj, Mapping):
         if target is None:
-            raise ValueError("a bare state dict needs target= (a registry name or a built medsegkit model)")
+            raise ValueError(
+                "a bare state dict needs target= (a built medsegkit model, or a registry name via medsegkit.convert)"
+            )
         state = dict(obj)
         if "model" in state and isinstance(
             state["model"], Mapping
         ):  # torchvision reference-script checkpoints
             state = dict(state["model"])
-        if isinstance(target, str):
-            from medsegkit.registry import create_model
-
-            target = create_model(target)
         model = target
         kind = "resnet" if _is_resnet_state(state) else None
     else:

@@ -6,8 +6,8 @@ Supported sources:
 - ``Mask2FormerForUniversalSegmentation`` with a ResNet or Swin backbone,
 
 as model objects (the architecture is read from ``model.config``) or as bare state dicts (then
-``target``, a registry name or a built :class:`~medsegkit.nets.MaskFormer` /
-:class:`~medsegkit.nets.Mask2Former`, says which architecture they fill). Keys are mapped by an
+``target``, a built :class:`~medsegkit.nets.MaskFormer` / :class:`~medsegkit.nets.Mask2Former`, or a
+registry name through :func:`medsegkit.convert`, says which architecture they fill). Keys are mapped by an
 explicit table (regular expressions on *our* keys, below); Swin's separate query/key/value projections
 are concatenated into our fused ``qkv``, and ``nn.MultiheadAttention``'s ``in_proj`` is split into our
 ``q/k/v_proj``. Dropped on purpose: Swin's final LayerNorm (``swin.layernorm``, unused by the backbone),
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["config_to_kwargs", "convert", "key_map"]
+__all__ = ["config_to_kwargs", "convert", "key_map", "target_arguments"]
 
 _HF = "model.pixel_level_module.encoder."
 _PIX = "model.pixel_level_module.decoder."
@@ -423,14 +423,37 @@ def config_to_kwargs(config: Any) -> tuple[str, dict[str, Any]]:
 _SUPPORTED_CLASSES = ("MaskFormerForInstanceSegmentation", "Mask2FormerForUniversalSegmentation")
 
 
-def convert(obj: Any, target: str | nn.Module | None = None) -> nn.Module:
+def _source(obj: Any) -> tuple[Mapping[str, torch.Tensor], Any, bool | None]:
+    """``(state dict, config or None, training flag or None)`` of a supported model or a bare state dict."""
+    if isinstance(obj, Mapping):
+        return dict(obj), None, None
+    if isinstance(obj, nn.Module) and hasattr(obj, "config"):
+        if type(obj).__name__ not in _SUPPORTED_CLASSES:
+            raise ValueError(
+                f"unsupported transformers class {type(obj).__name__}; accepted: {', '.join(_SUPPORTED_CLASSES)}"
+            )
+        return obj.state_dict(), obj.config, obj.training
+    raise TypeError(
+        f"expected a transformers MaskFormer/Mask2Former model or a state dict, got {type(obj).__name__}"
+    )
+
+
+def target_arguments(obj: nn.Module) -> dict[str, Any]:
+    """Constructor arguments read from a transformers model's ``config`` (:func:`config_to_kwargs`): what
+    :func:`medsegkit.convert` builds a registry-name target with (keeping those its builder accepts)."""
+    _, config, _ = _source(obj)
+    return config_to_kwargs(config)[1] if config is not None else {}
+
+
+def convert(obj: Any, target: nn.Module | None = None) -> nn.Module:
     """transformers MaskFormer / Mask2Former (model or state dict) → medsegkit model.
 
     Args:
         obj: a ``MaskFormerForInstanceSegmentation`` or ``Mask2FormerForUniversalSegmentation``, or
             a bare state dict of one.
-        target: registry name or built medsegkit model to fill; optional with a model (then built from
-            its config), required with a state dict.
+        target: built medsegkit model to fill; optional with a model (then built from its config),
+            required with a state dict. (A registry name is resolved by :func:`medsegkit.convert`:
+            built with :func:`target_arguments`, then filled here.)
 
     Returns:
         The medsegkit model holding the converted weights (train/eval mode copied from a source model).
@@ -438,33 +461,22 @@ def convert(obj: Any, target: str | nn.Module | None = None) -> nn.Module:
     from medsegkit.nets.mask2former import Mask2Former
     from medsegkit.nets.maskformer import MaskFormer
 
-    if isinstance(obj, Mapping):
-        state, config, training = dict(obj), None, None
-    elif isinstance(obj, nn.Module) and hasattr(obj, "config"):
-        if type(obj).__name__ not in _SUPPORTED_CLASSES:
-            raise ValueError(
-                f"unsupported transformers class {type(obj).__name__}; accepted: {', '.join(_SUPPORTED_CLASSES)}"
-            )
-        state, config, training = obj.state_dict(), obj.config, obj.training
-    else:
-        raise TypeError(
-            f"expected a transformers MaskFormer/Mask2Former model or a state dict, got {type(obj).__name__}"
-        )
-
+    state, config, training = _source(obj)
     if target is None:
         if config is None:
-            raise ValueError("a bare state dict needs target= (a registry name or a built medsegkit model)")
+            raise ValueError(
+                "a bare state dict needs target= (a built medsegkit model, or a registry name via medsegkit.convert)"
+            )
         name, kwargs = config_to_kwargs(config)
         model = (Mask2Former if name == "Mask2Former" else MaskFormer)(**kwargs)
         model.init_args = kwargs
-    elif isinstance(target, str):
-        from medsegkit.registry import create_model
-
-        model = create_model(target)
     elif isinstance(target, nn.Module):
         model = target
     else:
-        raise TypeError(f"target must be a registry name or a medsegkit model, got {type(target).__name__}")
+        raise TypeError(
+            f"target must be a built medsegkit model, got {type(target).__name__} (a registry name is resolved by "
+            "medsegkit.convert)"
+        )
 
     converted = convert_state_dict(state, model)
     model.load_state_dict(converted, strict=True)

@@ -29,7 +29,7 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from torch import nn
 
-from medsegkit.nets.layers.inference_conv import activate_, add_residual, conv, recording_grad
+from medsegkit.nets.layers.residual import Residual
 
 __all__ = ["BasicBlock", "Bottleneck", "RESNET_LAYOUTS", "ResNet"]
 
@@ -60,18 +60,6 @@ def _conv(
     )
 
 
-def _shortcut(downsample: nn.Module | None, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """The residual branch: ``x``, or ``downsample`` = (conv, norm) applied to it."""
-    if downsample is None:
-        return x
-    return downsample[1](conv(downsample[0], x, fast=fast))
-
-
-def _residual(act: nn.Module, out: torch.Tensor, identity: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``act(out + identity)``; in place (same values, no new tensors) when no gradient is recorded."""
-    return activate_(act, add_residual(identity, out, in_place=in_place), in_place=in_place)
-
-
 class BasicBlock(nn.Module):
     """Two 3×3 convs with a residual connection (ResNet-18/34).
 
@@ -92,7 +80,6 @@ class BasicBlock(nn.Module):
         norm: str | tuple = "batch",
         act: str | tuple = "relu",
         downsample: nn.Module | None = None,
-        fast_inference: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = _conv(spatial_dims, in_channels, channels, 3, stride, first_dilation or dilation)
@@ -101,15 +88,13 @@ class BasicBlock(nn.Module):
         self.norm2 = get_norm_layer(norm, spatial_dims, channels)
         self.act = get_act_layer(act)
         self.downsample = downsample
-        self.fast_inference = fast_inference
+        self.residual = Residual()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_place = not recording_grad(self)
-        fast = self.fast_inference and in_place
-        identity = _shortcut(self.downsample, x, fast)
-        out = activate_(self.act, self.norm1(conv(self.conv1, x, fast=fast)), in_place=in_place)
-        out = self.norm2(conv(self.conv2, out, fast=fast))
-        return _residual(self.act, out, identity, in_place)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(self.residual(identity, out))
 
 
 class Bottleneck(nn.Module):
@@ -132,7 +117,6 @@ class Bottleneck(nn.Module):
         norm: str | tuple = "batch",
         act: str | tuple = "relu",
         downsample: nn.Module | None = None,
-        fast_inference: bool = False,
     ) -> None:
         super().__init__()
         out_channels = channels * self.expansion
@@ -144,16 +128,14 @@ class Bottleneck(nn.Module):
         self.norm3 = get_norm_layer(norm, spatial_dims, out_channels)
         self.act = get_act_layer(act)
         self.downsample = downsample
-        self.fast_inference = fast_inference
+        self.residual = Residual()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_place = not recording_grad(self)
-        fast = self.fast_inference and in_place
-        identity = _shortcut(self.downsample, x, fast)
-        out = activate_(self.act, self.norm1(self.conv1(x)), in_place=in_place)
-        out = activate_(self.act, self.norm2(conv(self.conv2, out, fast=fast)), in_place=in_place)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.act(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
-        return _residual(self.act, out, identity, in_place)
+        return self.act(self.residual(identity, out))
 
 
 class ResNet(nn.Module):
@@ -171,13 +153,10 @@ class ResNet(nn.Module):
             ``forward`` never uses it; it exists so that counts and state dicts match torchvision's
             classification ResNet (``1000`` for ImageNet).
         out_stages: which stages (1..4) ``forward`` returns, in increasing order.
-        fast_inference: in eval mode without autograd, run 2D 3×3 convs of ≥ 256 channels on large
-            maps with Winograd (:mod:`medsegkit.nets.layers.inference_conv`). Equal to the plain path
-            within float rounding (~1e-5 of the scale), not bit for bit, so it is off by default
-            (torchvision parity is exact); MaskFormer turns it on. A settable attribute.
 
-    Without autograd (eval mode, ``torch.no_grad`` / ``inference_mode``) residual adds and ReLUs run in
-    place and the stem runs channels-last on the CPU: the same values, fewer passes over memory.
+    The forward is plain PyTorch. For inference, :func:`medsegkit.inference.fast.prepare_model` makes a
+    copy whose residual adds and ReLUs run in place and whose stem runs channels-last on the CPU (the
+    same values, fewer passes over memory), and optionally Winograd 3×3 convolutions.
 
     Attributes:
         stage_channels: channels of the returned feature maps, in ``out_stages`` order
@@ -200,7 +179,6 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: Sequence[bool] = (False, False, False),
         num_fc_classes: int | None = None,
         out_stages: Sequence[int] = (1, 2, 3, 4),
-        fast_inference: bool = False,
     ) -> None:
         super().__init__()
         if depth not in RESNET_LAYOUTS:
@@ -279,20 +257,7 @@ class ResNet(nn.Module):
         self.stage_strides = tuple(all_strides[s - 1] for s in out_stages)
         self.num_features = all_channels[-1]
         self.fc = nn.Linear(all_channels[-1], num_fc_classes) if num_fc_classes else None
-        self.fast_inference = fast_inference
         self._init_weights()
-
-    @property
-    def fast_inference(self) -> bool:
-        """Winograd convolutions in eval mode without autograd (see the class docstring)."""
-        return self._fast_inference
-
-    @fast_inference.setter
-    def fast_inference(self, enabled: bool) -> None:
-        self._fast_inference = bool(enabled)
-        for module in self.modules():
-            if isinstance(module, (BasicBlock, Bottleneck)):
-                module.fast_inference = bool(enabled)
 
     def _init_weights(self) -> None:
         # torchvision's initialisation, so that random-init training behaves the same
@@ -313,15 +278,7 @@ class ResNet(nn.Module):
                 f"ResNet(spatial_dims={self.spatial_dims}) expects a (N, C, *spatial) tensor with "
                 f"{self.spatial_dims + 2} dims, got shape {tuple(x.shape)}"
             )
-        if not recording_grad(self) and x.device.type == "cpu":
-            # the same values, faster: the stem runs channels-last, where the CPU max pool is ~15x
-            # faster (17 ms -> 1 ms at 64 x 256²), and its ReLU runs in place
-            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            stem = self.stem
-            x = stem.norm(stem.conv(x.contiguous(memory_format=layout)))
-            x = stem.pool(activate_(stem.act, x, in_place=True)).contiguous()
-        else:
-            x = self.stem(x)
+        x = self.stem(x)
         features = []
         for number, stage in enumerate(self.stages[: self.out_stages[-1]], start=1):
             x = stage(x)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsegkit.nets.layers.inference_conv import add_residual, recording_grad
+from medsegkit.nets.layers.residual import Residual
 
 __all__ = ["SWIN_CONFIGS", "SwinTransformer"]
 
@@ -124,8 +124,9 @@ class WindowAttention(nn.Module):
         for one image of ``grid`` (padded) tokens. Cached while no gradient is recorded, until the bias
         table changes or another grid / dtype comes."""
         table = self.relative_position_bias_table
-        cache = not torch.is_grad_enabled()
-        key = (grid, shift, dtype, table.device, table._version, table.data_ptr())
+        # (an inference tensor has no version counter to tell a changed table: no cache for it)
+        cache = not torch.is_grad_enabled() and not table.is_inference()
+        key = (grid, shift, dtype, table.device, table._version, table.data_ptr()) if cache else None
         cached = self.__dict__.get("_attention_bias")
         if cache and cached is not None and cached[0] == key:
             return cached[1]
@@ -176,12 +177,16 @@ class SwinBlock(nn.Module):
         self.mlp.add_module("act", nn.GELU())
         self.mlp.add_module("fc2", nn.Linear(int(dim * mlp_ratio), dim))
         self.drop_path = DropPath(drop_path)
+        self.residual = Residual()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.residual(x, self.drop_path(self.attend(self.norm1(x))))
+        return self.residual(x, self.drop_path(self.mlp(self.norm2(x))))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """(Shifted) window attention over the normed tokens: ``(N, H, W, C)`` in and out."""
         batch, height, width, channels = x.shape
         window, shift = self.window_size, self.shift_size
-        shortcut = x
-        x = self.norm1(x)
         pad_h, pad_w = (-height) % window, (-width) % window
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -195,9 +200,7 @@ class SwinBlock(nn.Module):
         x = windows.view(batch, -1, channels).index_select(1, inverse).view(batch, padded_h, padded_w, channels)
         if pad_h or pad_w:
             x = x[:, :height, :width]
-        in_place = not recording_grad(self)  # same sums, no new tensors (drop path is then the identity)
-        x = add_residual(shortcut, self.drop_path(x), in_place=in_place)
-        return add_residual(x, self.drop_path(self.mlp(self.norm2(x))), in_place=in_place)
+        return x
 
 
 class PatchMerging(nn.Module):

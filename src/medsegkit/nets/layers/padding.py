@@ -16,14 +16,17 @@ def pad_to_multiple(
     *,
     mode: str = "constant",
     value: float = 0.0,
+    method: str = "end",
 ) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad the spatial axes of ``x`` at their end up to the next multiple of ``multiple``.
+    """Pad the spatial axes of ``x`` up to the next multiple of ``multiple`` (the package's one pad-to-multiple).
 
     Args:
         x: ``(N, C, *spatial)`` (e.g. ``(N, C, D, H, W)``).
         multiple: one int for every axis, or one per spatial axis (``model.size_multiple`` of a U-Net).
         mode: ``torch.nn.functional.pad`` mode (``"constant"``, ``"reflect"``, ``"replicate"``).
         value: fill value for ``mode="constant"``.
+        method: ``"end"`` pads after the data; ``"symmetric"`` splits the padding, the smaller half
+            before (MONAI's ``DivisiblePad`` methods).
 
     Returns:
         ``(padded, crop)``: the padded tensor, and the index that undoes the padding on any tensor with
@@ -45,13 +48,16 @@ def pad_to_multiple(
         raise ValueError(f"multiple has {len(multiples)} values but x has {len(spatial)} spatial axes")
     if any(m < 1 for m in multiples):
         raise ValueError(f"multiple must be positive, got {multiples}")
+    if method not in ("end", "symmetric"):
+        raise ValueError(f"method must be 'end' or 'symmetric', got {method!r}")
     extra = [(-size) % m for size, m in zip(spatial, multiples)]
-    crop = (slice(None), slice(None), *(slice(0, size) for size in spatial))
+    before = [amount // 2 if method == "symmetric" else 0 for amount in extra]
+    crop = (slice(None), slice(None), *(slice(b, b + size) for b, size in zip(before, spatial)))
     if not any(extra):
         return x, crop
     # F.pad lists the last axis first: (last_before, last_after, ..., first_before, first_after)
     pad: list[int] = []
-    for amount in reversed(extra):
-        pad += [0, amount]
+    for amount, start in zip(reversed(extra), reversed(before)):
+        pad += [start, amount - start]
     padded = F.pad(x, pad, mode=mode, value=value) if mode == "constant" else F.pad(x, pad, mode=mode)
     return padded, crop

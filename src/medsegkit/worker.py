@@ -11,7 +11,11 @@ The conversation has two sides:
 - parent side (napari's process, no torch): :mod:`medsegkit.napari._worker_client` (``WorkerJob``,
   ``write_input_array``, ``read_output``, ``describe_models``);
 - child side (this module): :func:`serve`, the loop the spawned process runs (imports torch, MONAI,
-  the registry and :mod:`medsegkit.inference`), one job after another.
+  the registry, :mod:`medsegkit.inference` and :mod:`medsegkit.bundle`), one job after another.
+
+Place in the architecture: an application on top of the core, beside :mod:`medsegkit.cli` (it drives
+both inference and bundles, so it lives above both, not inside :mod:`medsegkit.inference`); it uses the
+core's layer geometry (:mod:`medsegkit.io.geometry`) and never imports the napari package.
 
 Protocol. A job is a JSON-able ``dict``. Arrays travel as files in the job's folder, never pickled:
 an in-memory array as a ``.npy`` file (written and read through ``numpy.lib.format.open_memmap``), a
@@ -55,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +212,12 @@ def _build_model(spec: Mapping[str, Any]):
     checkpoint = spec.get("checkpoint")
     name = spec.get("name")
     if checkpoint:
-        from medsegkit.weights import load_checkpoint, load_model, read_checkpoint
+        from medsegkit.registry import create_model, load_model
+        from medsegkit.weights import load_checkpoint, read_checkpoint
 
         _, record = read_checkpoint(checkpoint, map_location="cpu")
         if "name" in (record.get("model") or {}) or "target" in (record.get("model") or {}) or not name:
             return load_model(checkpoint)
-        from medsegkit.registry import create_model
-
         return load_checkpoint(create_model(name), checkpoint).eval()
     if not name:
         raise ValueError("the job names no model: give a registry name or a checkpoint path")
@@ -237,6 +241,57 @@ def _open_input(spec: Mapping[str, Any]) -> Any:
     raise ValueError(f"unknown input format {spec['format']!r}; expected 'npy' or 'zarr'")
 
 
+@dataclass
+class _Layer:
+    """A layer's array as a model sees it, with the geometry the core needs (see :func:`_layer_input`)."""
+
+    data: Any  # channels first when ``has_channels``; spatial axes in napari order (z, y, x)
+    has_channels: bool
+    n_spatial: int
+    layer_channel_axis: int | None  # the layer dim that held the channels (None: none, or RGB's colour axis)
+    affine: np.ndarray  # 4x4 RAS affine of the voxel-order array ``reverse_spatial(data)``
+
+
+def _layer_input(job: Mapping[str, Any], data: Any, *, model_dims: int, in_channels: Any) -> _Layer:
+    """The one layer → model-input prelude of :func:`segment_job` and :func:`bundle_job`.
+
+    Finds the channel axis (``job["rgb"]``, ``job["channel_axis"]``; see
+    :func:`medsegkit.io.geometry.resolve_channel_axis`) and moves it first (RGBA loses alpha unless
+    the model takes 4 channels), checks that 2 or 3 spatial axes remain, and turns the layer's
+    ``job["world_affine"]`` (napari order, channel dim dropped) into the voxel-order RAS affine.
+    A zarr input stays lazy (a dask array once the channel axis moves).
+    """
+    from medsegkit.io.geometry import drop_axis, image_affine_from_world, resolve_channel_axis
+
+    channel_axis = resolve_channel_axis(
+        tuple(data.shape), rgb=bool(job.get("rgb")), choice=job.get("channel_axis", "auto"),
+        model_dims=model_dims, in_channels=in_channels if isinstance(in_channels, int) else None,
+    )
+    if channel_axis is not None:
+        if isinstance(data, np.ndarray):
+            data = np.moveaxis(data, channel_axis, 0)
+        else:
+            import dask.array as da
+
+            data = da.from_zarr(data) if not isinstance(data, da.Array) else data
+            data = data.transpose((channel_axis, *[a for a in range(data.ndim) if a != channel_axis]))
+        if job.get("rgb") and data.shape[0] == 4 and in_channels != 4:
+            data = data[:3]  # RGBA: the model sees RGB
+    has_channels = channel_axis is not None
+    n_spatial = data.ndim - (1 if has_channels else 0)
+    if n_spatial not in (2, 3):
+        raise ValueError(
+            f"the layer has {n_spatial} spatial axes (array shape {tuple(data.shape)}); 2D and 3D images are "
+            "supported: choose the channel axis, or take one time point / one plane first"
+        )
+    world = job.get("world_affine")
+    layer_channel_axis = None if job.get("rgb") else channel_axis  # RGB's colour axis is not a layer dim
+    if world is not None and layer_channel_axis is not None:
+        world = drop_axis(np.asarray(world, dtype=float), layer_channel_axis)
+    affine = image_affine_from_world(world) if world is not None else np.eye(4)
+    return _Layer(data, has_channels, n_spatial, layer_channel_axis, affine)
+
+
 def _to_voxel_order(kwargs: dict[str, Any], n_spatial: int) -> dict[str, Any]:
     """Per-axis options given in napari axis order ``(z, y, x)`` → the voxel order ``(i, j, k)``."""
     kwargs = dict(kwargs)
@@ -258,7 +313,7 @@ def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
             order (multiscale: the full-resolution level).
         ``rgb``: napari's ``layer.rgb`` (colour axis last; RGBA loses alpha unless the model takes 4).
         ``channel_axis``: ``"auto"`` (default), ``None`` or an axis index: see
-            :func:`medsegkit.napari._geometry.resolve_channel_axis`.
+            :func:`medsegkit.io.geometry.resolve_channel_axis`.
         ``world_affine``: the layer's ``(ndim+1, ndim+1)`` data → world matrix (napari order; a channel
             axis among the layer's dims is dropped here), or ``None`` for the identity.
         ``predict``: keyword arguments for :func:`medsegkit.inference.segment` / ``predict``, per-axis
@@ -281,12 +336,7 @@ def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
     """
     import torch
 
-    from medsegkit.napari._geometry import (
-        drop_axis,
-        image_affine_from_world,
-        resolve_channel_axis,
-        reverse_spatial,
-    )
+    from medsegkit.io.geometry import reverse_spatial
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -296,33 +346,11 @@ def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
     model = _load_model(job["model"])
     data = _open_input(job["input"])
     model_dims = int(getattr(model, "spatial_dims", 0) or 0) or (2 if data.ndim == 2 else 3)
-    in_channels = getattr(model, "in_channels", None)
-    channel_axis = resolve_channel_axis(
-        tuple(data.shape), rgb=bool(job.get("rgb")), choice=job.get("channel_axis", "auto"),
-        model_dims=model_dims, in_channels=in_channels if isinstance(in_channels, int) else None,
-    )
-    if channel_axis is not None:
-        if job["input"]["format"] == "zarr":
-            import dask.array as da
-
-            data = da.from_zarr(data)
-        data = np.moveaxis(data, channel_axis, 0) if isinstance(data, np.ndarray) else data.transpose(
-            (channel_axis, *[a for a in range(data.ndim) if a != channel_axis]))
-        if job.get("rgb") and data.shape[0] == 4 and in_channels != 4:
-            data = data[:3]  # RGBA: the model sees RGB
-    has_channels = channel_axis is not None
-    world = job.get("world_affine")
-    layer_channel_axis = None if job.get("rgb") else channel_axis  # RGB's colour axis is not a layer dim
-    if world is not None and layer_channel_axis is not None:
-        world = drop_axis(np.asarray(world, dtype=float), layer_channel_axis)
-    n_spatial = data.ndim - (1 if has_channels else 0)
-    if n_spatial not in (2, 3):
-        raise ValueError(
-            f"the layer has {n_spatial} spatial axes (array shape {tuple(data.shape)}); 2D and 3D images are "
-            "supported: choose the channel axis, or take one time point / one plane first"
-        )
+    layer = _layer_input(job, data, model_dims=model_dims, in_channels=getattr(model, "in_channels", None))
+    data, has_channels, n_spatial = layer.data, layer.has_channels, layer.n_spatial
     metadata = getattr(model, "medsegkit_metadata", {}) or {}
-    common = {"class_names": list(metadata.get("class_names", []) or []), "layer_channel_axis": layer_channel_axis,
+    common = {"class_names": list(metadata.get("class_names", []) or []),
+              "layer_channel_axis": layer.layer_channel_axis,
               "label_colors": [list(c) for c in metadata.get("label_colors", []) or []],
               "task": job.get("predict", {}).get("task") or getattr(model, "medsegkit_task", "semantic")}
 
@@ -348,8 +376,7 @@ def segment_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
     from medsegkit.io import Image
 
     voxels = reverse_spatial(np.asarray(data), n_spatial)
-    affine = image_affine_from_world(world) if world is not None else np.eye(4)
-    image = Image(voxels, affine, {"source": "napari layer"}, 0 if has_channels else None)
+    image = Image(voxels, layer.affine, {"source": "napari layer"}, 0 if has_channels else None)
     result = segment(model, image, output=output, progress=progress, cancel=cancel,
                      **_to_voxel_order(kwargs, n_spatial))
     array = np.asarray(getattr(result, "array", result))
@@ -398,12 +425,7 @@ def bundle_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, 
 
     from medsegkit.bundle.runner import run_bundle
     from medsegkit.io import Image, read_image, write_image
-    from medsegkit.napari._geometry import (
-        drop_axis,
-        image_affine_from_world,
-        resolve_channel_axis,
-        reverse_spatial,
-    )
+    from medsegkit.io.geometry import reverse_spatial
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -421,36 +443,19 @@ def bundle_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, 
     channel_def = fmt.get("outputs", {}).get("pred", {}).get("channel_def", {}) or {}
     class_names = [str(channel_def[k]) for k in sorted(channel_def, key=lambda k: int(k) if str(k).isdigit() else 0)]
 
-    data = np.asarray(_open_input(job["input"]))
-    channel_axis = resolve_channel_axis(
-        tuple(data.shape), rgb=bool(job.get("rgb")), choice=job.get("channel_axis", "auto"),
-        model_dims=model_dims if model_dims in (2, 3) else 3,
-        in_channels=in_channels if isinstance(in_channels, int) else None,
-    )
-    if channel_axis is not None:
-        data = np.moveaxis(data, channel_axis, 0)
-    has_channels = channel_axis is not None
-    n_spatial = data.ndim - (1 if has_channels else 0)
-    if n_spatial not in (2, 3):
-        raise ValueError(
-            f"the layer has {n_spatial} spatial axes (array shape {tuple(data.shape)}); a bundle runs on 2D or "
-            "3D images: choose the channel axis, or take one time point / one plane first"
-        )
-    world = job.get("world_affine")
-    layer_channel_axis = None if job.get("rgb") else channel_axis
-    if world is not None and layer_channel_axis is not None:
-        world = drop_axis(np.asarray(world, dtype=float), layer_channel_axis)
-    voxels = np.ascontiguousarray(reverse_spatial(data, n_spatial))
+    layer = _layer_input(job, np.asarray(_open_input(job["input"])),
+                         model_dims=model_dims if model_dims in (2, 3) else 3, in_channels=in_channels)
+    has_channels, n_spatial, layer_channel_axis = layer.has_channels, layer.n_spatial, layer.layer_channel_axis
+    voxels = np.ascontiguousarray(reverse_spatial(layer.data, n_spatial))
     if voxels.dtype.kind == "b":
         voxels = voxels.astype(np.uint8)
-    affine = image_affine_from_world(world) if world is not None else np.eye(4)
     if cancel.is_set():
         raise Cancelled("cancelled; no layer was added")
 
     output_dir = Path(job["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bundle-", dir=output_dir) as tmp:
-        source = write_image(Image(voxels, affine, {"source": "napari layer"}, 0 if has_channels else None),
+        source = write_image(Image(voxels, layer.affine, {"source": "napari layer"}, 0 if has_channels else None),
                              Path(tmp) / "layer.nii.gz")
         written = run_bundle(bundle, [source], Path(tmp) / "out")
         if cancel.is_set():

@@ -1,0 +1,208 @@
+"""Looking at an image and its labels: :func:`show` (matplotlib, three planes) and :func:`view` (napari).
+
+Both turn the voxel axes to the closest RAS order first (permutations and flips only, no resampling),
+so an LSA scan shows the same way up as an RAS one; :func:`show` draws each plane with the world's aspect
+ratio (anisotropic voxels are not squashed) and :func:`view` gives napari the voxel size as ``scale``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from medsegkit.io import Image
+
+__all__ = ["show", "view"]
+
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def _as_image(obj: Any, what: str) -> Image:
+    from medsegkit.io import Image, read_image
+
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image(obj)
+    if isinstance(obj, Image):
+        return obj
+    if hasattr(obj, "detach"):
+        obj = obj.detach().cpu().numpy()
+    array = np.asarray(obj)
+    if array.ndim != 3:
+        raise ValueError(f"{what} must be a 3D volume (i, j, k) or an Image; got shape {array.shape}")
+    return Image(array)
+
+
+def _canonical(image: Image, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (i, j, k), affine)`` with the voxel axes permuted / flipped to the closest RAS order (no
+    resampling; nibabel's ``io_orientation``); a multi-channel image gives its first channel."""
+    import nibabel.orientations as nio
+
+    if image.spatial_ndim != 3:
+        raise ValueError(f"{what} must be 3D; got a {image.spatial_ndim}D image of shape {image.spatial_shape}")
+    array = np.asarray(image.array)
+    if image.channel_axis is not None:
+        array = array[0]
+    transform = nio.io_orientation(image.affine)
+    canonical = nio.apply_orientation(array, transform)
+    affine = image.affine @ nio.inv_ornt_aff(transform, array.shape)
+    return np.asarray(canonical), affine
+
+
+def _label_colormap(count: int, colors: Sequence[Sequence[int]] | None):
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    table = np.zeros((count + 1, 4))
+    fallback = colormaps["tab10"]
+    for label in range(1, count + 1):
+        if colors is not None and label < len(colors):
+            table[label, :3] = np.asarray(colors[label][:3], dtype=float) / 255.0
+        else:
+            table[label, :3] = fallback((label - 1) % 10)[:3]
+        table[label, 3] = 1.0
+    return ListedColormap(table)
+
+
+def show(
+    image: Any,
+    labels: Any = None,
+    *,
+    center: Sequence[int] | None = None,
+    alpha: float = 0.45,
+    class_names: Sequence[str] | None = None,
+    colors: Sequence[Sequence[int]] | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] = (12.0, 4.2),
+) -> Figure:
+    """Axial, coronal and sagittal planes of ``image`` with ``labels`` drawn over them.
+
+    Args:
+        image: a 3D :class:`~medsegkit.io.Image` (or a path, or an array ``(i, j, k)``: 1 mm voxels);
+            of a multi-channel image the first channel is shown.
+        labels: optional label map on the same grid (Image, path or array); background 0 is transparent.
+        center: the voxel ``(i, j, k)`` of the closest-RAS grid where the planes cross; default: the
+            centre of the labels' foreground, else the middle of the volume.
+        alpha: opacity of the label overlay.
+        class_names, colors: legend names (background first) and RGB 0-255 colours per label;
+            default: the labels' ``meta["class_names"]`` / ``meta["label_colors"]``, else tab10 colours.
+        title: figure title.
+        figsize: matplotlib figure size in inches.
+
+    Returns:
+        The matplotlib ``Figure`` (shown inline in Jupyter; ``fig.savefig(...)`` elsewhere).
+
+    Raises:
+        ValueError: the image is not 3D, or labels lie on another grid.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from medsegkit.io import same_grid
+
+    volume = _as_image(image, "image")
+    grid, affine = _canonical(volume, "image")
+    label_grid = None
+    if labels is not None:
+        label_image = _as_image(labels, "labels")
+        if label_image.spatial_shape != volume.spatial_shape or not same_grid(label_image, volume):
+            raise ValueError(f"labels {label_image.spatial_shape} must lie on the image's grid "
+                             f"{volume.spatial_shape} (same shape and affine)")
+        label_grid, _ = _canonical(label_image, "labels")
+        label_grid = np.asarray(label_grid).astype(np.int64)
+        class_names = class_names if class_names is not None else label_image.meta.get("class_names")
+        colors = colors if colors is not None else label_image.meta.get("label_colors")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if center is None:
+        if label_grid is not None and label_grid.any():
+            center = [int(round(c)) for c in np.argwhere(label_grid > 0).mean(axis=0)]
+        else:
+            center = [n // 2 for n in grid.shape]
+    center = [int(np.clip(c, 0, n - 1)) for c, n in zip(center, grid.shape)]
+    i, j, k = center
+    # (plane, 2D cut with rows = vertical world axis, row spacing / column spacing)
+    cuts = [
+        ("axial", lambda a: a[:, :, k].T, spacing[1] / spacing[0], f"z (k={k})"),
+        ("coronal", lambda a: a[:, j, :].T, spacing[2] / spacing[0], f"y (j={j})"),
+        ("sagittal", lambda a: a[i, :, :].T, spacing[2] / spacing[1], f"x (i={i})"),
+    ]
+    finite = grid[np.isfinite(grid)] if grid.dtype.kind == "f" else grid
+    vmin, vmax = np.percentile(finite, (0.5, 99.5)) if finite.size else (0, 1)
+    count = int(label_grid.max()) if label_grid is not None and label_grid.size else 0
+    cmap = _label_colormap(max(count, 1), colors)
+    fig, axes = plt.subplots(1, 3, figsize=figsize)
+    for ax, (name, cut, aspect, where) in zip(axes, cuts):
+        ax.imshow(cut(grid), cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect,
+                  interpolation="nearest")
+        if label_grid is not None:
+            overlay = np.ma.masked_equal(cut(label_grid), 0)
+            ax.imshow(overlay, cmap=cmap, vmin=0, vmax=max(count, 1), alpha=alpha, aspect=aspect, origin="lower",
+                      interpolation="nearest")
+        ax.set_title(f"{name} {where}")
+        ax.set_axis_off()
+    if count:
+        present = [int(v) for v in np.unique(label_grid) if v != 0]
+        handles = [Patch(color=cmap(v), label=(class_names[v] if class_names and v < len(class_names) else str(v)))
+                   for v in present]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08 if count else 0, 1, 1))
+    return fig
+
+
+def view(image: Any, labels: Any = None, *, viewer: Any = None, name: str = "image") -> Any:
+    """Open ``image`` (and ``labels``) in napari with the voxel size as ``scale`` and the origin as
+    ``translate`` (axes as the medsegkit napari reader lays them out: ``(z, y, x)``, closest RAS order).
+
+    Args:
+        image: a 3D :class:`~medsegkit.io.Image`, path or array ``(i, j, k)``.
+        labels: optional label map on the same grid.
+        viewer: an existing ``napari.Viewer`` to add the layers to (default: a new one).
+        name: the image layer's name (the labels layer is ``"<name> labels"``).
+
+    Returns:
+        The ``napari.Viewer``.
+    """
+    import napari  # heavy (Qt): only when a viewer is asked for
+
+    volume = _as_image(image, "image")
+    grid, affine = _canonical(volume, "image")
+    geometry = napari_geometry(affine)
+    viewer = viewer if viewer is not None else napari.Viewer()
+    viewer.add_image(_zyx(grid), name=name, **geometry)
+    if labels is not None:
+        label_image = _as_image(labels, "labels")
+        if label_image.spatial_shape != volume.spatial_shape:
+            raise ValueError(f"labels {label_image.spatial_shape} must lie on the image's grid {volume.spatial_shape}")
+        label_grid, _ = _canonical(label_image, "labels")
+        viewer.add_labels(_zyx(label_grid).astype(np.int32), name=f"{name} labels", **geometry)
+    return viewer
+
+
+def _zyx(array: np.ndarray) -> np.ndarray:
+    """napari's axis habit: ``(k, j, i)`` (it slides over the first axis and shows x to the right)."""
+    return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
+
+
+def napari_geometry(affine: np.ndarray) -> dict[str, Any]:
+    """Layer keyword arguments for a closest-RAS ``(i, j, k)`` grid shown as ``(k, j, i)``: ``scale`` (the
+    voxel size in mm), ``translate`` (the origin) and, for an oblique grid, ``affine`` holding the rest."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3][::-1, ::-1]  # world (z, y, x) from voxel (k, j, i)
+    origin = np.asarray(affine, dtype=np.float64)[:3, 3][::-1]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = linear / spacing[None, :]
+    geometry: dict[str, Any] = {"scale": tuple(float(v) for v in spacing)}
+    if np.allclose(direction, np.eye(3), atol=1e-6):
+        geometry["translate"] = tuple(float(v) for v in origin)
+        return geometry
+    rotation = np.eye(4)
+    rotation[:3, :3] = direction  # napari applies affine after scale and translate
+    geometry["translate"] = tuple(float(v) for v in np.linalg.solve(direction, origin))
+    geometry["affine"] = rotation
+    return geometry

@@ -1,0 +1,224 @@
+"""medsegkit.export: every format writes the network + sidecar + test tensors, verifies itself against
+PyTorch (logits max |Δ| ≤ 1e-4, labels identical), and round-trips through segment / predict / the CLI
+with labels identical to the PyTorch model's."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import medsegkit
+from medsegkit import Cancelled, create_model
+from medsegkit.cli import main
+from medsegkit.exporter import ExportMismatchError, export
+from medsegkit.inference.backends import ExportedNetwork, load_exported
+from medsegkit.io import Image
+
+FORMATS = ["onnx", "openvino", "exported-program", "torchscript"]
+NETWORK_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "exported-program": "model.pt2", "torchscript": "model.ts"}
+ROI3 = (16, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def unet3d():
+    torch.manual_seed(0)
+    model = create_model("UNet3d", out_channels=3, channels=(4, 8), strides=(2,)).eval()
+    model.medsegkit_metadata = {"class_names": ["background", "a", "b"], "label_colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+                                "preprocessing": "none"}
+    return model
+
+
+@pytest.fixture(scope="module")
+def exports(unet3d, tmp_path_factory):
+    """The tiny UNet3d exported in every format (batch of 2 windows of 16³)."""
+    folder = tmp_path_factory.mktemp("exports")
+    printed = {}
+    for fmt in FORMATS:
+        lines: list[str] = []
+        export(unet3d, folder / fmt, format=fmt, roi_size=ROI3, batch_size=2, overlap=0.25, log=lines.append)
+        printed[fmt] = lines
+    return folder, printed
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return np.random.default_rng(0).random((1, 23, 20, 29), dtype=np.float32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_writes_network_sidecar_and_verified_test_tensors(exports, unet3d, fmt):
+    folder, printed = exports
+    out = folder / fmt
+    assert (out / NETWORK_FILES[fmt]).is_file()
+    sidecar = json.loads((out / "medsegkit.json").read_text())
+    assert sidecar["format"] == fmt and sidecar["network"] == NETWORK_FILES[fmt]
+    assert (sidecar["spatial_dims"], sidecar["in_channels"], sidecar["out_channels"]) == (3, 1, 3)
+    assert sidecar["roi_size"] == list(ROI3) and sidecar["batch_size"] == 2
+    assert (sidecar["overlap"], sidecar["mode"]) == (0.25, "gaussian")
+    assert sidecar["class_names"] == ["background", "a", "b"] and sidecar["label_colors"][1] == [255, 0, 0]
+    assert sidecar["preprocessing"] == "none" and sidecar["model"]["name"] == "UNet3d"
+    verification = sidecar["verification"]
+    assert verification["max_abs_logit_diff"] <= 1e-4 and verification["labels_differing"] == 0
+    # the printed figures are the recorded ones
+    assert len(printed[fmt]) == 1 and f"{verification['max_abs_logit_diff']:.2e}" in printed[fmt][0]
+    assert medsegkit.export is export  # the public name
+    # the test tensors are the PyTorch model's input and output
+    test_input = np.load(out / "test_input.npy")
+    assert test_input.shape == (2, 1, *ROI3)
+    with torch.no_grad():
+        expected = unet3d(torch.from_numpy(test_input)).numpy()
+    np.testing.assert_allclose(np.load(out / "test_output.npy"), expected, rtol=0, atol=1e-6)
+    # and the exported network reproduces them (a batch of 3 runs as 2 + 1 zero-padded)
+    network = load_exported(out)
+    batch = torch.from_numpy(np.concatenate([test_input, test_input[:1]]))
+    np.testing.assert_allclose(network(batch).numpy(), np.concatenate([expected, expected[:1]]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_segment_exported_equals_segment_model(exports, unet3d, volume, fmt):
+    folder, _ = exports
+    image = Image(volume[0], np.diag([1.5, 1.5, 2.0, 1.0]))
+    reference = medsegkit.segment(unet3d, image, roi_size=ROI3, overlap=0.25)
+    exported = medsegkit.segment(folder / fmt / NETWORK_FILES[fmt], image)  # the sidecar's roi and overlap
+    np.testing.assert_array_equal(exported.array, reference.array)
+    assert exported.meta["class_names"] == ["background", "a", "b"]
+    np.testing.assert_array_equal(exported.affine, image.affine)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_predict_backend_equals_torch(exports, unet3d, volume, backend):
+    folder, _ = exports
+    reference = medsegkit.predict(unet3d, volume, roi_size=ROI3, overlap=0.25)
+    on_the_fly = medsegkit.predict(unet3d, volume, roi_size=ROI3, overlap=0.25, backend=backend, sw_batch_size=3)
+    from_export = medsegkit.predict(folder / "onnx", volume, overlap=0.25, backend=backend)
+    np.testing.assert_array_equal(on_the_fly, reference)
+    np.testing.assert_array_equal(from_export, reference)
+    logits = medsegkit.predict(folder / "onnx", volume, overlap=0.25, backend=backend, output="logits")
+    torch_logits = medsegkit.predict(unet3d, volume, roi_size=ROI3, overlap=0.25, output="logits")
+    assert float(np.abs(logits - torch_logits).max()) <= 1e-4
+
+
+def test_backend_progress_cancel_and_zarr_output(exports, unet3d, volume, tmp_path):
+    folder, _ = exports
+    calls: list[tuple[int, int]] = []
+    stored = medsegkit.predict(folder / "onnx", volume, overlap=0.25, out=tmp_path / "labels.zarr",
+                               progress=lambda done, total: calls.append((done, total)))
+    reference = medsegkit.predict(unet3d, volume, roi_size=ROI3, overlap=0.25)
+    np.testing.assert_array_equal(stored[...], reference)
+    total = calls[-1][1]
+    assert calls == [(i, total) for i in range(1, total + 1)] and total > 1
+
+    cancel = threading.Event()
+
+    def stop_after_first(done: int, total: int) -> None:
+        cancel.set()
+
+    with pytest.raises(Cancelled, match="after 1 of"):
+        medsegkit.predict(folder / "openvino", volume, overlap=0.25, out=tmp_path / "cancelled.zarr",
+                          progress=stop_after_first, cancel=cancel)
+    assert not (tmp_path / "cancelled.zarr").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.zarr"]  # no partial store left
+
+
+def test_unet2d_and_fcn_export_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    unet2d = create_model("UNet2d", out_channels=2, channels=(4, 8), strides=(2,)).eval()
+    fcn = create_model("fcn_resnet_50", depth=18, out_channels=3).eval()
+    rng = np.random.default_rng(1)
+    for name, model, fmt, image in [("unet2d", unet2d, "openvino", rng.random((1, 40, 36), dtype=np.float32)),
+                                    ("fcn", fcn, "onnx", rng.random((3, 40, 36), dtype=np.float32))]:
+        out = export(model, tmp_path / name, format=fmt, roi_size=(32, 32), log=None)
+        reference = medsegkit.predict(model, image, roi_size=(32, 32))
+        np.testing.assert_array_equal(medsegkit.predict(out, image), reference)
+
+
+def test_maskformer_semantic_exports_as_program_and_refuses_onnx_by_name(tmp_path):
+    model = create_model("maskformer_resnet_18", num_classes=3, num_queries=8).eval()
+    out = export(model, tmp_path / "mf", format="exported-program", roi_size=(64, 64), log=None)
+    image = np.random.default_rng(2).random((3, 70, 64), dtype=np.float32)
+    reference = medsegkit.predict(model, image, roi_size=(64, 64), task="semantic")
+    np.testing.assert_array_equal(medsegkit.predict(out, image), reference)
+    with pytest.raises(ValueError, match=r"MaskFormer.* cannot be written as ONNX"):
+        export(model, tmp_path / "mf_onnx", format="onnx", roi_size=(64, 64), log=None)
+    assert not (tmp_path / "mf_onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mf"]
+
+
+def test_errors_mask_rcnn_unsupported_format_existing_out(unet3d, exports, tmp_path):
+    with pytest.raises(ValueError, match=r"MaskRCNN is a detection model .*number depends on the image"):
+        export(create_model("mask_rcnn_resnet_50_fpn", num_classes=2), tmp_path / "rcnn", format="onnx")
+    with pytest.raises(ValueError, match=r"format must be one of onnx, openvino, exported-program, torchscript, got 'tflite'"):
+        export(unet3d, tmp_path / "x", format="tflite")
+    with pytest.raises(ValueError, match="quantize='int8' is not implemented yet"):
+        export(unet3d, tmp_path / "x", format="openvino", quantize="int8")
+    folder, _ = exports
+    before = (folder / "onnx" / "model.onnx").read_bytes()
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        export(unet3d, folder / "onnx", format="onnx", roi_size=ROI3)
+    assert (folder / "onnx" / "model.onnx").read_bytes() == before
+    with pytest.raises(ValueError, match=r"a onnx export runs on onnxruntime or openvino, not backend='torch'"):
+        load_exported(folder / "onnx", backend="torch")
+    with pytest.raises(ValueError, match=r"takes windows \(N, 1, 16, 16, 16\); got \(1, 1, 8, 8, 8\)"):
+        medsegkit.predict(folder / "onnx", np.zeros((8, 8, 8), np.float32), roi_size=(8, 8, 8))
+    with pytest.raises(ValueError, match="runs as it was exported: fast=True"):
+        medsegkit.predict(folder / "onnx", np.zeros((8, 8, 8), np.float32), fast=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_mismatch_leaves_nothing_and_overwrite_replaces(unet3d, tmp_path, monkeypatch):
+    import medsegkit.exporter as exporter
+
+    original = ExportedNetwork.forward
+
+    def off_by_a_bit(self, batch):
+        return original(self, batch) + 1e-3  # beyond the 1e-4 tolerance
+
+    monkeypatch.setattr(ExportedNetwork, "forward", off_by_a_bit)
+    with pytest.raises(ExportMismatchError, match=r"logits max \|Δ\| 1.00e-03 .* nothing written"):
+        exporter.export(unet3d, tmp_path / "out", format="torchscript", roi_size=ROI3, log=None)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ExportedNetwork, "forward", original)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    exporter.export(unet3d, tmp_path / "out", format="torchscript", roi_size=ROI3, log=None, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "medsegkit.json", "model.ts", "test_input.npy", "test_output.npy"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_cli_export_and_errors(unet3d, tmp_path, capsys):
+    from medsegkit.cli.export import FORMATS as CLI_FORMATS
+    from medsegkit.exporter import FORMATS as EXPORT_FORMATS
+    from medsegkit.weights import save_checkpoint
+
+    assert CLI_FORMATS == EXPORT_FORMATS
+    checkpoint = save_checkpoint(unet3d, tmp_path / "tiny.safetensors", metadata=unet3d.medsegkit_metadata)
+    assert main(["export", str(checkpoint), "--format", "torchscript", "--roi", "16", "-o", str(tmp_path / "ts")]) == 0
+    captured = capsys.readouterr()
+    assert "logits max |Δ|" in captured.out and captured.out.strip().endswith(str(tmp_path / "ts"))
+    assert main(["export", str(checkpoint), "--format", "torchscript", "-o", str(tmp_path / "ts")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; pass overwrite=True (--overwrite)" in err
+    assert main(["export", str(tmp_path / "missing.pt"), "--format", "onnx", "-o", str(tmp_path / "m")]) == 2
+    assert "checkpoint" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_demo_model_onnx_round_trip_through_the_cli(tmp_path):
+    """`medsegkit export DEMO --format onnx` → `medsegkit predict EXPORTED` = `medsegkit predict DEMO`."""
+    import nibabel as nib
+
+    from medsegkit.data import demo_checkpoint_path, sample_path
+
+    sample = str(sample_path("mni152_t1"))
+    assert main(["export", str(demo_checkpoint_path()), "--format", "onnx", "-o", str(tmp_path / "demo")]) == 0
+    assert main(["predict", str(demo_checkpoint_path()), sample, "-o", str(tmp_path / "ck.nii.gz"), "--quiet"]) == 0
+    assert main(["predict", str(tmp_path / "demo" / "model.onnx"), sample, "-o", str(tmp_path / "ox.nii.gz"),
+                 "--quiet"]) == 0
+    from_checkpoint = np.asarray(nib.load(tmp_path / "ck.nii.gz").dataobj)
+    from_export = np.asarray(nib.load(tmp_path / "ox.nii.gz").dataobj)
+    assert set(np.unique(from_checkpoint)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(from_export, from_checkpoint)

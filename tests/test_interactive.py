@@ -1,0 +1,204 @@
+"""medsegkit.interactive.Session: progressive run == segment, refine by scribbles, undo / reset / save."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from medsegkit import Cancelled, create_model
+from medsegkit.inference import segment
+from medsegkit.interactive import Session, trainable_parameters
+from medsegkit.io import Image
+
+SHAPE = (48, 24, 24)
+CENTRES = {"A": (8, 12, 12), "B": (38, 12, 12)}
+
+
+def _ball(centre, radius, shape=SHAPE):
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
+
+
+@pytest.fixture(scope="module")
+def weak_case():
+    """Two bright balls; a tiny U-Net trained to call every bright voxel class 1, while the truth says
+    ball B is background: the model mislabels B."""
+    torch.manual_seed(0)
+    array = np.zeros(SHAPE, np.float32)
+    for centre in CENTRES.values():
+        array[_ball(centre, 5)] = 1.0
+    array += np.random.default_rng(0).normal(0, 0.05, SHAPE).astype(np.float32)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=2)
+    x = torch.from_numpy(array)[None, None]
+    y = torch.from_numpy((array > 0.5).astype(np.int64))[None]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    image = Image(array, np.eye(4), {}, None)
+    return model, image
+
+
+KW = {"roi_size": (16, 16, 16), "preprocessing": "none"}
+
+
+def test_run_equals_segment_and_reports_the_focus_first():
+    torch.manual_seed(1)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3)
+    array = np.random.default_rng(1).normal(size=(40, 36, 30)).astype(np.float32)
+    image = Image(array, np.diag([1.5, 1.5, 2.0, 1.0]), {}, None)  # resampled to 2 mm: a real inverse
+    kw = {"roi_size": (16, 16, 16), "overlap": 0.25,
+          "preprocessing": {"orientation": "RAS", "spacing": [2, 2, 2]}}
+    reference = segment(model, image, **kw).array
+    before = [p.detach().clone() for p in model.parameters()]
+    session = Session(model, image, **kw)
+    updates = []
+    labels = session.run(focus={"axis": 2, "index": 3},
+                         on_update=lambda region, lab: updates.append((region, lab[region].copy())))
+    np.testing.assert_array_equal(labels, reference)
+    assert labels.dtype == reference.dtype
+    first_region, first_values = updates[0]
+    assert first_region[2] == slice(3, 4)  # the focused slice comes first ...
+    np.testing.assert_array_equal(first_values, reference[first_region])  # ... already final
+    assert len(updates) >= 2
+    covered = np.zeros(labels.shape, bool)
+    for region, _ in updates:
+        covered[region] = True
+    assert covered.all()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # caller's model untouched
+
+
+def test_run_with_a_box_focus_and_a_2d_model_on_a_volume():
+    torch.manual_seed(2)
+    model = create_model("UNet2d", channels=(4, 8), strides=(2,), out_channels=2)
+    array = np.random.default_rng(2).normal(size=(20, 24, 6)).astype(np.float32)
+    image = Image(array, np.eye(4), {}, None)
+    kw = {"roi_size": (16, 16), "preprocessing": "none"}
+    reference = segment(model, image, **kw).array
+    updates = []
+    session = Session(model, image, **kw)
+    labels = session.run(focus=(slice(2, 5), slice(0, 8), slice(4, 6)), on_update=lambda r, lab: updates.append(r))
+    np.testing.assert_array_equal(labels, reference)
+    assert updates[0] == (slice(2, 5), slice(0, 8), slice(4, 6))
+
+
+def test_run_cancel_keeps_done_windows_and_resumes(weak_case):
+    model, image = weak_case
+    session = Session(model, image, **KW)
+    event = threading.Event()
+    with pytest.raises(Cancelled, match="cancelled after 1 of"):
+        session.run(progress=lambda done, total: event.set(), cancel=event)
+    assert 0 < len(session.cache) < len(session.grid.slices)
+    np.testing.assert_array_equal(session.run(), segment(model, image, **KW).array)
+
+
+def test_bad_focus_and_options_are_refused(weak_case):
+    model, image = weak_case
+    with pytest.raises(TypeError, match=r"unsupported option\(s\) \['largest_component'\]"):
+        Session(model, image, largest_component=True)
+    session = Session(model, image, **KW)
+    with pytest.raises(ValueError, match="outside the image"):
+        session.run(focus={"axis": 0, "index": 99})
+    with pytest.raises(ValueError, match="focus must be None"):
+        session.run(focus=[1, 2])
+
+
+@pytest.mark.slow
+def test_refine_fixes_marks_locally_and_undo_reset_save(weak_case, tmp_path):
+    from medsegkit.weights import load_model
+
+    model, image = weak_case
+    session = Session(model, image, **KW)
+    original = session.run().copy()
+    ball_b = _ball(CENTRES["B"], 4)
+    assert original[ball_b].mean() > 0.9  # the weak model calls ball B class 1
+    scribbles = np.zeros(SHAPE, np.int32)
+    marked = _ball(CENTRES["B"], 2)
+    scribbles[marked] = 1  # "background"
+    params_before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    labels = session.refine(scribbles, seconds=60.0).copy()  # stops when the marks fit: load-independent
+    assert (labels[marked] == 0).all()
+    flipped = (original == 1) & (labels == 0) & ~marked
+    assert flipped[ball_b].sum() > 20  # unmarked voxels of ball B near the marks now background
+    np.testing.assert_array_equal(labels[:16], original[:16])  # windows far from the marks are not re-run
+    np.testing.assert_array_equal(session.run(), labels)  # a later run keeps the refined labels
+
+    session.undo()
+    np.testing.assert_array_equal(session.labels, original)
+    assert all(torch.equal(v, params_before[k]) for k, v in session.model.state_dict().items())
+    with pytest.raises(ValueError, match="nothing to undo"):
+        session.undo()
+
+    session.refine(scribbles, seconds=60.0)
+    path = session.save(tmp_path / "adapted.safetensors")
+    loaded = load_model(path)
+    assert loaded.medsegkit_metadata["adapted_from"] == "UNet3d"
+    assert loaded.medsegkit_metadata["interactive"] == {"rounds": 1, "marked_voxels": int(marked.sum())}
+    for key, value in session.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+    session.reset()
+    np.testing.assert_array_equal(session.labels, original)
+    assert (session.marks == 0).all()
+    np.testing.assert_array_equal(segment(session.model, image, **KW).array, original)
+
+
+def test_refine_adapts_only_the_last_stage_and_head(weak_case):
+    model, _ = weak_case
+    chosen = {id(p) for p in trainable_parameters(model)}
+    expected = {id(p) for p in [*model.decoder.stages[-1].parameters(), *model.head.parameters()]}
+    assert chosen == expected
+    assert len(chosen) < len(list(model.parameters()))
+
+
+def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case):
+    model, image = weak_case
+    session = Session(model, image, **KW)
+    original = session.run().copy()
+    with pytest.raises(ValueError, match=r"scribbles must be an integer array of the image's shape \(48, 24, 24\)"):
+        session.refine(np.zeros((4, 4, 4), np.int32))
+    with pytest.raises(ValueError, match=r"scribbles values must be in \[0, 2\]"):
+        session.refine(np.full(SHAPE, 3, np.int32))
+    with pytest.raises(ValueError, match="scribbles mark no voxel"):
+        session.refine(np.zeros(SHAPE, np.int32))
+    event = threading.Event()
+    event.set()
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[36:40, 10:14, 10:14] = 1
+    with pytest.raises(Cancelled, match="refine cancelled after 0 adaptation steps"):
+        session.refine(scribbles, cancel=event)
+    np.testing.assert_array_equal(session.labels, original)
+    assert (session.marks == 0).all()
+
+
+def test_instance_and_query_models_are_refused():
+
+    image = Image(np.zeros((16, 16, 16), np.float32), np.eye(4), {}, None)
+    rcnn = create_model("mask_rcnn_resnet_50_fpn", depth=18, fpn_channels=16, representation_size=32,
+                        mask_layers=(8,), min_size=64, max_size=128)
+    with pytest.raises(ValueError, match="Session runs semantic models .* is a 'instance' model"):
+        Session(rcnn, image)
+    torch.manual_seed(0)
+    query = create_model("maskformer_resnet_18_3d", num_classes=2, num_queries=4, hidden_dim=16, num_heads=2,
+                         decoder_layers=1, ffn_dim=32, fpn_dim=32, mask_dim=32)
+    session = Session(query, image, roi_size=(16, 16, 16), preprocessing="none")
+    with pytest.raises(ValueError, match="refine adapts semantic models only; .* is a 'universal' model"):
+        session.refine(np.ones((16, 16, 16), np.int32))
+
+
+@pytest.mark.parametrize("out_channels, options", [(1, {"tta_flips": (0, 1)}), (2, {"sw_batch_size": 3, "mode": "constant"})])
+def test_run_equals_segment_with_tta_binary_and_other_blending(out_channels, options):
+    # a 1-class model with mirror TTA blends probabilities and normalises by the weight sums
+    torch.manual_seed(3)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=out_channels)
+    image = Image(np.random.default_rng(3).normal(size=(30, 20, 18)).astype(np.float32), np.eye(4), {}, None)
+    kw = {"roi_size": (16, 16, 16), "preprocessing": "none", **options}
+    reference = segment(model, image, **kw).array
+    labels = Session(model, image, **kw).run(focus={"axis": 0, "index": 25})
+    np.testing.assert_array_equal(labels, reference)
+    assert 0 < labels.mean() < 1  # both classes present: the comparison is not trivial

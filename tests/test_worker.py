@@ -1,0 +1,99 @@
+"""The GUI worker's child side, in-process: the one layer → model-input prelude and a segment job.
+
+No napari here: the worker is core (it imports :mod:`medsegkit.io.geometry`, never the napari package).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from medsegkit.io import Image
+from medsegkit.io.geometry import image_affine_from_world, world_from_image_affine
+from medsegkit.worker import _layer_input, segment_job
+
+
+def _world(scale_zyx, translate_zyx, channel_dim=None):
+    """A napari data → world matrix (z, y, x) with scale and translate, with an extra identity dim if asked."""
+    n = len(scale_zyx)
+    world = np.eye(n + 1)
+    world[:n, :n] = np.diag(scale_zyx)
+    world[:n, n] = translate_zyx
+    if channel_dim is None:
+        return world
+    full = np.eye(n + 2)
+    keep = [a for a in range(n + 2) if a != channel_dim]
+    full[np.ix_(keep, keep)] = world
+    return full
+
+
+def test_channel_axis_moves_first_and_the_world_becomes_the_voxel_affine():
+    data = np.zeros((2, 8, 9, 10), np.float32)  # (C, z, y, x): channel first, as the model takes 2
+    job = {"channel_axis": "auto", "world_affine": _world((3.0, 2.0, 0.5), (7.0, -4.0, 1.5), channel_dim=0).tolist()}
+    layer = _layer_input(job, data, model_dims=3, in_channels=2)
+    assert layer.has_channels and layer.n_spatial == 3 and layer.layer_channel_axis == 0
+    assert layer.data.shape == (2, 8, 9, 10)
+    expected = np.eye(4)
+    expected[:3, :3] = np.diag((0.5, 2.0, 3.0))  # (i, j, k) = (x, y, z): spacing reversed
+    expected[:3, 3] = (1.5, -4.0, 7.0)
+    np.testing.assert_allclose(layer.affine, expected)
+    np.testing.assert_allclose(world_from_image_affine(layer.affine, 3), _world((3.0, 2.0, 0.5), (7.0, -4.0, 1.5)))
+
+
+def test_channel_last_layer_and_no_world():
+    data = np.arange(8 * 9 * 10 * 2, dtype=np.float32).reshape(8, 9, 10, 2)
+    layer = _layer_input({}, data, model_dims=3, in_channels=2)
+    assert layer.layer_channel_axis == 3 and layer.data.shape == (2, 8, 9, 10)
+    np.testing.assert_array_equal(layer.data[1], data[..., 1])
+    np.testing.assert_array_equal(layer.affine, np.eye(4))
+
+
+def test_rgba_loses_alpha_and_its_colour_axis_is_not_a_layer_dim():
+    data = np.zeros((8, 9, 4), np.uint8)
+    layer = _layer_input({"rgb": True, "world_affine": _world((2.0, 1.0), (0.0, 0.0)).tolist()}, data,
+                         model_dims=2, in_channels=3)
+    assert layer.data.shape == (3, 8, 9) and layer.layer_channel_axis is None and layer.n_spatial == 2
+    np.testing.assert_allclose(np.diag(layer.affine), (1.0, 2.0, 1.0, 1.0))
+    kept = _layer_input({"rgb": True}, data, model_dims=2, in_channels=4)
+    assert kept.data.shape == (4, 8, 9)
+
+
+def test_lazy_input_stays_lazy():
+    zarr = pytest.importorskip("zarr")
+    store = zarr.zeros((8, 9, 10, 2), chunks=(4, 9, 10, 2), dtype="f4")
+    layer = _layer_input({}, store, model_dims=3, in_channels=2)
+    assert type(layer.data).__module__.startswith("dask") and layer.data.shape == (2, 8, 9, 10)
+
+
+def test_four_spatial_axes_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^the layer has 4 spatial axes \(array shape \(2, 3, 4, 5\)\); 2D and 3D "
+                                         r"images are supported: choose the channel axis"):
+        _layer_input({"channel_axis": None}, np.zeros((2, 3, 4, 5)), model_dims=3, in_channels=1)
+
+
+def test_segment_job_equals_segment_on_the_same_image(tmp_path):
+    from medsegkit import create_model, segment
+    from medsegkit.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,)).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    rng = np.random.default_rng(0)
+    layer = rng.random((12, 16, 20), dtype=np.float32)  # napari order (z, y, x)
+    np.save(tmp_path / "layer.npy", layer)
+    world = _world((2.0, 1.0, 0.5), (10.0, -3.0, 4.0))
+    messages: queue.Queue = queue.Queue()
+    job = {"model": {"checkpoint": str(checkpoint)}, "input": {"format": "npy", "path": str(tmp_path / "layer.npy")},
+           "world_affine": world.tolist(), "predict": {"roi_size": [8, 16, 16]}, "output_dir": str(tmp_path / "out")}
+    result = segment_job(job, messages, threading.Event())
+    out = np.load(result["path"])
+    assert out.shape == layer.shape and result["layer_channel_axis"] is None
+    assert len(np.unique(out)) == 2  # both classes appear: the comparison below is not between constants
+    image = Image(np.ascontiguousarray(layer.transpose(2, 1, 0)), image_affine_from_world(world), {}, None)
+    reference = segment(model, image, roi_size=(16, 16, 8))  # per-axis options in voxel order (i, j, k)
+    np.testing.assert_array_equal(out, np.asarray(reference.array).transpose(2, 1, 0))
+    assert not messages.empty()  # progress was reported
