@@ -291,10 +291,29 @@ def load_model(path_or_url, *, map_location="cpu"):
 
     path = fetch_checkpoint(path_or_url)
     state, record = read_checkpoint(path, map_location=map_location)
-    model = model_from_record(record.get("model") or {}, source=f"checkpoint {path}")
+    model_record = record.get("model") or {}
+    model = model_from_record(model_record, source=f"checkpoint {path}")
+    model = _with_saved_merge_kernel(model, model_record, state, source=f"checkpoint {path}")
     load_state(model, state, source=f"checkpoint {path}")
     model.medsegkit_metadata = record.get("metadata", {})
     return model.eval()
+
+
+def _with_saved_merge_kernel(model, model_record: Mapping[str, Any], state: Mapping[str, Any], *, source: str):
+    """An ``AttentionUNet`` saved before ``merge_kernel_size`` existed merged skips with ``kernel_size``
+    (MONAI keeps 3): such a record has no ``merge_kernel_size``, and its weights show the old kernel. Rebuild
+    it with ``merge_kernel_size=kernel_size`` so its weights load; any other model is returned as it is."""
+    init_args = getattr(model, "init_args", None)
+    arguments_key = "args" if "target" in model_record else "overrides"
+    saved_arguments = model_record.get(arguments_key, {})
+    if (not isinstance(init_args, dict) or "merge_kernel_size" not in init_args
+            or "merge_kernel_size" in saved_arguments or init_args.get("kernel_size", 3) == 3):
+        return model
+    own = model.state_dict()
+    if all(tuple(own[key].shape) == tuple(value.shape) for key, value in state.items() if key in own):
+        return model
+    legacy = {**model_record, arguments_key: {**saved_arguments, "merge_kernel_size": init_args["kernel_size"]}}
+    return model_from_record(legacy, source=source)
 
 
 def convert(obj: Any, *, source: str, target: Any = None):

@@ -97,3 +97,30 @@ def test_safetensors_header_holds_record(tmp_path, tiny_registered):
     with safe_open(str(path), framework="pt") as f:
         record = json.loads(f.metadata()["medsegkit"])
     assert record["format"] == "medsegkit-checkpoint" and record["metadata"] == {"a": 1}
+
+
+@pytest.mark.parametrize("record_kind", ["name", "target"])
+def test_attention_unet_saved_before_merge_kernel_size_still_loads(tmp_path, record_kind):
+    """Checkpoints written before ``merge_kernel_size`` existed merged skips with ``kernel_size`` (5 here):
+    their records lack the argument, and load_model rebuilds that layout from the weights' shapes."""
+    from medsegkit.weights.checkpoint import checkpoint_record
+
+    arguments = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=(3, 4, 5), strides=(1, 2),
+                     kernel_size=5, up_kernel_size=5)
+    if record_kind == "name":
+        old_layout = medsegkit.create_model("AttentionUNet2d", **arguments, merge_kernel_size=5)
+        record = {"format": "medsegkit-checkpoint", "version": 1, "metadata": {},
+                  "model": {"name": "AttentionUNet2d", "overrides": arguments}}
+    else:
+        old_layout = medsegkit.nets.AttentionUNet(**arguments, merge_kernel_size=5)
+        record = checkpoint_record(old_layout)
+        del record["model"]["args"]["merge_kernel_size"]
+    path = save_checkpoint(old_layout.state_dict(), tmp_path / "old.safetensors", record=record)
+    loaded = load_model(path)
+    assert loaded.init_args["merge_kernel_size"] == 5
+    x = torch.randn(1, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), old_layout.eval()(x), rtol=0, atol=0)
+    # a checkpoint of the current layout (merge kernel 3, MONAI's) loads as it is
+    current = medsegkit.nets.AttentionUNet(**arguments)
+    path = save_checkpoint(current, tmp_path / "new.safetensors")
+    assert load_model(path).init_args["merge_kernel_size"] is None
