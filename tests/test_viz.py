@@ -12,7 +12,7 @@ import pytest
 import medsegkit
 from medsegkit.data import sample_path
 from medsegkit.io import Image, read_image
-from medsegkit.viz import napari_geometry
+from medsegkit.io.geometry import layer_geometry
 
 
 def test_show_draws_three_planes_with_world_aspect_on_the_lsa_head():
@@ -45,13 +45,13 @@ def test_show_crosses_the_planes_at_the_labels_centre_and_checks_grids():
         medsegkit.show(np.zeros((4, 4)))
 
 
-def test_napari_geometry_keeps_scale_and_origin():
+def test_view_geometry_keeps_scale_and_origin():
     affine = np.array([[2.0, 0, 0, -10], [0, 3.0, 0, 20], [0, 0, 1.5, 5], [0, 0, 0, 1]])
-    assert napari_geometry(affine) == {"scale": (1.5, 3.0, 2.0), "translate": (5.0, 20.0, -10.0)}
+    assert layer_geometry(affine, 3) == {"scale": (1.5, 3.0, 2.0), "translate": (5.0, 20.0, -10.0)}
     angle = np.deg2rad(10)
     oblique = affine.copy()
     oblique[:2, :2] = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.diag([2.0, 3.0])
-    geometry = napari_geometry(oblique)
+    geometry = layer_geometry(oblique, 3)
     assert geometry["scale"] == pytest.approx((1.5, 3.0, 2.0))
     # napari's data -> world: affine @ (scale * voxel + translate) must give the image's world point (z, y, x)
     voxel = np.array([3.0, 5.0, 7.0])  # (i, j, k)

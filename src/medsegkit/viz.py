@@ -40,18 +40,15 @@ def _as_image(obj: Any, what: str) -> Image:
 
 def _canonical(image: Image, what: str) -> tuple[np.ndarray, np.ndarray]:
     """``(array (i, j, k), affine)`` with the voxel axes permuted / flipped to the closest RAS order (no
-    resampling; nibabel's ``io_orientation``); a multi-channel image gives its first channel."""
-    import nibabel.orientations as nio
+    resampling; :func:`medsegkit.io.geometry.to_canonical`); a multi-channel image gives its first channel."""
+    from medsegkit.io.geometry import to_canonical
 
     if image.spatial_ndim != 3:
         raise ValueError(f"{what} must be 3D; got a {image.spatial_ndim}D image of shape {image.spatial_shape}")
     array = np.asarray(image.array)
     if image.channel_axis is not None:
         array = array[0]
-    transform = nio.io_orientation(image.affine)
-    canonical = nio.apply_orientation(array, transform)
-    affine = image.affine @ nio.inv_ornt_aff(transform, array.shape)
-    return np.asarray(canonical), affine
+    return to_canonical(array, image.affine, 3)
 
 
 def _label_colormap(count: int, colors: Sequence[Sequence[int]] | None):
@@ -171,38 +168,18 @@ def view(image: Any, labels: Any = None, *, viewer: Any = None, name: str = "ima
     """
     import napari  # heavy (Qt): only when a viewer is asked for
 
+    from medsegkit.io.geometry import layer_geometry, reverse_spatial
+
     volume = _as_image(image, "image")
     grid, affine = _canonical(volume, "image")
-    geometry = napari_geometry(affine)
+    geometry = layer_geometry(affine, 3)  # napari's (z, y, x) = the voxel axes reversed
     viewer = viewer if viewer is not None else napari.Viewer()
-    viewer.add_image(_zyx(grid), name=name, **geometry)
+    viewer.add_image(np.ascontiguousarray(reverse_spatial(grid, 3)), name=name, **geometry)
     if labels is not None:
         label_image = _as_image(labels, "labels")
         if label_image.spatial_shape != volume.spatial_shape:
             raise ValueError(f"labels {label_image.spatial_shape} must lie on the image's grid {volume.spatial_shape}")
         label_grid, _ = _canonical(label_image, "labels")
-        viewer.add_labels(_zyx(label_grid).astype(np.int32), name=f"{name} labels", **geometry)
+        viewer.add_labels(np.ascontiguousarray(reverse_spatial(label_grid, 3)).astype(np.int32), name=f"{name} labels", **geometry)
     return viewer
 
-
-def _zyx(array: np.ndarray) -> np.ndarray:
-    """napari's axis habit: ``(k, j, i)`` (it slides over the first axis and shows x to the right)."""
-    return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
-
-
-def napari_geometry(affine: np.ndarray) -> dict[str, Any]:
-    """Layer keyword arguments for a closest-RAS ``(i, j, k)`` grid shown as ``(k, j, i)``: ``scale`` (the
-    voxel size in mm), ``translate`` (the origin) and, for an oblique grid, ``affine`` holding the rest."""
-    linear = np.asarray(affine, dtype=np.float64)[:3, :3][::-1, ::-1]  # world (z, y, x) from voxel (k, j, i)
-    origin = np.asarray(affine, dtype=np.float64)[:3, 3][::-1]
-    spacing = np.linalg.norm(linear, axis=0)
-    direction = linear / spacing[None, :]
-    geometry: dict[str, Any] = {"scale": tuple(float(v) for v in spacing)}
-    if np.allclose(direction, np.eye(3), atol=1e-6):
-        geometry["translate"] = tuple(float(v) for v in origin)
-        return geometry
-    rotation = np.eye(4)
-    rotation[:3, :3] = direction  # napari applies affine after scale and translate
-    geometry["translate"] = tuple(float(v) for v in np.linalg.solve(direction, origin))
-    geometry["affine"] = rotation
-    return geometry
