@@ -1,8 +1,7 @@
 """napari side of the layer geometry: read a napari layer's full data → world transform.
 
 The numpy geometry (axis order, affines, scale / translate / affine split, reorientation, the channel
-axis choice) is core and lives in :mod:`medsegkit.io.geometry`; it is re-exported here so the plugin
-modules import one place.
+axis choice) is core and lives in :mod:`medsegkit.io.geometry`; the plugin modules import it from there.
 """
 
 from __future__ import annotations
@@ -11,28 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medsegkit.io.geometry import (
-    drop_axis,
-    from_canonical,
-    image_affine_from_world,
-    layer_geometry,
-    resolve_channel_axis,
-    reverse_spatial,
-    to_canonical,
-    world_from_image_affine,
-)
-
-__all__ = [
-    "data_to_world_matrix",
-    "drop_axis",
-    "from_canonical",
-    "image_affine_from_world",
-    "layer_geometry",
-    "resolve_channel_axis",
-    "reverse_spatial",
-    "to_canonical",
-    "world_from_image_affine",
-]
+__all__ = ["data_to_world_matrix"]
 
 
 def data_to_world_matrix(layer: Any) -> np.ndarray:
