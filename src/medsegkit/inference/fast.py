@@ -236,10 +236,6 @@ class PreparedModel:
         """``(B, C, *roi)`` → float32 ``(B, K, *roi)`` (:meth:`invoke` on a dense model)."""
         return self.invoke(_dense_output, batch)
 
-    def restore(self) -> None:
-        """Nothing to undo: :func:`prepare_model` never changes the caller's model (it works on a copy).
-        Kept so that callers written for the in-place relayout of earlier versions keep working."""
-
 
 # model -> {options: _InferenceCopy}; a repeated predict() on the same weights reuses the copy
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
