@@ -108,9 +108,9 @@ def _write_network(network: nn.Module, folder: Path, fmt: str, example: torch.Te
     if fmt == "onnx":
         return _onnx(network, target, example, name)
     if fmt == "openvino":
-        from medsegkit.inference.backends import _require
+        from medsegkit.inference.backends import require_package
 
-        ov = _require("openvino")
+        ov = require_package("openvino")
         onnx_path = _onnx(network, folder / "intermediate.onnx", example, name)
         try:
             ov.save_model(ov.convert_model(str(onnx_path)), str(target), compress_to_fp16=False)
@@ -131,7 +131,7 @@ def _write_network(network: nn.Module, folder: Path, fmt: str, example: torch.Te
 def _sidecar(model: nn.Module, network: nn.Module, fmt: str, roi: tuple[int, ...], batch_size: int,
              in_channels: int, out_channels: int, overlap: float, mode: str, source: str) -> dict[str, Any]:
     from medsegkit import __version__
-    from medsegkit.inference.segment import _preprocessing_for
+    from medsegkit.inference.segment import preprocessing_for
     from medsegkit.inference.windows import model_spatial_dims
 
     metadata = _jsonable(getattr(model, "medsegkit_metadata", None) or {})
@@ -152,7 +152,7 @@ def _sidecar(model: nn.Module, network: nn.Module, fmt: str, roi: tuple[int, ...
         "batch_size": batch_size,
         "overlap": overlap,
         "mode": mode,
-        "preprocessing": _jsonable(_preprocessing_for(model, None)),
+        "preprocessing": _jsonable(preprocessing_for(model, None)),
         "class_names": metadata.get("class_names"),
         "label_colors": metadata.get("label_colors"),
         "postprocessing": {"labels": "argmax over classes" if out_channels > 1 else "logit > 0",

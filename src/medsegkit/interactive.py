@@ -8,7 +8,7 @@ marks and keeps the marked voxels at their marked class. :meth:`Session.undo`, :
 and :meth:`Session.save` complete the loop. The napari widget and notebooks use this same class.
 
 How the result stays exact: the session keeps every window's network output (``(K, *roi)`` float32 on
-the preprocessed grid). A region is blended by :class:`medsegkit.inference.predict._SlabBlender` itself,
+the preprocessed grid). A region is blended by :class:`medsegkit.inference.predict.SlabBlender` itself,
 replaying the windows that cover it in the engine's slab order into chunks of the same shapes, so each
 voxel sees the same floating-point operations in the same order as in :func:`segment`; only the order
 in which the network runs the windows changes.
@@ -100,8 +100,8 @@ class Session:
     def __init__(self, model_or_checkpoint: nn.Module | str | os.PathLike, image: Any, **segment_kwargs: Any) -> None:
         from monai.data.utils import compute_importance_map
 
-        from medsegkit.inference.predict import _flip_sets, _Mirrored, _Output
-        from medsegkit.inference.segment import _preprocessing_for, resolve_model
+        from medsegkit.inference.predict import MirroredRunner, OutputWriter, mirror_flip_sets
+        from medsegkit.inference.segment import preprocessing_for, resolve_model
         from medsegkit.inference.windows import (
             WindowGrid,
             as_source,
@@ -151,24 +151,24 @@ class Session:
         slice_axis = options.get("slice_axis")
         if model_dims == 2 and image.spatial_ndim == 3 and slice_axis is None:
             slice_axis = 2
-        tensor, self.state = preprocess(image, _preprocessing_for(caller_model, options.get("preprocessing")))
+        tensor, self.state = preprocess(image, preprocessing_for(caller_model, options.get("preprocessing")))
         self.batch = tensor.as_tensor()[None]  # (1, C, *spatial) on the preprocessed grid, as segment passes
         self.source, image_dims = as_source(self.batch, model_dims, model_in_channels(caller_model), slice_axis)
         self.slice_axis = resolve_slice_axis(slice_axis, model_dims, image_dims)
         roi = resolve_roi(options.get("roi_size"), caller_model, model_dims, self.source.spatial, self.slice_axis)
         self.grid = WindowGrid(self.source.spatial, roi,
                                resolve_overlap(options["overlap"], model_dims, image_dims, self.slice_axis))
-        self.flip_sets = _flip_sets(options["tta_flips"], roi)
+        self.flip_sets = mirror_flip_sets(options["tta_flips"], roi)
         self.stitch = torch.device(options["device"]) if options.get("device") is not None else torch.device("cpu")
         self.weight = compute_importance_map(tuple(roi), mode=options["mode"], sigma_scale=options["sigma_scale"],
                                              device=self.stitch, dtype=torch.float32)
         self.blend_probabilities = len(self.flip_sets) > 1
         self.model_roi = tuple(r for i, r in enumerate(roi) if i != self.slice_axis)
-        self._mirrored, self._output_class = _Mirrored, _Output
+        self._mirrored, self._output_class = MirroredRunner, OutputWriter
 
         # the chunks of the engine's slab blender and the windows touching each
         self.slab_order = self.grid.slab_order()
-        self._scratch = _Output(None, True, self.stitch)  # the blender writes a whole chunk here
+        self._scratch = OutputWriter(None, True, self.stitch)  # the blender writes a whole chunk here
         probe = self._blender()
         self.bounds = probe.bounds
         slab = self.grid.slab_axis
@@ -214,9 +214,9 @@ class Session:
         return self.model
 
     def _blender(self):
-        from medsegkit.inference.predict import _SlabBlender
+        from medsegkit.inference.predict import SlabBlender
 
-        return _SlabBlender(0, self.grid, self.slab_order, self.weight, "labels", self.blend_probabilities,
+        return SlabBlender(0, self.grid, self.slab_order, self.weight, "labels", self.blend_probabilities,
                             self.source, self._scratch)
 
     def _compute(self, windows: list[int], progress, cancel, done_before: int = 0, total: int | None = None,

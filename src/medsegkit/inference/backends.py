@@ -46,7 +46,7 @@ _FORMAT_BACKENDS = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino"
                     "exported-program": ("torch",), "torchscript": ("torch",)}
 
 
-def _require(package: str) -> Any:
+def require_package(package: str) -> Any:
     import importlib
 
     try:
@@ -67,8 +67,8 @@ def check_backend(backend: str) -> str:
 # writing: the ONNX graph (also OpenVINO's input, and the on-the-fly conversion for predict(backend=...))
 def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> Path:
     """Write ``module`` as ONNX (torch.export-based exporter, opset 18) for inputs shaped like ``example``."""
-    _require("onnx")
-    _require("onnxscript")  # torch.onnx's dynamo exporter needs it
+    require_package("onnx")
+    require_package("onnxscript")  # torch.onnx's dynamo exporter needs it
     import io
     import logging
     from contextlib import redirect_stdout
@@ -88,7 +88,7 @@ def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> Path:
 # --------------------------------------------------------------------------------------------------
 # reading: backend sessions as numpy callables
 def _onnxruntime_call(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    ort = _require("onnxruntime")
+    ort = require_package("onnxruntime")
     options = ort.SessionOptions()
     threads = torch.get_num_threads()
     options.intra_op_num_threads = threads
@@ -99,7 +99,7 @@ def _onnxruntime_call(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _openvino_call(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    ov = _require("openvino")
+    ov = require_package("openvino")
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)

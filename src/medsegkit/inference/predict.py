@@ -68,7 +68,7 @@ MODES = ("gaussian", "constant")
 
 # --------------------------------------------------------------------------------------------------
 # output
-class _Output:
+class OutputWriter:
     """Where finished slabs go: a new array in memory, a caller's array, or a zarr store at a path."""
 
     def __init__(self, out: Any, like_torch: bool, device: torch.device) -> None:
@@ -149,7 +149,7 @@ def _label_dtype(classes: int) -> np.dtype:
     return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.int32)
 
 
-def _flip_sets(tta_flips: Sequence[int], roi: Sequence[int]) -> list[tuple[int, ...]]:
+def mirror_flip_sets(tta_flips: Sequence[int], roi: Sequence[int]) -> list[tuple[int, ...]]:
     image_dims = len(roi)
     if isinstance(tta_flips, (bool, int)) or not all(isinstance(a, (int, np.integer)) for a in tta_flips):
         raise ValueError(f"tta_flips must be a sequence of spatial axes such as (0, 1, 2), got {tta_flips!r}")
@@ -311,7 +311,7 @@ def _predict_semantic(
     slice_axis = resolve_slice_axis(slice_axis, model_dims, image_dims)
     roi = resolve_roi(roi_size, model, model_dims, source.spatial, slice_axis)
     grid = WindowGrid(source.spatial, roi, resolve_overlap(overlap, model_dims, image_dims, slice_axis))
-    flip_sets = _flip_sets(tta_flips, roi)
+    flip_sets = mirror_flip_sets(tta_flips, roi)
 
     torch_in = source.kind == "torch"
     stitch = torch.device(device) if device is not None else (source.data.device if torch_in else torch.device("cpu"))
@@ -323,16 +323,16 @@ def _predict_semantic(
     if backend in ("onnxruntime", "openvino") and not isinstance(model, ExportedNetwork):
         model = backend_network(model, backend, (sw_batch_size, *example[1:]), model_dims)
 
-    writer = _Output(out, torch_in and out is None, stitch)
+    writer = OutputWriter(out, torch_in and out is None, stitch)
     order = grid.slab_order()  # slabs finish (and are written) as the windows pass them
     try:
         with prepared_runner(model, device=run_on, fast=fast, amp=amp, example_shape=example) as runner:
-            forward = _Mirrored(runner, flip_sets, slice_axis, blend_probabilities, stitch)
+            forward = MirroredRunner(runner, flip_sets, slice_axis, blend_probabilities, stitch)
             blender = None
             for batch in iterate_windows(source, grid, forward, batch_size=sw_batch_size, order=order, cval=cval,
                                          slab_reads=True, progress=progress, cancel=cancel):
                 if blender is None or blender.n != batch.n:
-                    blender = _SlabBlender(batch.n, grid, order, weight, output, blend_probabilities, source, writer)
+                    blender = SlabBlender(batch.n, grid, order, weight, output, blend_probabilities, source, writer)
                 blender.add(batch.windows, batch.output)
         return writer.finish()
     except BaseException:
@@ -340,7 +340,7 @@ def _predict_semantic(
         raise
 
 
-class _Mirrored:
+class MirroredRunner:
     """The runner with mirror TTA and 2D-on-3D slicing: ``(B, C, *roi)`` → float32 ``(B, K, *roi)`` on ``stitch``
     (TTA averaged; probabilities when ``blend_probabilities``)."""
 
@@ -373,7 +373,7 @@ class _Mirrored:
         return total.to(self.stitch)
 
 
-class _SlabBlender:
+class SlabBlender:
     """Weighted blending of the windows of image ``n``; slabs are finished and written as soon as no window
     left in ``order`` needs them.
 
@@ -383,7 +383,7 @@ class _SlabBlender:
     """
 
     def __init__(self, n: int, grid: WindowGrid, order: list[int], weight: torch.Tensor, output: str,
-                 blend_probabilities: bool, source: ImageSource, writer: _Output) -> None:
+                 blend_probabilities: bool, source: ImageSource, writer: OutputWriter) -> None:
         self.n, self.grid, self.output, self.source, self.writer = n, grid, output, source, writer
         self.blend_probabilities = blend_probabilities
         dims = len(grid.padded)

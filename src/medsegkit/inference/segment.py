@@ -80,7 +80,7 @@ def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike, *, map_loc
     return create_model(spec.name, pretrained=True).eval()
 
 
-def _preprocessing_for(model: nn.Module, preprocessing: Any) -> Any:
+def preprocessing_for(model: nn.Module, preprocessing: Any) -> Any:
     if preprocessing is not None:
         return preprocessing
     metadata = getattr(model, "medsegkit_metadata", None) or {}
@@ -194,7 +194,7 @@ def segment(
         for key in ("overlap", "mode"):
             if key in sidecar:
                 predict_kwargs.setdefault(key, sidecar[key])
-    spec = _preprocessing_for(model, preprocessing)
+    spec = preprocessing_for(model, preprocessing)
     model_dims = model_spatial_dims(model)
     if model_dims > image.spatial_ndim:
         raise ValueError(
