@@ -156,7 +156,7 @@ def segment_many(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from medsegkit._ranks import shard
+    from medsegkit._ranks import process_rank, shard
     from medsegkit.inference.folder import output_path_for
     from medsegkit.inference.segment import resolve_model, segment
     from medsegkit.io import read_image, write_image
@@ -220,7 +220,7 @@ def segment_many(
         thresholds = thresholds or QCThresholds()
         cohort = add_quality_flags(cohort, thresholds=thresholds)
     cohort = cohort.drop(columns=["reference_ranges"])
-    if _is_first_rank(rank):
+    if (rank if rank is not None else process_rank()[0]) == 0:
         cohort.to_csv(out / "cohort.csv", index=False)
         if qc:
             write_qc_report(cohort, out / "qc_report.json", thresholds=thresholds)
@@ -238,12 +238,3 @@ def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged = [row for part in gathered for row in part]
     return sorted(merged, key=lambda r: (r["case"], r["label"]))
 
-
-def _is_first_rank(rank: int | None) -> bool:
-    if rank is not None:
-        return rank == 0
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
