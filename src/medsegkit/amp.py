@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["amp_choice", "amp_dtype", "autocast", "bf16_supported"]
+__all__ = ["amp_choice", "amp_dtype", "autocast", "autocast_as", "bf16_supported"]
 
 logger = logging.getLogger("medsegkit.inference")
 
@@ -87,10 +87,13 @@ def amp_dtype(device: torch.device | str, amp: Any) -> torch.dtype | None:
     return dtype
 
 
-def autocast(device: torch.device | str, amp: Any) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for the dtype :func:`amp_dtype` picks, or a null context for float32."""
-    device = torch.device(device)
-    dtype = amp_dtype(device, amp)
+def autocast_as(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device`` (a dtype already chosen), or a null context for ``None``."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def autocast(device: torch.device | str, amp: Any) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for the dtype :func:`amp_dtype` picks, or a null context for float32."""
+    return autocast_as(device, amp_dtype(device, amp))

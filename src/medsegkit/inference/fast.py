@@ -27,14 +27,18 @@ import contextlib
 import copy
 import logging
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from medsegkit.amp import amp_dtype, bf16_supported  # re-exported: the one AMP choice lives in medsegkit.amp
+from medsegkit.amp import (  # amp_dtype, bf16_supported re-exported: the one AMP choice lives in medsegkit.amp
+    amp_dtype,
+    autocast_as,
+    bf16_supported,
+)
 
 __all__ = ["PreparedModel", "amp_dtype", "bf16_supported", "fold_batchnorm", "prepare_model", "to_memory_format"]
 
@@ -195,12 +199,9 @@ class PreparedModel:
     notes: list[str] = field(default_factory=list)
     built: _InferenceCopy | None = field(default=None, repr=False)
 
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            if self.autocast is not None:
-                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast))
-            yield
+    def context(self) -> contextlib.AbstractContextManager:
+        """The autocast the network runs under (a null context in float32)."""
+        return autocast_as(self.device, self.autocast)
 
     def _run(self, call: Callable[[nn.Module, torch.Tensor], Any], batch: torch.Tensor) -> Any:
         with torch.inference_mode(), self.context():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsegkit.amp import amp_choice
+from medsegkit.amp import amp_choice, autocast_as
 from medsegkit.nets.layers.padding import pad_to_multiple
 from medsegkit.train.data import LabelledVolume, PatchSampler
 
@@ -496,10 +496,8 @@ def _run(model, train_volumes, val_volumes, *, context, checkpoint, state_file, 
                 # DDP averages gradients across ranks once per optimiser step (on the last micro-batch)
                 last = micro == config.accumulate - 1
                 sync = contextlib.nullcontext() if last or not context.is_distributed else net.no_sync()
-                autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                            else contextlib.nullcontext())
                 with sync:
-                    with autocast:
+                    with autocast_as(device, amp_dtype):
                         out = net(x)
                     if isinstance(out, Mapping):
                         out = out["out"]
