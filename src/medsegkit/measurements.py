@@ -49,11 +49,10 @@ def metadata_path_for(labels_path: str | os.PathLike) -> Path:
 def write_label_metadata(labels_path: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
     """Write ``metadata`` (class names, label colours, model, QC reference ranges...) as the sidecar JSON
     of ``labels_path`` (temporary file + rename, like the label file itself)."""
-    target = metadata_path_for(labels_path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(dict(metadata), indent=2, default=str))
-    tmp.replace(target)
-    return target
+    from medsegkit.files import atomic_write
+
+    text = json.dumps(dict(metadata), indent=2, default=str)
+    return atomic_write(metadata_path_for(labels_path), lambda tmp: tmp.write_text(text))
 
 
 def read_label_metadata(labels_path: str | os.PathLike) -> dict[str, Any]:

@@ -156,11 +156,10 @@ def write_qc_report(table: pd.DataFrame, path: str | os.PathLike, *, thresholds:
         case["flagged"] = bool(case["flagged"] or row.get("flagged", False))
     report = {"thresholds": asdict(thresholds), "flagged_cases": [k for k, v in cases.items() if v["flagged"]],
               "cases": cases}
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(target)
-    return target
+    from medsegkit.files import atomic_write
+
+    text = json.dumps(report, indent=2)
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def _resampling_steps(model: Any, image: Image, preprocessing: Any) -> tuple[int, ...]:
