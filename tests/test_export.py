@@ -136,24 +136,27 @@ def test_unet2d_and_fcn_export_and_round_trip(tmp_path):
         np.testing.assert_array_equal(medsegkit.predict(out, image), reference)
 
 
-def test_maskformer_semantic_exports_as_program_and_refuses_onnx_by_name(tmp_path):
-    model = create_model("maskformer_resnet_18", num_classes=3, num_queries=8).eval()
-    out = export(model, tmp_path / "mf", format="exported-program", roi_size=(64, 64), log=None)
+@pytest.mark.slow  # 10-40 s each: the query models' torch.export (CI runs the slow tests too)
+@pytest.mark.parametrize("name, fmt", [("maskformer_resnet_18", "onnx"),
+                                       ("maskformer_resnet_18", "exported-program"), ("mask2former_resnet_18", "openvino")])
+def test_maskformer_and_mask2former_semantic_export(tmp_path, name, fmt):
+    """Query models export their semantic scores (SemanticAdapter); ONNX goes through torch.export's program
+    (torch.onnx's own export of the module failed in its decomposition step with an IndexError); Mask2Former's
+    OpenVINO IR comes from the program too (OpenVINO's ONNX frontend refuses its boolean ReduceSum / Slice)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, num_queries=8).eval()
+    out = export(model, tmp_path / "mf", format=fmt, roi_size=(64, 64), log=None)
     image = np.random.default_rng(2).random((3, 70, 64), dtype=np.float32)
     reference = medsegkit.predict(model, image, roi_size=(64, 64), task="semantic")
     np.testing.assert_array_equal(medsegkit.predict(out, image), reference)
-    with pytest.raises(ValueError, match=r"MaskFormer.* cannot be written as ONNX"):
-        export(model, tmp_path / "mf_onnx", format="onnx", roi_size=(64, 64), log=None)
-    assert not (tmp_path / "mf_onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mf"]
 
 
 def test_errors_mask_rcnn_unsupported_format_existing_out(unet3d, exports, tmp_path):
     with pytest.raises(ValueError, match=r"MaskRCNN is a detection model .*number depends on the image"):
         export(create_model("mask_rcnn_resnet_50_fpn", num_classes=2), tmp_path / "rcnn", format="onnx")
-    with pytest.raises(ValueError, match=r"format must be one of onnx, openvino, exported-program, torchscript, got 'tflite'"):
+    with pytest.raises(ValueError, match=r"format must be one of onnx, openvino, exported-program, torchscript, "
+                                         r"bioimageio, got 'tflite'"):
         export(unet3d, tmp_path / "x", format="tflite")
-    with pytest.raises(ValueError, match="quantize='int8' is not implemented yet"):
-        export(unet3d, tmp_path / "x", format="openvino", quantize="int8")
     folder, _ = exports
     before = (folder / "onnx" / "model.onnx").read_bytes()
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
@@ -222,3 +225,28 @@ def test_demo_model_onnx_round_trip_through_the_cli(tmp_path):
     from_export = np.asarray(nib.load(tmp_path / "ox.nii.gz").dataobj)
     assert set(np.unique(from_checkpoint)) == {0, 1, 2, 3}
     np.testing.assert_array_equal(from_export, from_checkpoint)
+
+
+def test_openvino_falls_back_to_the_program_and_names_both_causes(unet3d, volume, tmp_path, monkeypatch):
+    """Where the ONNX route fails (Mask2Former: OpenVINO's ONNX frontend), the OpenVINO IR is converted from the
+    torch.export program; where that fails too, the error names the model and both causes and nothing is left."""
+    import openvino as ov
+
+    import medsegkit.exporter as exporter
+
+    def no_onnx(network, target, example, name):
+        raise ValueError("ONNX refused (test)")
+
+    monkeypatch.setattr(exporter, "_onnx", no_onnx)
+    out = export(unet3d, tmp_path / "ov", format="openvino", roi_size=ROI3, log=None)
+    assert json.loads((out / "medsegkit.json").read_text())["verification"]["max_abs_logit_diff"] <= 1e-4
+    np.testing.assert_array_equal(medsegkit.predict(out, volume), medsegkit.predict(unet3d, volume, roi_size=ROI3))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("frontend refused (test)")
+
+    monkeypatch.setattr(ov, "convert_model", refuse)
+    with pytest.raises(ValueError, match=r"UNet cannot be written as OpenVINO IR: from ONNX: ONNX refused \(test\); "
+                                         r"from its torch.export program: RuntimeError: frontend refused \(test\)"):
+        export(unet3d, tmp_path / "ov2", format="openvino", roi_size=ROI3, log=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["ov"]

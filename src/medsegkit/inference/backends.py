@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,24 @@ def require_package(package: str) -> Any:
         ) from err
 
 
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+def check_backend(backend: str | None) -> str | None:
+    """``backend`` if it is ``None`` (the model's own: PyTorch, or the export format's) or in :data:`BACKENDS`."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
 
 
 # --------------------------------------------------------------------------------------------------
 # writing: the ONNX graph (also OpenVINO's input, and the on-the-fly conversion for predict(backend=...))
-def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> Path:
-    """Write ``module`` as ONNX (torch.export-based exporter, opset 18) for inputs shaped like ``example``."""
+def export_onnx(module: nn.Module, path: Path, example: torch.Tensor, *, name: str | None = None) -> Path:
+    """Write ``module`` as ONNX for inputs shaped like ``example``: ``torch.export.export`` of the module, then
+    ``torch.onnx.export`` of that program (the dynamo exporter, its default opset 18).
+
+    Raises:
+        ImportError: onnx / onnxscript missing (the export extra).
+        ValueError: torch.onnx's exporter failed; the message names the model (``name``) and the
+            innermost cause (the operator or step that could not be converted).
+    """
     require_package("onnx")
     require_package("onnxscript")  # torch.onnx's dynamo exporter needs it
     import io
@@ -74,14 +83,33 @@ def export_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> Path:
     from contextlib import redirect_stdout
 
     quiet = io.StringIO()  # the exporter prints its steps; keep them out of the user's output
-    previous = logging.getLogger("torch.onnx").level
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    chatty = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    previous = [log.level for log in chatty]
+    for log in chatty:
+        log.setLevel(logging.ERROR)
     try:
-        with redirect_stdout(quiet), torch.no_grad():
-            torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"],
+        with redirect_stdout(quiet):
+            # torch.export first, outside no_grad, then ONNX from the program: handing torch.onnx the module
+            # (its own export, under no_grad) made MaskFormer's decomposition step fail with an IndexError
+            # in torch 2.14, while the program of the same module converts (max |Δ| 1.4e-6 on ORT)
+            program = torch.export.export(module, (example,))
+            torch.onnx.export(program, (example,), str(path), dynamo=True, input_names=["input"],
                               output_names=["logits"], external_data=False, verbose=False)
+    except ImportError:
+        raise
+    except Exception as err:  # torch.onnx raises its own error types per step; the cause says which op
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        reason = " ".join(str(cause).split())[:300]
+        raise ValueError(
+            f"{name or type(module).__name__} cannot be written as ONNX: torch.onnx's exporter failed "
+            f"({type(err).__name__}; cause: {type(cause).__name__}: {reason}); export it as "
+            "exported-program (torch.export) instead"
+        ) from err
     finally:
-        logging.getLogger("torch.onnx").setLevel(previous)
+        for log, level in zip(chatty, previous):
+            log.setLevel(level)
     return path
 
 
@@ -93,6 +121,7 @@ def _onnxruntime_call(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     threads = torch.get_num_threads()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: unused-initializer notes are not the user's business
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})[0]
@@ -102,7 +131,12 @@ def _openvino_call(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     ov = require_package("openvino")
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"}
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    try:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as err:  # OpenVINO's own error types (OpConversionFailure, RuntimeError)
+        raise ValueError(
+            f"OpenVINO cannot run {path.name}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from err
     request = compiled.create_infer_request()
     output = compiled.output(0)
 
@@ -125,11 +159,11 @@ def _torch_call(path: Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     return call
 
 
-def open_network(path: Path, fmt: str, backend: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def open_network(path: Path, fmt: str, backend: str | None) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """``(call, backend)``: the network file ``path`` of format ``fmt`` opened on ``backend``
-    (``"auto"``: the format's own backend)."""
+    (``None`` or ``"auto"``: the format's own backend)."""
     check_backend(backend)
-    backend = _DEFAULT_BACKEND[fmt] if backend == "auto" else backend
+    backend = _DEFAULT_BACKEND[fmt] if backend in (None, "auto") else backend
     if backend not in _FORMAT_BACKENDS[fmt]:
         raise ValueError(
             f"a {fmt} export runs on {' or '.join(_FORMAT_BACKENDS[fmt])}, not backend={backend!r}; "
@@ -225,15 +259,21 @@ def _network_file(path: Path) -> tuple[Path, str]:
         )
     fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path.name} is not an exported network; accepted: {', '.join(_SUFFIX_FORMAT)} or an export folder")
+        raise ValueError(f"{path.name} is not an exported network; accepted: {', '.join(_SUFFIX_FORMAT)}, an export "
+                         "folder or a bioimage.io package (folder or .zip)")
     return path, fmt
 
 
 def is_exported(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an export folder or a network file with a ``medsegkit.json`` sidecar next to it."""
+    """Whether ``path`` is an export folder, a network file with a ``medsegkit.json`` sidecar next to it,
+    or a bioimage.io package zip (``medsegkit export --format bioimageio -o OUT.zip``)."""
     path = Path(path).expanduser()
     if path.is_dir():
         return (path / SIDECAR).exists()
+    if path.suffix.lower() == ".zip" and path.is_file():
+        from medsegkit.inference.bioimage_package import is_package
+
+        return is_package(path)
     return path.suffix.lower() in _SUFFIX_FORMAT and (path.parent / SIDECAR).exists()
 
 
@@ -246,8 +286,8 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
     return json.loads(sidecar_path.read_text())
 
 
-def load_exported(path: str | os.PathLike, *, backend: str = "auto") -> ExportedNetwork:
-    """Open an export (its folder or its network file) on ``backend`` (``"auto"``: onnx → ONNX Runtime,
+def load_exported(path: str | os.PathLike, *, backend: str | None = None) -> ExportedNetwork:
+    """Open an export (its folder or its network file) on ``backend`` (``None`` / ``"auto"``: onnx → ONNX Runtime,
     OpenVINO IR → OpenVINO, ``.pt2`` / ``.ts`` → torch).
 
     Raises:
@@ -257,16 +297,45 @@ def load_exported(path: str | os.PathLike, *, backend: str = "auto") -> Exported
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"exported network {path} does not exist")
+    if path.suffix.lower() == ".zip" and path.is_file():
+        from medsegkit.inference.bioimage_package import is_package, unpacked
+
+        if is_package(path):  # a bioimage.io package, unpacked once
+            path = unpacked(path)
     network_path, fmt = _network_file(path)
     sidecar = read_sidecar(network_path.parent)
     call, backend = open_network(network_path, fmt, backend)
     return ExportedNetwork(call, sidecar, backend=backend, path=network_path)
 
 
+# model -> {(backend, batch shape, weights version): network}: the conversion is made once per model
+_CONVERTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ExportedNetwork]] = weakref.WeakKeyDictionary()
+
+
+def _weights_version(model: nn.Module) -> tuple:
+    """Changes when a weight is replaced or changed in place (storage pointer and version counter)."""
+    return tuple((name, t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items())
+
+
 def backend_network(model: nn.Module, backend: str, example_shape: Sequence[int], spatial_dims: int) -> ExportedNetwork:
     """``model`` (eval mode) converted to ONNX in a temporary folder and opened on ``backend``
-    (``"onnxruntime"`` / ``"openvino"``), for window batches of ``example_shape = (B, C, *roi)``; the
-    conversion costs seconds, once per call."""
+    (``"onnxruntime"`` / ``"openvino"``), for window batches of ``example_shape = (B, C, *roi)``.
+
+    The conversion costs seconds; it is cached per model (weakly: the cache goes with the model), backend
+    and batch shape, and made again when the model's weights change."""
+    key = (backend, tuple(int(s) for s in example_shape), _weights_version(model))
+    cached = _CONVERTED.get(model, {}).get(key)
+    if cached is not None:
+        return cached
+    network = _convert(model, backend, example_shape, spatial_dims)
+    per_model = _CONVERTED.setdefault(model, {})
+    for old in [k for k in per_model if k[:2] == key[:2]]:  # older weights of the same configuration
+        del per_model[old]
+    per_model[key] = network
+    return network
+
+
+def _convert(model: nn.Module, backend: str, example_shape: Sequence[int], spatial_dims: int) -> ExportedNetwork:
     was_training = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

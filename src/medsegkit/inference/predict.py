@@ -186,7 +186,7 @@ def predict(
     cancel: Any = None,
     sigma_scale: float | Sequence[float] = 0.125,
     cval: float = 0.0,
-    backend: str = "auto",
+    backend: str | None = None,
 ):
     """Segment an array with a model by sliding windows (no preprocessing).
 
@@ -232,12 +232,18 @@ def predict(
             ``N × ceil(number_of_windows / sw_batch_size)``.
         cancel: an object with ``is_set()`` (``threading.Event``) checked before every window batch;
             when set, :class:`medsegkit.Cancelled` is raised and a partly written ``out`` store removed.
-        backend: what runs the windows: ``"torch"`` (eager PyTorch), ``"onnxruntime"`` or
-            ``"openvino"`` (a PyTorch model is converted to ONNX first, seconds per call; an export is
-            opened on that backend), or ``"auto"``: for now PyTorch for a PyTorch model and the format's
-            own backend for an export (ONNX → ONNX Runtime, OpenVINO IR → OpenVINO, ``.pt2`` /
-            ``.ts`` → torch); it does not measure the backends yet. Other backends run semantic
-            models only, in float32 (``fast`` / ``amp`` are refused).
+        backend: what runs the windows. ``None`` (default): the model's own, PyTorch for a PyTorch model
+            and the format's backend for an export (ONNX → ONNX Runtime, OpenVINO IR → OpenVINO,
+            ``.pt2`` / ``.ts`` → torch). ``"torch"``, ``"onnxruntime"`` or ``"openvino"``: that one (a
+            PyTorch model is converted to ONNX once per model and batch shape, seconds; an export is
+            opened on that backend). ``"auto"``: for a PyTorch semantic model on the CPU, one window
+            batch is measured on each available backend and precision (torch float32, torch bf16
+            fast path, OpenVINO float32 / int8, ONNX Runtime), those whose labels agree ≥ 99.5 % with
+            float32 are kept and the fastest runs (:mod:`medsegkit.inference.autobackend`; cached per
+            machine and model under ``MEDSEGKIT_HOME``; the choice and an ETA are printed to stderr);
+            ``fast`` / ``amp`` are then refused (auto chooses the precision). For an export, a query
+            model's instance / panoptic output or a GPU, ``"auto"`` is the model's own backend.
+            Other backends run semantic models only, in float32 (``fast`` / ``amp`` are refused).
 
     Returns:
         numpy array for numpy / lazy input, tensor for tensor input (on ``device``); ``out`` when given
@@ -256,9 +262,12 @@ def predict(
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     check_overlap(overlap)
     check_backend(backend)
+    if backend == "auto" and (fast or amp):
+        raise ValueError("backend='auto' chooses the precision itself (bf16 only where labels agree >= 99.5 %); "
+                         "drop fast / amp, or choose backend='torch' with them")
     if isinstance(model, (str, os.PathLike)):
         model = load_exported(model, backend=backend)
-    elif isinstance(model, ExportedNetwork) and backend not in ("auto", model.backend):
+    elif isinstance(model, ExportedNetwork) and backend not in (None, "auto", model.backend):
         if model.path is None:
             raise ValueError(f"this network was opened on {model.backend}; backend={backend!r} needs the PyTorch model")
         model = load_exported(model.path, backend=backend)
@@ -273,7 +282,7 @@ def predict(
         if task not in (None, "semantic"):
             raise ValueError(f"task={task!r} needs a universal model; {type(model).__name__} is a semantic model")
         return _predict_semantic(model, image, sigma_scale=sigma_scale, cval=cval, backend=backend, **options)
-    if backend not in ("auto", "torch"):
+    if backend not in (None, "auto", "torch"):
         raise ValueError(
             f"backend={backend!r} runs semantic output only; {type(model).__name__} with task={task!r} "
             "runs on backend='torch'"
@@ -300,7 +309,7 @@ def predict(
 # the semantic consumer: blending window logits into slabs
 def _predict_semantic(
     model: nn.Module, image: Any, *, roi_size, sw_batch_size, overlap, mode, device, sw_device, amp, fast,
-    tta_flips, slice_axis, output, out, progress, cancel, sigma_scale, cval, backend="auto",
+    tta_flips, slice_axis, output, out, progress, cancel, sigma_scale, cval, backend=None,
 ):
     """:func:`predict` for a dense model ``(N, C, *roi)`` → ``(N, K, *roi)``."""
     from monai.data.utils import compute_importance_map
@@ -320,6 +329,9 @@ def _predict_semantic(
     blend_probabilities = bool(len(flip_sets) > 1 and output != "logits")
     model_roi = tuple(r for i, r in enumerate(roi) if i != slice_axis)
     example = (1, in_channels or source.channels * source.repeat_channels, *model_roi)
+    if backend == "auto" and not isinstance(model, ExportedNetwork) and run_on.type == "cpu":
+        model, backend, fast = _auto_backend(model, source, grid, sw_batch_size, slice_axis, cval, model_dims,
+                                             len(flip_sets) * source.batch * -(-len(grid.slices) // sw_batch_size))
     if backend in ("onnxruntime", "openvino") and not isinstance(model, ExportedNetwork):
         model = backend_network(model, backend, (sw_batch_size, *example[1:]), model_dims)
 
@@ -338,6 +350,21 @@ def _predict_semantic(
     except BaseException:
         writer.discard()
         raise
+
+
+def _auto_backend(model, source, grid, sw_batch_size, slice_axis, cval, model_dims, batches) -> tuple[nn.Module, str, bool]:
+    """``backend="auto"`` for a PyTorch model: ``(model, backend, fast)`` as measured (or cached) by
+    :func:`medsegkit.inference.autobackend.choose_backend` on the grid's middle window batch (``model``
+    is the int8 export when that won)."""
+    from medsegkit.inference.autobackend import announce, choose_backend, measurement_batch, open_int8
+
+    batch = measurement_batch(grid, source, sw_batch_size, slice_axis, cval)
+    choice = choose_backend(model, batch, spatial_dims=model_dims, allow_bf16=not isinstance(model, SemanticAdapter),
+                            log=logger.info)
+    announce(choice, batches)
+    if choice.precision == "int8":
+        return open_int8(choice.int8_export), "openvino", False
+    return model, choice.backend, choice.precision == "bf16"
 
 
 class MirroredRunner:
