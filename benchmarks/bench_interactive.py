@@ -9,8 +9,14 @@
    class; ``Session.refine`` adapts the model. Reported per round: mean foreground Dice on the slab,
    seconds, and "paint only" (the same marks written into the start labels, no adaptation).
 
+3. **napari** (``--napari``, under a display): the Segment widget on the MNI sample: the time from
+   opening the widget to a warm worker, two progressive Runs (first slice and total), one correction (a
+   stroke of the true class at the largest error of the slice on screen) and Refine, the longest gap of
+   a 10 ms ``QTimer`` heartbeat during each, and the before / after screenshots of ``docs/napari.md``.
+
     python benchmarks/bench_interactive.py               # 10 rounds
     python benchmarks/bench_interactive.py --rounds 3 --seconds 1.5
+    xvfb-run -a -s "-screen 0 1400x900x24" python benchmarks/bench_interactive.py --napari
 
 Timings depend on the machine's load; the numbers are printed, not asserted.
 """
@@ -51,17 +57,71 @@ def next_mark(pred: np.ndarray, truth: np.ndarray, radius: int = 2) -> tuple[np.
     return ball, int(truth[centre])
 
 
+def _one_mm(image):
+    """The 2 mm MNI152 T1 resampled (linear) to 1 mm: a 1 mm head of about the standard 181 x 217 x 181."""
+    from scipy import ndimage
+
+    from medsegkit.io import Image
+
+    array = ndimage.zoom(np.asarray(image.array, dtype=np.float32), 2, order=1)
+    affine = np.array(image.affine, dtype=float)
+    affine[:3, :3] = affine[:3, :3] / 2
+    return Image(array, affine, {}, None)
+
+
+def progressive(model, image, name: str, kw: dict):
+    """``segment`` vs ``Session.run(focus=axial slice, preview=True)``: preview, exact slice, total."""
+    from medsegkit.inference import segment
+    from medsegkit.interactive import Session
+
+    t0 = time.perf_counter()
+    reference = segment(model, image, **kw).array
+    t_segment = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    session = Session(model, image, **kw)
+    t_setup = time.perf_counter() - t0
+    first: list[float] = []
+    exact: list[float] = []
+
+    def on_update(region, labels) -> None:
+        now = time.perf_counter() - t0
+        if not first:
+            first.append(now)
+        if not session.previewing and not exact:
+            exact.append(now)
+
+    focus = {"axis": 2, "index": image.spatial_shape[2] // 2}
+    t0 = time.perf_counter()
+    labels = session.run(focus=focus, on_update=on_update, preview=True)
+    t_run = time.perf_counter() - t0
+    print(f"progressive (demo UNet3d, {name} {image.spatial_shape}, {len(session.grid.slices)} window(s))")
+    print(f"  segment            {t_segment:6.2f} s")
+    print(f"  session set-up     {t_setup:6.2f} s")
+    print(f"  run: first update (preview) {first[0]:6.2f} s   exact slice {exact[0]:6.2f} s   total {t_run:6.2f} s   "
+          f"({t_run / t_segment:.2f} x segment, {(t_run + t_setup) / t_segment:.2f} x with the set-up; "
+          f"equal to segment: {bool(np.array_equal(labels, reference))})")
+    return labels, session
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=None, help="adaptation budget per round (default: Session's)")
+    parser.add_argument("--one-mm", action="store_true", help="also time the progressive run on a 1 mm head")
+    parser.add_argument("--napari", action="store_true",
+                        help="the Segment widget instead (needs a display: xvfb-run -a): warm worker, progressive Run, "
+                             "one correction, heartbeat gaps, and the screenshots of docs/napari.md")
+    parser.add_argument("--runs", type=int, default=2, help="--napari: Runs on the same layer (the first is warm)")
+    parser.add_argument("--slice", type=int, default=38, help="--napari: the axial slice on screen")
+    parser.add_argument("--brush", type=int, default=3, help="--napari: the stroke's brush size (voxels)")
+    parser.add_argument("--zoom", type=float, default=2.5, help="--napari: zoom on the stroke for the screenshots")
     args = parser.parse_args(argv)
+    if args.napari:  # napari's process must not import torch (see medsegkit.worker)
+        return napari_main(args)
 
     import torch
 
     from medsegkit.data import demo_checkpoint_path, sample_path
-    from medsegkit.inference import segment
-    from medsegkit.interactive import Session
     from medsegkit.io import read_image
     from medsegkit.weights import load_model
 
@@ -72,22 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"roi_size": (112, 128, 96)}
 
     # 1. progressive
-    t0 = time.perf_counter()
-    reference = segment(model, image, **kw).array
-    t_segment = time.perf_counter() - t0
-    session = Session(model, image, **kw)
-    first: list[float] = []
-    focus = {"axis": 2, "index": image.spatial_shape[2] // 2}
-    t0 = time.perf_counter()
-    labels = session.run(focus=focus, on_update=lambda region, lab: first.append(time.perf_counter() - t0))
-    t_run = time.perf_counter() - t0
-    print("progressive (demo UNet3d, MNI152 2 mm", image.spatial_shape, f"{len(session.grid.slices)} window(s))")
-    print(f"  segment            {t_segment:6.2f} s")
-    print(f"  run: first update  {first[0]:6.2f} s   total {t_run:6.2f} s   "
-          f"(excluding the session's set-up; equal to segment: {bool(np.array_equal(labels, reference))})")
+    for name, case in [("MNI152 2 mm", image), ("MNI152 upsampled to 1 mm", _one_mm(image))][: 2 if args.one_mm else 1]:
+        labels, session = progressive(model, case, name, kw)
+        if case is image:
+            start_labels, user_session = labels, session
 
     # 2. simulated user on the held-out slab
     slab = (slice(None), slice(None), slice(SLAB, None))
+    labels, session = start_labels, user_session
     start = labels.copy()
     paint = start.copy()
     print(f"simulated user: held-out slab k >= {SLAB}, ball radius 2, {args.rounds} rounds")
@@ -110,6 +162,140 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         print(f"  {r:<5} {mean_dice(session.labels[slab], truth[slab]):.4f}        "
               f"{mean_dice(paint[slab], truth[slab]):.4f}            {seconds:5.2f}   {session.last_steps}")
+    return 0
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# --napari: the Segment widget on the MNI sample (run under a display: xvfb-run -a)
+
+
+def _pump(app, condition, timeout_s: float) -> None:
+    start = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - start > timeout_s:
+            raise TimeoutError(f"gave up after {timeout_s:.0f} s")
+        app.processEvents()
+        time.sleep(0.005)
+
+
+def _settle(app, seconds: float) -> None:
+    """Let Qt draw for ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.005)
+
+
+def _largest_error_in_slice(pred: np.ndarray, truth: np.ndarray, z: int) -> tuple[tuple[int, int, int], int]:
+    """The deepest voxel of the largest error component of slice ``z`` (napari order) and its true class."""
+    from scipy import ndimage
+
+    error = pred[z] != truth[z]
+    components, count = ndimage.label(error)
+    if count == 0:
+        raise RuntimeError(f"no error on slice {z}")
+    largest = components == (1 + int(np.argmax(np.bincount(components.ravel())[1:])))
+    y, x = np.unravel_index(int(np.argmax(ndimage.distance_transform_edt(largest))), largest.shape)
+    return (z, int(y), int(x)), int(truth[z, y, x])
+
+
+def napari_main(args) -> int:
+    """Warm worker, progressive Run, one correction (a stroke at the largest error of the slice on screen)
+    and Refine, with a 10 ms QTimer heartbeat; saves the before / after screenshots of docs/napari.md."""
+    import os
+    from pathlib import Path
+
+    import napari
+    from napari.settings import get_settings
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from medsegkit.napari._widget import SegmentWidget
+
+    images = Path(__file__).resolve().parents[1] / "docs" / "images"
+    get_settings().application.gui_notification_level = "error"
+    opened = time.perf_counter()
+    viewer = napari.Viewer(title="medsegkit: Segment, then correct")
+    viewer.window.resize(1400, 900)
+    viewer.open_sample("medsegkit", "mni152")
+    widget = SegmentWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget, name="Segment", area="right")
+    dock.setMaximumWidth(480)
+    app = QApplication.instance()
+    _pump(app, lambda: widget._catalog is not None and widget.warm_info is not None, 600)
+    print(f"widget open -> worker warm: {time.perf_counter() - opened:.1f} s "
+          f"(imports {widget.warm_info['import_seconds']:.2f} s, model load {widget.warm_info['load_seconds']:.2f} s)")
+    t1 = viewer.layers["MNI152 T1"]
+    truth = np.asarray(viewer.layers["MNI152 tissue (reference)"].data)
+    viewer.layers["MNI152 tissue (reference)"].visible = False
+    widget.image.value = t1
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 : older
+    camera.orientation2d = ("up", "right")
+    viewer.dims.set_current_step(0, args.slice)
+    viewer.reset_view()
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+
+    def gap(start: float, end: float) -> float:
+        inside = np.asarray([t for t in ticks if start <= t <= end])
+        return float(np.diff(inside).max() * 1000)
+
+    for attempt in range(args.runs):
+        widget.run()
+        _pump(app, lambda: not widget.running, 600)
+        if widget.last_error:
+            print(f"run failed: {widget.last_error}")
+            return 1
+        info = widget.last_run_info
+        print(f"run {attempt + 1}: first slice {widget.first_update_seconds:.2f} s (exact {widget.exact_focus_seconds:.2f} s), "
+              f"total {widget.last_run_seconds:.2f} s "
+              f"(worker: model loaded {info['model_loaded']}, session {info['session_seconds']:.2f} s, run "
+              f"{info['run_seconds']:.2f} s); {len(widget.refresh_times)} redraws; longest heartbeat gap "
+              f"{gap(widget._started, widget.result_arrived):.0f} ms")
+        _settle(app, 0.5)
+        if attempt + 1 < args.runs:  # show only the last result and its corrections layer
+            viewer.layers[-1].visible = viewer.layers[-2].visible = False
+    result = widget._interactive.result
+    corrections = widget._interactive.corrections
+    result.opacity = 0.6
+    centre, cls = _largest_error_in_slice(np.asarray(result.data), truth, args.slice)
+    widget.brush.value = widget.brush.choices[cls]
+    corrections.brush_size = args.brush
+    corrections.paint(centre, corrections.selected_label)
+    before = np.array(result.data, copy=True)
+    # zoom on the stroke so that the change is visible in the screenshots
+    camera.center = tuple(result.data_to_world(centre))[1:]
+    camera.zoom = camera.zoom * args.zoom
+    _settle(app, 1.0)
+    viewer.screenshot(str(images / "napari_correct_before.png"), canvas_only=False)
+
+    widget.refine()
+    started = time.perf_counter()
+    _pump(app, lambda: not widget.running, 600)
+    ended = time.perf_counter()
+    timer.stop()
+    if widget.last_error:
+        print(f"refine failed: {widget.last_error}")
+        return 1
+    after = np.asarray(result.data)
+    marked = np.asarray(corrections.data) > 0
+    changed = after != before
+    print(f"refine: {widget.last_edit_seconds:.2f} s ({widget.last_edit_info['steps']} adaptation steps), "
+          f"stroke of class {cls} ({int(marked.sum())} voxels) at {centre}, {int(changed.sum())} voxels changed "
+          f"({int(changed[args.slice].sum())} on slice {args.slice}), marked voxels right: "
+          f"{bool((after[marked] == cls).all())}; longest heartbeat gap {gap(started, ended):.0f} ms")
+    for name, region in [(f"slice {args.slice}", np.s_[args.slice]), ("volume", np.s_[...])]:
+        errors = [int((x[region] != truth[region]).sum()) for x in (before, after)]
+        print(f"  wrong voxels vs the reference, {name}: {errors[0]} -> {errors[1]}")
+    _settle(app, 1.0)
+    viewer.screenshot(str(images / "napari_correct_after.png"), canvas_only=False)
+    print(f"load average {os.getloadavg()}")
+    viewer.close()
     return 0
 
 

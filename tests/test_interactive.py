@@ -202,3 +202,50 @@ def test_run_equals_segment_with_tta_binary_and_other_blending(out_channels, opt
     labels = Session(model, image, **kw).run(focus={"axis": 0, "index": 25})
     np.testing.assert_array_equal(labels, reference)
     assert 0 < labels.mean() < 1  # both classes present: the comparison is not trivial
+
+
+def test_run_preview_reports_the_focus_slice_first_then_the_exact_labels(weak_case):
+    model, image = weak_case
+    reference = segment(model, image, **KW).array
+    session = Session(model, image, **KW)
+    calls = []
+    labels = session.run(focus={"axis": 0, "index": 8}, preview=True,
+                         on_update=lambda region, lab: calls.append((region, session.previewing, lab[region].copy())))
+    focus = (slice(8, 9), slice(0, 24), slice(0, 24))
+    assert calls[0][0] == focus and calls[0][1]  # the preview: one slab pass, before any window
+    assert [c[1] for c in calls[1:]] == [False] * (len(calls) - 1)
+    assert calls[1][0] == focus
+    np.testing.assert_array_equal(calls[1][2], reference[focus])  # then the exact slice
+    assert (calls[0][2] == reference[focus]).mean() > 0.9 and reference[focus].any()  # the preview is close
+    np.testing.assert_array_equal(labels, reference)
+    # without preview=True (or a model that takes no other input size) the first report is exact
+    plain = Session(model, image, **KW)
+    first = []
+    plain.run(focus={"axis": 0, "index": 8}, on_update=lambda region, lab: first.append(lab[region].copy()))
+    np.testing.assert_array_equal(first[0], reference[focus])
+
+
+def test_updates_replayed_in_order_give_segments_labels_with_a_foreground_crop():
+    """What a viewer that copies each reported region sees in the end is ``segment``'s result, also where
+    the partial updates' fast nearest-voxel lookup and the exact inverse differ (outside a foreground crop)."""
+    torch.manual_seed(3)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3)
+    array = np.zeros((40, 36, 30), np.float32)
+    array[8:30, 6:28, 5:24] = np.random.default_rng(3).normal(size=(22, 22, 19)) + 2.0  # the foreground
+    image = Image(array, np.diag([1.5, 1.5, 2.0, 1.0]), {}, None)
+    kw = {"roi_size": (16, 16, 16), "overlap": 0.25,
+          "preprocessing": {"orientation": "RAS", "spacing": [2, 2, 2], "crop_foreground": 1}}
+    reference = segment(model, image, **kw).array
+    session = Session(model, image, **kw)
+    seen = np.full(array.shape, 255, np.uint8)
+    regions = []
+
+    def on_update(region, labels):
+        seen[region] = labels[region]
+        regions.append(region)
+
+    labels = session.run(focus={"axis": 2, "index": 12}, on_update=on_update, preview=True)
+    np.testing.assert_array_equal(labels, reference)
+    np.testing.assert_array_equal(seen, reference)
+    assert len(np.unique(reference)) >= 2 and (reference[:4] == 0).all()  # outside the crop: background
+    assert (session._gather(session.pre_labels) != reference).any()  # the case the last update corrects

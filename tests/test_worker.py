@@ -97,3 +97,88 @@ def test_segment_job_equals_segment_on_the_same_image(tmp_path):
     reference = segment(model, image, roi_size=(16, 16, 8))  # per-axis options in voxel order (i, j, k)
     np.testing.assert_array_equal(out, np.asarray(reference.array).transpose(2, 1, 0))
     assert not messages.empty()  # progress was reported
+
+
+def _drain(messages: queue.Queue) -> list[tuple]:
+    out = []
+    while not messages.empty():
+        out.append(messages.get())
+    return out
+
+
+def test_session_jobs_run_progressively_refine_undo_reset_save_and_rebuild(tmp_path):
+    """The worker's interactive session: the slice on screen first, the final labels file equal to a
+    segment job's output, the kept model reused, refine / undo / reset through the shared labels file, and
+    a session rebuilt from its spec after a restart."""
+    from medsegkit import create_model, worker
+    from medsegkit.weights import read_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors", metadata={"class_names": ["bg", "a", "b"]})
+    layer = np.random.default_rng(0).random((20, 24, 28), dtype=np.float32)  # napari order (z, y, x)
+    np.save(tmp_path / "layer.npy", layer)
+    base = {"model": {"checkpoint": str(checkpoint)}, "input": {"format": "npy", "path": str(tmp_path / "layer.npy")},
+            "world_affine": _world((2.0, 1.0, 1.0), (0.0, 0.0, 0.0)).tolist(), "predict": {"roi_size": [8, 16, 16]}}
+    reference = np.load(segment_job({**base, "output_dir": str(tmp_path / "ref")}, queue.Queue(), threading.Event())["path"])
+    assert len(np.unique(reference)) >= 2
+
+    messages: queue.Queue = queue.Queue()
+    # the 2D view of napari showing z = 13: dims (y, x) on screen
+    run = {**base, "action": "session_run", "session": "s1", "output_dir": str(tmp_path / "run"),
+           "view": {"point": [13.2, 5.0, 6.0], "displayed": [1, 2]}}
+    result = worker.session_job(run, messages, threading.Event())
+    assert result["focus"] == {"axis": 2, "index": 13}  # voxel order (i, j, k) = (x, y, z)
+    assert result["model_loaded"] is False  # segment_job above loaded it: kept
+    updates = [m[1] for m in _drain(messages) if m[0] == "update"]
+    assert len(updates) >= 2 and updates[0]["region"] == [[13, 14], [0, 24], [0, 28]]  # the slice on screen first
+    labels = np.load(result["path"])
+    np.testing.assert_array_equal(labels, reference)
+    assert result["class_names"] == ["bg", "a", "b"] and result["classes"] == 3
+
+    # refine: mark a block of class 2 where the model says something else
+    scribbles = np.zeros_like(labels, dtype=np.uint8)
+    scribbles[4:7, 5:9, 6:10] = 2 + 1
+    np.save(tmp_path / "scribbles.npy", scribbles)
+    refine = {"action": "session_refine", "session": "s1", "spec": run, "seconds": 0.5,
+              "scribbles": {"format": "npy", "path": str(tmp_path / "scribbles.npy")}}
+    result = worker.session_job(refine, messages, threading.Event())
+    refined = np.load(result["path"])
+    assert (refined[scribbles > 0] == 2).all() and result["rounds"] == 1 and not result["rebuilt"]
+    changed = np.argwhere(refined != labels)
+    box = result["region"]
+    assert all(lo <= changed[:, a].min() and changed[:, a].max() < hi for a, (lo, hi) in enumerate(box))
+    with pytest.raises(ValueError, match="^no new marks: paint strokes on the corrections layer"):
+        worker.session_job(refine, messages, threading.Event())  # the same strokes again: nothing new
+
+    result = worker.session_job({"action": "session_undo", "session": "s1"}, messages, threading.Event())
+    np.testing.assert_array_equal(np.load(result["path"]), reference)
+    assert result["rounds"] == 0
+    worker.session_job(refine, messages, threading.Event())
+    saved = worker.session_job({"action": "session_save", "session": "s1", "path": str(tmp_path / "adapted.safetensors")},
+                               messages, threading.Event())
+    _, record = read_checkpoint(saved["path"])
+    assert record["metadata"]["adapted_from"] == str(checkpoint) and saved["rounds"] == 1
+    result = worker.session_job({"action": "session_reset", "session": "s1"}, messages, threading.Event())
+    np.testing.assert_array_equal(np.load(result["path"]), reference)
+
+    # a restarted worker holds no session: it is rebuilt from the spec, and the whole map is published
+    worker._sessions.clear()
+    with pytest.raises(ValueError, match="holds no session 's1' and the job gives no spec"):
+        worker.session_job({"action": "session_undo", "session": "s1"}, messages, threading.Event())
+    result = worker.session_job(refine, messages, threading.Event())
+    assert result["rebuilt"] and result["region"] == [[0, 20], [0, 24], [0, 28]] and result["rounds"] == 1
+    assert (np.load(result["path"])[scribbles > 0] == 2).all()
+
+
+def test_focus_is_the_hidden_spatial_axis_only_in_a_2d_view():
+    from medsegkit.worker import _focus_of
+
+    volume = _layer_input({}, np.zeros((2, 8, 9, 10), np.float32), model_dims=3, in_channels=2)  # channels at dim 0
+    assert _focus_of({"point": [1, 6.6, 2, 3], "displayed": [2, 3]}, volume) == {"axis": 2, "index": 7}
+    assert _focus_of({"point": [1, 3, 4.4, 3], "displayed": [1, 3]}, volume) == {"axis": 1, "index": 4}
+    assert _focus_of({"point": [0, 50, 0, 0], "displayed": [2, 3]}, volume) == {"axis": 2, "index": 7}  # clipped
+    assert _focus_of({"point": [0, 3, 4, 5], "displayed": [1, 2, 3]}, volume) is None  # the 3D view
+    flat = _layer_input({}, np.zeros((8, 9), np.float32), model_dims=2, in_channels=1)
+    assert _focus_of({"point": [3, 4], "displayed": [0, 1]}, flat) is None
+    assert _focus_of(None, volume) is None

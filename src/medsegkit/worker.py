@@ -42,6 +42,14 @@ Job kinds (``job["action"]``):
     ``"checkpoint_metadata"``).
 ``"segment"``
     see :func:`segment_job` for the keys; result ``{"path", "format", "shape", "dtype", "class_names"}``.
+``"warm"``
+    ``{"action": "warm", "model": {...} | None}``: import torch and the inference modules now and, when
+    a model is named, load it and keep it (so the first Run pays neither); see :func:`warm_job`.
+``"session_run"``, ``"session_refine"``, ``"session_undo"``, ``"session_reset"``, ``"session_save"``
+    progressive Run and correction by scribbles through :class:`medsegkit.interactive.Session`, kept in
+    this process between jobs: see :func:`session_job`. A ``session_run`` also sends
+    ``("update", job_id, {"path", "shape", "dtype", "region", "class_names", ...})`` messages as regions finish (the labels
+    are in the ``.npy`` file ``path``; ``region`` is ``[[start, stop], ...]`` in napari axis order).
 ``"bundle"``
     run a MONAI bundle folder (its network, pre- and post-processing) on the layer: see
     :func:`bundle_job`; same result as ``"segment"``. A bundle run has no cancel points: Cancel ends
@@ -50,7 +58,9 @@ Job kinds (``job["action"]``):
 Test hook (tests only): the environment variable ``MEDSEGKIT_WORKER_TEST_CRASH`` set to ``"start"`` or
 ``"progress"`` makes the child end itself with ``os._exit(86)`` at that point, as a segfault or an
 OOM kill would, so the parent's crash handling can be tested without crashing anything else;
-``"hang"`` makes it sleep at the start of every job without checking ``cancel`` (for the terminate path).
+``"hang"`` makes it sleep at the start of every job without checking ``cancel`` (for the terminate path);
+``"block-refine"`` makes a ``"session_refine"`` job wait, after its first adaptation step, until
+``cancel`` is set (or 120 s pass), so a test can cancel or kill a refine while it is certainly running.
 The variable is read by the child, so it must be set before the worker process is spawned.
 """
 
@@ -67,11 +77,12 @@ import numpy as np
 
 from medsegkit.errors import Cancelled
 
-__all__ = ["bundle_job", "describe_job", "run_job", "segment_job", "serve"]
+__all__ = ["bundle_job", "describe_job", "run_job", "segment_job", "serve", "session_job", "warm_job"]
 
 TEST_CRASH_ENV = "MEDSEGKIT_WORKER_TEST_CRASH"
 TEST_CRASH_EXIT_CODE = 86
-
+SESSION_ACTIONS = ("session_run", "session_refine", "session_undo", "session_reset", "session_save")
+ACTIONS = ("describe", "segment", "bundle", "warm", *SESSION_ACTIONS)
 
 
 def _one_line(err: BaseException) -> str:
@@ -129,8 +140,12 @@ def run_job(job_id: int, job: Mapping[str, Any], messages: Any, cancel: Any) -> 
             result = segment_job(job, tagged, cancel)
         elif action == "bundle":
             result = bundle_job(job, tagged, cancel)
+        elif action == "warm":
+            result = warm_job(job)
+        elif action in SESSION_ACTIONS:
+            result = session_job(job, tagged, cancel)
         else:
-            raise ValueError(f"unknown worker action {action!r}; expected 'describe', 'segment' or 'bundle'")
+            raise ValueError(f"unknown worker action {action!r}; expected one of {list(ACTIONS)}")
         tagged.put(("result", result))
     except Cancelled:
         tagged.put(("cancelled",))
@@ -200,11 +215,20 @@ def _model_key(spec: Mapping[str, Any]) -> str:
 
 def _load_model(spec: Mapping[str, Any]):
     """The model a job names (the last one is kept loaded while the same file / name is asked for)."""
+    return _load_model_timed(spec)[0]
+
+
+def _load_model_timed(spec: Mapping[str, Any]) -> tuple[Any, bool, float]:
+    """``(model, loaded, seconds)``: ``loaded`` is ``False`` when the kept model was reused (``seconds`` 0)."""
+    import time
+
     key = _model_key(spec)
-    if key not in _model_cache:
-        _model_cache.clear()
-        _model_cache[key] = _build_model(spec)
-    return _model_cache[key]
+    if key in _model_cache:
+        return _model_cache[key], False, 0.0
+    start = time.perf_counter()
+    _model_cache.clear()
+    _model_cache[key] = _build_model(spec)
+    return _model_cache[key], True, time.perf_counter() - start
 
 
 def _build_model(spec: Mapping[str, Any]):
@@ -483,3 +507,258 @@ def bundle_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, 
     return {"format": "npy", "path": str(path), "shape": list(array.shape), "dtype": str(array.dtype),
             "class_names": class_names, "label_colors": [], "layer_channel_axis": layer_channel_axis,
             "task": "semantic"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# warm-up and interactive sessions
+
+
+def warm_job(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Import torch and the inference modules now and, when ``job["model"]`` names a model, load it and
+    keep it (:func:`_load_model`), so that the first Run pays neither.
+
+    Returns:
+        ``{"import_seconds", "model_loaded", "load_seconds"}``.
+    """
+    import time
+
+    start = time.perf_counter()
+    import torch  # noqa: F401  (the import is the point)
+
+    import medsegkit.inference.segment  # noqa: F401
+    import medsegkit.interactive  # noqa: F401
+
+    imported = time.perf_counter() - start
+    loaded, load_seconds = False, 0.0
+    if job.get("model"):
+        _, loaded, load_seconds = _load_model_timed(job["model"])
+    return {"import_seconds": imported, "model_loaded": loaded, "load_seconds": load_seconds}
+
+
+@dataclass
+class _SessionEntry:
+    """A :class:`medsegkit.interactive.Session` kept in this process, and where its labels are published."""
+
+    session: Any
+    spec: Mapping[str, Any]  # the session_run job that made it (what a restarted worker rebuilds it from)
+    n_spatial: int
+    path: Path  # <output_dir>/labels.npy: the labels in napari axis order, shared with the parent
+    labels: Any = None  # that file's memory map, made at the first update
+
+    def publish(self, region: tuple[slice, ...] | None) -> list[list[int]] | None:
+        """Copy ``region`` (voxel order) of the session's labels into the shared file; the region in
+        napari order as ``[[start, stop], ...]`` (``None`` for nothing)."""
+        labels = self.session.labels
+        if region is None or labels is None:
+            return None
+        from medsegkit.io.geometry import reverse_spatial
+
+        if self.labels is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.labels = np.lib.format.open_memmap(self.path, mode="w+", dtype=labels.dtype,
+                                                    shape=tuple(reversed(labels.shape)))
+        napari_region = tuple(reversed(region))
+        self.labels[napari_region] = reverse_spatial(labels[region], self.n_spatial)
+        return [[s.start, s.stop] for s in napari_region]
+
+    def file_info(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": "npy", "shape": list(self.labels.shape),
+                "dtype": str(self.labels.dtype)}
+
+
+_sessions: dict[str, _SessionEntry] = {}
+
+
+def _changed_region(before: np.ndarray, after: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box (slices) of the voxels where ``before`` and ``after`` differ, ``None`` if none."""
+    changed = before != after
+    if not changed.any():
+        return None
+    box = []
+    for axis in range(changed.ndim):
+        hit = np.flatnonzero(changed.any(axis=tuple(a for a in range(changed.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _focus_of(view: Mapping[str, Any] | None, layer: _Layer) -> dict[str, int] | None:
+    """The slice on screen as a :meth:`Session.run` focus (voxel order), or ``None`` for the whole volume.
+
+    ``view`` is ``{"point": [...], "displayed": [...]}``: the viewer's current point in the layer's data
+    coordinates (one per layer dim) and the layer dims on screen. A 3D image with exactly one spatial
+    dim off screen (napari's 2D view) gives that slice; the 3D view or a 2D image gives ``None``.
+    """
+    if not view or layer.n_spatial != 3:
+        return None
+    point, displayed = list(view["point"]), {int(d) for d in view["displayed"]}
+    dims = [d for d in range(len(point)) if d != layer.layer_channel_axis]  # the spatial layer dims
+    if len(dims) != layer.n_spatial:
+        return None
+    hidden = [i for i, d in enumerate(dims) if d not in displayed]
+    if len(hidden) != 1:
+        return None
+    axis = hidden[0]  # napari order among the spatial axes
+    size = int(layer.data.shape[-layer.n_spatial:][axis])
+    index = int(np.clip(round(float(point[dims[axis]])), 0, size - 1))
+    return {"axis": layer.n_spatial - 1 - axis, "index": index}
+
+
+def _new_session(spec: Mapping[str, Any]) -> tuple[_SessionEntry, dict[str, Any], _Layer]:
+    """A Session on the job's layer and model (the model kept loaded is reused); timings in the info."""
+    import time
+
+    from medsegkit.interactive import Session
+    from medsegkit.io import Image
+    from medsegkit.io.geometry import reverse_spatial
+
+    model, loaded, load_seconds = _load_model_timed(spec["model"])
+    data = _open_input(spec["input"])
+    model_dims = int(getattr(model, "spatial_dims", 0) or 0) or (2 if data.ndim == 2 else 3)
+    layer = _layer_input(spec, np.asarray(data), model_dims=model_dims,
+                         in_channels=getattr(model, "in_channels", None))
+    start = time.perf_counter()
+    voxels = reverse_spatial(np.asarray(layer.data), layer.n_spatial)
+    image = Image(voxels, layer.affine, {"source": "napari layer"}, 0 if layer.has_channels else None)
+    session = Session(model, image, **_to_voxel_order(dict(spec.get("predict", {})), layer.n_spatial))
+    # saved adapted models name the file (or registry name) the user chose, not the class
+    session.source_name = str(spec["model"].get("checkpoint") or spec["model"].get("name") or session.source_name)
+    info = {"model_loaded": loaded, "load_seconds": load_seconds, "session_seconds": time.perf_counter() - start}
+    _sessions.clear()  # one session at a time: each keeps every window's output
+    entry = _SessionEntry(session, dict(spec), layer.n_spatial, Path(spec["output_dir"]) / "labels.npy")
+    _sessions[str(spec["session"])] = entry
+    return entry, info, layer
+
+
+def _session_common(entry: _SessionEntry, layer: _Layer | None = None) -> dict[str, Any]:
+    session = entry.session
+    metadata = getattr(session.original, "medsegkit_metadata", {}) or {}
+    common = {"class_names": list(metadata.get("class_names", []) or []),
+              "label_colors": [list(c) for c in metadata.get("label_colors", []) or []],
+              "task": "semantic", "classes": session.num_classes,
+              "rounds": session.rounds}
+    if layer is not None:
+        common["layer_channel_axis"] = layer.layer_channel_axis
+    return common
+
+
+def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, Any]:
+    """Interactive segmentation jobs on a :class:`medsegkit.interactive.Session` kept in this process.
+
+    ``"session_run"``: the keys of :func:`segment_job` (``model``, ``input``, ``rgb``, ``channel_axis``,
+    ``world_affine``, ``predict`` — only the options :class:`Session` takes —, ``output_dir``,
+    ``threads``) plus ``session`` (an id the parent chooses), ``view`` (see :func:`_focus_of`): the
+    slice on screen is computed first, and ``preview`` (default ``True``: that slice is first labelled
+    approximately from a thin slab, see :meth:`Session.run`). Each finished region is copied into
+    ``<output_dir>/labels.npy`` (napari order) and announced with an ``("update", {"path", "format",
+    "shape", "dtype", "region", "preview", ...})`` message. The model kept loaded is reused
+    (``model_loaded`` says whether this job loaded it); ``first_update_seconds`` and
+    ``exact_focus_seconds`` time the first region and the exact slice from the start of the run.
+
+    ``"session_refine"`` (``scribbles``: an input spec of an integer array in napari order, ``0``
+    unmarked, ``c + 1`` class ``c``; ``seconds``), ``"session_undo"``, ``"session_reset"`` and
+    ``"session_save"`` (``path``) act on the session ``job["session"]``; when this process does not hold
+    it (it was restarted after a crash), it is rebuilt from ``job["spec"]`` (the ``session_run`` job)
+    and run whole first, and its whole label map is published. A refine passes only the marks that are
+    new (differ from the session's marks) to :meth:`Session.refine`, so the parent may send its whole
+    corrections layer each time.
+
+    Returns:
+        ``{"path", "format", "shape", "dtype", "region", "class_names", "label_colors", "task",
+        "classes", "rounds", ...}``; ``region`` (napari order ``[[start, stop], ...]`` or ``None``) is
+        what changed in the shared labels file; ``"session_save"`` returns ``{"path", "rounds"}``.
+    """
+    import time
+
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    action = job["action"]
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        messages.put(("progress", int(done), int(total)))
+        _maybe_test_crash("progress")
+
+    if action == "session_run":
+        entry, info, layer = _new_session(job)
+        focus = _focus_of(job.get("view"), layer)
+        first: list[float] = []
+        common: dict[str, Any] = {}
+        run_start = time.perf_counter()
+
+        def on_update(region: tuple[slice, ...], _labels: np.ndarray) -> None:
+            napari_region = entry.publish(region)
+            preview = bool(entry.session.previewing)
+            if not first:
+                first.append(time.perf_counter() - run_start)
+                common.update(_session_common(entry, layer))  # class names and colours for the new layer
+            if not preview and not exact:
+                exact.append(time.perf_counter() - run_start)
+            messages.put(("update", {**entry.file_info(), "region": napari_region, "preview": preview, **common}))
+
+        exact: list[float] = []
+        entry.session.run(focus=focus, on_update=on_update, progress=progress, cancel=cancel,
+                          preview=bool(job.get("preview", True)))
+        info.update(run_seconds=time.perf_counter() - run_start, first_update_seconds=first[0] if first else None,
+                    exact_focus_seconds=exact[0] if exact else None, job_seconds=time.perf_counter() - started)
+        full = [[0, n] for n in entry.labels.shape]
+        return {**entry.file_info(), "region": full, "focus": focus, **_session_common(entry, layer), **info}
+
+    key = str(job.get("session"))
+    entry = _sessions.get(key)
+    rebuilt = entry is None
+    if rebuilt:
+        spec = job.get("spec")
+        if not spec:
+            raise ValueError(f"this worker process holds no session {key!r} and the job gives no spec to rebuild it")
+        entry, _, _ = _new_session(spec)
+        entry.session.run(progress=progress, cancel=cancel)
+    session = entry.session
+    everything = tuple(slice(0, n) for n in session.image.spatial_shape)
+    if rebuilt:
+        entry.publish(everything)
+
+    if action == "session_save":
+        path = session.save(job["path"])
+        return {"path": str(path), "rounds": session.rounds, "rebuilt": rebuilt}
+
+    before = session.labels.copy()
+    steps = None
+    if action == "session_refine":
+        from medsegkit.io.geometry import reverse_spatial
+
+        scribbles = np.asarray(_open_input(job["scribbles"]))
+        if scribbles.shape != entry.labels.shape:
+            raise ValueError(f"the corrections have shape {scribbles.shape}, the result {tuple(entry.labels.shape)}: "
+                             "paint on the corrections layer made for this result")
+        scribbles = np.ascontiguousarray(reverse_spatial(scribbles, entry.n_spatial))
+        if scribbles.dtype.kind not in "iu":
+            raise ValueError(f"the corrections must be integer labels (0 = unmarked, c + 1 = class c), "
+                             f"got {scribbles.dtype}")
+        new = (scribbles > 0) & (scribbles != session.marks)
+        if not new.any():
+            raise ValueError("no new marks: paint strokes on the corrections layer (label c + 1 marks class c, "
+                             "1 marks background) before pressing Refine")
+        delta = np.where(new, scribbles, 0).astype(np.int32)
+        blocking = {"armed": os.environ.get(TEST_CRASH_ENV) == "block-refine"}
+
+        def refine_progress(done: int, total: int) -> None:
+            progress(done, total)
+            if blocking["armed"] and done < 70:  # test hook: hold the refine until cancel is set
+                blocking["armed"] = False
+                cancel.wait(120)
+
+        progress(0, 100)
+        session.refine(delta, seconds=job.get("seconds"), progress=refine_progress, cancel=cancel)
+        steps = session.last_steps
+    elif action == "session_undo":
+        session.undo()
+    elif action == "session_reset":
+        session.reset()
+    else:  # pragma: no cover - SESSION_ACTIONS is checked by run_job
+        raise ValueError(f"unknown session action {action!r}")
+    region = everything if rebuilt else _changed_region(before, session.labels)
+    napari_region = entry.publish(region)
+    return {**entry.file_info(), "region": napari_region, "rebuilt": rebuilt, "steps": steps,
+            "seconds": time.perf_counter() - started, **_session_common(entry)}

@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +37,7 @@ from medsegkit.errors import Cancelled
 from medsegkit.io.geometry import drop_axis
 from medsegkit.napari import _catalog
 from medsegkit.napari._geometry import data_to_world_matrix
-from medsegkit.napari._worker_client import WorkerJob, read_output, write_input_array
+from medsegkit.napari._worker_client import Update, WorkerDied, WorkerJob, read_output, write_input_array
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -44,6 +46,9 @@ __all__ = ["SegmentWidget", "parse_roi_size"]
 
 DEMO_PREFIX = "demo: "
 LOADING = "(loading the model list…)"
+REFRESH_S = 0.1  # the result layer is refreshed at most 10 times a second while a Run streams regions
+DISCARD, KEEP = "discard the partial result", "keep what is done"
+BACKGROUND_BRUSH = (0.85, 0.85, 0.85, 1.0)  # the colour of "background" strokes when class 0 is transparent
 _session_dir: Path | None = None
 
 
@@ -86,6 +91,7 @@ class SegmentWidget(Container):
         self._thread_worker: Any = None
         self.last_error: str | None = None
         self.last_run_seconds: float | None = None
+        self._preselected_for: Any = None  # the image layer the demo model was last preselected for
 
         import napari.layers
 
@@ -114,17 +120,43 @@ class SegmentWidget(Container):
         self.task = ComboBox(label="task", choices=["semantic", "instance", "panoptic"], value="semantic",
                              enabled=False, tooltip="for universal (MaskFormer / Mask2Former) models")
         self.output = ComboBox(label="output", choices=["labels", "probabilities"], value="labels")
+        self.on_cancel = ComboBox(label="on cancel", choices=[DISCARD, KEEP], value=DISCARD,
+                                  tooltip="what a cancelled Run leaves: nothing, or the slices already finished")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
         self.status = Label(label="status", value="")
         self.quality = Label(label="quality", value="")  # QC flags of the last labels result
         self.last_quality: Any = None  # their table (pandas.DataFrame), one row per structure
+        # correct: strokes on the "corrections" layer -> Refine adapts the model in the worker
+        self.brush = ComboBox(label="brush", choices=self._brush_choices,
+                              tooltip="the class the strokes on the corrections layer mark (0: background)")
+        self.seconds = FloatSpinBox(label="adapt seconds", value=2.0, min=0.1, max=60.0, step=0.5,
+                                    tooltip="the fine-tuning budget of one Refine")
+        self.refine_button = PushButton(text="Refine", enabled=False)
+        self.undo_button = PushButton(text="Undo", enabled=False)
+        self.reset_button = PushButton(text="Reset", enabled=False)
+        self.save_path = FileEdit(label="adapted model", mode="w", filter="*.safetensors",
+                                  tooltip="where 'Save adapted model' writes the checkpoint")
+        self.save_button = PushButton(text="Save adapted model", enabled=False)
         self.extend([
             self.image, self.channel_axis, self.model_filter, self.model, self.model_info, self.checkpoint,
             self.bundle, self.pretrained, self.roi_size, self.overlap, self.tta, self.fast, self.device, self.task,
-            self.output, self.run_button, self.cancel_button, self.progress, self.status, self.quality,
+            self.output, self.on_cancel, self.run_button, self.cancel_button, self.progress, self.status, self.quality,
+            self.brush, self.seconds, self.refine_button, self.undo_button, self.reset_button, self.save_path,
+            self.save_button,
         ])
+        self._kind = "run"
+        self._interactive: _Interactive | None = None
+        self._run_target: dict[str, Any] | None = None
+        self.refresh_times: list[float] = []  # when the progressive result layer was redrawn
+        self.last_run_info: dict[str, Any] | None = None
+        self.last_edit_info: dict[str, Any] | None = None
+        from qtpy.QtCore import QTimer
+
+        self._refresh_timer = QTimer()
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.timeout.connect(self._flush)
 
         for label in (self.model_info, self.status, self.quality):  # long messages wrap instead of widening the dock
             label.native.setWordWrap(True)
@@ -133,6 +165,11 @@ class SegmentWidget(Container):
         self.image.changed.connect(self._on_image_changed)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.brush.changed.connect(self._on_brush_changed)
+        self.refine_button.changed.connect(self.refine)
+        self.undo_button.changed.connect(self.undo)
+        self.reset_button.changed.connect(self.reset)
+        self.save_button.changed.connect(self.save_adapted)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
 
@@ -144,6 +181,28 @@ class SegmentWidget(Container):
             self._set_catalog(cached)
         else:
             self._fetch_catalog()
+        self._warm()
+
+    def _warm(self) -> None:
+        """Start the worker process now and have it import torch and the inference modules (and load the
+        chosen model when it is a checkpoint), so the first Run pays neither (see ``worker.warm_job``)."""
+        from napari.qt.threading import create_worker
+
+        entry = self.entry()
+        model = None
+        if entry is not None and entry["kind"] == "checkpoint":
+            model = {"name": None, "checkpoint": entry["path"], "pretrained": False}
+        self.warm_info: dict[str, Any] | None = None
+        self._warm_worker = create_worker(
+            WorkerJob({"action": "warm", "model": model}).result,
+            _connect={"returned": self._warmed, "errored": self._warm_failed})
+
+    def _warmed(self, info: dict[str, Any]) -> None:
+        self.warm_info = info
+
+    def _warm_failed(self, err: BaseException) -> None:
+        self.warm_info = {"error": str(err)}
+        self.status.value = f"could not prepare the model worker: {err}"
 
     # -- catalogue ------------------------------------------------------------------------------------
     def _add_demo_entry(self) -> None:
@@ -250,6 +309,9 @@ class SegmentWidget(Container):
             return
         self.channel_axis.reset_choices()
         self.channel_axis.enabled = not layer.rgb
+        if layer is self._preselected_for:  # the layer list changed, not the chosen image: keep the user's model
+            return
+        self._preselected_for = layer
         meta = (layer.metadata or {}).get("medsegkit", {}) if isinstance(layer.metadata, dict) else {}
         demo = meta.get("demo_checkpoint")
         if demo:
@@ -363,10 +425,31 @@ class SegmentWidget(Container):
             "threads": max(1, (os.cpu_count() or 2) - 1),
             "label": label,
         }
+        if (self.output.value == "labels" and info.get("task", "semantic") == "semantic" and not predict["fast"]
+                and isinstance(data, np.ndarray)):
+            # progressive, and correctable afterwards: through an interactive session in the worker
+            job.update(action="session_run", session=uuid.uuid4().hex, view=self._view_of(layer))
+            job["predict"] = {k: v for k, v in predict.items() if k != "fast"}
         return job, layer, data
 
+    def _view_of(self, layer: Any) -> dict[str, Any]:
+        """What the viewer shows of ``layer``: the current point in the layer's data coordinates and the
+        layer dims on screen (the worker computes the slice on screen first; see ``worker._focus_of``)."""
+        dims = self._viewer.dims
+        offset = dims.ndim - layer.ndim
+        displayed = [int(d) - offset for d in dims.displayed if d >= offset]
+        point = np.asarray(layer.world_to_data(dims.point), dtype=float)[-layer.ndim:]
+        return {"point": point.tolist(), "displayed": displayed}
+
     def run(self, *_: Any) -> None:
-        """Start a segmentation of the chosen layer (refused, with a message, while one is running)."""
+        """Start a segmentation of the chosen layer (refused, with a message, while a job is running).
+
+        Semantic models giving labels on an in-memory layer run progressively through an interactive
+        session in the worker (the slice on screen first; the Labels layer appears at the first region
+        and is refreshed in place at most 10 times a second) and can then be corrected (:meth:`refine`).
+        Other runs (probabilities, lazy layers, instance and query models, bundles, the fast path) are
+        one-shot: the layer appears at the end.
+        """
         if self._job is not None:
             self._notify_error("a segmentation is already running; wait for it or press Cancel first")
             return
@@ -375,114 +458,428 @@ class SegmentWidget(Container):
         except ValueError as err:
             self._notify_error(str(err))
             return
-        from napari.qt.threading import create_worker
-
         folder = Path(tempfile.mkdtemp(prefix="job-", dir=_results_dir()))
         job["output_dir"] = str(folder)
+        self._run_target = {"source": layer, "job": job, "layer": None, "refreshes": 0}
+        self.result_arrived: float | None = None
+        self.first_update_seconds: float | None = None  # Run -> the layer shows the slice on screen
+        self.exact_focus_seconds: float | None = None  # Run -> that slice is exact (after a preview)
+        what = f"bundle {job['label']}" if job["action"] == "bundle" else job["label"]
+        scale = tuple(float(v) for v in layer.scale)
         worker_job = WorkerJob(job)
+        job = worker_job.job  # the dict the thread completes (its "input"): what a restarted worker rebuilds from
+        self._start(worker_job, _drive, (data, folder, scale), "run",
+                    lambda result: self._on_result(result, layer, job), f"running {what} on {layer.name}…")
+
+    def _start(self, worker_job: WorkerJob, body: Any, args: tuple, kind: str, on_returned: Any, status: str) -> None:
+        """Run ``body(worker_job, *args)`` (a generator relaying the worker's messages) in a thread."""
+        from napari.qt.threading import create_worker
+
         self._job = worker_job
+        self._kind = kind
         self.last_error = None
         self._started = time.perf_counter()
-        self.result_arrived: float | None = None
         thread_worker = create_worker(
-            _drive, worker_job, data, folder, _start_thread=False,
+            body, worker_job, *args, _start_thread=False,
             _connect={  # errored connected at creation: superqt re-raises otherwise
                 "yielded": self._on_progress,
-                "returned": lambda result: self._on_result(result, layer, job),
+                "returned": on_returned,
                 "errored": self._on_error,
                 "finished": self._on_finished,
             },
         )
         self._thread_worker = thread_worker
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
+        self._set_running(True)
         self.progress.max = 1
         self.progress.value = 0
-        what = f"bundle {job['label']}" if job["action"] == "bundle" else job["label"]
-        self.status.value = f"running {what} on {layer.name}…"
+        self.status.value = status
         thread_worker.start()
 
-    def cancel(self, *_: Any) -> None:
-        """Stop the running job at its next window batch (the process is ended if it does not stop).
+    def _set_running(self, running: bool) -> None:
+        self.run_button.enabled = not running
+        self.cancel_button.enabled = running
+        for button in (self.refine_button, self.undo_button, self.reset_button, self.save_button):
+            button.enabled = not running and self._interactive is not None
 
-        A bundle run has no window batches to stop at: its worker process is terminated after the grace
-        period (``WorkerJob.cancel_grace_s``); the next Run starts a fresh one.
+    def cancel(self, *_: Any) -> None:
+        """Stop the running job (Run or Refine) at its next window batch or adaptation step (the process
+        is ended if it does not stop in time).
+
+        A cancelled progressive Run keeps the finished part or nothing (the "on cancel" choice); a
+        cancelled Refine leaves the result, the model and the marks as they were. A bundle run has no
+        window batches to stop at: its worker process is terminated after the grace period
+        (``WorkerJob.cancel_grace_s``); the next Run starts a fresh one.
         """
         if self._job is None:
             return
         self.status.value = "cancelling…"
         self._job.cancel()
 
-    def _on_progress(self, value: tuple[int, int]) -> None:
+    def _on_progress(self, value: Any) -> None:
+        if value and isinstance(value[0], str):  # ("update", region, labels) of a progressive run
+            self._on_update(value[2])
+            return
         done, total = value
         self.progress.max = max(int(total), 1)
         self.progress.value = min(int(done), self.progress.max)
-        self.status.value = f"window batch {done} / {total}"
+        if self._kind == "run":
+            self.status.value = f"window batch {done} / {total}"
+        else:
+            self.status.value = f"{self._kind}: {done} %" if int(total) == 100 else f"{self._kind}: {done} / {total}"
 
-    def _on_result(self, result: tuple[dict[str, Any], Any], source: Any, job: dict[str, Any]) -> None:
-        info, output = result
+    # -- progressive result ---------------------------------------------------------------------------
+    def _on_update(self, update: dict[str, Any]) -> None:
+        """A region of the progressive run is finished (its labels are already in the layer's array)."""
+        target = self._run_target
+        if self.exact_focus_seconds is None and not update["info"].get("preview"):
+            self.exact_focus_seconds = time.perf_counter() - self._started
+        if target["layer"] is None:
+            source, job = target["source"], target["job"]
+            info = update["info"]
+            names = _class_names(info)
+            geometry = _output_geometry(source, info.get("layer_channel_axis"))
+            geometry["colormap"] = _result_colormap(info)
+            meta = {"medsegkit": {**_source_meta(source), "model": job["label"], "class_names": info.get("class_names", []),
+                                  "task": "semantic"}}
+            target["layer"] = self._viewer.add_labels(
+                update["labels"], name=f"{source.name} [{job['label']}]", metadata=meta,
+                features={"index": list(range(len(names))), "class": names}, **geometry)
+            self.first_update_seconds = time.perf_counter() - self._started
+            self._last_refresh = time.perf_counter()
+            return
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Redraw now, or when ``REFRESH_S`` has passed since the last redraw."""
+        self._run_target["dirty"] = True
+        wait = REFRESH_S - (time.perf_counter() - self._last_refresh)
+        if wait <= 0:
+            self._flush()
+        elif not self._refresh_timer.isActive():
+            self._refresh_timer.start(int(wait * 1000) + 1)
+
+    def _flush(self) -> None:
+        """Redraw the progressive result layer (at most every ``REFRESH_S``)."""
+        target = self._run_target
+        if target is None or target.get("layer") is None or not target.get("dirty"):
+            return
+        if target["layer"] not in self._viewer.layers:  # the user removed it meanwhile
+            return
+        target["dirty"] = False
+        target["layer"].refresh()
+        target["refreshes"] += 1
+        self._last_refresh = time.perf_counter()
+        self.refresh_times.append(self._last_refresh)
+
+    def _on_result(self, result: tuple[dict[str, Any], Any, Any], source: Any, job: dict[str, Any]) -> None:
+        info, output, quality = result
         self.result_arrived = time.perf_counter()
         self.last_run_seconds = self.result_arrived - self._started
+        self.last_run_info = info
         name = f"{source.name} [{job['label']}]"
         geometry = _output_geometry(source, info.get("layer_channel_axis"))
         meta = {"medsegkit": {**_source_meta(source), "model": job["label"], "class_names": info.get("class_names", []),
                               "task": info.get("task")}}
-        if job["output"] == "labels":
+        if job["action"] == "session_run":
+            layer = self._run_target["layer"]
+            if layer is None:  # pragma: no cover - a session run always publishes before it returns
+                raise RuntimeError("internal error: the progressive run finished without any update")
+            self._schedule_flush()  # the last regions (still at most 10 redraws a second)
+            self._start_correcting(layer, source, job, info)
+        elif job["output"] == "labels":
             colors = info.get("label_colors") or []
             if colors and all(len(c) in (3, 4) for c in colors):
                 from medsegkit.napari._sample_data import label_colormap
 
                 geometry["colormap"] = label_colormap([tuple(c)[:3] for c in colors])
             self._viewer.add_labels(output, name=name, metadata=meta, **geometry)
-            if info.get("task") in (None, "semantic") and isinstance(output, np.ndarray):
-                self._show_quality(output, geometry, info.get("class_names") or [])
         else:
             self._viewer.add_image(output, name=f"{name} probabilities", metadata=meta, channel_axis=0,
                                    blending="additive", **geometry)
+        self._set_quality(quality)
         self.status.value = f"done in {self.last_run_seconds:.1f} s: added {name!r}"
 
-    def _show_quality(self, labels: Any, geometry: dict[str, Any], class_names: list[str]) -> None:
-        """Per-structure QC of a labels result, computed here with numpy / scipy / pandas (no torch): the
-        fragmentation and border flags of :mod:`medsegkit.qc` (one case: no cohort z-score, no mirrored pass)."""
-        from medsegkit.io import Image
-        from medsegkit.measurements import stats
-        from medsegkit.qc import add_quality_flags
-
-        array = np.asarray(labels)
-        if array.ndim not in (2, 3) or array.dtype.kind not in "iub":
-            self.last_quality, self.quality.value = None, ""
-            return
-        scale = [float(s) for s in geometry.get("scale", (1.0,) * array.ndim)][-array.ndim:]
-        affine = np.eye(4)
-        affine[range(array.ndim), range(array.ndim)] = scale  # voxel volume = product of the layer's scale
-        table = add_quality_flags(stats(Image(array, affine), class_names=class_names or None))
+    def _set_quality(self, table: Any) -> None:
         self.last_quality = table
+        if table is None:
+            self.quality.value = ""
+            return
         flagged = table[table["flagged"]]
         self.quality.value = ("no QC flags" if flagged.empty else
                               "; ".join(f"{row['class']}: {row['flags']}" for _, row in flagged.iterrows()))
 
+    # -- correct ----------------------------------------------------------------------------------------
+    def _start_correcting(self, layer: Any, source: Any, job: dict[str, Any], info: dict[str, Any]) -> None:
+        """Add the "corrections" Labels layer next to a finished progressive result (same grid, the
+        result's class colours, value ``c + 1`` = class ``c``) and make it the active layer, in paint mode."""
+        names = _class_names(info)
+        geometry = _output_geometry(source, info.get("layer_channel_axis"))
+        dtype = np.uint8 if len(names) < 255 else np.int32
+        corrections = self._viewer.add_labels(
+            np.zeros(layer.data.shape, dtype), name=f"{layer.name} corrections",
+            colormap=_corrections_colormap(layer, len(names)),
+            features={"index": list(range(len(names) + 1)), "class": ["unmarked", *names]},
+            metadata={"medsegkit": {"corrections_for": layer.name, "class_names": names}}, **geometry)
+        self._interactive = _Interactive(session=job["session"], spec=job, result=layer, corrections=corrections,
+                                         class_names=names)
+        self.brush.reset_choices()
+        default = 1 if len(names) > 1 else 0  # the first foreground class
+        self.brush.value = self.brush.choices[default]
+        self._on_brush_changed()
+        corrections.mode = "paint"
+        self._viewer.layers.selection.active = corrections
+
+    def _brush_choices(self, *_: Any) -> list[str]:
+        state = getattr(self, "_interactive", None)
+        if state is None:
+            return ["(run a model first)"]
+        return [f"{c}: {name}" for c, name in enumerate(state.class_names)]
+
+    def _on_brush_changed(self, *_: Any) -> None:
+        """The brush class ``c`` paints value ``c + 1`` on the corrections layer."""
+        state = self._interactive
+        if state is None or self.brush.value not in self.brush.choices or ":" not in str(self.brush.value):
+            return
+        state.corrections.selected_label = int(str(self.brush.value).split(":")[0]) + 1
+
+    def _check_correctable(self) -> _Interactive | None:
+        if self._job is not None:
+            self._notify_error("a job is running; wait for it or press Cancel first")
+            return None
+        state = self._interactive
+        if state is None:
+            self._notify_error("nothing to correct yet: Run a semantic model first (Refine corrects its last result)")
+            return None
+        if state.result not in self._viewer.layers or state.corrections not in self._viewer.layers:
+            self._notify_error("the result or its corrections layer was removed: press Run again")
+            return None
+        return state
+
+    def _edit_job(self, state: _Interactive, action: str, **extra: Any) -> dict[str, Any]:
+        return {"action": action, "session": state.session, "spec": state.spec,
+                "threads": state.spec.get("threads"), **extra}
+
+    def refine(self, *_: Any) -> None:
+        """Adapt the model to the strokes on the corrections layer and update the result (in the worker,
+        with progress and Cancel). A failure or a crash is reported and the result stays as it was."""
+        state = self._check_correctable()
+        if state is None:
+            return
+        scribbles = np.array(state.corrections.data, copy=True)
+        if not scribbles.any():
+            self._notify_error("paint strokes on the corrections layer first (choose the class with 'brush'), "
+                               "then press Refine")
+            return
+        job = self._edit_job(state, "session_refine", seconds=float(self.seconds.value))
+        folder = Path(state.spec["output_dir"])
+        worker_job = WorkerJob(job, cancel_message="refine cancelled; the previous result is kept")
+        self._start(worker_job, _drive_edit, (folder, scribbles, state.result.data), "refine",
+                    lambda result: self._on_edited(result, "refine", scribbles), "refining…")
+
+    def undo(self, *_: Any) -> None:
+        """Go back to the result, model and marks before the last Refine."""
+        state = self._check_correctable()
+        if state is not None:
+            self._start(WorkerJob(self._edit_job(state, "session_undo")), _drive_edit,
+                        (None, None, state.result.data), "undo", lambda result: self._on_edited(result, "undo"), "undoing…")
+
+    def reset(self, *_: Any) -> None:
+        """Back to the original model and its result; the corrections layer is cleared."""
+        state = self._check_correctable()
+        if state is not None:
+            self._start(WorkerJob(self._edit_job(state, "session_reset")), _drive_edit,
+                        (None, None, state.result.data), "reset", lambda result: self._on_edited(result, "reset"),
+                        "resetting…")
+
+    def save_adapted(self, *_: Any) -> None:
+        """Write the adapted model as a checkpoint (metadata ``adapted_from``) to the path in 'adapted model'."""
+        state = self._check_correctable()
+        if state is None:
+            return
+        text = str(self.save_path.line_edit.value).strip()
+        if not text:
+            self._notify_error("choose where to save the adapted model ('adapted model': a .safetensors path)")
+            return
+        path = Path(text).expanduser()
+        job = self._edit_job(state, "session_save", path=str(path))
+        self._start(WorkerJob(job), _drive_edit, (None, None, None), "save",
+                    lambda result: self._on_edited(result, "save"), f"saving the adapted model to {path}…")
+
+    def _on_edited(self, result: tuple[dict[str, Any], Any, Any], kind: str, scribbles: np.ndarray | None = None) -> None:
+        info = result[0]
+        self.last_edit_info = info
+        state = self._interactive
+        seconds = time.perf_counter() - self._started
+        if kind == "save":
+            self.status.value = f"saved the adapted model ({info['rounds']} refine rounds) to {info['path']}"
+            return
+        if info.get("rebuilt"):  # the worker had restarted (or ran another layer since): rebuilt from the original model
+            state.history.clear()
+        state.result.refresh()
+        if kind == "refine":
+            state.history.append(scribbles)
+            text = f"refined in {seconds:.1f} s (round {info['rounds']}, {info['steps']} adaptation steps)"
+        elif kind == "undo":
+            if state.history:
+                state.history.pop()
+            text = f"undone: round {info['rounds']}"
+        else:
+            state.history.clear()
+            text = "reset to the original model's result"
+        marks = state.history[-1] if state.history else 0
+        state.corrections.data[...] = marks  # the corrections show the marks the session holds
+        state.corrections.refresh()
+        self.last_edit_seconds = seconds
+        if info.get("rebuilt"):
+            text += (" (the worker no longer held this result's session, after a restart or another Run: it was "
+                     "rebuilt from the original model and all strokes; the undo history starts again)")
+        self.status.value = text
+
+    # -- errors and the end of a job ------------------------------------------------------------------
     def _on_error(self, err: BaseException) -> None:
+        kind = self._kind
+        if kind == "run":
+            target = self._run_target or {}
+            layer = target.get("layer")
+            keep = isinstance(err, Cancelled) and self.on_cancel.value == KEEP
+            if layer is not None and layer in self._viewer.layers:
+                if keep:
+                    target["dirty"] = True
+                    self._flush()
+                else:
+                    self._refresh_timer.stop()
+                    self._viewer.layers.remove(layer)
+            if isinstance(err, Cancelled):
+                self.status.value = ("cancelled; the finished part is kept" if keep and layer is not None
+                                     else "cancelled; no layer was added")
+                return
+            self._notify_error(f"segmentation failed: {err}")
+            return
         if isinstance(err, Cancelled):
             self.status.value = f"{err}"
             return
-        self._notify_error(f"segmentation failed: {err}")
+        kept = " (the previous result is kept)" if kind != "save" else ""
+        self._notify_error(f"{kind} failed: {err}{kept}")
+        if isinstance(err, WorkerDied):
+            self.status.value += "; the next action starts a fresh worker"
 
     def _on_finished(self) -> None:
         self._job = None
         self._thread_worker = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
+        self._set_running(False)
 
 
-def _drive(job: WorkerJob, data: Any, folder: Path):
-    """Thread worker body: write the input, run the worker process, relay its progress, read the output."""
+@dataclass
+class _Interactive:
+    """The result the correction buttons act on (the last progressive Run's)."""
+
+    session: str  # the worker's session id
+    spec: dict[str, Any]  # the session_run job (a restarted worker rebuilds the session from it)
+    result: Any  # the result Labels layer
+    corrections: Any  # its corrections Labels layer
+    class_names: list[str]
+    history: list[np.ndarray] = field(default_factory=list)  # the corrections sent by each refine kept
+
+
+def _class_names(info: dict[str, Any]) -> list[str]:
+    names = list(info.get("class_names") or [])
+    count = max(int(info.get("classes") or 0), len(names), 2)
+    return [names[c] if c < len(names) else f"class {c}" for c in range(count)]
+
+
+def _result_colormap(info: dict[str, Any]) -> Any:
+    """The checkpoint's ``label_colors`` as a napari colormap, else napari's default cyclic one."""
+    colors = info.get("label_colors") or []
+    if colors and all(len(c) in (3, 4) for c in colors):
+        from medsegkit.napari._sample_data import label_colormap
+
+        return label_colormap([tuple(c)[:3] for c in colors])
+    from napari.utils.colormaps import label_colormap as napari_default
+
+    return napari_default()
+
+
+def _corrections_colormap(result: Any, classes: int) -> dict[int | None, tuple[float, ...]]:
+    """Value ``c + 1`` in the result layer's colour of class ``c``; ``1`` (background) in light grey when the
+    result draws class 0 transparent; ``0`` (unmarked) transparent."""
+    rgba = np.asarray(result.colormap.map(np.arange(classes)), dtype=float).reshape(classes, 4)
+    mapping: dict[int | None, tuple[float, ...]] = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
+    for c in range(classes):
+        colour = tuple(float(v) for v in rgba[c])
+        mapping[c + 1] = BACKGROUND_BRUSH if colour[3] == 0 else colour
+    return mapping
+
+
+def _copy_region(info: dict[str, Any], target: np.ndarray | None) -> np.ndarray:
+    """Copy ``info["region"]`` of the worker's labels file (napari order) into ``target`` (made on first use)."""
+    shared = np.load(info["path"], mmap_mode="r")
+    if target is None:
+        target = np.zeros(shared.shape, dtype=shared.dtype)
+    if info.get("region") is not None:
+        region = tuple(slice(int(a), int(b)) for a, b in info["region"])
+        target[region] = shared[region]
+    return target
+
+
+def _quality_table(labels: Any, scale: tuple[float, ...], class_names: list[str]) -> Any:
+    """Per-structure QC of a labels result, computed with numpy / scipy / pandas (no torch; run in the job's
+    thread, off the viewer's): the fragmentation and border flags of :mod:`medsegkit.qc` (one case: no
+    cohort z-score, no mirrored pass). ``None`` for results that are not 2D / 3D integer label maps."""
+    from medsegkit.io import Image
+    from medsegkit.measurements import stats
+    from medsegkit.qc import add_quality_flags
+
+    array = np.asarray(labels)
+    if array.ndim not in (2, 3) or array.dtype.kind not in "iub":
+        return None
+    spacing = list(scale)[-array.ndim:]
+    affine = np.eye(4)
+    affine[range(array.ndim), range(array.ndim)] = spacing  # voxel volume = product of the layer's scale
+    return add_quality_flags(stats(Image(array, affine), class_names=class_names or None))
+
+
+def _drive(job: WorkerJob, data: Any, folder: Path, scale: tuple[float, ...]):
+    """Thread body of a Run: write the input, run the worker process, relay its progress (and, for a
+    progressive run, copy each finished region into the result array and yield ``("update", region,
+    {"labels", "info"})``), read the output and compute its QC table (off the viewer's thread)."""
     if job.cancel_requested:
         raise Cancelled("cancelled; no layer was added")
     job.job["input"] = write_input_array(data, folder)
     if job.cancel_requested:
         raise Cancelled("cancelled; no layer was added")
+    messages = job.run()
+    labels: np.ndarray | None = None
+    while True:
+        try:
+            item = next(messages)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if isinstance(item, Update):
+            labels = _copy_region(item.info, labels)
+            yield ("update", item.info["region"], {"labels": labels, "info": item.info})
+        else:
+            yield item
+    if job.job["action"] == "session_run":
+        output = _copy_region({**result, "region": [[0, n] for n in result["shape"]]}, labels)
+    else:
+        output = read_output(result)
+    quality = None
+    if result.get("task") in (None, "semantic") and job.job.get("output") == "labels" and isinstance(output, np.ndarray):
+        quality = _quality_table(output, scale, result.get("class_names") or [])
+    return result, output, quality
+
+
+def _drive_edit(job: WorkerJob, folder: Path | None, scribbles: np.ndarray | None, labels: np.ndarray | None):
+    """Thread body of Refine / Undo / Reset / Save: write the scribbles, run the job, relay its progress and
+    copy the changed region of the worker's labels file into ``labels`` (the result layer's array) — only
+    once the worker succeeded, so a failure leaves the result as it was."""
+    if scribbles is not None:
+        job.job["scribbles"] = write_input_array(scribbles, folder, name="scribbles")
     result = yield from job.run()
-    return result, read_output(result)
+    if labels is not None and result.get("region") is not None:
+        _copy_region(result, labels)
+    return result, None, None
 
 
 def _source_meta(layer: Any) -> dict[str, Any]:

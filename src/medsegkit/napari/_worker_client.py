@@ -26,13 +26,14 @@ import time
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from medsegkit.errors import Cancelled, MedsegkitError
 
 __all__ = [
+    "Update",
     "WorkerDied",
     "WorkerError",
     "WorkerJob",
@@ -54,6 +55,14 @@ def _child_entry(requests: Any, messages: Any, cancel: Any) -> None:
     from medsegkit.worker import serve
 
     serve(requests, messages, cancel)
+
+
+class Update(NamedTuple):
+    """A ``("update", job_id, info)`` message of a ``"session_run"`` job, as :meth:`WorkerJob.run` yields it:
+    ``info = {"path", "format", "shape", "dtype", "region"}`` (the labels file and the region, napari order
+    ``[[start, stop], ...]``, just finished in it)."""
+
+    info: dict[str, Any]
 
 
 class WorkerError(MedsegkitError):
@@ -175,7 +184,7 @@ class WorkerProcess:
         """Run ``handle``'s job; yields ``(done, total)``, returns the result dict (see :meth:`WorkerJob.run`)."""
         with self._lock:
             if handle.cancel_requested:
-                raise Cancelled("cancelled; no layer was added")
+                raise Cancelled(handle.cancel_message)
             if self._process is None or not self._process.is_alive():
                 self._discard()
                 self._start()
@@ -205,6 +214,8 @@ class WorkerProcess:
             kind, payload = message[0], message[2:]
             if kind == "progress":
                 yield int(payload[0]), int(payload[1])
+            elif kind == "update":
+                yield Update(payload[0])
             elif kind == "started":
                 handle.info.update(payload[0])
             elif kind == "result":
@@ -212,7 +223,7 @@ class WorkerProcess:
             elif kind == "error":
                 raise WorkerError(payload[0])
             elif kind == "cancelled":
-                raise Cancelled("cancelled; no layer was added")
+                raise Cancelled(handle.cancel_message)
             else:  # pragma: no cover - protocol violation
                 raise WorkerError(f"unexpected message from the worker: {message!r}")
 
@@ -269,11 +280,14 @@ class WorkerJob:
         cancel_grace_s: after :meth:`cancel`, how long the child may take to reach its next cancel
             check (one window batch) before the process is terminated outright.
         poll_s: how often the parent wakes up to check the child.
+        cancel_message: the :class:`medsegkit.Cancelled` message when the job is cancelled.
     """
 
     def __init__(self, job: Mapping[str, Any], *, worker: WorkerProcess | None = None,
-                 cancel_grace_s: float = 10.0, poll_s: float = 0.05):
+                 cancel_grace_s: float = 10.0, poll_s: float = 0.05,
+                 cancel_message: str = "cancelled; no layer was added"):
         self.job = dict(job)
+        self.cancel_message = cancel_message
         self.worker = worker
         self.cancel_grace_s = float(cancel_grace_s)
         self.poll_s = float(poll_s)
@@ -304,8 +318,9 @@ class WorkerJob:
     def _detach(self) -> None:
         self._process_event = None
 
-    def run(self) -> Iterator[tuple[int, int]]:
-        """Send the job and yield ``(done, total)`` until it finishes; returns the result dict.
+    def run(self) -> Iterator[tuple[int, int] | Update]:
+        """Send the job and yield ``(done, total)`` (and :class:`Update` for session runs) until it
+        finishes; returns the result dict.
 
         Raises:
             WorkerError: the child reported an error (message from the core).

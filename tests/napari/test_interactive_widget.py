@@ -1,0 +1,259 @@
+"""Interactive segmentation in the Segment widget: warm worker, progressive Run, Refine / Undo / Reset / Save,
+Cancel and a killed worker during Refine, and the viewer's responsiveness (issue 15)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from medsegkit.napari._worker_client import WorkerJob, default_worker, read_output, write_input_array
+
+
+def _choose(widget, layer, model: str, checkpoint: str | None = None, **options) -> None:
+    widget.image.value = layer
+    widget.model.value = model
+    widget.checkpoint.line_edit.value = checkpoint or ""
+    for key, value in options.items():
+        getattr(widget, key).value = value
+
+
+def _one_shot(widget, tmp_path) -> np.ndarray:
+    """The same layer and settings through the worker's plain ``segment`` job (no session)."""
+    job, _, data = widget.build_job()
+    job["action"] = "segment"
+    job["predict"]["fast"] = False
+    job["input"] = write_input_array(data, tmp_path)
+    job["output_dir"] = str(tmp_path / "one_shot")
+    return np.asarray(read_output(WorkerJob(job).result()))
+
+
+def _heartbeat():
+    """A 10 ms QTimer recording its ticks (the viewer's event loop is free when it ticks on time)."""
+    from qtpy.QtCore import QTimer
+
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    return timer, ticks
+
+
+def _max_gap_ms(ticks: list[float], start: float, end: float) -> float:
+    inside = np.asarray([t for t in ticks if start <= t <= end])
+    return float(np.diff(inside).max() * 1000) if len(inside) > 1 else float("nan")
+
+
+def _paint(widget, corrections, centre, cls: int, size: int = 5) -> np.ndarray:
+    """A stroke with the brush of class ``cls`` at ``centre`` (napari order) on the slice on screen; the
+    voxels it marked."""
+    widget.brush.value = widget.brush.choices[cls]
+    assert corrections.selected_label == cls + 1
+    before = np.array(corrections.data, copy=True)
+    corrections.brush_size = size
+    corrections.paint(centre, corrections.selected_label)
+    marked = (np.asarray(corrections.data) != before)
+    assert marked.any()
+    return marked
+
+
+def test_warm_worker_keeps_the_model_and_a_second_run_does_not_reload(sample_layers, qtbot, errors, wait_for_run):
+    viewer, widget, t1 = sample_layers
+    qtbot.waitUntil(lambda: widget.warm_info is not None, timeout=300_000)  # started when the widget opened
+    assert "error" not in widget.warm_info and default_worker().is_alive()
+    pid = default_worker().pid
+    widget.image.value = t1  # the demo model is preselected (the one the warm-up loaded)
+    runs = []
+    for _ in range(2):
+        widget.run()
+        wait_for_run(widget)
+        assert errors == []
+        runs.append((widget.first_update_seconds, widget.last_run_seconds, widget.last_run_info))
+    assert default_worker().pid == pid  # the same process: no import paid again
+    assert runs[0][2]["model_loaded"] is False and runs[1][2]["model_loaded"] is False  # loaded when the widget opened
+    assert runs[0][2]["focus"] == {"axis": 2, "index": viewer.dims.current_step[0]}  # the axial slice on screen
+    labels = [layer for layer in viewer.layers if layer.name.startswith("MNI152 T1 [unet3d_mni152_tissue]")
+              and "corrections" not in layer.name]  # napari numbers the second one
+    assert len(labels) == 2 and np.array_equal(labels[0].data, labels[1].data)
+    print(f"\nwarm-up: imports {widget.warm_info['import_seconds']:.2f} s, model load {widget.warm_info['load_seconds']:.2f} s; "
+          + "; ".join(f"run {i + 1}: first slice {f:.2f} s, total {t:.2f} s (worker: session {info['session_seconds']:.2f} s, "
+                      f"run {info['run_seconds']:.2f} s)" for i, (f, t, info) in enumerate(runs)))
+
+
+def test_progressive_run_streams_into_one_layer_and_ends_equal_to_segment(sample_layers, checkpoints, qtbot, errors,
+                                                                          wait_for_run, tmp_path):
+    viewer, widget, t1 = sample_layers
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="32", overlap=0.25)
+    viewer.dims.set_current_step(0, 20)  # the axial slice z = 20 on screen
+    n_layers = len(viewer.layers)
+    timer, ticks = _heartbeat()
+    try:
+        widget.run()
+        wait_for_run(widget)
+    finally:
+        timer.stop()
+    assert errors == []
+    info = widget.last_run_info
+    assert info["focus"] == {"axis": 2, "index": 20}
+    result = viewer.layers["MNI152 T1 [UNet3d]"]
+    assert len(viewer.layers) == n_layers + 2  # the result and its corrections layer, nothing else
+    assert widget.model.value == "UNet3d"  # adding layers does not bring back the sample's demo model
+    corrections = viewer.layers["MNI152 T1 [UNet3d] corrections"]
+    assert widget.first_update_seconds < widget.last_run_seconds
+    gaps = np.diff(widget.refresh_times)
+    assert len(widget.refresh_times) >= 1 and (gaps >= 0.099).all()  # at most 10 redraws a second
+    np.testing.assert_array_equal(result.data, _one_shot(widget, tmp_path))
+    assert len(np.unique(result.data)) == 2
+    # the corrections layer: same grid, value c + 1 drawn in the result's colour of class c
+    assert corrections.data.shape == result.data.shape and not corrections.data.any()
+    np.testing.assert_allclose(corrections.scale, result.scale)
+    np.testing.assert_allclose(corrections.colormap.map(np.array([2]))[0], result.colormap.map(np.array([1]))[0])
+    assert list(corrections.features["class"]) == ["unmarked", "class0", "class1"]
+    print(f"\nprogressive run (tiny UNet3d, roi 32): first slice {widget.first_update_seconds:.2f} s, total "
+          f"{widget.last_run_seconds:.2f} s, {len(widget.refresh_times)} redraws; longest 10 ms heartbeat gap "
+          f"{_max_gap_ms(ticks, widget._started, widget.result_arrived):.0f} ms")
+
+
+def test_cancelled_run_keeps_what_is_done_when_asked(sample_layers, checkpoints, qtbot, errors, wait_for_run, tmp_path):
+    viewer, widget, t1 = sample_layers
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="12", overlap=0.8, on_cancel="keep what is done")
+    widget.run()
+    qtbot.waitUntil(lambda: widget._run_target["layer"] is not None, timeout=120_000)  # a preview of the slice
+    qtbot.waitUntil(lambda: widget.exact_focus_seconds is not None, timeout=120_000)  # the exact slice on screen
+    widget.cancel()
+    wait_for_run(widget, timeout_s=30)
+    assert widget.status.value == "cancelled; the finished part is kept" and errors == []
+    partial = viewer.layers["MNI152 T1 [UNet3d]"]
+    z = viewer.dims.current_step[0]
+    np.testing.assert_array_equal(partial.data[z], _one_shot(widget, tmp_path)[z])  # the slice on screen is final
+    assert "MNI152 T1 [UNet3d] corrections" not in viewer.layers
+
+
+def test_paint_refine_undo_reset_and_save(sample_layers, checkpoints, qtbot, errors, wait_for_run, tmp_path):
+    viewer, widget, t1 = sample_layers
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="32", overlap=0.25)
+    widget.run()
+    wait_for_run(widget)
+    result = viewer.layers["MNI152 T1 [UNet3d]"]
+    corrections = viewer.layers["MNI152 T1 [UNet3d] corrections"]
+    assert viewer.layers.selection.active is corrections and corrections.mode == "paint"
+    original = np.array(result.data, copy=True)
+    z = viewer.dims.current_step[0]
+    centre = (z, 60, 50)
+    cls = 1 - int(original[centre])  # the class the model does not give there
+    marked = _paint(widget, corrections, centre, cls)
+    assert (original[marked] != cls).any()
+
+    widget.seconds.value = 0.5
+    widget.refine()
+    wait_for_run(widget)
+    assert errors == [] and widget.status.value.startswith("refined in")
+    refined = np.array(result.data, copy=True)
+    assert (refined[marked] == cls).all()  # marked voxels keep their marked class
+    changed = np.argwhere(refined != original)
+    assert len(changed) >= marked.sum() // 2
+    # only near the strokes: within 8 preprocessed voxels (2 mm) -> 8 voxels of this 2 mm grid
+    assert np.abs(changed - np.asarray(centre)).max() <= 8 + 3
+    assert widget.last_edit_info["rounds"] == 1
+
+    widget.undo()
+    wait_for_run(widget)
+    np.testing.assert_array_equal(result.data, original)
+    assert not corrections.data.any()  # the strokes of the undone round are gone too
+
+    _paint(widget, corrections, centre, cls)
+    widget.refine()
+    wait_for_run(widget)
+    assert (result.data[marked] == cls).all() and widget.last_edit_info["rounds"] == 1
+    path = tmp_path / "adapted.safetensors"
+    widget.save_path.value = str(path)
+    widget.save_adapted()
+    wait_for_run(widget)
+    assert path.is_file() and widget.status.value == f"saved the adapted model (1 refine rounds) to {path}"
+    widget.reset()
+    wait_for_run(widget)
+    np.testing.assert_array_equal(result.data, original)
+    assert not corrections.data.any() and errors == []
+
+    widget.refine()  # nothing painted: refused with a message, no job
+    assert not widget.running and errors[-1].startswith("paint strokes on the corrections layer first")
+
+
+@pytest.mark.slow  # two fresh worker processes (torch + MONAI imports)
+def test_cancel_and_killed_worker_during_refine(sample_layers, checkpoints, qtbot, errors, monkeypatch, wait_for_run,
+                                                restart_worker):
+    viewer, widget, t1 = sample_layers
+    monkeypatch.setenv("MEDSEGKIT_WORKER_TEST_CRASH", "block-refine")  # each refine waits for cancel (or a kill)
+    restart_worker()
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="32", overlap=0.25)
+    widget.run()
+    wait_for_run(widget)
+    result = viewer.layers["MNI152 T1 [UNet3d]"]
+    corrections = viewer.layers["MNI152 T1 [UNet3d] corrections"]
+    original = np.array(result.data, copy=True)
+    centre = (viewer.dims.current_step[0], 60, 50)
+    cls = 1 - int(original[centre])
+    marked = _paint(widget, corrections, centre, cls)
+    strokes = np.array(corrections.data, copy=True)
+
+    # Cancel during Refine: the result (and the strokes) stay as they were; the worker honours it
+    pid = default_worker().pid
+    widget.refine()
+    qtbot.waitUntil(lambda: widget._job is not None and bool(widget._job.info), timeout=60_000)
+    widget.cancel()
+    wait_for_run(widget, timeout_s=30)
+    assert widget.status.value == "refine cancelled; the previous result is kept" and errors == []
+    np.testing.assert_array_equal(result.data, original)
+    np.testing.assert_array_equal(corrections.data, strokes)
+    assert default_worker().pid == pid
+
+    # the worker killed during Refine (as the OOM killer does): reported, the result stays
+    widget.refine()
+    qtbot.waitUntil(lambda: widget._job is not None and bool(widget._job.info), timeout=60_000)
+    os.kill(widget._job.info["pid"], signal.SIGKILL)
+    wait_for_run(widget, timeout_s=60)
+    assert len(errors) == 1 and errors[0].startswith("refine failed: the model worker process was killed (SIGKILL")
+    assert "(the previous result is kept)" in errors[0]
+    np.testing.assert_array_equal(result.data, original)
+
+    # the next Refine starts a fresh worker, which rebuilds the session and applies every stroke
+    monkeypatch.delenv("MEDSEGKIT_WORKER_TEST_CRASH")
+    widget.refine()
+    wait_for_run(widget, timeout_s=300)
+    assert len(errors) == 1, errors
+    assert widget.last_edit_info["rebuilt"] and "it was rebuilt from the original model" in widget.status.value
+    assert (result.data[marked] == cls).all()
+    assert default_worker().pid not in (None, pid)
+
+
+@pytest.mark.slow
+def test_viewer_never_stalls_during_run_and_refine(sample_layers, qtbot, errors, wait_for_run):
+    """The longest gap between 10 ms QTimer ticks during a progressive Run and a Refine of the demo model
+    on the 2 mm MNI sample (figures printed; the issue's target is 100 ms)."""
+    viewer, widget, t1 = sample_layers
+    widget.image.value = t1
+    qtbot.waitUntil(lambda: widget.warm_info is not None, timeout=300_000)
+    timer, ticks = _heartbeat()
+    try:
+        widget.run()
+        wait_for_run(widget)
+        run_window = (widget._started, widget.result_arrived)
+        corrections = viewer.layers["MNI152 T1 [unet3d_mni152_tissue] corrections"]
+        z = viewer.dims.current_step[0]
+        _paint(widget, corrections, (z, 58, 49), 3)
+        widget.refine()
+        refine_started = time.perf_counter()
+        wait_for_run(widget)
+        refine_window = (refine_started, time.perf_counter())
+    finally:
+        timer.stop()
+    assert errors == []
+    run_gap, refine_gap = _max_gap_ms(ticks, *run_window), _max_gap_ms(ticks, *refine_window)
+    print(f"\nlongest 10 ms heartbeat gap: run {run_gap:.0f} ms ({widget.last_run_seconds:.1f} s, first slice "
+          f"{widget.first_update_seconds:.2f} s), refine {refine_gap:.0f} ms ({widget.last_edit_seconds:.1f} s); "
+          f"load average {os.getloadavg()[0]:.2f}")
+    assert run_gap < 1000 and refine_gap < 1000, "the viewer froze for more than a second"
