@@ -10,7 +10,7 @@ Commands (the same as the slow tests run):
   "['configs/train.json','configs/multi_gpu_train.json']" --max_epochs 1`` in a tiny UNet3d bundle
   (tests/bundle/test_bundle.py::test_multi_gpu_train_config_under_torchrun_on_cpu);
 * ``selfcheck``: ``-m medsegkit.train.distributed selfcheck`` (tests/train/test_distributed.py);
-* ``train``: ``-m medsegkit train --sample`` with a tiny model (tests/train/test_loop_features.py).
+* ``train``: ``-m medsegkit train --sample`` with a tiny model (tests/train/test_engine.py).
 
 ``--spin K`` keeps K extra processes spinning on the CPU for the whole soak (load on top of whatever else
 runs). A run passes when torchrun exits 0 and both ranks' expected output is there. Failures keep their

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from medsegkit import amp
-from medsegkit.train.loop import _amp_settings
 
 
 @pytest.fixture
@@ -76,16 +75,6 @@ def test_autocast_runs_matmuls_in_the_chosen_dtype(native_bf16):
     with context:
         assert torch.mm(x, x).dtype == torch.float32
     assert isinstance(amp.autocast(torch.device("cpu"), False), contextlib.nullcontext)
-
-
-def test_training_uses_the_same_choice(native_bf16):
-    native_bf16(True)
-    assert _amp_settings(True, torch.device("cpu")) == (torch.bfloat16, None)
-    assert _amp_settings(False, torch.device("cpu")) == (None, None)
-    native_bf16(False)
-    assert _amp_settings(True, torch.device("cpu")) == (
-        None, "--amp: cpu has no native bfloat16 support; training in float32")
-    assert _amp_settings(True, torch.device("cuda")) == (torch.float16, None)
 
 
 def test_inference_fast_reexports_the_same_functions():

@@ -60,11 +60,11 @@ def _lint_copy(tmp_path: Path, extra: dict[str, str]) -> subprocess.CompletedPro
 
 def test_upward_imports_break_the_contracts(tmp_path):
     result = _lint_copy(tmp_path, {"io/_bad.py": "def f():\n    from medsegkit.napari import _widget\n",
-                                   "nets/_bad.py": "import medsegkit.train.loop\n",
+                                   "nets/_bad.py": "import medsegkit.train.engine\n",
                                    "inference/_bad.py": "from medsegkit.train import distributed\n",
                                    "weights/_bad.py": "from medsegkit.registry import create_model\n"})
     assert result.returncode == 1, result.stdout + result.stderr
     assert "medsegkit.io._bad -> medsegkit.napari._widget" in result.stdout
-    assert "medsegkit.nets._bad -> medsegkit.train.loop" in result.stdout
+    assert "medsegkit.nets._bad -> medsegkit.train.engine" in result.stdout
     assert "medsegkit.inference._bad -> medsegkit.train.distributed" in result.stdout
     assert "medsegkit.weights._bad -> medsegkit.registry" in result.stdout

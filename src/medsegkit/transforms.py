@@ -53,25 +53,20 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    Invertd,
-    NormalizeIntensityd,
-    Orientationd,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
+from monai.transforms import Compose, Invertd
 
 from medsegkit.io.image import Image
 
 __all__ = [
     "PRESETS",
     "PreprocessState",
+    "augmentation_configs",
     "build_preprocessing",
     "image_to_metatensor",
+    "instantiate_configs",
     "metatensor_to_image",
     "preprocess",
+    "preprocessing_configs",
     "resolve_preprocessing",
     "restore",
 ]
@@ -109,7 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "none": {"orientation": None, "spacing": None, "intensity": None},
 }
 
-SPEC_KEYS = ("orientation", "spacing", "intensity")
+SPEC_KEYS = ("orientation", "spacing", "crop_foreground", "intensity")
+#: margin (voxels of the preprocessed grid) kept around the image's foreground by ``crop_foreground: True``
+DEFAULT_CROP_MARGIN = 4
 # intensity name -> (required fields, optional fields with defaults)
 INTENSITY_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "zscore": ((), {"nonzero": False, "channel_wise": True}),
@@ -146,6 +143,23 @@ def _check_spacing(value: Any) -> list[float] | None:
     if not values or len(values) > 3 or not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be a positive number or 2-3 positive numbers (mm), got {value!r}")
     return values
+
+
+def _check_crop(value: Any) -> dict[str, Any] | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"margin": DEFAULT_CROP_MARGIN}
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = {"margin": int(value)}
+    if not isinstance(value, Mapping) or set(value) - {"margin"}:
+        raise ValueError(
+            f"crop_foreground must be true/false, a margin in voxels, or {{'margin': n}}; got {value!r}"
+        )
+    margin = value.get("margin", DEFAULT_CROP_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+        raise ValueError(f"crop_foreground margin must be a whole number of voxels >= 0; got {margin!r}")
+    return {"margin": int(margin)}
 
 
 def _check_intensity(value: Any) -> dict[str, Any] | None:
@@ -219,11 +233,15 @@ def resolve_preprocessing(
         spec["spacing"] = target_spacing
     if orientation is not None:
         spec["orientation"] = orientation
-    return {
+    resolved = {
         "orientation": _check_orientation(spec.get("orientation")),
         "spacing": _check_spacing(spec.get("spacing")),
         "intensity": _check_intensity(spec.get("intensity")),
     }
+    crop = _check_crop(spec.get("crop_foreground"))
+    if crop is not None:  # absent when off, so specs recorded before this key existed compare equal
+        resolved["crop_foreground"] = crop
+    return resolved
 
 
 def _spatial_fit(spec: dict[str, Any], spatial_ndim: int) -> tuple[str | None, list[float] | None]:
@@ -238,6 +256,80 @@ def _spatial_fit(spec: dict[str, Any], spatial_ndim: int) -> tuple[str | None, l
     return orientation, spacing
 
 
+_INTENSITY_TARGETS = {
+    "zscore": "NormalizeIntensityd",
+    "range": "ScaleIntensityRanged",
+    "percentile": "ScaleIntensityRangePercentilesd",
+    "scale": "NormalizeIntensityd",
+}
+
+
+def _intensity_config(intensity: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The MONAI transform config of one resolved intensity step."""
+    name = intensity["name"]
+    config: dict[str, Any] = {"_target_": _INTENSITY_TARGETS[name], "keys": keys}
+    if name == "zscore":
+        config.update(nonzero=bool(intensity["nonzero"]), channel_wise=bool(intensity["channel_wise"]))
+    elif name == "scale":
+        config.update(subtrahend=float(intensity["subtrahend"]), divisor=float(intensity["divisor"]))
+    else:  # range / percentile: every field is a keyword of the MONAI transform
+        config.update({k: v for k, v in intensity.items() if k != "name"})
+    return config
+
+
+def preprocessing_configs(
+    preset_or_spec: str | Mapping[str, Any] | None,
+    *,
+    target_spacing: float | Sequence[float] | None = None,
+    orientation: str | None = None,
+    keys: Sequence[str] = ("image",),
+    label_keys: Sequence[str] = (),
+    spatial_ndim: int = 3,
+) -> list[dict[str, Any]]:
+    """The one definition of a preset: its MONAI dictionary transforms as bundle configs.
+
+    Every consumer runs exactly these: :func:`build_preprocessing` (hence ``segment``, ``predict`` on
+    images, the interactive session and napari) instantiates them, the bundle writer dumps them into
+    ``inference.json`` / ``train.json``, and training applies them before its random transforms.
+
+    Returns:
+        ``[{"_target_": "Orientationd", ...}, {"_target_": "Spacingd", ...}, {"_target_": "CropForegroundd",
+        ...}, {"_target_": <intensity transform>, ...}]`` (steps the spec leaves out are absent): plain
+        JSON, instantiable by ``monai.bundle.ConfigParser``. Orientation, spacing and the crop act on
+        ``keys`` and ``label_keys`` (labels resampled with nearest neighbours), the intensity step on
+        ``keys`` only.
+    """
+    spec = resolve_preprocessing(preset_or_spec, target_spacing=target_spacing, orientation=orientation)
+    axcodes, pixdim = _spatial_fit(spec, spatial_ndim)
+    keys, label_keys = list(keys), list(label_keys)
+    all_keys = keys + label_keys
+    configs: list[dict[str, Any]] = []
+    if axcodes is not None:
+        # explicit labels: the plain L/R, P/A, I/S meaning (and no MONAI default-change warning)
+        configs.append({"_target_": "Orientationd", "keys": all_keys, "axcodes": axcodes,
+                        "labels": [["L", "R"], ["P", "A"], ["I", "S"]]})
+    if pixdim is not None:
+        configs.append({"_target_": "Spacingd", "keys": all_keys, "pixdim": pixdim,
+                        "mode": ["bilinear"] * len(keys) + ["nearest"] * len(label_keys), "padding_mode": "border"})
+    crop = spec.get("crop_foreground")
+    if crop is not None and keys:
+        # the bounding box of the image's nonzero voxels plus a margin: the same field of view whatever
+        # the scanner put around the subject (inverted by zero padding when a prediction is restored)
+        configs.append({"_target_": "CropForegroundd", "keys": all_keys, "source_key": keys[0],
+                        "margin": crop["margin"], "allow_smaller": True})
+    if spec["intensity"] is not None and keys:
+        configs.append(_intensity_config(spec["intensity"], keys))
+    return configs
+
+
+def instantiate_configs(configs: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """MONAI transform configs (``{"_target_": ...}`` dicts) → transform objects, through
+    ``monai.bundle.ConfigParser`` exactly as a bundle instantiates them."""
+    from monai.bundle import ConfigParser
+
+    return list(ConfigParser({"transforms": copy.deepcopy(list(configs))}).get_parsed_content("transforms"))
+
+
 def build_preprocessing(
     preset_or_spec: str | Mapping[str, Any] | None,
     *,
@@ -247,74 +339,24 @@ def build_preprocessing(
     label_keys: Sequence[str] = (),
     spatial_ndim: int = 3,
 ) -> Compose:
-    """A MONAI ``Compose`` of dictionary transforms: orientation → spacing → intensity.
+    """A MONAI ``Compose`` of dictionary transforms: orientation → spacing → foreground crop → intensity.
 
     Args:
-        preset_or_spec: ``"mr"``, ``"ct"``, ``"none"`` or a spec dict (see the module docstring).
+        preset_or_spec: ``"mr"``, ``"mr_robust"``, ``"ct"``, ``"none"`` or a spec dict (module docstring).
         target_spacing: overrides the spec's spacing (mm; one number = isotropic).
         orientation: overrides the spec's orientation (axis codes such as ``"RAS"``).
         keys: image keys; resampled linearly and given the intensity step. Their values must be
             ``MetaTensor``s ``(C, *spatial)`` carrying the affine (see :func:`image_to_metatensor`).
-        label_keys: label keys; same orientation/spacing with nearest neighbours, no intensity step.
+        label_keys: label keys; same orientation/spacing/crop with nearest neighbours, no intensity step.
         spatial_ndim: 2 or 3 (orientation codes and isotropic spacing are cut/broadcast to it).
 
+    The transforms are those of :func:`preprocessing_configs`, instantiated by MONAI's ``ConfigParser``.
     The spatial steps are invertible (``Compose.inverse`` / ``Invertd``); the intensity step is not
     (it is not needed to put a prediction back on the input grid).
     """
-    spec = resolve_preprocessing(preset_or_spec, target_spacing=target_spacing, orientation=orientation)
-    axcodes, pixdim = _spatial_fit(spec, spatial_ndim)
-    keys, label_keys = list(keys), list(label_keys)
-    all_keys = keys + label_keys
-    modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
-    steps: list[Any] = []
-    if axcodes is not None:
-        # explicit labels: the plain L/R, P/A, I/S meaning (and no MONAI default-change warning)
-        steps.append(
-            Orientationd(keys=all_keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))
-        )
-    if pixdim is not None:
-        steps.append(Spacingd(keys=all_keys, pixdim=pixdim, mode=modes, padding_mode="border"))
-    intensity = spec["intensity"]
-    if intensity is not None and keys:
-        name = intensity["name"]
-        if name == "zscore":
-            steps.append(
-                NormalizeIntensityd(
-                    keys=keys,
-                    nonzero=bool(intensity["nonzero"]),
-                    channel_wise=bool(intensity["channel_wise"]),
-                )
-            )
-        elif name == "range":
-            steps.append(
-                ScaleIntensityRanged(
-                    keys=keys,
-                    a_min=float(intensity["a_min"]),
-                    a_max=float(intensity["a_max"]),
-                    b_min=float(intensity["b_min"]),
-                    b_max=float(intensity["b_max"]),
-                    clip=bool(intensity["clip"]),
-                )
-            )
-        elif name == "percentile":
-            steps.append(
-                ScaleIntensityRangePercentilesd(
-                    keys=keys,
-                    lower=float(intensity["lower"]),
-                    upper=float(intensity["upper"]),
-                    b_min=float(intensity["b_min"]),
-                    b_max=float(intensity["b_max"]),
-                    clip=bool(intensity["clip"]),
-                    channel_wise=bool(intensity["channel_wise"]),
-                )
-            )
-        else:  # "scale"
-            steps.append(
-                NormalizeIntensityd(
-                    keys=keys, subtrahend=float(intensity["subtrahend"]), divisor=float(intensity["divisor"])
-                )
-            )
-    return Compose(steps)
+    configs = preprocessing_configs(preset_or_spec, target_spacing=target_spacing, orientation=orientation,
+                                    keys=keys, label_keys=label_keys, spatial_ndim=spatial_ndim)
+    return Compose(instantiate_configs(configs))
 
 
 def _spatial_affine(affine: np.ndarray, spatial_ndim: int) -> np.ndarray:
@@ -464,3 +506,81 @@ def restore(
             return np.rint(result).astype(dtype)
         return result.astype(dtype, copy=False)
     return result.astype(np.float32, copy=False)
+
+
+AUGMENTATION_LEVELS = ("none", "light", "strong")
+
+
+def augmentation_configs(
+    patch_size: Sequence[int],
+    *,
+    level: str = "strong",
+    num_classes: int = 2,
+    class_ratios: Sequence[float] | None = None,
+    samples: int = 1,
+    slice_volumes: bool = False,
+) -> list[dict[str, Any]]:
+    """Training-time random transforms (MONAI configs) that follow :func:`preprocessing_configs`.
+
+    Used by ``medsegkit.train`` and dumped into a bundle's ``train.json``; keys ``"image"`` ``(C, *spatial)``
+    and ``"label"`` ``(1, *spatial)``.
+
+    Args:
+        patch_size: the training patch, ``(H, W, D)`` for a 3D model or ``(H, W)`` for a 2D one.
+        level: ``"none"`` (class-balanced crops only), ``"light"`` (+ left/right flips, intensity scale and
+            shift) or ``"strong"``, for models that must work on other scanners and subjects: crops 1.25×
+            the patch, then a random affine (rotation up to 15° per axis, scale ±15 %) resampled to the
+            patch, so the crop has no empty corners; left/right flips; MR bias field, gamma, non-linear
+            histogram shift (contrast), simulated low resolution and blur (resolution), Gaussian noise and
+            intensity scale/shift.
+        num_classes, class_ratios: patch centres are drawn per class in these proportions (MONAI
+            ``RandCropByLabelClassesd``; default equal, which oversamples small classes).
+        samples: patches drawn per volume each time it is visited.
+        slice_volumes: the data are volumes but the model is 2D: crops are one slice thick along the last
+            axis and that axis is dropped (a 2D model trains on slices of volumes).
+    """
+    if level not in AUGMENTATION_LEVELS:
+        raise ValueError(f"unknown augmentation level {level!r}; accepted: {', '.join(AUGMENTATION_LEVELS)}")
+    patch = [int(s) for s in patch_size]
+    if not patch or any(s < 1 for s in patch):
+        raise ValueError(f"patch_size must be positive whole numbers, got {list(patch_size)}")
+    if class_ratios is not None and len(class_ratios) != num_classes:
+        raise ValueError(f"class_ratios needs {num_classes} values (one per class); got {list(class_ratios)}")
+    keys = ["image", "label"]
+    dims = len(patch)
+    crop = [int(round(s * 1.25)) for s in patch] if level == "strong" else list(patch)
+    steps: list[dict[str, Any]] = [
+        {"_target_": "RandCropByLabelClassesd", "keys": keys, "label_key": "label",
+         "spatial_size": crop + ([1] if slice_volumes else []), "num_classes": num_classes,
+         "ratios": None if class_ratios is None else [float(r) for r in class_ratios],
+         "num_samples": int(samples), "allow_smaller": True, "warn": False},
+    ]
+    if slice_volumes:
+        steps.append({"_target_": "SqueezeDimd", "keys": keys, "dim": -1})
+    steps.append({"_target_": "SpatialPadd", "keys": keys, "spatial_size": crop})
+    if level == "none":
+        return steps
+    if level == "light":
+        return steps + [
+            {"_target_": "RandFlipd", "keys": keys, "spatial_axis": 0, "prob": 0.5},
+            {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
+            {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+        ]
+    angle = 0.26  # radians, about 15 degrees
+    sigma = {f"sigma_{axis}": [0.0, 1.0] for axis in "xyz"[:dims]}
+    return steps + [
+        {"_target_": "RandAffined", "keys": keys, "spatial_size": patch, "prob": 0.8,
+         "rotate_range": [angle] * (1 if dims == 2 else 3), "scale_range": [0.15] * dims,
+         "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
+        {"_target_": "CenterSpatialCropd", "keys": keys, "roi_size": patch},  # when the affine was not drawn
+        {"_target_": "RandFlipd", "keys": keys, "spatial_axis": 0, "prob": 0.5},
+        {"_target_": "RandBiasFieldd", "keys": "image", "coeff_range": [0.0, 0.2], "degree": 3, "prob": 0.3},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.6, 1.7], "prob": 0.4},
+        {"_target_": "RandHistogramShiftd", "keys": "image", "num_control_points": [5, 12], "prob": 0.3},
+        {"_target_": "RandSimulateLowResolutiond", "keys": "image", "zoom_range": [0.5, 1.0], "prob": 0.15,
+         "upsample_mode": "trilinear" if dims == 3 else "bilinear"},
+        {"_target_": "RandGaussianSmoothd", "keys": "image", **sigma, "prob": 0.2},
+        {"_target_": "RandGaussianNoised", "keys": "image", "std": 0.03, "prob": 0.2},
+        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.25, "prob": 0.5},
+        {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+    ]

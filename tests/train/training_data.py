@@ -1,13 +1,14 @@
-"""Synthetic training data and a tiny configuration shared by the training-loop tests."""
+"""Synthetic training data and a tiny configuration shared by the training-engine tests."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from medsegkit.train.data import LabelledVolume
-from medsegkit.train.loop import TrainConfig
+from medsegkit.train.engine import TrainConfig
 
 TINY = {"out_channels": 3, "channels": (4, 8), "strides": (2,), "layout": "classic"}
+NAMES = ["bg", "shell", "core"]
 
 
 def blob_volume(seed: int = 0, size: int = 24) -> LabelledVolume:
@@ -21,6 +22,6 @@ def blob_volume(seed: int = 0, size: int = 24) -> LabelledVolume:
 
 
 def small_config(**kw) -> TrainConfig:
-    base = dict(epochs=4, steps_per_epoch=4, patch_size=(16, 16, 16), lr=1e-2, seed=0, num_threads=1,
-                divisible_by=2, intensity_scale=0.0, intensity_shift=0.0)
+    base = dict(epochs=4, steps_per_epoch=4, patch_size=(16, 16, 16), batch_size=1, lr=1e-2, seed=0, num_threads=1,
+                augmentation="light")
     return TrainConfig(**{**base, **kw})

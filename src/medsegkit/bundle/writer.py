@@ -34,7 +34,8 @@ SAMPLE_CLASS_NAMES = ["background", "CSF", "grey matter", "white matter"]
 SAMPLE_IMAGE = "mni152_t1_2mm.nii.gz"
 SAMPLE_LABEL = "mni152_tissue_2mm.nii.gz"
 PREPROCESSING_PRESETS = ("mr", "mr_robust", "ct")
-AUGMENTATION_PRESETS = ("intensity", "strong")
+# "intensity" is the earlier name of "light"
+AUGMENTATION_PRESETS = ("none", "light", "intensity", "strong")
 POSTPROCESSING_STEPS = ("largest_component", "fill_holes")
 
 # Evaluated by MONAI's ConfigParser: the folder holding medsegkit's bundled sample data.
@@ -78,75 +79,26 @@ def network_definition(name: str, **overrides: Any) -> tuple[dict[str, Any], Any
     return definition, info
 
 
-def _intensity_transform(preset: str) -> dict[str, Any]:
-    if preset == "ct":
-        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000, "a_max": 1000,
-                "b_min": 0.0, "b_max": 1.0, "clip": True}
-    if preset == "mr_robust":  # scanner-independent: 1st..99th percentile -> 0..1
-        return {"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": 1, "upper": 99,
-                "b_min": 0.0, "b_max": 1.0, "clip": True}
-    return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}
-
-
 def _preprocessing(keys: Sequence[str], spacing: Sequence[float] | None, preset: str, rgb: bool,
                    crop_foreground: bool = False) -> list[dict]:
-    label_keys = [k for k in keys if k != "image"]
+    """Load + the preset's transforms exactly as :func:`medsegkit.transforms.preprocessing_configs` defines
+    them (the same configs ``segment`` and training instantiate) + channel repeat for RGB models. The
+    bundles' data are volumes (3D models, and 2D models run slice by slice)."""
+    from medsegkit.transforms import preprocessing_configs
+
+    spec: dict[str, Any] = {"preset": preset, "crop_foreground": crop_foreground}
+    if spacing is not None:
+        spec["spacing"] = list(spacing)
     steps: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": list(keys), "image_only": False},
         {"_target_": "EnsureChannelFirstd", "keys": list(keys)},
-        {"_target_": "Orientationd", "keys": list(keys), "axcodes": "RAS"},
+        *preprocessing_configs(spec, keys=["image"], label_keys=[k for k in keys if k != "image"],
+                               spatial_ndim=3),
     ]
-    if spacing is not None:
-        modes = ["bilinear"] + ["nearest"] * len(label_keys)
-        steps.append({"_target_": "Spacingd", "keys": list(keys), "pixdim": list(spacing), "mode": modes})
-    if crop_foreground:  # the bounding box of the non-zero head plus 4 voxels: same field of view for any scanner
-        steps.append({"_target_": "CropForegroundd", "keys": list(keys), "source_key": "image", "margin": 4,
-                      "allow_smaller": True})
-    steps.append(_intensity_transform(preset))
     if rgb:  # a model that needs 3 channels gets the grey image repeated
         steps.append({"_target_": "RepeatChanneld", "keys": "image", "repeats": 3})
     steps.append({"_target_": "EnsureTyped", "keys": list(keys)})
     return steps
-
-
-def _random_transforms(roi: Sequence[int], augmentation: str) -> list[dict]:
-    """Training-time random transforms after the deterministic preprocessing (image in ~0..1).
-
-    ``"intensity"``: foreground-biased crops of ``roi`` + random intensity scale/shift.
-    ``"strong"`` (for generalising to other scanners and subjects): crops 1.25x ``roi``, then a random
-    affine (rotation up to 15 degrees per axis, scale +-15 %) resampled to the centre ``roi``, so the
-    crop has no empty corners; left/right flips; MR bias field, gamma, non-linear histogram shift, blur
-    (thick slices), noise and intensity scale/shift.
-    """
-    keys = ["image", "label"]
-    dims = len(roi)
-    if augmentation == "intensity":
-        return [
-            {"_target_": "RandCropByPosNegLabeld", "keys": keys, "label_key": "label", "spatial_size": list(roi),
-             "pos": 2, "neg": 1, "num_samples": 2, "allow_smaller": True},
-            {"_target_": "SpatialPadd", "keys": keys, "spatial_size": list(roi)},
-            {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
-            {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
-        ]
-    outer = [int(round(r * 1.25)) for r in roi]
-    angle = 0.26  # radians, about 15 degrees
-    return [
-        {"_target_": "RandCropByPosNegLabeld", "keys": keys, "label_key": "label", "spatial_size": outer,
-         "pos": 2, "neg": 1, "num_samples": 2, "allow_smaller": True},
-        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": outer},
-        {"_target_": "RandAffined", "keys": keys, "spatial_size": list(roi), "prob": 0.8,
-         "rotate_range": [angle] * (1 if dims == 2 else 3), "scale_range": [0.15] * dims,
-         "mode": ["bilinear", "nearest"], "padding_mode": "zeros"},
-        {"_target_": "RandFlipd", "keys": keys, "spatial_axis": 0, "prob": 0.5},
-        {"_target_": "RandBiasFieldd", "keys": "image", "coeff_range": [0.0, 0.2], "degree": 3, "prob": 0.3},
-        {"_target_": "RandAdjustContrastd", "keys": "image", "gamma": [0.6, 1.7], "prob": 0.4},
-        {"_target_": "RandHistogramShiftd", "keys": "image", "num_control_points": [5, 12], "prob": 0.3},
-        {"_target_": "RandGaussianSmoothd", "keys": "image", "sigma_x": [0.0, 1.0], "sigma_y": [0.0, 1.0],
-         "sigma_z": [0.0, 1.0], "prob": 0.2},
-        {"_target_": "RandGaussianNoised", "keys": "image", "std": 0.03, "prob": 0.2},
-        {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.25, "prob": 0.5},
-        {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
-    ]
 
 
 def _label_cleanup(steps: Sequence[str], out_channels: int) -> list[dict]:
@@ -294,13 +246,17 @@ def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: st
 
 
 def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool,
-                  out_channels: int, augmentation: str = "intensity", cleanup: Sequence[str] = (),
+                  out_channels: int, augmentation: str = "light", cleanup: Sequence[str] = (),
                   crop_foreground: bool = False) -> dict:
     config = _common(network_def, spacing)
     keys = ["image", "label"]
     sample = {"image": f"$os.path.join(@dataset_dir, '{SAMPLE_IMAGE}')",
               "label": f"$os.path.join(@dataset_dir, '{SAMPLE_LABEL}')"}
-    random = _random_transforms(roi, augmentation)
+    from medsegkit.transforms import augmentation_configs
+
+    # the random transforms medsegkit.train uses, from the same definition (two patches per volume visit)
+    random = augmentation_configs(roi, level="light" if augmentation == "intensity" else augmentation,
+                                  num_classes=out_channels, samples=2)
     config.update({
         "imports": config["imports"] + ["$import monai", "$import ignite"],
         "ckpt_dir": "$@bundle_root + '/models'",
@@ -313,6 +269,10 @@ def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, r
         "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True, "include_background": True},
         "optimizer": {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()", "lr": "@learning_rate",
                       "weight_decay": 1e-5},
+        # the schedule of medsegkit.train: linear warm-up over the first epoch, cosine to 1 % of the rate, per step
+        "lr_scheduler": {"_target_": "monai.optimizers.WarmupCosineSchedule", "optimizer": "@optimizer",
+                         "warmup_steps": "$len(@train_files)", "t_total": "$@max_epochs * len(@train_files)",
+                         "end_lr": "$@learning_rate * 0.01", "warmup_multiplier": 0.5},
         "train": {
             "deterministic_transforms": _preprocessing(keys, spacing, preset, rgb, crop_foreground),
             "random_transforms": random,
@@ -331,6 +291,8 @@ def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, r
             "handlers": [
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True,
                  "interval": "@val_interval"},
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False,
+                 "print_lr": False},
                 {"_target_": "StatsHandler", "tag_name": "train_loss",
                  "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"},
             ],
@@ -489,7 +451,7 @@ def init_bundle(
     preprocessing: str = "mr",
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
-    augmentation: str = "intensity",
+    augmentation: str = "light",
     postprocessing: Sequence[str] = (),
     crop_foreground: bool = False,
     task: str | None = None,
@@ -510,9 +472,11 @@ def init_bundle(
         preprocessing: ``"mr"`` (z-score over non-zero voxels), ``"mr_robust"`` (1st-99th percentile
             to 0..1, for full-head scans from different scanners) or ``"ct"`` (window -1000..1000).
         class_names: names of the output channels.
-        augmentation: training-time random transforms in ``train.json``: ``"intensity"`` (crops + intensity
-            scale/shift) or ``"strong"`` (adds random affine, flips, MR bias field, gamma, blur and noise:
-            for models that must generalise to other scanners and subjects).
+        augmentation: training-time random transforms in ``train.json``, the levels of
+            :func:`medsegkit.transforms.augmentation_configs` (the ones ``medsegkit train`` uses): ``"none"``
+            (class-balanced crops), ``"light"`` (+ flips, intensity scale/shift; ``"intensity"`` is its
+            earlier name) or ``"strong"`` (adds random affine, MR bias field, gamma, histogram shift, low
+            resolution, blur and noise: for models that must generalise to other scanners and subjects).
         postprocessing: label clean-up steps for inference and validation, any of ``"largest_component"``
             (keep the largest connected foreground object) and ``"fill_holes"``.
         crop_foreground: crop every volume to the bounding box of its non-zero voxels (plus a 4-voxel

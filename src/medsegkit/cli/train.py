@@ -1,4 +1,5 @@
-"""``medsegkit train``: train a registered semantic model on labelled volumes (or the sample data)."""
+"""``medsegkit train``: train a registered model on labelled volumes (or the sample data) with the one
+training engine (:mod:`medsegkit.train.engine`) and the default recipe."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any
-
-DEFAULT_INTENSITY = "scale:255"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,32 +31,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--split-axial", type=int, metavar="K",
                       help="instead of --val-*: train on k < K of each volume, validate on k >= K")
     data.add_argument("--class-names", nargs="+", metavar="NAME", help="class names, background first (default: class0..)")
-    data.add_argument("--intensity", default=DEFAULT_INTENSITY, metavar="SPEC",
-                      help="intensity normalisation: 'scale:D' (x / D), 'zscore' or 'none' (default %(default)s)")
+    data.add_argument("--intensity", metavar="SPEC",
+                      help="intensity normalisation: 'percentile' (1st..99th percentile -> 0..1, the default: "
+                           "independent of the scanner's scale), 'zscore' (over nonzero voxels), 'scale:D' (x / D) "
+                           "or 'none'")
     data.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                      help="voxel spacing the model expects, recorded in the checkpoint (default: the data's)")
+                      help="voxel size the data are resampled to for training and inference (default: isotropic, "
+                           "the coarser of the data's typical voxel size (median over axes) and the size at which the object spans 1.25 patches)")
+    data.add_argument("--no-crop-foreground", action="store_true",
+                      help="keep each scan's whole field of view (default: crop to the nonzero voxels + 4)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="UNet3d", help="registered model name (default %(default)s)")
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                       help="constructor override, e.g. --set channels=[16,32,64] (Python literal values)")
+                       help="constructor override, e.g. --set channels=[16,32,64] (Python literal values); U-Nets "
+                            "default to norm=instance (independent of a scanner's intensities)")
     run = p.add_argument_group("training")
     run.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write (.safetensors or .pt)")
     run.add_argument("--resume", type=Path, help="continue a run from its checkpoint (optimizer state included)")
     run.add_argument("--epochs", type=int, default=50)
     run.add_argument("--steps-per-epoch", type=int, default=20)
     run.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after the epoch that passes this")
-    run.add_argument("--patch-size", type=int, nargs="+", default=[96, 96, 48])
-    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--patch-size", type=int, nargs="+",
+                     help="training patch and validation window (default 80 per axis for 3D models, 192 for 2D)")
+    run.add_argument("--batch-size", type=int, default=2)
     run.add_argument("--lr", type=float, default=3e-3)
     run.add_argument("--weight-decay", type=float, default=1e-4)
     run.add_argument("--class-weights", type=float, nargs="+", help="weight per class of the Dice and cross-entropy terms")
     run.add_argument("--class-ratios", type=float, nargs="+", help="how often patches centre on each class")
-    run.add_argument("--intensity-scale", type=float, default=0.05, help="random intensity scale range (± fraction)")
-    run.add_argument("--intensity-shift", type=float, default=0.02, help="random intensity shift range (±)")
-    run.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
-                     help="before each validation, re-estimate BatchNorm statistics over N training patches")
-    run.add_argument("--freeze-bn-from", type=int, metavar="EPOCH",
-                     help="from this epoch on, fix BatchNorm statistics (re-estimated once) and train the rest")
+    run.add_argument("--augmentation", default="strong", choices=("none", "light", "strong"),
+                     help="random transforms (default %(default)s: affine, flips, bias field, contrast, "
+                          "resolution, noise)")
+    run.add_argument("--val-interval", type=int, default=1, metavar="N", help="validate and save every N epochs")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: one GPU per process)...")
@@ -87,8 +91,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def parse_intensity(spec: str) -> dict[str, Any]:
-    """``"scale:255"`` → ``{"name": "scale", "divisor": 255.0}``; ``"zscore"``; ``"none"``."""
+def parse_intensity(spec: str | None) -> dict[str, Any] | None:
+    """``"scale:255"`` → ``{"name": "scale", "divisor": 255.0}``; ``"zscore"`` → z-score over nonzero voxels;
+    ``"percentile"`` → 1st..99th percentile to 0..1 (clipped); ``"none"``; ``None`` → the recipe's default."""
+    if spec is None:
+        return None
     name, _, arg = spec.partition(":")
     if name == "scale":
         try:
@@ -98,9 +105,14 @@ def parse_intensity(spec: str) -> dict[str, Any]:
         if divisor == 0:
             raise ValueError("--intensity scale divisor must not be 0")
         return {"name": "scale", "divisor": divisor}
-    if name in ("zscore", "none") and not arg:
-        return {"name": name}
-    raise ValueError(f"unknown --intensity {spec!r}; accepted: 'scale:D', 'zscore', 'none'")
+    if not arg:
+        if name == "zscore":
+            return {"name": "zscore", "nonzero": True}
+        if name == "percentile":
+            return {"name": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0, "clip": True}
+        if name == "none":
+            return {"name": "none"}
+    raise ValueError(f"unknown --intensity {spec!r}; accepted: 'percentile', 'zscore', 'scale:D', 'none'")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -116,26 +128,27 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--split-axial", str(args.split_axial)]
     if args.class_names:
         parts += ["--class-names", *args.class_names]
-    parts += ["--intensity", args.intensity]
+    if args.intensity:
+        parts += ["--intensity", args.intensity]
     if args.spacing:
         parts += ["--spacing", *map(str, args.spacing)]
+    if args.no_crop_foreground:
+        parts.append("--no-crop-foreground")
     parts += ["--model", args.model]
     for item in args.overrides:
         parts += ["--set", item]
     parts += ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch)]
     if args.time_budget is not None:
         parts += ["--time-budget", f"{args.time_budget:g}"]
-    parts += ["--patch-size", *map(str, args.patch_size), "--batch-size", str(args.batch_size),
+    if args.patch_size:
+        parts += ["--patch-size", *map(str, args.patch_size)]
+    parts += ["--batch-size", str(args.batch_size),
               "--lr", f"{args.lr:g}", "--weight-decay", f"{args.weight_decay:g}"]
     if args.class_weights:
         parts += ["--class-weights", *(f"{w:g}" for w in args.class_weights)]
     if args.class_ratios:
         parts += ["--class-ratios", *(f"{r:g}" for r in args.class_ratios)]
-    parts += ["--intensity-scale", f"{args.intensity_scale:g}", "--intensity-shift", f"{args.intensity_shift:g}"]
-    if args.bn_recalibration:
-        parts += ["--bn-recalibration", str(args.bn_recalibration)]
-    if args.freeze_bn_from is not None:
-        parts += ["--freeze-bn-from", str(args.freeze_bn_from)]
+    parts += ["--augmentation", args.augmentation, "--val-interval", str(args.val_interval)]
     if args.amp:
         parts.append("--amp")
     if args.accumulate != 1:
@@ -149,7 +162,7 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _load_data(args: argparse.Namespace, intensity: dict[str, Any]):
+def _load_data(args: argparse.Namespace):
     from medsegkit.train.data import load_labelled_volume, sample_tissue_data, split_axial
 
     if args.sample:
@@ -157,7 +170,7 @@ def _load_data(args: argparse.Namespace, intensity: dict[str, Any]):
             raise ValueError("--sample uses the shipped MNI152 data; drop --image/--label/--val-*/--split-axial")
         from medsegkit.data import MNI_CLASS_NAMES, MNI_HELD_OUT_START, MNI_LABEL_COLORS, SAMPLE_FILES
 
-        train_volume, val_volume = sample_tissue_data(intensity)
+        train_volume, val_volume = sample_tissue_data()
         names = list(args.class_names or MNI_CLASS_NAMES)
         data = {
             "name": "MNI ICBM152 2009a symmetric, 2 mm (medsegkit sample data)",
@@ -172,7 +185,7 @@ def _load_data(args: argparse.Namespace, intensity: dict[str, Any]):
         raise ValueError(f"{len(args.image)} --image but {len(args.label)} --label; give one label map per image")
     if len(args.val_image) != len(args.val_label):
         raise ValueError(f"{len(args.val_image)} --val-image but {len(args.val_label)} --val-label")
-    volumes = [load_labelled_volume(i, lab, intensity=intensity) for i, lab in zip(args.image, args.label)]
+    volumes = [load_labelled_volume(i, lab) for i, lab in zip(args.image, args.label)]
     if args.split_axial is not None:
         if args.val_image:
             raise ValueError("use either --split-axial or --val-image/--val-label, not both")
@@ -181,7 +194,7 @@ def _load_data(args: argparse.Namespace, intensity: dict[str, Any]):
         split = f"axial: training k < {args.split_axial}, validation k >= {args.split_axial}"
     elif args.val_image:
         train_volumes = volumes
-        val_volumes = [load_labelled_volume(i, lab, intensity=intensity) for i, lab in zip(args.val_image, args.val_label)]
+        val_volumes = [load_labelled_volume(i, lab) for i, lab in zip(args.val_image, args.val_label)]
         split = "separate validation volumes"
     else:
         raise ValueError("give validation data: --val-image/--val-label, or --split-axial K")
@@ -195,49 +208,45 @@ def _load_data(args: argparse.Namespace, intensity: dict[str, Any]):
     return train_volumes, val_volumes, names, None, data
 
 
-def _grid_facts(volume) -> tuple[str, list[float]]:
-    import nibabel as nib
-    import numpy as np
-
-    orientation = "".join(nib.aff2axcodes(volume.affine))
-    spacing = [round(float(s), 6) for s in np.linalg.norm(volume.affine[:3, :3], axis=0)]
-    return orientation, spacing
-
-
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from medsegkit.registry import create_model
+    from medsegkit.registry import create_model, get_model_spec
     from medsegkit.train.baseline import nearest_class_mean_baseline
-    from medsegkit.train.loop import TrainConfig, train
+    from medsegkit.train.engine import TrainConfig, recipe_model_overrides, recipe_preprocessing, train
 
     if args.output.exists() and not (args.overwrite or args.resume):
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it or --resume to continue it")
     if args.resume is not None and not args.resume.exists():
         raise FileNotFoundError(f"--resume checkpoint {args.resume} does not exist")
+    if args.accumulate < 1:
+        raise ValueError(f"--accumulate must be >= 1; got {args.accumulate}")
     intensity = parse_intensity(args.intensity)
-    train_volumes, val_volumes, names, colors, data = _load_data(args, intensity)
-    overrides = parse_overrides(args.overrides)
-    overrides.setdefault("out_channels", len(names))
+    train_volumes, val_volumes, names, colors, data = _load_data(args)
+    spec = get_model_spec(args.model)
+    overrides = {**recipe_model_overrides(spec), **parse_overrides(args.overrides)}
+    if spec.task == "instance":  # Mask R-CNN counts foreground classes; background is added inside
+        overrides.setdefault("num_classes", len(names) - 1)
+    else:
+        overrides.setdefault("num_classes" if spec.task == "universal" else "out_channels", len(names))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, **overrides)
-    spatial_dims = getattr(model, "spatial_dims", len(args.patch_size))
-    if len(args.patch_size) != spatial_dims:
-        raise ValueError(f"--patch-size needs {spatial_dims} values for {args.model}; got {args.patch_size}")
-    orientation, spacing = _grid_facts(train_volumes[0])
-    preprocessing = {"orientation": orientation, "spacing": list(args.spacing or spacing), "intensity": intensity}
+    spatial_dims = getattr(model, "spatial_dims", 3)
+    patch = tuple(args.patch_size or ([80] * 3 if spatial_dims == 3 else [192] * 2))
+    if len(patch) != spatial_dims:
+        raise ValueError(f"--patch-size needs {spatial_dims} values for {args.model}; got {list(patch)}")
+    preprocessing = recipe_preprocessing(train_volumes, patch, intensity=intensity,
+                                         spacing=list(args.spacing) if args.spacing else None,
+                                         crop_foreground=not args.no_crop_foreground)
     config = TrainConfig(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, time_budget_s=args.time_budget,
-        patch_size=tuple(args.patch_size), batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        patch_size=patch, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         class_weights=tuple(args.class_weights) if args.class_weights else None,
         class_ratios=tuple(args.class_ratios) if args.class_ratios else None,
-        intensity_scale=args.intensity_scale, intensity_shift=args.intensity_shift,
-        bn_recalibration=args.bn_recalibration, freeze_bn_from=args.freeze_bn_from, seed=args.seed,
+        augmentation=args.augmentation, val_interval=args.val_interval, seed=args.seed,
         num_threads=args.threads, device=args.device, amp=args.amp, accumulate=args.accumulate,
     )
-    if args.accumulate < 1:
-        raise ValueError(f"--accumulate must be >= 1; got {args.accumulate}")
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     commands = [command_line(args)]
     if args.resume is not None:  # the run so far: its own command(s) first
@@ -252,9 +261,9 @@ def run_train(args: argparse.Namespace) -> int:
         print("intensity baseline (nearest class mean) Dice: "
               + " ".join(f"{k} {v:.3f}" for k, v in baseline["dice"].items())
               + f" | mean {baseline['mean_foreground_dice']:.3f}", file=sys.stderr)
+        print(f"preprocessing: {preprocessing}", file=sys.stderr)
     metadata: dict[str, Any] = {
         "class_names": names,
-        "preprocessing": preprocessing,
         "task": "semantic",
         "training": {"command": " && ".join(commands), "commands": commands, "data": data,
                      "baseline_nearest_class_mean": baseline},
@@ -262,7 +271,7 @@ def run_train(args: argparse.Namespace) -> int:
     if colors:
         metadata["label_colors"] = colors
     result = train(model, train_volumes, val_volumes, checkpoint=args.output, class_names=names, config=config,
-                   metadata=metadata, resume=args.resume, metrics_csv=args.metrics_csv,
+                   preprocessing=preprocessing, metadata=metadata, resume=args.resume, metrics_csv=args.metrics_csv,
                    progress=not args.no_progress)
     if main_process:
         dice = result.validation["dice"]

@@ -89,8 +89,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def registered_roi(model: nn.Module) -> tuple[int, ...] | None:
-    """The model's ``default_roi_size`` attribute, else its registry entry's (from ``medsegkit_config``), else ``None``."""
+    """The model's ``default_roi_size`` attribute, else the window its checkpoint was trained with
+    (``medsegkit_metadata["roi_size"]``), else its registry entry's (from ``medsegkit_config``), else ``None``."""
     roi = getattr(model, "default_roi_size", None)
+    metadata = getattr(model, "medsegkit_metadata", None)
+    if roi is None and isinstance(metadata, dict) and metadata.get("roi_size"):
+        roi = metadata["roi_size"]
     config = getattr(model, "medsegkit_config", None)
     if roi is None and isinstance(config, dict) and "name" in config:
         from medsegkit.registry import get_model_spec

@@ -1,4 +1,4 @@
-"""Training: loops, losses and data helpers (``medsegkit train`` is the command-line front end).
+"""Training: one engine for every family (MONAI ``SupervisedTrainer``), objectives and data helpers (``medsegkit train`` is the command-line front end).
 
 Names are loaded on first use so ``import medsegkit.train`` stays quick.
 """
@@ -8,14 +8,14 @@ from __future__ import annotations
 from medsegkit._lazy import lazy_exports
 
 _LAZY = {
-    "TrainConfig": "medsegkit.train.loop",
-    "TrainResult": "medsegkit.train.loop",
-    "train": "medsegkit.train.loop",
-    "validate": "medsegkit.train.loop",
-    "predict_volume": "medsegkit.train.loop",
-    "state_path_for": "medsegkit.train.loop",
+    "TrainConfig": "medsegkit.train.engine",
+    "TrainResult": "medsegkit.train.engine",
+    "train": "medsegkit.train.engine",
+    "validate": "medsegkit.train.engine",
+    "recipe_preprocessing": "medsegkit.train.engine",
+    "state_path_for": "medsegkit.train.engine",
+    "objective_for": "medsegkit.train.objectives",
     "LabelledVolume": "medsegkit.train.data",
-    "PatchSampler": "medsegkit.train.data",
     "load_labelled_volume": "medsegkit.train.data",
     "sample_tissue_data": "medsegkit.train.data",
     "split_axial": "medsegkit.train.data",

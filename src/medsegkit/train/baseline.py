@@ -34,13 +34,15 @@ def predict_nearest_mean(image: np.ndarray, means: np.ndarray) -> np.ndarray:
 def nearest_class_mean_baseline(
     train_volumes: Sequence[LabelledVolume], val_volumes: Sequence[LabelledVolume], class_names: Sequence[str]
 ) -> dict:
-    """Fit class means on ``train_volumes``, score on ``val_volumes`` like :func:`medsegkit.train.validate`.
+    """Fit class means on ``train_volumes``, score on ``val_volumes`` like :func:`medsegkit.train.validate`
+    (intensities as read: the classifier needs no normalisation within one scanner).
 
     Returns:
         ``{"class_means": [...], "dice": {class_name: float}, "mean_foreground_dice": float}``.
     """
-    from medsegkit.train.loop import validate
+    from medsegkit.train.engine import validate
 
     means = class_means(train_volumes, len(class_names))
-    result = validate(None, val_volumes, class_names=class_names, predictor=lambda _m, img: predict_nearest_mean(img, means))
+    result = validate(None, val_volumes, class_names=class_names,
+                      predictor=lambda volume: predict_nearest_mean(volume.image, means))
     return {"class_means": [round(float(m), 6) for m in means], **result}

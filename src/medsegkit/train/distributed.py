@@ -187,19 +187,28 @@ def _selfcheck_batch(global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
-                 reduce_loss) -> list[float]:
-    from monai.losses import DiceCELoss
+def _train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, reduce_loss, *,
+                 micro_batch: int, distributed: bool) -> list[float]:
+    """``steps`` optimiser steps on one fixed batch through the training engine's own iteration: a MONAI
+    ``SupervisedTrainer`` running :class:`~medsegkit.train.step.TrainStep` (micro-batches, DDP gradient
+    synchronisation on the last one) with the semantic objective."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+    from medsegkit.train.objectives import SemanticObjective
+    from medsegkit.train.step import TrainStep
+
+    objective = SemanticObjective()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(reduce_loss(loss.detach()))
+    step = TrainStep(model, objective, micro_batch=micro_batch, amp_dtype=None, distributed=distributed,
+                     in_channels=None)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=steps, network=model,
+                                train_data_loader=[{"image": images, "label": labels}] * steps, optimizer=optimizer,
+                                loss_function=objective, iteration_update=step, amp=False, decollate=False)
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda engine: losses.append(reduce_loss(torch.tensor(engine.state.output["loss"]))))
+    trainer.run()
     return losses
 
 
@@ -231,7 +240,10 @@ def selfcheck(steps: int = 5, global_batch: int = 4, out_dir: str | os.PathLike 
         return float(loss)
 
     ddp_model.train()
-    distributed_losses = _train_steps(ddp_model, images[mine], labels[mine], steps, all_reduce_mean)
+    # each rank in micro-batches of one (gradients synchronised on the last), against one process on the
+    # whole batch at once: the engine's accumulation and DDP averaging together equal one big batch
+    distributed_losses = _train_steps(ddp_model, images[mine], labels[mine], steps, all_reduce_mean, micro_batch=1,
+                                      distributed=context.is_distributed)
     result: dict[str, Any] = {"world_size": world, "rank": context.rank, "distributed_losses": distributed_losses}
 
     # gradients agree <=> every rank holds the same weights after the steps
@@ -245,7 +257,8 @@ def selfcheck(steps: int = 5, global_batch: int = 4, out_dir: str | os.PathLike 
 
     if context.is_main:
         reference.train()
-        single_losses = _train_steps(reference, images, labels, steps, float)
+        single_losses = _train_steps(reference, images, labels, steps, float, micro_batch=global_batch,
+                                     distributed=False)
         result["single_process_losses"] = single_losses
         result["max_loss_difference"] = max(abs(a - b) for a, b in zip(distributed_losses, single_losses))
         if out_dir is not None:

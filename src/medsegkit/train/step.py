@@ -1,0 +1,67 @@
+"""The training engine's iteration: one optimiser step of a model family's objective.
+
+Its own module so that both the engine (:mod:`medsegkit.train.engine`) and the distributed self-check
+(:mod:`medsegkit.train.distributed`) run the very same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from medsegkit.amp import autocast_as
+
+__all__ = ["TrainStep"]
+
+
+class TrainStep:
+    """The trainer's iteration: one optimiser step over ``accumulate`` micro-batches.
+
+    A batch from the loader holds ``accumulate * batch_size`` patches; each micro-batch runs the family's
+    objective under :func:`medsegkit.amp.autocast_as`, DDP synchronises gradients on the last one only,
+    and a non-finite loss stops training with the step and learning rate.
+    """
+
+    def __init__(self, network: nn.Module, objective: Any, *, micro_batch: int, amp_dtype: torch.dtype | None,
+                 distributed: bool, in_channels: int | None) -> None:
+        self.network = network
+        self.objective = objective
+        self.micro_batch = micro_batch
+        self.amp_dtype = amp_dtype
+        self.distributed = distributed
+        self.in_channels = in_channels
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, float]:
+        device = engine.state.device
+        images = torch.as_tensor(batch["image"]).to(device, torch.float32)
+        labels = torch.as_tensor(batch["label"]).to(device).round().long()
+        if self.in_channels and images.shape[1] == 1 and self.in_channels > 1:
+            images = images.expand(-1, self.in_channels, *images.shape[2:])  # a grey image for an RGB model
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        parts = list(zip(images.split(self.micro_batch), labels.split(self.micro_batch)))
+        total = 0.0
+        for index, (x, y) in enumerate(parts):
+            last = index == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not self.distributed else self.network.no_sync()
+            with sync:
+                with autocast_as(x.device, self.amp_dtype):
+                    loss = self.objective(self.network, x, y)
+                if not torch.isfinite(loss):
+                    lr = engine.optimizer.param_groups[0]["lr"]
+                    raise FloatingPointError(
+                        f"loss became {float(loss)} at step {engine.state.iteration}; lower the learning rate (lr={lr:g})")
+                scaled = loss / len(parts)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += float(loss.detach()) / len(parts)
+        if self.scaler is not None:
+            self.scaler.step(engine.optimizer)
+            self.scaler.update()
+        else:
+            engine.optimizer.step()
+        return {"loss": total}

@@ -1,0 +1,326 @@
+"""medsegkit.train's engine: MONAI SupervisedTrainer with medsegkit's step and handlers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from training_data import NAMES, TINY, blob_volume, small_config
+
+import medsegkit.amp
+from medsegkit import create_model
+from medsegkit.cli import main
+from medsegkit.io import Image, write_image
+from medsegkit.train.baseline import nearest_class_mean_baseline
+from medsegkit.train.data import split_axial, training_items
+from medsegkit.train.engine import TrainConfig, recipe_preprocessing, state_path_for, train
+from medsegkit.weights import load_model, read_checkpoint
+
+
+def _run(tmp_path, name, config, *, model=None, arch=TINY, seed=0, volumes=None, **kw):
+    torch.manual_seed(seed)
+    model = model if model is not None else create_model("UNet3d", **arch)  # same seed: same initial weights
+    kw.setdefault("preprocessing", "none")
+    train_volumes, val_volumes = volumes or ([blob_volume(0)], [blob_volume(1)])
+    result = train(model, train_volumes, val_volumes, checkpoint=tmp_path / f"{name}.safetensors",
+                   class_names=kw.pop("class_names", NAMES), config=config, progress=False,
+                   log=kw.pop("log", lambda line: None), **kw)
+    return model, result
+
+
+def _adam_moments(checkpoint) -> dict[str, torch.Tensor]:
+    tensors, _ = read_checkpoint(state_path_for(checkpoint))
+    return {k: v for k, v in tensors.items() if k.endswith(".exp_avg")}
+
+
+def test_short_run_lowers_loss_and_writes_loadable_checkpoint(tmp_path):
+    model, result = _run(tmp_path, "model", small_config())
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert result.epoch == 4 and result.step == 16
+    loaded = load_model(tmp_path / "model.safetensors")
+    meta = loaded.medsegkit_metadata
+    assert meta["class_names"] == NAMES
+    assert meta["preprocessing"] == {"orientation": None, "spacing": None, "intensity": None}
+    assert meta["training"]["epochs_done"] == 4 and meta["training"]["engine"] == "monai.engines.SupervisedTrainer"
+    assert set(meta["training"]["validation"]["dice"]) == {"shell", "core"}
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a.cpu(), b)
+    # atomic writes leave no temporary files behind; the CSV has one row per epoch; the curve is a PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.learning_curve.png", "model.metrics.csv",
+                                                          "model.safetensors", "model.state.safetensors"]
+    assert len((tmp_path / "model.metrics.csv").read_text().strip().splitlines()) == 5
+    assert (tmp_path / "model.learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_rate_warms_up_then_decays_per_step(tmp_path):
+    _, result = _run(tmp_path, "lr", small_config(epochs=3, warmup_epochs=1))
+    lrs = [row["lr"] for row in result.history]
+    # the schedule steps every iteration: after epoch 1 (4 warm-up steps) the peak, then cosine to 1 %
+    assert lrs[0] == pytest.approx(1e-2, rel=1e-6) and lrs[0] > lrs[1] > lrs[2]
+    assert lrs[2] == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_validation_runs_segment_on_the_volume_grid(tmp_path):
+    """Validation predicts through medsegkit.segment with the recorded preprocessing: a checkpoint's
+    own Dice equals what segment gives on the validation volume afterwards."""
+    from medsegkit import segment
+    from medsegkit.metrics import dice_per_class
+
+    spec = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "intensity": {"name": "zscore", "nonzero": True}}
+    _, result = _run(tmp_path, "grid", small_config(epochs=2, patch_size=(8, 8, 8)), preprocessing=spec)
+    volume = blob_volume(1)
+    labels = segment(tmp_path / "grid.safetensors", volume.as_image(), roi_size=(8, 8, 8), fast=False)
+    assert labels.array.shape == volume.label.shape  # back on the 1 mm grid of the volume
+    dice = dice_per_class(np.asarray(labels.array).ravel()[:, None], volume.label.ravel()[:, None], [1, 2])
+    assert result.validation["dice"]["shell"] == pytest.approx(dice[1], abs=1e-6)
+    assert load_model(tmp_path / "grid.safetensors").medsegkit_metadata["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_training_items_apply_the_spec_to_image_and_labels():
+    volume = blob_volume(0)
+    volume.affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    spec = {"orientation": "LPS", "spacing": 2.0, "intensity": {"name": "zscore"}}
+    (item,) = training_items([volume], spec)
+    assert item["image"].shape == item["label"].shape == (1, 12, 12, 12)
+    assert abs(float(item["image"].mean())) < 1e-5 and float(item["image"].std()) == pytest.approx(1, abs=1e-3)
+    # LPS flips the first two axes; labels are resampled with nearest neighbours (still 0, 1, 2)
+    assert set(torch.unique(item["label"]).tolist()) == {0.0, 1.0, 2.0}
+    assert float(item["label"][0, -1, -1, 0]) == float(volume.label[0, 0, 0])
+
+
+def test_recipe_preprocessing_fits_the_object_to_the_patch():
+    volume = blob_volume(0, size=40)
+    volume.affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    spec = recipe_preprocessing([volume], (16, 16, 16))
+    # 40 mm of nonzero voxels / (1.25 × 16 voxels) = 2 mm, coarser than the 1 mm voxels
+    assert spec["spacing"] == [2.0] and spec["crop_foreground"] == {"margin": 4}
+    assert spec["intensity"]["name"] == "percentile" and spec["orientation"] == "RAS"
+    assert recipe_preprocessing([volume], (64, 64, 64))["spacing"] == [1.0]  # never finer than the data
+    zscore = recipe_preprocessing([volume], (64,) * 3, intensity={"name": "zscore", "nonzero": True}, spacing=[2, 2, 2])
+    assert zscore["intensity"]["nonzero"] is True and zscore["spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_split_axial_and_baseline():
+    volume = blob_volume(0)
+    train_part, held_out = split_axial(volume, 10)
+    assert train_part.label.shape == (24, 24, 10) and held_out.score_from == 10
+    result = nearest_class_mean_baseline([train_part], [held_out], NAMES)
+    assert np.allclose(result["class_means"], [0.1, 0.5, 0.9], atol=0.02)
+    assert result["dice"]["core"] > 0.95
+    with pytest.raises(ValueError, match="inside the last axis"):
+        split_axial(volume, 24)
+
+
+def test_config_rejects_unknown_fields():
+    with pytest.raises(TypeError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
+
+
+def test_class_count_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="3 output classes but 2 class names"):
+        _run(tmp_path, "x", small_config(), class_names=["a", "b"])
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
+    """Instance norm is batch-independent and the loss a per-patch mean, so 2 × batch 1 == 1 × batch 2
+    (the loader draws the same 2 patches for both)."""
+    instance = {**TINY, "norm": "instance"}
+    one = dict(epochs=1, steps_per_epoch=1)
+    big, big_run = _run(tmp_path, "batch2", small_config(batch_size=2, **one), arch=instance)
+    acc, acc_run = _run(tmp_path, "accum2", small_config(batch_size=1, accumulate=2, **one), arch=instance)
+    assert big_run.step == acc_run.step == 1
+    assert big_run.history[0]["train_loss"] == pytest.approx(acc_run.history[0]["train_loss"], abs=1e-5)
+    big_m, acc_m = _adam_moments(tmp_path / "batch2.safetensors"), _adam_moments(tmp_path / "accum2.safetensors")
+    assert big_m.keys() == acc_m.keys() and big_m
+    assert max(float(m.abs().max()) for m in big_m.values()) > 1e-3  # gradients of a real size
+    for key in big_m:
+        assert torch.allclose(big_m[key], acc_m[key], rtol=1e-4, atol=1e-7), key
+    # without accumulation one micro-batch of 1 gives a different gradient (the check above can fail)
+    _run(tmp_path, "batch1", small_config(batch_size=1, **one), arch=instance)
+    single = _adam_moments(tmp_path / "batch1.safetensors")
+    assert any(not torch.allclose(single[k], big_m[k], rtol=1e-2) for k in big_m)
+    assert load_model(tmp_path / "accum2.safetensors").medsegkit_metadata["training"]["config"]["accumulate"] == 2
+
+
+def test_accumulate_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="accumulate must be >= 1"):
+        _run(tmp_path, "bad", small_config(accumulate=0))
+
+
+def test_amp_trains_in_reduced_precision_and_lowers_the_loss(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("UNet3d", **TINY)
+    dtypes: set[torch.dtype] = set()
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+    first_conv.register_forward_hook(lambda mod, inputs, out: dtypes.add(out.dtype) if mod.training else None)
+    lines: list[str] = []
+    _, result = _run(tmp_path, "amp", small_config(amp=True, epochs=4), model=model, log=lines.append)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    if medsegkit.amp.bf16_supported("cpu"):
+        assert dtypes == {torch.bfloat16}
+        assert not any("--amp" in line for line in lines)
+    else:
+        assert dtypes == {torch.float32} and "no native bfloat16 support" in lines[0]
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay float32
+    loaded = load_model(tmp_path / "amp.safetensors")
+    assert loaded.medsegkit_metadata["training"]["config"]["amp"] is True
+
+
+def test_amp_falls_back_to_float32_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setattr(medsegkit.amp, "bf16_supported", lambda device: False)
+    torch.manual_seed(0)
+    model = create_model("UNet3d", **TINY)
+    dtypes: set[torch.dtype] = set()
+    next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d)).register_forward_hook(
+        lambda mod, inputs, out: dtypes.add(out.dtype) if mod.training else None)
+    lines: list[str] = []
+    _run(tmp_path, "fallback", small_config(amp=True, epochs=1, steps_per_epoch=2), model=model, log=lines.append)
+    assert lines[0] == "--amp: cpu has no native bfloat16 support; training in float32"
+    assert dtypes == {torch.float32}
+
+
+def test_resumed_run_reproduces_the_loss_curve_exactly(tmp_path):
+    """4 epochs straight == 1 epoch (stopped by the time budget), then resume to 4 (losses, lr, Dice,
+    weights, optimizer state): the patch order, the random transforms' states, torch's RNG and the
+    schedule are restored."""
+    config = dict(augmentation="strong", patch_size=(12, 12, 12))
+    straight, full = _run(tmp_path, "straight", small_config(epochs=4, **config))
+    _, part = _run(tmp_path, "part", small_config(epochs=4, time_budget_s=0.0, **config))
+    assert part.epoch == 1
+    torch.manual_seed(1)
+    resumed_model = create_model("UNet3d", **TINY)  # other random weights: resume must replace them
+    _, resumed = _run(tmp_path, "resumed", small_config(epochs=4, **config), model=resumed_model,
+                      resume=tmp_path / "part.safetensors")
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4] and resumed.step == full.step == 16
+    for a, b in zip(full.history, resumed.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+        assert a["val_mean_foreground_dice"] == pytest.approx(b["val_mean_foreground_dice"], abs=1e-6)
+    for (key, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), key
+    full_m, resumed_m = _adam_moments(tmp_path / "straight.safetensors"), _adam_moments(tmp_path / "resumed.safetensors")
+    for key in full_m:
+        assert torch.allclose(full_m[key], resumed_m[key], atol=1e-7), key
+
+
+def test_time_budget_stops_after_the_first_epoch(tmp_path):
+    _, result = _run(tmp_path, "budget", small_config(epochs=3, time_budget_s=0.0))
+    assert result.epoch == 1 and len(result.history) == 1
+    assert state_path_for(tmp_path / "budget.safetensors").exists()
+
+
+def test_budget_plan_counts_the_epochs_that_fit():
+    from types import SimpleNamespace
+
+    from medsegkit.train.engine import _Run
+
+    def plan(spent, budget, epoch=1, max_epochs=50, start_epoch=0):
+        run = SimpleNamespace(config=small_config(time_budget_s=budget), start_epoch=start_epoch,
+                              started=time.perf_counter() - spent)
+        return _Run.budget_plan(run, epoch, max_epochs)
+
+    assert plan(spent=10, budget=35) == 3  # 10 s per epoch: two more fit in the 25 s left
+    assert plan(spent=10, budget=35, max_epochs=3) is None  # everything fits: the schedule stays
+    assert plan(spent=40, budget=35) == 1  # over budget already: stop after this epoch
+    assert plan(spent=28, budget=35, epoch=2, max_epochs=3) == 2  # epochs got slower: the plan shrinks
+    assert plan(spent=20, budget=35, epoch=2, max_epochs=3) is None  # on pace: the plan stays
+    assert plan(spent=10, budget=None) is None
+    assert plan(spent=10, budget=35, epoch=5, start_epoch=4) == 7  # a resumed run plans from its own start
+
+
+def test_time_budget_fits_the_cosine_schedule_to_the_planned_epochs(tmp_path, monkeypatch):
+    from medsegkit.train.engine import _Run
+
+    monkeypatch.setattr(_Run, "budget_plan", lambda self, epoch, max_epochs: 2 if epoch == 1 else None)
+    lines = []
+    _, result = _run(tmp_path, "fit", small_config(epochs=6, time_budget_s=1e6, lr=1e-2), log=lines.append)
+    assert result.epoch == 2 and [row["epoch"] for row in result.history] == [1, 2]
+    assert result.history[-1]["lr"] == pytest.approx(1e-2 * 0.01)  # the cosine ended: 1 % of lr
+    assert "2 epochs in all" in "\n".join(lines)
+    assert load_model(tmp_path / "fit.safetensors").medsegkit_metadata["training"]["config"]["epochs"] == 2
+
+
+def test_two_dimensional_model_trains_on_slices_of_volumes(tmp_path):
+    arch = {"out_channels": 3, "channels": (4, 8), "strides": (2,), "layout": "classic"}
+    torch.manual_seed(0)  # the initial weights must not depend on which tests ran before
+    model = create_model("UNet2d", **arch)
+    config = small_config(patch_size=(16, 16), epochs=8, batch_size=4, steps_per_epoch=6, augmentation="none")
+    _, result = _run(tmp_path, "unet2d", config, model=model)
+    losses = [row["train_loss"] for row in result.history]
+    dice = [row["val_mean_foreground_dice"] for row in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert dice[-1] > 0.5 and dice[-1] > dice[0] + 0.3, dice  # validated slice by slice on the volume
+
+
+def test_train_cli_default_recipe_then_resume(tmp_path, capsys):
+    volume = blob_volume(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image((volume.image[0] * 1000).astype(np.int16), affine), tmp_path / "t1.nii.gz")
+    label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
+    out = tmp_path / "run" / "m.safetensors"
+    common = ["train", "--image", str(image), "--label", str(label), "--split-axial", "12", "--model", "UNet3d",
+              "--set", "channels=(4, 8)", "--set", "strides=(2,)", "--set", "layout=classic",
+              "--patch-size", "16", "16", "8", "--steps-per-epoch", "2", "--threads", "1", "--no-progress",
+              "-o", str(out)]
+    assert main([*common, "--epochs", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "intensity baseline" in printed.err and "epoch 1/1" in printed.err
+    assert printed.out.strip().splitlines()[-1].startswith("mean foreground Dice: ")
+    model = load_model(out)
+    meta = model.medsegkit_metadata
+    # the recipe: RAS, percentile intensities, crop to the foreground, isotropic spacing at which the
+    # training slab (12 slices of 2 mm) spans 1.25 patches of 8 voxels: 24 / 10 = 2.4 mm
+    assert meta["preprocessing"] == {"orientation": "RAS", "spacing": [2.4],
+                                     "intensity": {"name": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0,
+                                                   "b_max": 1.0, "clip": True, "channel_wise": True},
+                                     "crop_foreground": {"margin": 4}}
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())  # the recipe's norm
+    assert meta["class_names"] == ["class0", "class1", "class2"]
+    assert meta["training"]["command"].startswith("medsegkit train --image")
+    assert main([*common, "--epochs", "1"]) == 2  # refuses to overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main([*common, "--epochs", "2", "--resume", str(out)]) == 0
+    assert "epoch 2/2" in capsys.readouterr().err
+    assert load_model(out).medsegkit_metadata["training"]["epochs_done"] == 2
+    assert main(["train", "--sample", "--image", str(image), "-o", str(tmp_path / "x.pt")]) == 2
+    assert "--sample uses the shipped" in capsys.readouterr().err
+    assert main([*common, "--intensity", "minmax", "--overwrite"]) == 2
+    assert "unknown --intensity 'minmax'; accepted: 'percentile', 'zscore'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, capsys):
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    out = tmp_path / "ddp" / "m.safetensors"
+    cmd += ["--standalone", "--nproc_per_node", "2", "-m", "medsegkit", "train", "--sample",
+            "--set", "channels=[4,8]", "--set", "strides=[2]", "--epochs", "2", "--steps-per-epoch", "2",
+            "--patch-size", "16", "16", "16", "--batch-size", "1", "--threads", "1", "--no-progress", "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # rank 0 alone wrote the files and printed the report
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.learning_curve.png", "m.metrics.csv",
+                                                            "m.safetensors", "m.state.safetensors"]
+    assert result.stdout.count("wrote ") == 1 and result.stderr.count("epoch 2/2") == 1
+    model = load_model(out)
+    meta = model.medsegkit_metadata["training"]
+    assert meta["world_size"] == 2 and meta["epochs_done"] == 2 and meta["steps_done"] == 4
+    # each rank drew its own patches (seeded with seed + rank) and its state was saved for resume
+    _, record = read_checkpoint(state_path_for(out))
+    samplers = record["metadata"]["training_state"]["samplers"]
+    assert len(samplers) == 2 and json.dumps(samplers[0]) != json.dumps(samplers[1])
+    with torch.no_grad():
+        logits = model.eval()(torch.zeros(1, 1, 16, 16, 16))
+    assert logits.shape == (1, 4, 16, 16, 16)
+    # resuming needs every rank's patch sequence: one process cannot continue a two-process run
+    resume = [a for a in cmd[cmd.index("train"):] if a != "--no-progress"] + ["--epochs", "3", "--resume", str(out)]
+    assert main(resume) == 2
+    assert "trained by 2 process(es) but this run has 1" in capsys.readouterr().err
