@@ -9,7 +9,7 @@ epoch and the end of its last (``wall_time_s`` in the history, recorded before v
 start-up (preprocessing, model wrapping) is left out as it is for the loop; what remains is the engine's
 per-step overhead plus its per-epoch checkpoint, state file, CSV and learning-curve PNG.
 
-``python benchmarks/bench_training.py [--steps 12] [--epochs 3] [--rounds 2] [--patch 48 48 48]``
+``python benchmarks/bench_training.py [--steps 20] [--epochs 3] [--rounds 5] [--patch 80 80 80]``
 """
 
 from __future__ import annotations
@@ -73,22 +73,22 @@ def loop_steps_per_second(model, train_part, spec, config) -> float:
     objective = objective_for(model, 4)
     started = None
     for step, batch in enumerate(loader):
-        if step == config.steps_per_epoch:  # the same warm-up epoch the engine's figure leaves out
-            started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = objective(model(batch["image"].as_tensor()), batch["label"].as_tensor())
+        loss = objective(model, batch["image"].as_tensor(), batch["label"].as_tensor())
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if step == config.steps_per_epoch - 1:  # the clock starts where the engine's does: after epoch 1
+            started = time.perf_counter()
     return (total - config.steps_per_epoch) / (time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per epoch")
+    parser.add_argument("--steps", type=int, default=20, help="optimiser steps per epoch")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per arm (the first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved engine/loop pairs")
-    parser.add_argument("--patch", type=int, nargs=3, default=(48, 48, 48))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved engine/loop pairs")
+    parser.add_argument("--patch", type=int, nargs=3, default=(80, 80, 80))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     from medsegkit.train import TrainConfig
@@ -106,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_ + 1}: engine {engine[-1]:.3f} steps/s, plain loop {loop[-1]:.3f} steps/s",
                   flush=True)
     e, p = statistics.median(engine), statistics.median(loop)
+    e_best, p_best = max(engine), max(loop)
     print(f"\nUNet3d 16-128 InstanceNorm, patch {'x'.join(map(str, args.patch))}, batch 2, strong augmentation, "
-          f"{args.threads} threads, {args.steps * (args.epochs - 1)} timed steps per arm, median of {args.rounds}")
-    print("| arm | steps/s | ratio vs plain loop |\n|---|---|---|")
-    print(f"| medsegkit engine (SupervisedTrainer + handlers) | {e:.3f} | {e / p:.3f} |")
-    print(f"| plain PyTorch loop (peer) | {p:.3f} | 1.000 |")
+          f"{args.threads} threads, {args.steps * (args.epochs - 1)} timed steps per arm, {args.rounds} rounds "
+          "(best: the least disturbed round of each arm)")
+    print("| arm | steps/s median | ratio | steps/s best | ratio |\n|---|---|---|---|---|")
+    print(f"| medsegkit engine (SupervisedTrainer + handlers) | {e:.3f} | {e / p:.3f} | {e_best:.3f} | {e_best / p_best:.3f} |")
+    print(f"| plain PyTorch loop (peer) | {p:.3f} | 1.000 | {p_best:.3f} | 1.000 |")
     return 0
 
 

@@ -251,8 +251,12 @@ class ValidateAndSave:
         rngs = run.gather(torch.get_rng_state())
         wall = run.elapsed_before + time.perf_counter() - run.started
         over_budget = run.config.time_budget_s is not None and time.perf_counter() - run.started >= run.config.time_budget_s
-        due = epoch % max(run.config.val_interval, 1) == 0 or epoch == engine.state.max_epochs or over_budget
         stop, plan = False, None
+        if run.context.is_main:
+            plan = run.budget_plan(epoch, engine.state.max_epochs)
+            if plan is not None:
+                run.fit_schedule(engine, plan)
+        due = epoch % max(run.config.val_interval, 1) == 0 or epoch == engine.state.max_epochs or over_budget
         if run.context.is_main:
             row: dict[str, Any] = {"epoch": epoch, "step": engine.state.iteration, "wall_time_s": round(wall, 1),
                                    "lr": engine.optimizer.param_groups[0]["lr"], "train_loss": round(epoch_loss, 6)}
@@ -266,13 +270,11 @@ class ValidateAndSave:
                 line += (" | val Dice " + " ".join(f"{k} {v:.3f}" for k, v in run.validation["dice"].items())
                          + f" | mean {run.validation['mean_foreground_dice']:.3f}")
             run.write(line + f" | {wall:.0f} s")
-            plan = run.budget_plan(epoch, engine.state.max_epochs)
-            if plan is not None:
-                run.fit_schedule(engine, plan)
-                if plan > epoch:
-                    run.write(f"time budget of {run.config.time_budget_s:g} s: {plan} epochs in all, the "
-                              "learning-rate schedule fitted to them")
-            run.save(engine, wall, samplers, rngs)
+            if plan is not None and plan > epoch:
+                run.write(f"time budget of {run.config.time_budget_s:g} s: {plan} epochs in all, the "
+                          "learning-rate schedule fitted to them")
+            if due:  # checkpoint, training state, CSV and curve follow each validation (and the last epoch)
+                run.save(engine, wall, samplers, rngs)
             if over_budget and epoch < engine.state.max_epochs:
                 run.write(f"time budget of {run.config.time_budget_s:g} s reached after epoch {epoch}")
                 stop = True
