@@ -19,7 +19,7 @@ from medsegkit.cli import main
 from medsegkit.io import Image, write_image
 from medsegkit.train.baseline import nearest_class_mean_baseline
 from medsegkit.train.data import split_axial, training_items
-from medsegkit.train.engine import TrainConfig, recipe_preprocessing, state_path_for, train
+from medsegkit.train.engine import TrainConfig, recipe_preprocessing, state_path_for, train, training_loader
 from medsegkit.weights import load_model, read_checkpoint
 
 
@@ -231,6 +231,28 @@ def test_the_network_trains_on_plain_tensors_not_metatensors(tmp_path):
     model.register_forward_pre_hook(lambda mod, args: seen.add(type(args[0])) if torch.is_grad_enabled() else None)
     _run(tmp_path, "plain", small_config(epochs=1), model=model)
     assert seen == {torch.Tensor}
+
+
+def test_each_torchrun_rank_draws_its_own_patches():
+    """MONAI's loader re-seeds the transforms from torch's generator, seeded alike in every process; the
+    ranks of a torchrun job must still crop and augment differently (else they train on the same patches)."""
+    from monai.transforms import Compose
+
+    from medsegkit.train.distributed import DistributedContext
+    from medsegkit.transforms import augmentation_configs, instantiate_configs
+
+    items = training_items([blob_volume(0)], "none")
+    config = small_config(augmentation="strong")
+    first_batches = []
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        torch.manual_seed(config.seed)  # what train() does in every process
+        transform = Compose(instantiate_configs(augmentation_configs(config.patch_size, level="strong", num_classes=3)))
+        context = DistributedContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+        loader, _ = training_loader(items, transform, config, context)
+        first_batches.append(next(iter(loader))["image"].as_tensor())
+    single, rank0, rank1 = first_batches
+    assert not torch.equal(rank0, rank1)
+    assert single.shape == rank0.shape == rank1.shape == (1, 1, *config.patch_size)
 
 
 def test_time_budget_stops_after_the_first_epoch(tmp_path):

@@ -49,6 +49,7 @@ __all__ = [
     "recipe_preprocessing",
     "state_path_for",
     "train",
+    "training_loader",
     "validate",
 ]
 
@@ -518,10 +519,34 @@ def train(
             cleanup_distributed(barrier=finished)
 
 
+def training_loader(items: Sequence[Mapping[str, Any]], transform: Any, config: TrainConfig,
+                    context: Any) -> tuple[Any, torch.Generator]:
+    """The training patches of this process: ``steps_per_epoch × batch_size × accumulate`` draws per epoch
+    (volumes with replacement, by ``generator``, seeded ``seed + rank``), each through the random ``transform``.
+
+    MONAI's ``DataLoader`` (``num_workers=0``) re-seeds the dataset's transforms from torch's generator,
+    which every torchrun process seeded alike, so under torchrun rank ``r``'s transforms are seeded
+    ``seed + r`` after it: otherwise every rank would draw the same crops and augmentations (one process
+    keeps the loader's seeding).
+
+    Returns:
+        ``(loader, generator)``: the generator is the sampler's (its state goes into the training state).
+    """
+    from monai.data import DataLoader, Dataset
+
+    generator = torch.Generator().manual_seed(config.seed + context.rank)
+    per_step = config.batch_size * config.accumulate
+    sampler = torch.utils.data.RandomSampler(items, replacement=True, num_samples=config.steps_per_epoch * per_step,
+                                             generator=generator)
+    loader = DataLoader(Dataset(items, transform=transform), batch_size=per_step, sampler=sampler, num_workers=0)
+    if context.is_distributed:
+        transform.set_random_state(seed=config.seed + context.rank)
+    return loader, generator
+
+
 def _train(model, train_volumes, val_volumes, *, context, checkpoint, state_file, metrics_csv, class_names, config,
            spec, metadata, resume, resume_info, resume_tensors, history, elapsed_before, progress, log) -> TrainResult:
     """Build the data, the trainer and its handlers, and run it (arguments checked by :func:`train`)."""
-    from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedTrainer
     from monai.handlers import LrScheduleHandler, StatsHandler, from_engine
     from monai.optimizers import WarmupCosineSchedule
@@ -550,12 +575,7 @@ def _train(model, train_volumes, val_volumes, *, context, checkpoint, state_file
     transform = Compose(instantiate_configs(augmentation_configs(
         config.patch_size, level=config.augmentation, num_classes=len(class_names),
         class_ratios=config.class_ratios, slice_volumes=spatial_dims == 2 and data_dims == 3)))
-    transform.set_random_state(seed=config.seed + context.rank)
-    generator = torch.Generator().manual_seed(config.seed + context.rank)
-    per_step = config.batch_size * config.accumulate
-    sampler = torch.utils.data.RandomSampler(items, replacement=True, num_samples=config.steps_per_epoch * per_step,
-                                             generator=generator)
-    loader = DataLoader(Dataset(items, transform=transform), batch_size=per_step, sampler=sampler, num_workers=0)
+    loader, generator = training_loader(items, transform, config, context)
 
     network = wrap_model(model, context)  # DDP (+ SyncBatchNorm on GPUs) under torchrun; model.to(device) otherwise
     model.train()
