@@ -89,6 +89,21 @@ def test_segment_exported_equals_segment_model(exports, unet3d, volume, fmt):
     np.testing.assert_array_equal(exported.affine, image.affine)
 
 
+def test_interactive_session_runs_an_export_and_refuses_to_adapt_it(exports, unet3d, volume):
+    from medsegkit.interactive import Session
+
+    folder, _ = exports
+    image = Image(volume[0], np.diag([1.5, 1.5, 2.0, 1.0]))
+    session = Session(folder / "onnx", image, overlap=0.25)
+    labels = session.run()
+    np.testing.assert_array_equal(labels, medsegkit.segment(folder / "onnx", image, overlap=0.25).array)
+    marks = np.zeros(labels.shape, np.int32)
+    marks[4:6, 4:6, 4:6] = 2
+    with pytest.raises(ValueError, match="cannot be adapted: refine with the PyTorch checkpoint"):
+        session.refine(marks, seconds=1)
+    np.testing.assert_array_equal(session.labels, labels)  # the result is kept
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_predict_backend_equals_torch(exports, unet3d, volume, backend):
     folder, _ = exports

@@ -74,7 +74,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
         chosen = owners[-2:]
     params = [p for m in chosen for p in m.parameters() if p.is_floating_point()]
     if not params:
-        raise ValueError(f"{type(model).__name__} has no floating-point parameters to adapt")
+        hint = ("; an exported network runs but cannot be adapted: refine with the PyTorch checkpoint it was "
+                "exported from" if type(model).__name__ == "ExportedNetwork" else "")
+        raise ValueError(f"{type(model).__name__} has no floating-point parameters to adapt{hint}")
     return params
 
 
