@@ -126,13 +126,13 @@ def test_napari_widget_quality_runs_without_torch():
     script = textwrap.dedent("""
         import sys, types
         import numpy as np
-        from medsegkit.napari._widget import SegmentWidget
+        from medsegkit.napari._widget import SegmentWidget, _quality_table
         labels = np.zeros((10, 12, 14), np.uint8)
         labels[2:6, 2:6, 2:6] = 1
         labels[0:3, 8:12, 8:12] = 2  # on the border
         labels[7:10:2, 0:6:2, 7:14:2] = 3  # 24 isolated voxels: 24 components, 8 of them on the face j == 0
         widget = types.SimpleNamespace(quality=types.SimpleNamespace(value=""), last_quality=None)
-        SegmentWidget._show_quality(widget, labels, {"scale": (3.0, 2.0, 2.0)}, ["bg", "a", "b", "c"])
+        SegmentWidget._set_quality(widget, _quality_table(labels, (3.0, 2.0, 2.0), ["bg", "a", "b", "c"]))
         table = widget.last_quality.set_index("class")
         assert table.loc["a", "volume_ml"] == 64 * 12 / 1000, table.loc["a", "volume_ml"]
         print(widget.quality.value)
