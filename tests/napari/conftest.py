@@ -126,6 +126,23 @@ def sample_layers(segment_widget):
 
 
 @pytest.fixture
+def heartbeat():
+    """``timer, ticks = heartbeat()``: a started 10 ms QTimer recording its tick times (the viewer's event
+    loop is free when it ticks on time); stop the timer when done."""
+    from qtpy.QtCore import QTimer
+
+    def start():
+        ticks: list[float] = []
+        timer = QTimer()
+        timer.setInterval(10)
+        timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+        timer.start()
+        return timer, ticks
+
+    return start
+
+
+@pytest.fixture
 def restart_worker():
     """``restart_worker()``: stop the session's worker process; the next job spawns a fresh one that sees
     the current environment. The worker is restarted again after the test."""

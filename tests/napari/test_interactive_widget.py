@@ -31,18 +31,6 @@ def _one_shot(widget, tmp_path) -> np.ndarray:
     return np.asarray(read_output(WorkerJob(job).result()))
 
 
-def _heartbeat():
-    """A 10 ms QTimer recording its ticks (the viewer's event loop is free when it ticks on time)."""
-    from qtpy.QtCore import QTimer
-
-    ticks: list[float] = []
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start()
-    return timer, ticks
-
-
 def _max_gap_ms(ticks: list[float], start: float, end: float) -> float:
     inside = np.asarray([t for t in ticks if start <= t <= end])
     return float(np.diff(inside).max() * 1000) if len(inside) > 1 else float("nan")
@@ -85,12 +73,12 @@ def test_warm_worker_keeps_the_model_and_a_second_run_does_not_reload(sample_lay
 
 
 def test_progressive_run_streams_into_one_layer_and_ends_equal_to_segment(sample_layers, checkpoints, qtbot, errors,
-                                                                          wait_for_run, tmp_path):
+                                                                          wait_for_run, tmp_path, heartbeat):
     viewer, widget, t1 = sample_layers
     _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="32", overlap=0.25)
     viewer.dims.set_current_step(0, 20)  # the axial slice z = 20 on screen
     n_layers = len(viewer.layers)
-    timer, ticks = _heartbeat()
+    timer, ticks = heartbeat()
     try:
         widget.run()
         wait_for_run(widget)
@@ -231,13 +219,13 @@ def test_cancel_and_killed_worker_during_refine(sample_layers, checkpoints, qtbo
 
 
 @pytest.mark.slow
-def test_viewer_never_stalls_during_run_and_refine(sample_layers, qtbot, errors, wait_for_run):
+def test_viewer_never_stalls_during_run_and_refine(sample_layers, qtbot, errors, wait_for_run, heartbeat):
     """The longest gap between 10 ms QTimer ticks during a progressive Run and a Refine of the demo model
     on the 2 mm MNI sample (figures printed; the issue's target is 100 ms)."""
     viewer, widget, t1 = sample_layers
     widget.image.value = t1
     qtbot.waitUntil(lambda: widget.warm_info is not None, timeout=300_000)
-    timer, ticks = _heartbeat()
+    timer, ticks = heartbeat()
     try:
         widget.run()
         wait_for_run(widget)

@@ -260,17 +260,11 @@ def test_gl_context_first_then_monai_model_does_not_crash(make_napari_viewer, ca
 
 
 @pytest.mark.slow
-def test_heartbeat_during_a_run(sample_layers, checkpoints, qtbot, errors, wait_for_run):
+def test_heartbeat_during_a_run(sample_layers, checkpoints, qtbot, errors, wait_for_run, heartbeat):
     """Responsiveness: the longest gap between 10 ms QTimer ticks while a model runs (figure printed)."""
-    from qtpy.QtCore import QTimer
-
     viewer, widget, t1 = sample_layers
     _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="24", overlap=0.5)
-    ticks: list[float] = []
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start()
+    timer, ticks = heartbeat()
     try:
         widget.run()
         wait_for_run(widget)
