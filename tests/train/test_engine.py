@@ -255,6 +255,27 @@ def test_each_torchrun_rank_draws_its_own_patches():
     assert single.shape == rank0.shape == rank1.shape == (1, 1, *config.patch_size)
 
 
+def test_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
+    """float16 training's loss scale (a GradScaler; CUDA in practice, CPU here) is saved and resumed."""
+    from medsegkit.train import engine
+
+    class ScaledStep(engine.TrainStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+
+    monkeypatch.setattr(engine, "TrainStep", ScaledStep)
+    _, part = _run(tmp_path, "part", small_config(epochs=2, time_budget_s=0.0))
+    saved = read_checkpoint(state_path_for(tmp_path / "part.safetensors"))[1]["metadata"]["training_state"]
+    assert saved["grad_scaler"]["scale"] == 1024.0 * 2 ** (part.step // 3)  # grown every 3 finite steps
+    loaded: list[dict] = []
+    original = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict",
+                        lambda self, state: (loaded.append(dict(state)), original(self, state))[1])
+    _run(tmp_path, "resumed", small_config(epochs=2), resume=tmp_path / "part.safetensors")
+    assert loaded == [saved["grad_scaler"]]
+
+
 def test_time_budget_stops_after_the_first_epoch(tmp_path):
     _, result = _run(tmp_path, "budget", small_config(epochs=3, time_budget_s=0.0))
     assert result.epoch == 1 and len(result.history) == 1

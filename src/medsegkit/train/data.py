@@ -1,7 +1,7 @@
 """Training data for ``medsegkit.train``: labelled volumes as read, held-out slabs, and the data pipeline.
 
 Volumes keep their own grid and intensities; the checkpoint's preprocessing spec
-(:func:`medsegkit.transforms.preprocessing_configs`) is applied to them by :func:`training_pipeline`,
+(:func:`medsegkit.transforms.preprocessing_configs`) is applied to them by :func:`training_items`,
 the same transforms ``segment`` / ``predict`` / napari run on new images.
 """
 
@@ -113,8 +113,8 @@ def training_items(volumes: Sequence[LabelledVolume], preprocessing: Mapping[str
     """Each volume as MONAI dictionary data, preprocessed once by the spec's transforms.
 
     Returns:
-        ``[{"image": MetaTensor (C, *spatial), "label": MetaTensor (1, *spatial)}, ...]`` on the
-        preprocessed grid (labels resampled with nearest neighbours; no intensity step on them).
+        ``[{"image": tensor (C, *spatial) float32, "label": tensor (1, *spatial) of class indices}, ...]``
+        on the preprocessed grid (labels resampled with nearest neighbours; no intensity step on them).
     """
     import torch
     from monai.data import MetaTensor

@@ -308,6 +308,7 @@ class _Run:
         self.start_epoch = 0  # the epoch this run resumed after
         self.scheduler: Any = None
         self.optimizer: Any = None
+        self.grad_scaler: Any = None  # float16 training's loss scale (CUDA), saved so a resume keeps it
 
     def budget_plan(self, epoch: int, max_epochs: int) -> int | None:
         """After each epoch of a run with a time budget: how many epochs in all still fit, when fewer than
@@ -388,6 +389,8 @@ class _Run:
             "epoch": epoch, "step": step, "wall_time_s": wall, "config": self.config.to_dict(),
             "history": self.history, "optimizer": opt_info, "scheduler": scheduler, "samplers": samplers,
         }
+        if self.grad_scaler is not None:
+            training_state["grad_scaler"] = self.grad_scaler.state_dict()
         record = {"format": "medsegkit-training-state", "version": 2, "model": {},
                   "metadata": {"training_state": training_state}}
         rng = {("rng.torch" if r == 0 else f"rng.torch.{r}"): t for r, t in enumerate(rngs)}
@@ -593,7 +596,7 @@ def _train(model, train_volumes, val_volumes, *, context, checkpoint, state_file
                preprocessing=spec, train_volumes=train_volumes, val_volumes=val_volumes, checkpoint=checkpoint,
                state_file=state_file, metrics_csv=metrics_csv, metadata=metadata, history=history,
                elapsed_before=elapsed_before, log=write, transform=transform, generator=generator)
-    run.optimizer, run.scheduler = optimizer, scheduler
+    run.optimizer, run.scheduler, run.grad_scaler = optimizer, scheduler, step.scaler
     trainer = SupervisedTrainer(device=device, max_epochs=config.epochs, train_data_loader=loader, network=network,
                                 optimizer=optimizer, loss_function=objective, epoch_length=config.steps_per_epoch,
                                 iteration_update=step, amp=False, decollate=False)
