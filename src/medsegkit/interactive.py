@@ -46,7 +46,7 @@ MARGIN = 8  # preprocessed voxels around the marks whose windows are re-predicte
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """The bounding box of the ``True`` voxels of ``mask`` as slices (``None`` when there are none)."""
     if not mask.any():
         return None
@@ -293,7 +293,7 @@ class Session:
             self.labels = np.zeros(self.image.spatial_shape, dtype=restored.dtype)
         finished = self.pre_done[tuple(self.source_of)]
         new = finished & ~self.reported
-        region = _bbox(new)
+        region = bounding_box(new)
         if region is None:
             return
         self.labels[new] = restored[new]
@@ -446,7 +446,7 @@ class Session:
         if not self.pre_done.all():  # pragma: no cover - every chunk's windows are computed above
             raise RuntimeError("internal error: some chunks were not finished")
         final = self._restore(self.pre_labels, self.state, is_label=True)  # exactly as segment does
-        differs = _bbox(final != self.labels)  # voxels the partial updates' gather got wrong (outside the grid)
+        differs = bounding_box(final != self.labels)  # voxels the partial updates' gather got wrong (outside the grid)
         self.labels[...] = final
         if differs is not None and on_update is not None:
             on_update(differs, self.labels)
@@ -559,7 +559,7 @@ class Session:
 
         out_sizes = np.linalg.norm(self.state.output_affine[:3, :3], axis=0)[: len(self.state.output_shape)]
         in_sizes = np.linalg.norm(self.state.input_affine[:3, :3], axis=0)[: new.ndim]
-        box = _bbox(new)
+        box = bounding_box(new)
         reach_mm = MARGIN * float(out_sizes.mean())
         grow = [int(math.ceil(reach_mm / size)) for size in in_sizes]
         local = tuple(slice(max(s.start - g, 0), min(s.stop + g, n)) for s, g, n in zip(box, grow, new.shape))

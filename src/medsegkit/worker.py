@@ -569,18 +569,6 @@ class _SessionEntry:
 _sessions: dict[str, _SessionEntry] = {}
 
 
-def _changed_region(before: np.ndarray, after: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box (slices) of the voxels where ``before`` and ``after`` differ, ``None`` if none."""
-    changed = before != after
-    if not changed.any():
-        return None
-    box = []
-    for axis in range(changed.ndim):
-        hit = np.flatnonzero(changed.any(axis=tuple(a for a in range(changed.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def _focus_of(view: Mapping[str, Any] | None, layer: _Layer) -> dict[str, int] | None:
     """The slice on screen as a :meth:`Session.run` focus (voxel order), or ``None`` for the whole volume.
 
@@ -758,7 +746,9 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         session.reset()
     else:  # pragma: no cover - SESSION_ACTIONS is checked by run_job
         raise ValueError(f"unknown session action {action!r}")
-    region = everything if rebuilt else _changed_region(before, session.labels)
+    from medsegkit.interactive import bounding_box
+
+    region = everything if rebuilt else bounding_box(before != session.labels)
     napari_region = entry.publish(region)
     return {**entry.file_info(), "region": napari_region, "rebuilt": rebuilt, "steps": steps,
             "seconds": time.perf_counter() - started, **_session_common(entry)}
