@@ -3,11 +3,14 @@
 1. **progressive**: the shipped demo model (``UNet3d`` tissue, 4 classes) on the 2 mm MNI152 T1:
    time from ``Session.run(focus=axial slice)`` to the first ``on_update`` (the focused slice), total
    run time, and a plain ``segment`` for comparison (the labels are checked to be equal).
-2. **simulated user** (the standard protocol of interactive segmentation papers) on the held-out
-   axial slab (k >= 55, never seen in training) of the demo: each round marks one ball of radius 2
-   voxels at the centre (the deepest voxel) of the largest error component in the slab, with its true
-   class; ``Session.refine`` adapts the model. Reported per round: mean foreground Dice on the slab,
-   seconds, and "paint only" (the same marks written into the start labels, no adaptation).
+2. **simulated user** (the standard protocol of interactive segmentation papers): each round marks one
+   ball of radius 2 voxels at the centre (the deepest voxel) of the largest error component, with its
+   true class; ``Session.refine`` adapts the model. Reported per round: Dice, seconds, adaptation
+   steps, and "paint only" (the same marks written into the start labels, no adaptation). Cases
+   (``--case``, repeatable): ``tissue`` = the held-out axial slab (k >= 55, never seen in training) of
+   the MNI152 sample, mean foreground Dice, from the demo model or ``--tissue-model``; ``brain`` = the
+   brain mask of Colin27 (``mricron-data``) on a 2 mm grid from ``--brain-model`` (a 2-class model
+   trained on another subject, e.g. the ITK head). ``--plot`` writes the Dice-per-round figure.
 
 3. **napari** (``--napari``, under a display): the Segment widget on the MNI sample: the time from
    opening the widget to a warm worker, two progressive Runs (first slice and total), one correction (a
@@ -15,6 +18,8 @@
    a 10 ms ``QTimer`` heartbeat during each, and the before / after screenshots of ``docs/napari.md``.
 
     python benchmarks/bench_interactive.py               # 10 rounds
+    python benchmarks/bench_interactive.py --no-progressive --case tissue --tissue-model weak_tissue.safetensors \
+        --case brain --brain-model itk_brain.safetensors --plot docs/images/interactive_rounds.png
     python benchmarks/bench_interactive.py --rounds 3 --seconds 1.5
     xvfb-run -a -s "-screen 0 1400x900x24" python benchmarks/bench_interactive.py --napari
 
@@ -28,6 +33,7 @@ import time
 
 import numpy as np
 
+COLIN = "/usr/share/mricron/templates"  # Debian package mricron-data
 SLAB = 55  # the held-out axial slab of the demo starts at k = 55 (2 mm grid)
 
 
@@ -103,11 +109,94 @@ def progressive(model, image, name: str, kw: dict):
     return labels, session
 
 
+def colin27_2mm():
+    """Colin27 (``mricron-data``: ``ch2.nii.gz``, brain mask ``ch2bet > 0``) on a 2 mm grid: the 1 mm
+    T1 averaged over 2 x 2 x 2 blocks, the mask by majority (block mean >= 0.5); 90 x 108 x 90."""
+    import nibabel as nib
+
+    from medsegkit.io import Image
+
+    def blocks(array: np.ndarray) -> np.ndarray:
+        shape = [n // 2 * 2 for n in array.shape]
+        array = array[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+        return array.reshape(shape[0] // 2, 2, shape[1] // 2, 2, shape[2] // 2, 2).mean(axis=(1, 3, 5))
+
+    t1 = nib.load(f"{COLIN}/ch2.nii.gz")
+    brain = np.asarray(nib.load(f"{COLIN}/ch2bet.nii.gz").dataobj) > 0
+    affine = np.array(t1.affine, dtype=float)
+    affine[:3, 3] = affine[:3, :3] @ np.full(3, 0.5) + affine[:3, 3]  # the block centre
+    affine[:3, :3] = affine[:3, :3] * 2
+    return Image(blocks(np.asarray(t1.dataobj)), affine, {}, None), (blocks(brain) >= 0.5).astype(np.int64)
+
+
+def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classes: tuple[int, ...], rounds: int,
+                   seconds: float | None) -> list[dict]:
+    """The protocol on ``session`` (already run): per round, one ball at the largest error inside ``scored``,
+    ``refine``, and the Dice of refine and of "paint only" (the marks written into the start labels)."""
+    shape = truth.shape
+    start = session.labels.copy()
+    paint = start.copy()
+    rows = [{"round": 0, "refine": mean_dice(start[scored], truth[scored], classes),
+             "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": 0.0, "steps": 0}]
+    print("round   Dice(refine)  Dice(paint only)  seconds  steps")
+    print(f"  0     {rows[0]['refine']:.4f}        {rows[0]['paint']:.4f}")
+    for r in range(1, rounds + 1):
+        found = next_mark(session.labels[scored], truth[scored])
+        if found is None:
+            print("  no error left")
+            break
+        ball_scored, cls = found
+        ball = np.zeros(shape, bool)
+        ball[scored] = ball_scored
+        scribbles = np.zeros(shape, np.int32)
+        scribbles[ball] = cls + 1
+        paint[ball] = cls
+        t0 = time.perf_counter()
+        session.refine(scribbles, seconds=seconds)
+        row = {"round": r, "refine": mean_dice(session.labels[scored], truth[scored], classes),
+               "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": time.perf_counter() - t0,
+               "steps": session.last_steps}
+        rows.append(row)
+        print(f"  {r:<5} {row['refine']:.4f}        {row['paint']:.4f}            {row['seconds']:5.2f}   {row['steps']}")
+    return rows
+
+
+def plot_rounds(path: str, curves: dict[str, list[dict]]) -> None:
+    """Dice per round, refine (solid) and paint only (dashed), one colour per case, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.6), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], curves.items()):
+        rounds = [row["round"] for row in rows]
+        ax.plot(rounds, [row["refine"] for row in rows], "o-", label="refine (adapted model)")
+        ax.plot(rounds, [row["paint"] for row in rows], "s--", label="paint only")
+        ax.axhline(rows[0]["refine"] + 0.05, color="grey", lw=0.8, ls=":", label="start + 0.05")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("round (one ball of radius 2 voxels)")
+        ax.set_ylabel("Dice")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=None, help="adaptation budget per round (default: Session's)")
     parser.add_argument("--one-mm", action="store_true", help="also time the progressive run on a 1 mm head")
+    parser.add_argument("--case", choices=("tissue", "brain"), action="append",
+                        help="simulated-user case(s) (default: tissue): 'tissue' = the held-out slab of the MNI152 "
+                             "sample; 'brain' = the brain mask of Colin27 at 2 mm (needs --brain-model)")
+    parser.add_argument("--tissue-model", help="start model of the tissue case (default: the shipped demo model)")
+    parser.add_argument("--brain-model", help="start model of the brain case: a 2-class brain-mask checkpoint "
+                                              "trained on another subject (e.g. the ITK head)")
+    parser.add_argument("--no-progressive", action="store_true", help="skip the progressive-run timings")
+    parser.add_argument("--plot", help="write the Dice-per-round plot of the cases to this PNG")
     parser.add_argument("--napari", action="store_true",
                         help="the Segment widget instead (needs a display: xvfb-run -a): warm worker, progressive Run, "
                              "one correction, heartbeat gaps, and the screenshots of docs/napari.md")
@@ -118,52 +207,56 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.napari:  # napari's process must not import torch (see medsegkit.worker)
         return napari_main(args)
+    cases = args.case or ["tissue"]
+    if "brain" in cases and not args.brain_model:
+        parser.error("--case brain needs --brain-model (a brain-mask checkpoint trained on another subject)")
 
     import torch
 
     from medsegkit.data import demo_checkpoint_path, sample_path
+    from medsegkit.interactive import Session
     from medsegkit.io import read_image
     from medsegkit.weights import load_model
 
     print(f"torch threads: {torch.get_num_threads()}")
-    model = load_model(demo_checkpoint_path())
     image = read_image(sample_path("mni152_t1"))
     truth = np.asarray(read_image(sample_path("mni152_tissue")).array).astype(np.int64)
     kw = {"roi_size": (112, 128, 96)}
+    tissue_model = load_model(args.tissue_model or demo_checkpoint_path())
 
-    # 1. progressive
-    for name, case in [("MNI152 2 mm", image), ("MNI152 upsampled to 1 mm", _one_mm(image))][: 2 if args.one_mm else 1]:
-        labels, session = progressive(model, case, name, kw)
-        if case is image:
-            start_labels, user_session = labels, session
+    # 1. progressive (the demo model)
+    tissue_session = None
+    if not args.no_progressive:
+        demo = load_model(demo_checkpoint_path())
+        for name, case in [("MNI152 2 mm", image), ("MNI152 upsampled to 1 mm", _one_mm(image))][: 2 if args.one_mm else 1]:
+            _, session = progressive(demo, case, name, kw)
+            if case is image and not args.tissue_model:
+                tissue_session = session
 
-    # 2. simulated user on the held-out slab
-    slab = (slice(None), slice(None), slice(SLAB, None))
-    labels, session = start_labels, user_session
-    start = labels.copy()
-    paint = start.copy()
-    print(f"simulated user: held-out slab k >= {SLAB}, ball radius 2, {args.rounds} rounds")
-    print("round   Dice(refine)  Dice(paint only)  seconds  steps")
-    print(f"  0     {mean_dice(start[slab], truth[slab]):.4f}        {mean_dice(paint[slab], truth[slab]):.4f}")
-    for r in range(1, args.rounds + 1):
-        current = session.labels[slab]
-        found = next_mark(current, truth[slab])
-        if found is None:
-            print("  no error left")
-            break
-        ball_slab, cls = found
-        ball = np.zeros(image.spatial_shape, bool)
-        ball[slab] = ball_slab
-        scribbles = np.zeros(image.spatial_shape, np.int32)
-        scribbles[ball] = cls + 1
-        paint[ball] = cls
-        t0 = time.perf_counter()
-        session.refine(scribbles, seconds=args.seconds)
-        seconds = time.perf_counter() - t0
-        print(f"  {r:<5} {mean_dice(session.labels[slab], truth[slab]):.4f}        "
-              f"{mean_dice(paint[slab], truth[slab]):.4f}            {seconds:5.2f}   {session.last_steps}")
+    # 2. simulated user
+    curves: dict[str, list[dict]] = {}
+    if "tissue" in cases:
+        if tissue_session is None:
+            tissue_session = Session(tissue_model, image)  # the checkpoint's own window
+            tissue_session.run()
+        slab = (slice(None), slice(None), slice(SLAB, None))
+        label = "shipped demo model" if not args.tissue_model else args.tissue_model
+        print(f"simulated user, tissue: held-out slab k >= {SLAB} of the MNI152 2 mm sample, start model {label}, "
+              f"ball radius 2, {args.rounds} rounds")
+        curves["tissue, MNI152 held-out slab"] = simulated_user(tissue_session, truth, slab, (1, 2, 3), args.rounds,
+                                                                 args.seconds)
+    if "brain" in cases:
+        colin, brain = colin27_2mm()
+        session = Session(load_model(args.brain_model), colin)
+        session.run()
+        print(f"simulated user, brain mask: Colin27 at 2 mm {colin.spatial_shape}, start model {args.brain_model}, "
+              f"ball radius 2, {args.rounds} rounds")
+        whole = tuple(slice(None) for _ in brain.shape)
+        curves["brain mask, Colin27 2 mm (model from the ITK head)"] = simulated_user(
+            session, brain, whole, (1,), args.rounds, args.seconds)
+    if args.plot and curves:
+        plot_rounds(args.plot, curves)
     return 0
-
 
 
 # ---------------------------------------------------------------------------------------------------

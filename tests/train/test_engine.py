@@ -389,3 +389,37 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, capsys)
     resume = [a for a in cmd[cmd.index("train"):] if a != "--no-progress"] + ["--epochs", "3", "--resume", str(out)]
     assert main(resume) == 2
     assert "trained by 2 process(es) but this run has 1" in capsys.readouterr().err
+
+
+def test_last_epochs_train_with_frozen_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("UNet3d", **TINY, norm="batch")
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    seen: list[tuple[bool, torch.Tensor]] = []
+    norm.register_forward_pre_hook(
+        lambda mod, args: seen.append((mod.training, mod.running_mean.clone())) if torch.is_grad_enabled() else None)
+    _, result = _run(tmp_path, "frozen", small_config(freeze_norm_epochs=2), model=model)
+    assert result.epoch == 4 and len(seen) == 16
+    assert [training for training, _ in seen] == [True] * 8 + [False] * 8  # epochs 3 and 4 frozen
+    moving, frozen = [mean for _, mean in seen[:9]], [mean for _, mean in seen[8:]]
+    assert all(not torch.equal(a, b) for a, b in zip(moving, moving[1:]))  # statistics follow each batch...
+    assert all(torch.equal(frozen[0], mean) for mean in frozen)  # ...until the freeze
+    assert torch.equal(norm.running_mean, frozen[0])
+    meta = load_model(tmp_path / "frozen.safetensors").medsegkit_metadata
+    assert meta["training"]["config"]["freeze_norm_epochs"] == 2
+    with pytest.raises(ValueError, match="freeze_norm_epochs and norm_recalibration_batches must be >= 0"):
+        _run(tmp_path, "negative", small_config(freeze_norm_epochs=-1))
+
+
+def test_the_freeze_can_start_from_statistics_re_estimated_over_batches(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("UNet3d", **TINY, norm="batch")
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    seen: list[tuple[bool, int, float | None]] = []
+    norm.register_forward_pre_hook(lambda mod, args: seen.append(
+        (torch.is_grad_enabled(), int(mod.num_batches_tracked), mod.momentum)) if mod.training or torch.is_grad_enabled() else None)
+    _run(tmp_path, "recalibrated", small_config(freeze_norm_epochs=2, norm_recalibration_batches=3), model=model)
+    # 8 moving training steps, then 3 gradient-free forwards of a cumulative average, then 8 frozen steps
+    assert [grad for grad, _, _ in seen] == [True] * 8 + [False] * 3 + [True] * 8
+    assert [tracked for _, tracked, _ in seen[8:11]] == [0, 1, 2] and all(m is None for _, _, m in seen[8:11])
+    assert norm.num_batches_tracked == 3 and norm.momentum == 0.1  # the average of 3 batches, momentum restored

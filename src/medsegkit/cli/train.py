@@ -70,6 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "(elsewhere a note is printed and training stays in float32)")
     run.add_argument("--accumulate", type=int, default=1, metavar="N",
                      help="gradient accumulation: N micro-batches of --batch-size per optimiser step")
+    run.add_argument("--freeze-norm-epochs", type=int, default=0, metavar="N",
+                     help="train the last N epochs with BatchNorm statistics frozen (steadier small-batch "
+                          "BatchNorm models; default 0)")
+    run.add_argument("--norm-recalibration", type=int, default=0, metavar="BATCHES",
+                     help="with --freeze-norm-epochs: first re-estimate the BatchNorm statistics over BATCHES "
+                          "training batches (default 0: keep the running averages)")
     run.add_argument("--metrics-csv", type=Path, help="per-epoch metrics (default: <output stem>.metrics.csv)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
@@ -153,6 +159,10 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--amp")
     if args.accumulate != 1:
         parts += ["--accumulate", str(args.accumulate)]
+    if args.freeze_norm_epochs:
+        parts += ["--freeze-norm-epochs", str(args.freeze_norm_epochs)]
+    if args.norm_recalibration:
+        parts += ["--norm-recalibration", str(args.norm_recalibration)]
     parts += ["--seed", str(args.seed)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
@@ -221,6 +231,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume checkpoint {args.resume} does not exist")
     if args.accumulate < 1:
         raise ValueError(f"--accumulate must be >= 1; got {args.accumulate}")
+    if args.freeze_norm_epochs < 0 or args.norm_recalibration < 0:
+        raise ValueError(f"--freeze-norm-epochs and --norm-recalibration must be >= 0; got "
+                         f"{args.freeze_norm_epochs} and {args.norm_recalibration}")
     intensity = parse_intensity(args.intensity)
     train_volumes, val_volumes, names, colors, data = _load_data(args)
     spec = get_model_spec(args.model)
@@ -246,6 +259,7 @@ def run_train(args: argparse.Namespace) -> int:
         class_ratios=tuple(args.class_ratios) if args.class_ratios else None,
         augmentation=args.augmentation, val_interval=args.val_interval, seed=args.seed,
         num_threads=args.threads, device=args.device, amp=args.amp, accumulate=args.accumulate,
+        freeze_norm_epochs=args.freeze_norm_epochs, norm_recalibration_batches=args.norm_recalibration,
     )
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     commands = [command_line(args)]

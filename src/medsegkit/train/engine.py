@@ -83,6 +83,14 @@ class TrainConfig:
         amp: mixed precision, chosen by :mod:`medsegkit.amp`: bfloat16 autocast where the device has
             native bf16, float16 + gradient scaling on older CUDA GPUs; elsewhere a note and float32.
         accumulate: micro-batches of ``batch_size`` patches per optimiser step.
+        freeze_norm_epochs: the last this many epochs (of the run's final plan, after a time budget has
+            shortened it) train with the BatchNorm layers in eval mode: their running statistics stop
+            moving and the weights learn against the statistics inference will use. With small batches
+            (one or two patches) the running statistics otherwise follow the last few patches, and a
+            model's validation Dice swings from epoch to epoch. ``0``: never.
+        norm_recalibration_batches: when the freeze starts, the BatchNorm statistics are first re-estimated
+            as the plain average over this many training batches (no gradient steps), instead of keeping
+            the running averages that lean on the last few batches. ``0``: keep them.
     """
 
     epochs: int = 50
@@ -104,6 +112,8 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False
     accumulate: int = 1
+    freeze_norm_epochs: int = 0
+    norm_recalibration_batches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -591,7 +601,9 @@ def _train(model, train_volumes, val_volumes, *, context, checkpoint, state_file
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=config.warmup_epochs * config.steps_per_epoch,
                                      t_total=total_steps, end_lr=config.lr * 0.01, warmup_multiplier=1.0 / (config.warmup_epochs + 1))
     step = TrainStep(network, objective, micro_batch=config.batch_size, amp_dtype=amp_dtype,
-                     distributed=context.is_distributed, in_channels=getattr(model, "in_channels", None))
+                     distributed=context.is_distributed, in_channels=getattr(model, "in_channels", None),
+                     freeze_norm_epochs=config.freeze_norm_epochs,
+                     norm_recalibration_batches=config.norm_recalibration_batches)
     run = _Run(model=model, network=network, context=context, config=config, class_names=class_names,
                preprocessing=spec, train_volumes=train_volumes, val_volumes=val_volumes, checkpoint=checkpoint,
                state_file=state_file, metrics_csv=metrics_csv, metadata=metadata, history=history,

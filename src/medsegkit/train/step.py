@@ -23,26 +23,47 @@ class TrainStep:
 
     A batch from the loader holds ``accumulate * batch_size`` patches; each micro-batch runs the family's
     objective under :func:`medsegkit.amp.autocast_as`, DDP synchronises gradients on the last one only,
-    and a non-finite loss stops training with the step and learning rate.
+    and a non-finite loss stops training with the step and learning rate. In the last
+    ``freeze_norm_epochs`` epochs of the engine's plan (``engine.state.max_epochs``) the BatchNorm layers
+    run in eval mode (frozen running statistics, affine weights still trained); with
+    ``norm_recalibration_batches`` the statistics are first re-estimated over that many loader batches.
     """
 
     def __init__(self, network: nn.Module, objective: Any, *, micro_batch: int, amp_dtype: torch.dtype | None,
-                 distributed: bool, in_channels: int | None) -> None:
+                 distributed: bool, in_channels: int | None, freeze_norm_epochs: int = 0,
+                 norm_recalibration_batches: int = 0) -> None:
+        if freeze_norm_epochs < 0 or norm_recalibration_batches < 0:
+            raise ValueError(f"freeze_norm_epochs and norm_recalibration_batches must be >= 0; got "
+                             f"{freeze_norm_epochs} and {norm_recalibration_batches}")
         self.network = network
         self.objective = objective
         self.micro_batch = micro_batch
         self.amp_dtype = amp_dtype
         self.distributed = distributed
         self.in_channels = in_channels
+        self.freeze_norm_epochs = freeze_norm_epochs
+        self.norm_recalibration_batches = norm_recalibration_batches
+        self.recalibrated_at: int | None = None  # the epoch whose first iteration re-estimated the statistics
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def _images(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        images = _plain_tensor(batch["image"]).to(device, torch.float32)
+        if self.in_channels and images.shape[1] == 1 and self.in_channels > 1:
+            images = images.expand(-1, self.in_channels, *images.shape[2:])  # a grey image for an RGB model
+        return images
 
     def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, float]:
         device = engine.state.device
-        images = _plain_tensor(batch["image"]).to(device, torch.float32)
+        images = self._images(batch, device)
         labels = _plain_tensor(batch["label"]).to(device).round().long()
-        if self.in_channels and images.shape[1] == 1 and self.in_channels > 1:
-            images = images.expand(-1, self.in_channels, *images.shape[2:])  # a grey image for an RGB model
         engine.network.train()
+        if self.norms_frozen(engine):
+            first_frozen = engine.state.max_epochs - self.freeze_norm_epochs + 1
+            if self.norm_recalibration_batches and engine.state.epoch == first_frozen and self.recalibrated_at is None:
+                self.recalibrate(engine)
+                self.recalibrated_at = engine.state.epoch
+            for module in _batch_norms(engine.network):
+                module.eval()
         engine.optimizer.zero_grad(set_to_none=True)
         parts = list(zip(images.split(self.micro_batch), labels.split(self.micro_batch)))
         total = 0.0
@@ -65,6 +86,39 @@ class TrainStep:
         else:
             engine.optimizer.step()
         return {"loss": total}
+
+    def recalibrate(self, engine: Any) -> None:
+        """Re-estimate every BatchNorm's running statistics as the plain mean over
+        ``norm_recalibration_batches`` batches of the engine's loader (train-mode forwards, no gradients)."""
+        norms = _batch_norms(engine.network)
+        momenta = [module.momentum for module in norms]
+        for module in norms:
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+        try:
+            batches = iter(engine.state.dataloader)
+            with torch.no_grad():
+                for _ in range(self.norm_recalibration_batches):
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        batches = iter(engine.state.dataloader)
+                        batch = next(batches)
+                    with autocast_as(engine.state.device, self.amp_dtype):
+                        engine.network(self._images(batch, engine.state.device))
+        finally:
+            for module, momentum in zip(norms, momenta):
+                module.momentum = momentum
+
+    def norms_frozen(self, engine: Any) -> bool:
+        """Whether this iteration trains with frozen BatchNorm statistics (epochs are counted from 1)."""
+        if not self.freeze_norm_epochs:
+            return False
+        return engine.state.epoch > engine.state.max_epochs - self.freeze_norm_epochs
+
+
+def _batch_norms(network: nn.Module) -> list[nn.Module]:
+    return [module for module in network.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
 
 def _plain_tensor(value: Any) -> torch.Tensor:
