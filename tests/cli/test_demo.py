@@ -24,8 +24,9 @@ def test_shipped_checkpoint_is_small_and_documented():
     meta = record["metadata"]
     assert meta["class_names"] == list(MNI_CLASS_NAMES)
     assert len(meta["label_colors"]) == 4
-    assert meta["preprocessing"] == {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
-                                     "intensity": {"name": "scale", "divisor": 255.0}}
+    assert meta["preprocessing"]["spacing"] == [2.0, 2.0, 2.0] and meta["preprocessing"]["orientation"] == "RAS"
+    assert meta["preprocessing"]["intensity"]["name"] == "percentile"  # the training recipe's robust intensity
+    assert meta["roi_size"] == [64, 64, 48]  # the training window; the demo and predict use it
     training = meta["training"]
     assert training["command"].startswith("medsegkit train --sample")
     assert "k < 55" in training["data"]["split"]
@@ -33,7 +34,8 @@ def test_shipped_checkpoint_is_small_and_documented():
     dice, baseline = training["validation"]["dice"], training["baseline_nearest_class_mean"]["dice"]
     assert set(dice) == {"CSF", "GM", "WM"}
     assert all(dice[k] > baseline[k] for k in dice), (dice, baseline)
-    assert training["validation"]["mean_foreground_dice"] >= 0.85
+    assert training["validation"]["mean_foreground_dice"] >= 0.87
+    assert training["engine"] == "monai.engines.SupervisedTrainer" and training["config"]["freeze_norm_epochs"] == 14
 
 
 @pytest.mark.slow

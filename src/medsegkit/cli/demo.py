@@ -39,17 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_demo)
 
 
-def whole_volume_roi(shape: tuple[int, ...], multiple: int = 16) -> tuple[int, ...]:
-    """One window covering the whole volume, rounded up to the network's size multiple."""
-    return tuple(int(-(-s // multiple) * multiple) for s in shape)
-
-
 def run_segmentation(model: Any, image: Any, *, device: str = "cpu", progress: Any = None) -> Any:
-    """The demo's (and the shipped metrics') inference: :func:`medsegkit.inference.segment` with one
-    window covering the whole 2 mm volume (zero-padded symmetrically to a multiple of 16)."""
+    """The demo's inference: :func:`medsegkit.inference.segment` with the checkpoint's own recipe (its
+    recorded preprocessing and window, as ``medsegkit predict`` and the training's validation run it)."""
     from medsegkit.inference import segment
 
-    return segment(model, image, roi_size=whole_volume_roi(image.spatial_shape), device=device, progress=progress)
+    return segment(model, image, device=device, progress=progress)
 
 
 def held_out_scores(prediction: np.ndarray, reference: np.ndarray, class_names: list[str]) -> dict[str, Any]:
