@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch threads: {torch.get_num_threads()}")
     image = read_image(sample_path("mni152_t1"))
     truth = np.asarray(read_image(sample_path("mni152_tissue")).array).astype(np.int64)
-    kw = {"roi_size": (112, 128, 96)}
+    kw: dict = {}  # the checkpoint's own window and preprocessing, as segment, predict and napari run it
     tissue_model = load_model(args.tissue_model or demo_checkpoint_path())
 
     # 1. progressive (the demo model)

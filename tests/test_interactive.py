@@ -226,8 +226,9 @@ def test_run_preview_reports_the_focus_slice_first_then_the_exact_labels(weak_ca
 
 
 def test_updates_replayed_in_order_give_segments_labels_with_a_foreground_crop():
-    """What a viewer that copies each reported region sees in the end is ``segment``'s result, also where
-    the partial updates' fast nearest-voxel lookup and the exact inverse differ (outside a foreground crop)."""
+    """What a viewer that copies each reported region sees in the end is ``segment``'s result, with a
+    foreground crop: the partial updates' nearest-voxel lookup gives 0 outside the crop box, as the exact
+    inverse pads, and a slice's focus is that slice of the preprocessed grid, not the crop's corner too."""
     torch.manual_seed(3)
     model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3)
     array = np.zeros((40, 36, 30), np.float32)
@@ -248,4 +249,45 @@ def test_updates_replayed_in_order_give_segments_labels_with_a_foreground_crop()
     np.testing.assert_array_equal(labels, reference)
     np.testing.assert_array_equal(seen, reference)
     assert len(np.unique(reference)) >= 2 and (reference[:4] == 0).all()  # outside the crop: background
-    assert (session._gather(session.pre_labels) != reference).any()  # the case the last update corrects
+    np.testing.assert_array_equal(session._gather(session.pre_labels), reference)
+    assert not session.inside.all() and session.inside.any()
+    for index in (12, 22):
+        box = session._focus_box({"axis": 2, "index": index})
+        assert box[2].stop - box[2].start == 1, box  # 2 mm input slices: one preprocessed slice
+    assert len(session._windows_over(box)) < len(session.grid.slices)  # a top slice needs the top windows only
+
+
+def test_voxel_map_per_axis_fallback_equals_the_flat_index_map(monkeypatch):
+    """Preprocessed grids of 2**24 voxels or more map input voxels one axis at a time: the same map."""
+    import medsegkit.interactive as interactive
+
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=2)
+    array = np.zeros((40, 36, 30), np.float32)
+    array[8:30, 6:28, 5:24] = 1.0
+    image = Image(array, np.diag([1.5, 1.5, 2.0, 1.0]), {}, None)
+    kw = {"roi_size": (16, 16, 16), "preprocessing": {"orientation": "RAS", "spacing": [2, 2, 2], "crop_foreground": 1}}
+    flat = Session(model, image, **kw)
+    monkeypatch.setattr(interactive, "FLAT_INDEX_LIMIT", 0)
+    per_axis = Session(model, image, **kw)
+    np.testing.assert_array_equal(flat.inside, per_axis.inside)
+    np.testing.assert_array_equal(flat.source_flat, per_axis.source_flat)
+    assert not flat.inside.all() and flat.inside.any()
+
+
+@pytest.mark.parametrize("affine", [np.diag([-1.2, -0.9, 2.5, 1.0]),  # LPS-like, anisotropic: flips + resampling
+                                    np.array([[0, 0, 1.7, 0], [-1.1, 0, 0, 0], [0, 1.3, 0, 0], [0, 0, 0, 1.0]])])
+def test_run_labels_equal_segment_after_reorientation_resampling_and_crop(affine):
+    """The session's labels come from one inverse of the index map; they equal ``segment``'s inverse of the
+    labels for permuted / flipped axes, resampling and a foreground crop."""
+    torch.manual_seed(4)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3)
+    array = np.zeros((34, 40, 22), np.float32)
+    array[5:30, 8:33, 3:19] = np.random.default_rng(4).normal(size=(25, 25, 16)) + 2.0
+    image = Image(array, affine, {}, None)
+    kw = {"roi_size": (16, 16, 16), "overlap": 0.25,
+          "preprocessing": {"orientation": "RAS", "spacing": [2, 2, 2], "crop_foreground": 1}}
+    reference = segment(model, image, **kw).array
+    session = Session(model, image, **kw)
+    labels = session.run(focus={"axis": 1, "index": 20}, preview=True, on_update=lambda region, lab: None)
+    np.testing.assert_array_equal(labels, reference)
+    assert len(np.unique(reference)) >= 2 and not session.inside.all()

@@ -42,6 +42,7 @@ CROP = 48  # voxels an axis of the boxes the adaptation trains on
 LEARNING_RATE = 3e-3  # weights: divided by sqrt(fan-in)
 MAX_STEPS = 200
 FIT_LOSS = 0.2  # stop adapting once the marked voxels' mean cross entropy is below this
+FLAT_INDEX_LIMIT = 2**24  # voxel indices below this are exact in float32 (the inverse resamples in float32)
 MARGIN = 8  # preprocessed voxels around the marks whose windows are re-predicted
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
@@ -139,7 +140,6 @@ class Session:
         self.original = copy.deepcopy(caller_model).eval()
         self.model = copy.deepcopy(self.original)
         self.image = image
-        self._restore = restore
         sw_batch_size = options["sw_batch_size"]
         if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
@@ -181,12 +181,21 @@ class Session:
             for lo, hi in zip(self.bounds[:-1], self.bounds[1:])
         ]
 
-        # input voxel -> its nearest preprocessed voxel (what the nearest-neighbour inverse of labels reads)
+        # input voxel -> the flat index of its nearest preprocessed voxel (what the nearest-neighbour inverse
+        # of labels reads): the inverse of the index map itself, one channel (exact in float32 below 2**24
+        # voxels; else one channel per axis), index + 1 so that the 0 the inverse pads with marks the input
+        # voxels outside the preprocessed grid (outside a crop_foreground box), whose labels are 0
         pre_shape = self.state.output_shape
-        coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.int32) for s in pre_shape], indexing="ij"))
-        self.source_of = restore(coords, self.state, is_label=True)  # (d, *input_shape) int32
-        for axis, size in enumerate(pre_shape):
-            np.clip(self.source_of[axis], 0, size - 1, out=self.source_of[axis])
+        size = int(np.prod(pre_shape))
+        if size < FLAT_INDEX_LIMIT:
+            flat = restore(np.arange(1, size + 1, dtype=np.int32).reshape(pre_shape), self.state, is_label=True)
+            self.inside = flat > 0  # (*input_shape) bool
+            self.source_flat = np.clip(flat.astype(np.int64) - 1, 0, size - 1)  # (*input_shape)
+        else:
+            coords = np.stack(np.meshgrid(*[np.arange(1, n + 1, dtype=np.int32) for n in pre_shape], indexing="ij"))
+            per_axis = restore(coords, self.state, is_label=True).astype(np.int64) - 1  # (d, *input_shape)
+            self.inside = (per_axis >= 0).all(axis=0)
+            self.source_flat = np.ravel_multi_index(tuple(per_axis), pre_shape, mode="clip")
 
         self.cache: dict[int, torch.Tensor] = {}  # window index -> its (K, *roi) output
         self.pre_labels: torch.Tensor | None = None  # labels on the preprocessed grid
@@ -279,11 +288,13 @@ class Session:
 
     def _gather(self, pre: torch.Tensor) -> np.ndarray:
         """Labels on the preprocessed grid read at each input voxel's nearest preprocessed voxel
-        (:attr:`source_of`): what ``restore(pre, is_label=True)`` gives wherever the input voxel lies
-        inside the preprocessed grid, for a tenth of its cost on a 1 mm head. Used for the partial
-        updates only: :meth:`run` ends with the exact ``restore`` and reports any voxel that differs."""
+        (:attr:`source_flat`), 0 outside the preprocessed grid: what ``restore(pre, is_label=True)`` gives
+        (the same nearest-neighbour inverse, taken once of the index map), for a tenth of its cost on a
+        1 mm head. The partial updates, refine and the end of :meth:`run` use it."""
         array = pre.detach().cpu().numpy()
-        return array[tuple(self.source_of)]
+        gathered = array.reshape(-1)[self.source_flat]
+        gathered[~self.inside] = 0  # what the inverse pads with outside the preprocessed grid
+        return gathered
 
     def _publish(self, on_update) -> None:
         """Bring the finished preprocessed labels to the input grid (:meth:`_gather`), copy the newly
@@ -291,7 +302,7 @@ class Session:
         restored = self._gather(self.pre_labels)
         if self.labels is None:
             self.labels = np.zeros(self.image.spatial_shape, dtype=restored.dtype)
-        finished = self.pre_done[tuple(self.source_of)]
+        finished = self.pre_done.reshape(-1)[self.source_flat] | ~self.inside  # outside the grid: 0, final at once
         new = finished & ~self.reported
         region = bounding_box(new)
         if region is None:
@@ -305,7 +316,11 @@ class Session:
         """``focus`` (``{"axis": a, "index": i}`` or a tuple of slices on the input grid) as a box on the
         preprocessed grid (the preprocessed voxels the focus region reads)."""
         region = self._focus_region(focus)
-        sources = self.source_of[(slice(None), *region)].reshape(len(self.state.output_shape), -1)
+        sources = self.source_flat[region].reshape(-1)
+        inside = self.inside[region].reshape(-1)
+        if inside.any():  # voxels outside the preprocessed grid read no window (their labels are 0)
+            sources = sources[inside]
+        sources = np.unravel_index(sources, self.state.output_shape)
         return tuple(slice(int(c.min()), int(c.max()) + 1) for c in sources)
 
     def _focus_region(self, focus: Any) -> tuple[slice, ...]:
@@ -445,8 +460,10 @@ class Session:
         after_batch()  # windows cached by a cancelled run still publish
         if not self.pre_done.all():  # pragma: no cover - every chunk's windows are computed above
             raise RuntimeError("internal error: some chunks were not finished")
-        final = self._restore(self.pre_labels, self.state, is_label=True)  # exactly as segment does
-        differs = bounding_box(final != self.labels)  # voxels the partial updates' gather got wrong (outside the grid)
+        # the inverse of the index map read at the labels: what restore(pre_labels) gives, as segment does
+        # (one nearest-neighbour inverse of the same geometry; tested), without a second inverse
+        final = self._gather(self.pre_labels)
+        differs = bounding_box(final != self.labels)  # only the preview's voxels if anything
         self.labels[...] = final
         if differs is not None and on_update is not None:
             on_update(differs, self.labels)
@@ -523,25 +540,27 @@ class Session:
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
             pre_marks = self._pre_marks()
-            new_pre = tuple(self.source_of[:, new])
-            box = tuple(slice(max(int(c.min()) - MARGIN, 0), min(int(c.max()) + 1 + MARGIN, n))
-                        for c, n in zip(new_pre, self.state.output_shape))
-            windows = self._windows_over(box)
-            self._adapt(pre_marks, budget, progress, cancel)
-            size = self.options["sw_batch_size"]
-            batches = math.ceil(len(windows) / size)
+            new_inside = new & self.inside  # marks outside the preprocessed grid only edit the labels
+            if new_inside.any():
+                new_pre = np.unravel_index(self.source_flat[new_inside], self.state.output_shape)
+                box = tuple(slice(max(int(c.min()) - MARGIN, 0), min(int(c.max()) + 1 + MARGIN, n))
+                            for c, n in zip(new_pre, self.state.output_shape))
+                windows = self._windows_over(box)
+                self._adapt(pre_marks, budget, progress, cancel)
+                size = self.options["sw_batch_size"]
+                batches = math.ceil(len(windows) / size)
 
-            def report(done: int, total: int) -> None:
-                if progress is not None:
-                    progress(70 + (30 * done) // max(total, 1), 100)
+                def report(done: int, total: int) -> None:
+                    if progress is not None:
+                        progress(70 + (30 * done) // max(total, 1), 100)
 
-            self._compute(windows, report, cancel, total=batches)
-            chunks = self._chunks_of(set(windows))
-            needed = {w for r in chunks for w in self.chunk_windows[r]}
-            self._blend(needed, chunks, [self._chunk_box(r) for r in chunks])
-            restored = self._restore(self.pre_labels, self.state, is_label=True)
-            reach = self._reach(new)
-            self.labels[reach] = restored[reach]
+                self._compute(windows, report, cancel, total=batches)
+                chunks = self._chunks_of(set(windows))
+                needed = {w for r in chunks for w in self.chunk_windows[r]}
+                self._blend(needed, chunks, [self._chunk_box(r) for r in chunks])
+                restored = self._gather(self.pre_labels)
+                reach = self._reach(new_inside)
+                self.labels[reach] = restored[reach]
             self._force_marks()
         except BaseException:
             self._apply(snapshot)
@@ -571,8 +590,8 @@ class Session:
         """The accumulated marks on the preprocessed grid (each marked input voxel marks its nearest
         preprocessed voxel), int64 ``(*preprocessed)``, ``-1`` = unmarked."""
         target = np.full(self.state.output_shape, -1, dtype=np.int64)
-        marked = self.marks > 0
-        target[tuple(self.source_of[:, marked])] = self.marks[marked] - 1
+        marked = (self.marks > 0) & self.inside  # marks outside the preprocessed grid stay label edits only
+        target.reshape(-1)[self.source_flat[marked]] = self.marks[marked] - 1
         return torch.from_numpy(target)
 
     def _adapt(self, pre_marks: torch.Tensor, budget: float, progress, cancel) -> None:
