@@ -280,6 +280,48 @@ def _settle(app, seconds: float) -> None:
         time.sleep(0.005)
 
 
+def _trace_viewer_work(widget, viewer) -> list[tuple[str, float, float]]:
+    """Time the widget's viewer-thread slots and the canvas draws: returns the list the calls are appended
+    to as ``(name, end time, seconds)`` (to say which call a heartbeat gap was)."""
+    calls: list[tuple[str, float, float]] = []
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                calls.append((name, end, end - start))
+        return wrapper
+
+    for name in ("_on_update", "_flush", "_on_result", "_start_correcting", "_on_progress", "_on_edited",
+                 "_on_finished"):
+        setattr(widget, name, timed(name, getattr(widget, name)))
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    draw_started: list[float] = []
+    canvas.events.draw.connect(lambda _event: draw_started.append(time.perf_counter()), position="first")
+
+    def draw_done(_event) -> None:
+        end = time.perf_counter()
+        calls.append(("canvas draw", end, end - draw_started.pop()))
+
+    canvas.events.draw.connect(draw_done, position="last")
+    import gc
+
+    collecting: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            collecting.append(time.perf_counter())
+        elif collecting:
+            end = time.perf_counter()
+            calls.append((f"gc generation {info['generation']}", end, end - collecting.pop()))
+
+    gc.callbacks.append(on_gc)
+    return calls
+
+
 def _largest_error_in_slice(pred: np.ndarray, truth: np.ndarray, z: int) -> tuple[tuple[int, int, int], int]:
     """The deepest voxel of the largest error component of slice ``z`` (napari order) and its true class."""
     from scipy import ndimage
@@ -328,6 +370,7 @@ def napari_main(args) -> int:
     viewer.dims.set_current_step(0, args.slice)
     viewer.reset_view()
 
+    slow_calls = _trace_viewer_work(widget, viewer)
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)
@@ -336,11 +379,18 @@ def napari_main(args) -> int:
 
     def gap(start: float, end: float) -> float:
         inside = np.asarray([t for t in ticks if start <= t <= end])
-        return float(np.diff(inside).max() * 1000)
+        longest = int(np.diff(inside).argmax())
+        return float((inside[longest + 1] - inside[longest]) * 1000)
+
+    def where(start: float, end: float) -> str:
+        """The viewer-thread calls longer than 50 ms between ``start`` and ``end`` (what the gaps were)."""
+        calls = sorted((c for c in slow_calls if start <= c[1] <= end and c[2] > 0.05), key=lambda c: -c[2])
+        return ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, _, seconds in calls[:4]) or "none over 50 ms"
 
     for attempt in range(args.runs):
         widget.run()
         _pump(app, lambda: not widget.running, 600)
+        run_ended = time.perf_counter()  # after the result handler (the corrections layer is added there)
         if widget.last_error:
             print(f"run failed: {widget.last_error}")
             return 1
@@ -349,11 +399,10 @@ def napari_main(args) -> int:
               f"total {widget.last_run_seconds:.2f} s "
               f"(worker: model loaded {info['model_loaded']}, session {info['session_seconds']:.2f} s, run "
               f"{info['run_seconds']:.2f} s); {len(widget.refresh_times)} redraws; longest heartbeat gap "
-              f"{gap(widget._started, widget.result_arrived):.0f} ms")
+              f"{gap(widget._started, run_ended):.0f} ms")
         _settle(app, 0.5)
-        if attempt + 1 < args.runs:  # show only the last result and its corrections layer
-            viewer.layers[-1].visible = viewer.layers[-2].visible = False
-    result = widget._interactive.result
+        print(f"  viewer-thread calls over 50 ms: {where(widget._started, time.perf_counter())}")
+    result = widget._interactive.result  # the same layers after every Run (an unrefined result is replaced)
     corrections = widget._interactive.corrections
     result.opacity = 0.6
     centre, cls = _largest_error_in_slice(np.asarray(result.data), truth, args.slice)
@@ -382,6 +431,7 @@ def napari_main(args) -> int:
           f"stroke of class {cls} ({int(marked.sum())} voxels) at {centre}, {int(changed.sum())} voxels changed "
           f"({int(changed[args.slice].sum())} on slice {args.slice}), marked voxels right: "
           f"{bool((after[marked] == cls).all())}; longest heartbeat gap {gap(started, ended):.0f} ms")
+    print(f"  viewer-thread calls over 50 ms: {where(started, ended)}")
     for name, region in [(f"slice {args.slice}", np.s_[args.slice]), ("volume", np.s_[...])]:
         errors = [int((x[region] != truth[region]).sum()) for x in (before, after)]
         print(f"  wrong voxels vs the reference, {name}: {errors[0]} -> {errors[1]}")

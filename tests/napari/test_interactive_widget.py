@@ -55,18 +55,23 @@ def test_warm_worker_keeps_the_model_and_a_second_run_does_not_reload(sample_lay
     assert "error" not in widget.warm_info and default_worker().is_alive()
     pid = default_worker().pid
     widget.image.value = t1  # the demo model is preselected (the one the warm-up loaded)
-    runs = []
+    runs, layers = [], []
     for _ in range(2):
         widget.run()
         wait_for_run(widget)
         assert errors == []
         runs.append((widget.first_update_seconds, widget.last_run_seconds, widget.last_run_info))
+        state = widget._interactive
+        layers.append((state.result, state.corrections, np.array(state.result.data, copy=True)))
     assert default_worker().pid == pid  # the same process: no import paid again
     assert runs[0][2]["model_loaded"] is False and runs[1][2]["model_loaded"] is False  # loaded when the widget opened
     assert runs[0][2]["focus"] == {"axis": 2, "index": viewer.dims.current_step[0]}  # the axial slice on screen
-    labels = [layer for layer in viewer.layers if layer.name.startswith("MNI152 T1 [unet3d_mni152_tissue]")
-              and "corrections" not in layer.name]  # napari numbers the second one
-    assert len(labels) == 2 and np.array_equal(labels[0].data, labels[1].data)
+    # the second Run of the same model on the same layer wrote into the unrefined result's layers: no new layers
+    assert layers[1][0] is layers[0][0] and layers[1][1] is layers[0][1]
+    np.testing.assert_array_equal(layers[1][2], layers[0][2])
+    assert [layer.name for layer in viewer.layers if layer.name.startswith("MNI152 T1 [unet3d_mni152_tissue]")] == [
+        "MNI152 T1 [unet3d_mni152_tissue]", "MNI152 T1 [unet3d_mni152_tissue] corrections"]
+    assert "replaced 'MNI152 T1 [unet3d_mni152_tissue]' in place" in widget.status.value
     print(f"\nwarm-up: imports {widget.warm_info['import_seconds']:.2f} s, model load {widget.warm_info['load_seconds']:.2f} s; "
           + "; ".join(f"run {i + 1}: first slice {f:.2f} s, total {t:.2f} s (worker: session {info['session_seconds']:.2f} s, "
                       f"run {info['run_seconds']:.2f} s)" for i, (f, t, info) in enumerate(runs)))
@@ -170,6 +175,47 @@ def test_paint_refine_undo_reset_and_save(sample_layers, checkpoints, qtbot, err
     widget.refine()  # nothing painted: refused with a message, no job
     assert not widget.running and errors[-1].startswith("paint strokes on the corrections layer first")
 
+    # a refined result is never overwritten: Run again adds a new result (and corrections) layer
+    _paint(widget, corrections, centre, cls)
+    widget.refine()
+    wait_for_run(widget)
+    refined = np.array(result.data, copy=True)
+    n_layers = len(viewer.layers)
+    widget.run()
+    wait_for_run(widget)
+    assert len(viewer.layers) == n_layers + 2 and widget._interactive.result is not result
+    np.testing.assert_array_equal(result.data, refined)
+    np.testing.assert_array_equal(widget._interactive.result.data, original)
+
+
+def test_run_again_replaces_an_unrefined_result_and_cancel_brings_it_back(sample_layers, checkpoints, qtbot, errors,
+                                                                           wait_for_run):
+    viewer, widget, t1 = sample_layers
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="32", overlap=0.25)
+    widget.run()
+    wait_for_run(widget)
+    result = viewer.layers["MNI152 T1 [UNet3d]"]
+    original = np.array(result.data, copy=True)
+    n_layers = len(viewer.layers)
+    # the same model with other options (a slow run), cancelled after its first update: the result comes back
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="12", overlap=0.8)
+    widget.run()
+    qtbot.waitUntil(lambda: widget._run_target["layer"] is not None, timeout=120_000)
+    assert widget._run_target["layer"] is result and len(viewer.layers) == n_layers
+    widget.cancel()
+    wait_for_run(widget, timeout_s=30)
+    assert errors == [] and len(viewer.layers) == n_layers
+    np.testing.assert_array_equal(result.data, original)
+    assert widget._interactive.result is result and widget.refine_button.enabled
+    # kept partial result: the layer keeps it, but it can no longer be refined (its session never finished)
+    widget.on_cancel.value = "keep what is done"
+    widget.run()
+    qtbot.waitUntil(lambda: widget._run_target["layer"] is not None, timeout=120_000)
+    widget.cancel()
+    wait_for_run(widget, timeout_s=30)
+    assert widget.status.value == "cancelled; the finished part is kept" and errors == []
+    assert widget._interactive is None and not widget.refine_button.enabled and len(viewer.layers) == n_layers
+
 
 @pytest.mark.slow  # two fresh worker processes (torch + MONAI imports)
 def test_cancel_and_killed_worker_during_refine(sample_layers, checkpoints, qtbot, errors, monkeypatch, wait_for_run,
@@ -229,7 +275,7 @@ def test_viewer_never_stalls_during_run_and_refine(sample_layers, qtbot, errors,
     try:
         widget.run()
         wait_for_run(widget)
-        run_window = (widget._started, widget.result_arrived)
+        run_window = (widget._started, time.perf_counter())  # the result handler (corrections layer) included
         corrections = viewer.layers["MNI152 T1 [unet3d_mni152_tissue] corrections"]
         z = viewer.dims.current_step[0]
         _paint(widget, corrections, (z, 58, 49), 3)

@@ -460,7 +460,8 @@ class SegmentWidget(Container):
             return
         folder = Path(tempfile.mkdtemp(prefix="job-", dir=_results_dir()))
         job["output_dir"] = str(folder)
-        self._run_target = {"source": layer, "job": job, "layer": None, "refreshes": 0}
+        self._run_target = {"source": layer, "job": job, "layer": None, "refreshes": 0,
+                            "reuse": self._replaceable_result(layer, job)}
         self.result_arrived: float | None = None
         self.first_update_seconds: float | None = None  # Run -> the layer shows the slice on screen
         self.exact_focus_seconds: float | None = None  # Run -> that slice is exact (after a preview)
@@ -470,6 +471,21 @@ class SegmentWidget(Container):
         job = worker_job.job  # the dict the thread completes (its "input"): what a restarted worker rebuilds from
         self._start(worker_job, _drive, (data, folder, scale), "run",
                     lambda result: self._on_result(result, layer, job), f"running {what} on {layer.name}…")
+
+    def _replaceable_result(self, source: Any, job: dict[str, Any]) -> _Interactive | None:
+        """The last progressive result when a new Run of ``job`` may write into its layers instead of adding
+        two more: the same model on the same image layer, both layers still in the viewer, never refined and
+        no strokes painted (nothing the user did is overwritten; napari's cost of adding a Labels layer grows
+        with the Labels layers already open, see docs/napari.md)."""
+        state = self._interactive
+        if job.get("action") != "session_run" or state is None or state.source is not source:
+            return None
+        if any(state.spec.get(key) != job.get(key) for key in ("model", "label", "channel_axis", "world_affine", "rgb")):
+            return None
+        layers = self._viewer.layers
+        if state.result not in layers or state.corrections not in layers or state.history or state.rounds:
+            return None
+        return None if np.any(state.corrections.data) else state
 
     def _start(self, worker_job: WorkerJob, body: Any, args: tuple, kind: str, on_returned: Any, status: str) -> None:
         """Run ``body(worker_job, *args)`` (a generator relaying the worker's messages) in a thread."""
@@ -533,7 +549,17 @@ class SegmentWidget(Container):
         target = self._run_target
         if self.exact_focus_seconds is None and not update["info"].get("preview"):
             self.exact_focus_seconds = time.perf_counter() - self._started
+        reuse = target.get("reuse")
+        if target["layer"] is None and reuse is not None and reuse.result.data.shape == update["labels"].shape \
+                and reuse.result.data.dtype == update["labels"].dtype:
+            target["previous"] = reuse.result.data  # restored if the Run is cancelled and discarded
+            reuse.result.data = update["labels"]
+            target["layer"] = reuse.result
+            self.first_update_seconds = time.perf_counter() - self._started
+            self._last_refresh = time.perf_counter()
+            return
         if target["layer"] is None:
+            target["reuse"] = None
             source, job = target["source"], target["job"]
             info = update["info"]
             names = _class_names(info)
@@ -585,7 +611,14 @@ class SegmentWidget(Container):
             if layer is None:  # pragma: no cover - a session run always publishes before it returns
                 raise RuntimeError("internal error: the progressive run finished without any update")
             self._schedule_flush()  # the last regions (still at most 10 redraws a second)
-            self._start_correcting(layer, source, job, info)
+            reuse = self._run_target.get("reuse")
+            self._start_correcting(layer, source, job, info, corrections=None if reuse is None else reuse.corrections)
+            if reuse is not None:
+                layer.metadata = meta  # the Run's own record (its options may differ from the replaced one's)
+                self._set_quality(quality)
+                self.status.value = (f"done in {self.last_run_seconds:.1f} s: replaced {layer.name!r} in place "
+                                     f"(the same model's unrefined result)")
+                return
         elif job["output"] == "labels":
             colors = info.get("label_colors") or []
             if colors and all(len(c) in (3, 4) for c in colors):
@@ -609,19 +642,22 @@ class SegmentWidget(Container):
                               "; ".join(f"{row['class']}: {row['flags']}" for _, row in flagged.iterrows()))
 
     # -- correct ----------------------------------------------------------------------------------------
-    def _start_correcting(self, layer: Any, source: Any, job: dict[str, Any], info: dict[str, Any]) -> None:
+    def _start_correcting(self, layer: Any, source: Any, job: dict[str, Any], info: dict[str, Any],
+                          corrections: Any = None) -> None:
         """Add the "corrections" Labels layer next to a finished progressive result (same grid, the
-        result's class colours, value ``c + 1`` = class ``c``) and make it the active layer, in paint mode."""
+        result's class colours, value ``c + 1`` = class ``c``), or keep ``corrections`` (the replaced result's,
+        empty), and make it the active layer, in paint mode."""
         names = _class_names(info)
-        geometry = _output_geometry(source, info.get("layer_channel_axis"))
-        dtype = np.uint8 if len(names) < 255 else np.int32
-        corrections = self._viewer.add_labels(
-            np.zeros(layer.data.shape, dtype), name=f"{layer.name} corrections",
-            colormap=_corrections_colormap(layer, len(names)),
-            features={"index": list(range(len(names) + 1)), "class": ["unmarked", *names]},
-            metadata={"medsegkit": {"corrections_for": layer.name, "class_names": names}}, **geometry)
-        self._interactive = _Interactive(session=job["session"], spec=job, result=layer, corrections=corrections,
-                                         class_names=names)
+        if corrections is None:
+            geometry = _output_geometry(source, info.get("layer_channel_axis"))
+            dtype = np.uint8 if len(names) < 255 else np.int32
+            corrections = self._viewer.add_labels(
+                np.zeros(layer.data.shape, dtype), name=f"{layer.name} corrections",
+                colormap=_corrections_colormap(layer, len(names)),
+                features={"index": list(range(len(names) + 1)), "class": ["unmarked", *names]},
+                metadata={"medsegkit": {"corrections_for": layer.name, "class_names": names}}, **geometry)
+        self._interactive = _Interactive(session=job["session"], spec=job, source=source, result=layer,
+                                         corrections=corrections, class_names=names)
         self.brush.reset_choices()
         default = 1 if len(names) > 1 else 0  # the first foreground class
         self.brush.value = self.brush.choices[default]
@@ -713,6 +749,7 @@ class SegmentWidget(Container):
         if kind == "save":
             self.status.value = f"saved the adapted model ({info['rounds']} refine rounds) to {info['path']}"
             return
+        state.rounds = int(info.get("rounds") or 0)
         if info.get("rebuilt"):  # the worker had restarted (or ran another layer since): rebuilt from the original model
             state.history.clear()
         state.result.refresh()
@@ -742,7 +779,15 @@ class SegmentWidget(Container):
             target = self._run_target or {}
             layer = target.get("layer")
             keep = isinstance(err, Cancelled) and self.on_cancel.value == KEEP
-            if layer is not None and layer in self._viewer.layers:
+            if layer is not None and target.get("reuse") is not None and layer in self._viewer.layers:
+                self._refresh_timer.stop()
+                if keep:  # the layer now holds a partial result the correction session does not know
+                    self._interactive = None
+                    target["dirty"] = True
+                    self._flush()
+                else:  # the replaced result comes back
+                    layer.data = target["previous"]
+            elif layer is not None and layer in self._viewer.layers:
                 if keep:
                     target["dirty"] = True
                     self._flush()
@@ -775,10 +820,12 @@ class _Interactive:
 
     session: str  # the worker's session id
     spec: dict[str, Any]  # the session_run job (a restarted worker rebuilds the session from it)
+    source: Any  # the image layer it segments
     result: Any  # the result Labels layer
     corrections: Any  # its corrections Labels layer
     class_names: list[str]
     history: list[np.ndarray] = field(default_factory=list)  # the corrections sent by each refine kept
+    rounds: int = 0  # the worker session's refine rounds behind the result (after the last edit)
 
 
 def _class_names(info: dict[str, Any]) -> list[str]:
