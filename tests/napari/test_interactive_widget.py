@@ -214,7 +214,8 @@ def test_run_again_replaces_an_unrefined_result_and_cancel_brings_it_back(sample
     widget.cancel()
     wait_for_run(widget, timeout_s=30)
     assert widget.status.value == "cancelled; the finished part is kept" and errors == []
-    assert widget._interactive is None and not widget.refine_button.enabled and len(viewer.layers) == n_layers
+    assert widget._interactive is None and not widget.refine_button.enabled
+    assert "MNI152 T1 [UNet3d] corrections" not in viewer.layers and len(viewer.layers) == n_layers - 1
 
 
 @pytest.mark.slow  # two fresh worker processes (torch + MONAI imports)

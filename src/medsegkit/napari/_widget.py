@@ -782,7 +782,10 @@ class SegmentWidget(Container):
             if layer is not None and target.get("reuse") is not None and layer in self._viewer.layers:
                 self._refresh_timer.stop()
                 if keep:  # the layer now holds a partial result the correction session does not know
+                    corrections = target["reuse"].corrections
                     self._interactive = None
+                    if corrections in self._viewer.layers and not np.any(corrections.data):
+                        self._viewer.layers.remove(corrections)  # empty, and nothing left to correct with it
                     target["dirty"] = True
                     self._flush()
                 else:  # the replaced result comes back
