@@ -694,7 +694,7 @@ class SegmentWidget(Container):
     def _edit_job(self, state: _Interactive, action: str, **extra: Any) -> dict[str, Any]:
         """A Refine / Undo / Reset / Save job of ``state``'s session. It runs on every core: unlike a Run,
         which leaves one core to the viewer's progressive redraws, the viewer only moves a progress bar
-        meanwhile (on 2 cores: a demo refine 5.4-5.8 s -> 4.2 s, longest viewer gap 58-66 ms)."""
+        meanwhile (on 2 cores: a demo refine 5.4-5.8 s -> 4.2-4.7 s, longest viewer gap 56-61 ms)."""
         return {"action": action, "session": state.session, "spec": state.spec,
                 "threads": os.cpu_count() or state.spec.get("threads"), **extra}
 
