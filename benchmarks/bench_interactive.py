@@ -75,17 +75,43 @@ def _one_mm(image):
     return Image(array, affine, {}, None)
 
 
-def progressive(model, image, name: str, kw: dict):
-    """``segment`` vs ``Session.run(focus=axial slice, preview=True)``: preview, exact slice, total."""
+def progressive(model, image, name: str, kw: dict, repeats: int = 3):
+    """``segment`` vs ``Session(...)`` + ``Session.run(focus=axial slice, preview=True)``: preview, exact
+    slice, total. One untimed warm-up of each, then ``repeats`` interleaved timings of each; medians."""
     from medsegkit.inference import segment
     from medsegkit.interactive import Session
 
-    t0 = time.perf_counter()
-    reference = segment(model, image, **kw).array
-    t_segment = time.perf_counter() - t0
+    focus = {"axis": 2, "index": image.spatial_shape[2] // 2}
+    reference = segment(model, image, **kw).array  # warm-up (first-call costs), and the labels to compare
+    Session(model, image, **kw).run(focus=focus)
+    rows: list[dict[str, float]] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        segment(model, image, **kw)
+        t_segment = time.perf_counter() - t0
+        row, session, labels = _time_session(model, image, kw, focus)
+        rows.append({"segment": t_segment, **row, "ratio": row["run"] / t_segment,
+                     "ratio_setup": (row["run"] + row["setup"]) / t_segment})
+    median = {key: float(np.median([row[key] for row in rows])) for key in rows[0]}
+    spread = {key: (min(row[key] for row in rows), max(row[key] for row in rows)) for key in rows[0]}
+    print(f"progressive (demo UNet3d, {name} {image.spatial_shape}, {len(session.grid.slices)} window(s)); "
+          f"medians of {repeats} after a warm-up [min - max]")
+    for key, label in [("segment", "segment"), ("setup", "session set-up"), ("first", "run: first update (preview)"),
+                       ("exact", "run: exact slice"), ("run", "run: total")]:
+        print(f"  {label:28s} {median[key]:6.2f} s   [{spread[key][0]:.2f} - {spread[key][1]:.2f}]")
+    print(f"  run / segment {median['ratio']:.2f} [{spread['ratio'][0]:.2f} - {spread['ratio'][1]:.2f}], with the set-up "
+          f"{median['ratio_setup']:.2f} [{spread['ratio_setup'][0]:.2f} - {spread['ratio_setup'][1]:.2f}]; "
+          f"equal to segment: {bool(np.array_equal(labels, reference))}")
+    return labels, session
+
+
+def _time_session(model, image, kw: dict, focus: dict):
+    """One ``Session(...)`` + ``run(focus, preview=True)``: set-up, first update, exact focus, run seconds."""
+    from medsegkit.interactive import Session
+
     t0 = time.perf_counter()
     session = Session(model, image, **kw)
-    t_setup = time.perf_counter() - t0
+    setup = time.perf_counter() - t0
     first: list[float] = []
     exact: list[float] = []
 
@@ -96,17 +122,10 @@ def progressive(model, image, name: str, kw: dict):
         if not session.previewing and not exact:
             exact.append(now)
 
-    focus = {"axis": 2, "index": image.spatial_shape[2] // 2}
     t0 = time.perf_counter()
     labels = session.run(focus=focus, on_update=on_update, preview=True)
-    t_run = time.perf_counter() - t0
-    print(f"progressive (demo UNet3d, {name} {image.spatial_shape}, {len(session.grid.slices)} window(s))")
-    print(f"  segment            {t_segment:6.2f} s")
-    print(f"  session set-up     {t_setup:6.2f} s")
-    print(f"  run: first update (preview) {first[0]:6.2f} s   exact slice {exact[0]:6.2f} s   total {t_run:6.2f} s   "
-          f"({t_run / t_segment:.2f} x segment, {(t_run + t_setup) / t_segment:.2f} x with the set-up; "
-          f"equal to segment: {bool(np.array_equal(labels, reference))})")
-    return labels, session
+    run = time.perf_counter() - t0
+    return {"setup": setup, "first": first[0], "exact": exact[0], "run": run}, session, labels
 
 
 def colin27_2mm():
@@ -196,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brain-model", help="start model of the brain case: a 2-class brain-mask checkpoint "
                                               "trained on another subject (e.g. the ITK head)")
     parser.add_argument("--no-progressive", action="store_true", help="skip the progressive-run timings")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the progressive comparison")
     parser.add_argument("--plot", help="write the Dice-per-round plot of the cases to this PNG")
     parser.add_argument("--napari", action="store_true",
                         help="the Segment widget instead (needs a display: xvfb-run -a): warm worker, progressive Run, "
@@ -229,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_progressive:
         demo = load_model(demo_checkpoint_path())
         for name, case in [("MNI152 2 mm", image), ("MNI152 upsampled to 1 mm", _one_mm(image))][: 2 if args.one_mm else 1]:
-            _, session = progressive(demo, case, name, kw)
+            _, session = progressive(demo, case, name, kw, args.repeats)
             if case is image and not args.tissue_model:
                 tissue_session = session
 

@@ -190,7 +190,11 @@ class Session:
         if size < FLAT_INDEX_LIMIT:
             flat = restore(np.arange(1, size + 1, dtype=np.int32).reshape(pre_shape), self.state, is_label=True)
             self.inside = flat > 0  # (*input_shape) bool
-            self.source_flat = np.clip(flat.astype(np.int64) - 1, 0, size - 1)  # (*input_shape)
+            # flat - 1 is in [-1, size - 1]: only the -1 (outside) needs raising to 0, in place (one array of
+            # the input's size; np.clip on int64 took 1.1 s for a 1 mm head here, np.maximum 0.02 s)
+            source_flat = flat.astype(np.int64)
+            source_flat -= 1
+            self.source_flat = np.maximum(source_flat, 0, out=source_flat)  # (*input_shape)
         else:
             coords = np.stack(np.meshgrid(*[np.arange(1, n + 1, dtype=np.int32) for n in pre_shape], indexing="ij"))
             per_axis = restore(coords, self.state, is_label=True).astype(np.int64) - 1  # (d, *input_shape)
@@ -299,15 +303,18 @@ class Session:
     def _publish(self, on_update) -> None:
         """Bring the finished preprocessed labels to the input grid (:meth:`_gather`), copy the newly
         finished voxels into :attr:`labels` and call ``on_update(region, labels)``."""
-        restored = self._gather(self.pre_labels)
+        pre = self.pre_labels.detach().cpu().numpy().reshape(-1)  # (a view)
         if self.labels is None:
-            self.labels = np.zeros(self.image.spatial_shape, dtype=restored.dtype)
+            self.labels = np.zeros(self.image.spatial_shape, dtype=pre.dtype)
         finished = self.pre_done.reshape(-1)[self.source_flat] | ~self.inside  # outside the grid: 0, final at once
         new = finished & ~self.reported
         region = bounding_box(new)
         if region is None:
             return
-        self.labels[new] = restored[new]
+        if np.count_nonzero(new) * 8 < new.size:  # a few voxels (the focus slice): read only those
+            self.labels[new] = np.where(self.inside[new], pre[self.source_flat[new]], 0)
+        else:  # most of the volume: one gather of all is cheaper than selecting the indices first
+            self.labels[new] = self._gather(self.pre_labels)[new]
         self.reported |= new
         if on_update is not None:
             on_update(region, self.labels)
@@ -460,13 +467,11 @@ class Session:
         after_batch()  # windows cached by a cancelled run still publish
         if not self.pre_done.all():  # pragma: no cover - every chunk's windows are computed above
             raise RuntimeError("internal error: some chunks were not finished")
-        # the inverse of the index map read at the labels: what restore(pre_labels) gives, as segment does
-        # (one nearest-neighbour inverse of the same geometry; tested), without a second inverse
-        final = self._gather(self.pre_labels)
-        differs = bounding_box(final != self.labels)  # only the preview's voxels if anything
-        self.labels[...] = final
-        if differs is not None and on_update is not None:
-            on_update(differs, self.labels)
+        # every input voxel has now been published once its preprocessed voxel was final, through the inverse
+        # of the index map: what restore(pre_labels) gives, as segment does (one nearest-neighbour inverse of
+        # the same geometry; tested), without a second inverse; the preview's voxels were overwritten then
+        if not self.reported.all():  # pragma: no cover - _publish above reports every finished voxel
+            raise RuntimeError("internal error: some voxels were not published")
         if self._original_cache is None:
             self._original_cache = dict(self.cache)
             self._original_labels = self.labels.copy()
@@ -475,9 +480,10 @@ class Session:
 
     # ------------------------------------------------------------------------------------------------
     def _force_marks(self) -> None:
+        if not self.marks.any():  # marks are >= 0: a scan without a full-size temporary
+            return
         marked = self.marks > 0
-        if marked.any():
-            self.labels[marked] = (self.marks[marked] - 1).astype(self.labels.dtype)
+        self.labels[marked] = (self.marks[marked] - 1).astype(self.labels.dtype)
 
     def _classes(self) -> int:
         return int(next(iter(self.cache.values())).shape[0])

@@ -502,8 +502,8 @@ def restore(
     if is_label:
         if dtype.kind == "b":
             return result > 0.5
-        if dtype.kind in "iu":
-            return np.rint(result).astype(dtype)
+        if dtype.kind in "iu":  # result is a float32 copy here (work = values.to(float32) of integers)
+            return np.rint(result, out=result).astype(dtype)
         return result.astype(dtype, copy=False)
     return result.astype(np.float32, copy=False)
 
