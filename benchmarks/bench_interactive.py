@@ -302,7 +302,9 @@ def _settle(app, seconds: float) -> None:
 
 def _trace_viewer_work(widget, viewer) -> list[tuple[str, float, float]]:
     """Time the widget's viewer-thread slots and the canvas draws: returns the list the calls are appended
-    to as ``(name, end time, seconds)`` (to say which call a heartbeat gap was)."""
+    to as ``(name, end time, seconds)`` (to say which call a heartbeat gap was); garbage collections too."""
+    import gc
+
     calls: list[tuple[str, float, float]] = []
 
     def timed(name, function):
@@ -327,8 +329,6 @@ def _trace_viewer_work(widget, viewer) -> list[tuple[str, float, float]]:
         calls.append(("canvas draw", end, end - draw_started.pop()))
 
     canvas.events.draw.connect(draw_done, position="last")
-    import gc
-
     collecting: list[float] = []
 
     def on_gc(phase: str, info: dict) -> None:
@@ -399,8 +399,7 @@ def napari_main(args) -> int:
 
     def gap(start: float, end: float) -> float:
         inside = np.asarray([t for t in ticks if start <= t <= end])
-        longest = int(np.diff(inside).argmax())
-        return float((inside[longest + 1] - inside[longest]) * 1000)
+        return float(np.diff(inside).max() * 1000)
 
     def where(start: float, end: float) -> str:
         """The viewer-thread calls longer than 50 ms between ``start`` and ``end`` (what the gaps were)."""

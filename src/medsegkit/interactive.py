@@ -290,31 +290,35 @@ class Session:
     def _chunks_of(self, windows: set[int]) -> list[int]:
         return [r for r, ws in enumerate(self.chunk_windows) if any(w in windows for w in ws)]
 
-    def _gather(self, pre: torch.Tensor) -> np.ndarray:
+    def _gather(self, pre: torch.Tensor, where: np.ndarray | None = None) -> np.ndarray:
         """Labels on the preprocessed grid read at each input voxel's nearest preprocessed voxel
         (:attr:`source_flat`), 0 outside the preprocessed grid: what ``restore(pre, is_label=True)`` gives
         (the same nearest-neighbour inverse, taken once of the index map), for a tenth of its cost on a
-        1 mm head. The partial updates, refine and the end of :meth:`run` use it."""
+        1 mm head. The partial updates, the preview and refine use it.
+
+        With ``where`` (bool, the input grid) only those voxels, as ``_gather(pre)[where]``: read one by one
+        when they are few (the focus slice, the voxels a refine reaches), else through the whole map (one
+        gather of all is then cheaper than selecting their indices first)."""
         array = pre.detach().cpu().numpy()
+        if where is not None and np.count_nonzero(where) * 8 < where.size:
+            values = array.reshape(-1)[self.source_flat[where]]
+            values[~self.inside[where]] = 0
+            return values
         gathered = array.reshape(-1)[self.source_flat]
         gathered[~self.inside] = 0  # what the inverse pads with outside the preprocessed grid
-        return gathered
+        return gathered if where is None else gathered[where]
 
     def _publish(self, on_update) -> None:
-        """Bring the finished preprocessed labels to the input grid (:meth:`_gather`), copy the newly
-        finished voxels into :attr:`labels` and call ``on_update(region, labels)``."""
-        pre = self.pre_labels.detach().cpu().numpy().reshape(-1)  # (a view)
+        """Bring the newly finished voxels' labels to the input grid (:meth:`_gather`), copy them into
+        :attr:`labels` and call ``on_update(region, labels)``."""
         if self.labels is None:
-            self.labels = np.zeros(self.image.spatial_shape, dtype=pre.dtype)
+            self.labels = np.zeros(self.image.spatial_shape, dtype=self.pre_labels.detach().cpu().numpy().dtype)
         finished = self.pre_done.reshape(-1)[self.source_flat] | ~self.inside  # outside the grid: 0, final at once
         new = finished & ~self.reported
         region = bounding_box(new)
         if region is None:
             return
-        if np.count_nonzero(new) * 8 < new.size:  # a few voxels (the focus slice): read only those
-            self.labels[new] = np.where(self.inside[new], pre[self.source_flat[new]], 0)
-        else:  # most of the volume: one gather of all is cheaper than selecting the indices first
-            self.labels[new] = self._gather(self.pre_labels)[new]
+        self.labels[new] = self._gather(self.pre_labels, new)
         self.reported |= new
         if on_update is not None:
             on_update(region, self.labels)
@@ -564,9 +568,8 @@ class Session:
                 chunks = self._chunks_of(set(windows))
                 needed = {w for r in chunks for w in self.chunk_windows[r]}
                 self._blend(needed, chunks, [self._chunk_box(r) for r in chunks])
-                restored = self._gather(self.pre_labels)
                 reach = self._reach(new_inside)
-                self.labels[reach] = restored[reach]
+                self.labels[reach] = self._gather(self.pre_labels, reach)
             self._force_marks()
         except BaseException:
             self._apply(snapshot)

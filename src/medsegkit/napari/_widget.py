@@ -782,24 +782,21 @@ class SegmentWidget(Container):
             target = self._run_target or {}
             layer = target.get("layer")
             keep = isinstance(err, Cancelled) and self.on_cancel.value == KEEP
-            if layer is not None and target.get("reuse") is not None and layer in self._viewer.layers:
-                self._refresh_timer.stop()
-                if keep:  # the layer now holds a partial result the correction session does not know
-                    corrections = target["reuse"].corrections
-                    self._interactive = None
-                    if corrections in self._viewer.layers and not np.any(corrections.data):
-                        self._viewer.layers.remove(corrections)  # empty, and nothing left to correct with it
-                    target["dirty"] = True
-                    self._flush()
-                else:  # the replaced result comes back
-                    layer.data = target["previous"]
-            elif layer is not None and layer in self._viewer.layers:
+            reuse = target.get("reuse")  # the unrefined result this Run writes into, if any
+            if layer is not None and layer in self._viewer.layers:
                 if keep:
+                    if reuse is not None:  # the layer now holds a partial result its correction session does not know
+                        self._interactive = None
+                        if reuse.corrections in self._viewer.layers and not np.any(reuse.corrections.data):
+                            self._viewer.layers.remove(reuse.corrections)  # empty, and nothing left to correct
                     target["dirty"] = True
                     self._flush()
                 else:
                     self._refresh_timer.stop()
-                    self._viewer.layers.remove(layer)
+                    if reuse is not None:
+                        layer.data = target["previous"]  # the replaced result comes back
+                    else:
+                        self._viewer.layers.remove(layer)
             if isinstance(err, Cancelled):
                 self.status.value = ("cancelled; the finished part is kept" if keep and layer is not None
                                      else "cancelled; no layer was added")
