@@ -113,7 +113,7 @@ def test_progressive_run_streams_into_one_layer_and_ends_equal_to_segment(sample
 
 def test_cancelled_run_keeps_what_is_done_when_asked(sample_layers, checkpoints, qtbot, errors, wait_for_run, tmp_path):
     viewer, widget, t1 = sample_layers
-    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="12", overlap=0.8, on_cancel="keep what is done")
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="16", overlap=0.75, on_cancel="keep what is done")
     widget.run()
     qtbot.waitUntil(lambda: widget._run_target["layer"] is not None, timeout=120_000)  # a preview of the slice
     qtbot.waitUntil(lambda: widget.exact_focus_seconds is not None, timeout=120_000)  # the exact slice on screen
@@ -198,7 +198,7 @@ def test_run_again_replaces_an_unrefined_result_and_cancel_brings_it_back(sample
     original = np.array(result.data, copy=True)
     n_layers = len(viewer.layers)
     # the same model with other options (a slow run), cancelled after its first update: the result comes back
-    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="12", overlap=0.8)
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="16", overlap=0.75)
     widget.run()
     qtbot.waitUntil(lambda: widget._run_target["layer"] is not None, timeout=120_000)
     assert widget._run_target["layer"] is result and len(viewer.layers) == n_layers

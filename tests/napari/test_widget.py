@@ -85,7 +85,7 @@ def test_model_without_weights_is_refused(sample_layers, errors, wait_for_run):
 def test_second_run_is_refused_and_cancel_adds_no_layer(sample_layers, checkpoints, qtbot, errors, wait_for_run):
     viewer, widget, t1 = sample_layers
     # many small windows: the run lasts long enough to be cancelled
-    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="12", overlap=0.8)
+    _choose(widget, t1, "UNet3d", checkpoints["unet3d"], roi_size="16", overlap=0.75)
     n_layers = len(viewer.layers)
     widget.run()
     qtbot.waitUntil(lambda: widget.progress.value >= 2, timeout=120_000)
