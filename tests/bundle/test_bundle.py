@@ -218,3 +218,40 @@ def test_universal_model_task_choice(tmp_path):
                              overrides={"num_queries": 5})
     network_def = json.loads((bundle_dir / "configs/inference.json").read_text())["network_def"]
     assert network_def["task"] == "panoptic" and network_def["model"]["_target_"].startswith("medsegkit.")
+
+
+def test_bundle_from_a_checkpoint_runs_its_recipe_and_equals_segment(tmp_path):
+    """A bundle written for the shipped demo checkpoint takes its architecture, recorded preprocessing
+    (RAS, 2 mm, head crop, percentile intensity), window and class names from the checkpoint: its MONAI
+    inference gives exactly ``segment``'s labels of that checkpoint."""
+    from medsegkit import segment
+    from medsegkit.data import demo_checkpoint_path, sample_path
+    from medsegkit.io import read_image
+    from medsegkit.weights import load_model
+
+    checkpoint = demo_checkpoint_path()
+    recorded = load_model(checkpoint).medsegkit_metadata
+    bundle_dir = init_bundle("UNet3d", tmp_path / "demo_bundle", checkpoint=checkpoint)
+    inference = json.loads((bundle_dir / "configs" / "inference.json").read_text())
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    assert inference["network_def"]["channels"] == [16, 32, 64, 128] and inference["network_def"]["layout"] == "classic"
+    assert inference["inferer"]["roi_size"] == recorded["roi_size"] == [64, 64, 48]
+    assert [t["_target_"] for t in inference["preprocessing"]["transforms"]][2:6] == [
+        "Orientationd", "Spacingd", "CropForegroundd", "ScaleIntensityRangePercentilesd"]
+    assert metadata["medsegkit"]["preprocessing"] == recorded["preprocessing"]
+    assert list(metadata["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == recorded["class_names"]
+    written = run_bundle(bundle_dir, [sample_path("mni152_t1")], tmp_path / "out")
+    bundle_labels = np.asarray(read_image(written[0]).array)
+    np.testing.assert_array_equal(bundle_labels, np.asarray(segment(checkpoint, sample_path("mni152_t1")).array))
+
+
+def test_bundle_refuses_a_checkpoint_of_another_model_or_architecture(tmp_path):
+    from medsegkit.data import demo_checkpoint_path
+
+    checkpoint = demo_checkpoint_path()
+    with pytest.raises(ValueError, match=r"holds a UNet3d model, not UNet2d; write the bundle for UNet3d"):
+        init_bundle("UNet2d", tmp_path / "a", checkpoint=checkpoint)
+    with pytest.raises(ValueError, match=r"do not fit the bundle's network \(medsegkit.nets.UNet\): .*size mismatch"
+                                         r".*pass the constructor arguments the checkpoint was trained with"):
+        init_bundle("UNet3d", tmp_path / "b", checkpoint=checkpoint, overrides={"channels": [8, 16, 32, 64]})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -79,16 +79,12 @@ def network_definition(name: str, **overrides: Any) -> tuple[dict[str, Any], Any
     return definition, info
 
 
-def _preprocessing(keys: Sequence[str], spacing: Sequence[float] | None, preset: str, rgb: bool,
-                   crop_foreground: bool = False) -> list[dict]:
-    """Load + the preset's transforms exactly as :func:`medsegkit.transforms.preprocessing_configs` defines
+def _preprocessing(keys: Sequence[str], spec: Mapping[str, Any], rgb: bool) -> list[dict]:
+    """Load + the spec's transforms exactly as :func:`medsegkit.transforms.preprocessing_configs` defines
     them (the same configs ``segment`` and training instantiate) + channel repeat for RGB models. The
     bundles' data are volumes (3D models, and 2D models run slice by slice)."""
     from medsegkit.transforms import preprocessing_configs
 
-    spec: dict[str, Any] = {"preset": preset, "crop_foreground": crop_foreground}
-    if spacing is not None:
-        spec["spacing"] = list(spacing)
     steps: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": list(keys), "image_only": False},
         {"_target_": "EnsureChannelFirstd", "keys": list(keys)},
@@ -113,14 +109,80 @@ def _label_cleanup(steps: Sequence[str], out_channels: int) -> list[dict]:
     return cleanup
 
 
+def _preprocessing_spec(preprocessing: str | Mapping[str, Any], spacing: Sequence[float] | None,
+                        crop_foreground: bool | None) -> dict[str, Any]:
+    """The bundle's preprocessing spec: a preset name or a spec dict (a checkpoint's recorded recipe), with
+    ``spacing`` / ``crop_foreground`` replacing its values when given; checked by
+    :func:`medsegkit.transforms.resolve_preprocessing`."""
+    from medsegkit.transforms import resolve_preprocessing
+
+    if isinstance(preprocessing, str):
+        if preprocessing not in PREPROCESSING_PRESETS:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_PRESETS} or a spec dict, got {preprocessing!r}")
+        spec: dict[str, Any] = {"preset": preprocessing}
+    elif isinstance(preprocessing, Mapping):
+        spec = jsonable(dict(preprocessing))
+    else:
+        raise TypeError(f"preprocessing must be a preset name {PREPROCESSING_PRESETS} or a spec dict, "
+                        f"got {type(preprocessing).__name__}")
+    if spacing is not None:
+        spec["spacing"] = [float(v) for v in spacing]
+    if crop_foreground is not None:
+        spec["crop_foreground"] = bool(crop_foreground)
+    resolve_preprocessing(spec)  # a clear error now rather than when the bundle runs
+    return spec
+
+
+def _spec_label(spec: Mapping[str, Any]) -> str:
+    """A short name of the spec's intensity step for the metadata ("mr", "percentile", ...)."""
+    if "preset" in spec and "intensity" not in spec:
+        return str(spec["preset"])
+    intensity = spec.get("intensity")
+    if isinstance(intensity, Mapping):
+        return str(intensity.get("name", "custom"))
+    return str(intensity or spec.get("preset", "none"))
+
+
+def _checkpoint_record(checkpoint: str | os.PathLike) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """``(model name, constructor overrides, metadata)`` recorded in a medsegkit checkpoint (``None``, ``{}``,
+    ``{}`` for a plain state dict)."""
+    from medsegkit.weights.checkpoint import read_checkpoint
+
+    _, record = read_checkpoint(checkpoint)
+    record = record or {}
+    model = record.get("model") or {}
+    return model.get("name"), dict(model.get("overrides") or {}), dict(record.get("metadata") or {})
+
+
+def _check_weights_fit(network_def: Mapping[str, Any], checkpoint: str | os.PathLike) -> None:
+    """Build the bundle's network and load the checkpoint into it strictly, as the bundle's
+    ``CheckpointLoader`` will: a checkpoint of another architecture is refused here, not at run time."""
+    from monai.bundle import ConfigParser
+
+    from medsegkit.weights.checkpoint import read_checkpoint
+
+    network = ConfigParser({"imports": ["$import medsegkit"], "network_def": dict(network_def)}).get_parsed_content(
+        "network_def")
+    state, _ = read_checkpoint(checkpoint)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise ValueError(f"the weights in {os.fspath(checkpoint)} do not fit the bundle's network "
+                         f"({network_def['_target_']}): {' '.join(line.strip() for line in first[:2])}; pass the "
+                         "constructor arguments the checkpoint was trained with (--set KEY=VALUE)") from None
+
+
 def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Sequence[int],
-              class_names: Sequence[str], preset: str, label_map_task: str | None = None) -> dict[str, Any]:
+              class_names: Sequence[str], spec: Mapping[str, Any],
+              label_map_task: str | None = None) -> dict[str, Any]:
     import monai
     import numpy
     import torch
 
     from medsegkit import __version__
 
+    preset = _spec_label(spec)
     multiple = 16 if info.spatial_dims == 3 else 32
     channel_def = {str(i): n for i, n in enumerate(class_names)} if len(class_names) == out_channels else {
         str(i): f"class {i}" for i in range(out_channels)}
@@ -175,7 +237,7 @@ def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Se
                 }
             },
         },
-        "medsegkit": {"model": name, "roi_size": list(roi), "preprocessing": preset,
+        "medsegkit": {"model": name, "roi_size": list(roi), "preprocessing": dict(spec),
                       "inference_only": label_map_task is not None, "output": label_map_task or "semantic"},
     }
     if label_map_task is not None:
@@ -198,14 +260,12 @@ def _common(network_def: dict, spacing: Sequence[float] | None) -> dict[str, Any
     }
 
 
-def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool,
-                      out_channels: int, cleanup: Sequence[str] = (), crop_foreground: bool = False,
-                      label_maps: bool = False) -> dict:
-    config = _common(network_def, spacing)
+def _inference_config(network_def: dict, roi: Sequence[int], spec: Mapping[str, Any], rgb: bool,
+                      out_channels: int, cleanup: Sequence[str] = (), label_maps: bool = False) -> dict:
+    config = _common(network_def, spec.get("spacing"))
     config.update({
         "datalist": f"$[os.path.join(@dataset_dir, '{SAMPLE_IMAGE}')]",
-        "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(["image"], spacing, preset, rgb,
-                                                                                     crop_foreground)},
+        "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(["image"], spec, rgb)},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
                     "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
@@ -245,10 +305,9 @@ def _inference_config(network_def: dict, roi: Sequence[int], spacing, preset: st
     return config
 
 
-def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, rgb: bool,
-                  out_channels: int, augmentation: str = "light", cleanup: Sequence[str] = (),
-                  crop_foreground: bool = False) -> dict:
-    config = _common(network_def, spacing)
+def _train_config(network_def: dict, roi: Sequence[int], spec: Mapping[str, Any], rgb: bool,
+                  out_channels: int, augmentation: str = "light", cleanup: Sequence[str] = ()) -> dict:
+    config = _common(network_def, spec.get("spacing"))
     keys = ["image", "label"]
     sample = {"image": f"$os.path.join(@dataset_dir, '{SAMPLE_IMAGE}')",
               "label": f"$os.path.join(@dataset_dir, '{SAMPLE_LABEL}')"}
@@ -274,7 +333,7 @@ def _train_config(network_def: dict, roi: Sequence[int], spacing, preset: str, r
                          "warmup_steps": "$len(@train_files)", "t_total": "$@max_epochs * len(@train_files)",
                          "end_lr": "$@learning_rate * 0.01", "warmup_multiplier": 0.5},
         "train": {
-            "deterministic_transforms": _preprocessing(keys, spacing, preset, rgb, crop_foreground),
+            "deterministic_transforms": _preprocessing(keys, spec, rgb),
             "random_transforms": random,
             "preprocessing": {"_target_": "Compose",
                               "transforms": "$@train#deterministic_transforms + @train#random_transforms"},
@@ -448,12 +507,12 @@ def init_bundle(
     checkpoint: str | os.PathLike | None = None,
     roi_size: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
-    preprocessing: str = "mr",
+    preprocessing: str | Mapping[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
     augmentation: str = "light",
     postprocessing: Sequence[str] = (),
-    crop_foreground: bool = False,
+    crop_foreground: bool | None = None,
     task: str | None = None,
 ) -> Path:
     """Write a MONAI bundle for registry model ``model`` into ``directory``.
@@ -466,12 +525,20 @@ def init_bundle(
         in_channels / out_channels: network channels; ``out_channels`` defaults to the sample task's
             4 classes (universal models: ``num_classes``).
         overrides: further constructor arguments.
-        checkpoint: a medsegkit or plain state-dict checkpoint copied to ``models/model.pt``.
-        roi_size: sliding-window / training crop size (default: the model's ``default_roi_size``).
-        spacing: target voxel spacing in mm (default: none, keep the image's).
+        checkpoint: a medsegkit or plain state-dict checkpoint copied to ``models/model.pt``. A medsegkit
+            checkpoint also gives the defaults of what it records: its constructor arguments (under
+            ``overrides``), its preprocessing recipe, window (``roi_size``) and class names, so the bundle
+            preprocesses exactly as training did and as ``segment`` runs the checkpoint. The weights are
+            loaded into the bundle's network (strictly) before anything is written: a checkpoint of another
+            architecture or model is refused.
+        roi_size: sliding-window / training crop size (default: the checkpoint's, else the model's
+            ``default_roi_size``).
+        spacing: target voxel spacing in mm (default: the checkpoint's recipe, else none: keep the image's).
         preprocessing: ``"mr"`` (z-score over non-zero voxels), ``"mr_robust"`` (1st-99th percentile
-            to 0..1, for full-head scans from different scanners) or ``"ct"`` (window -1000..1000).
-        class_names: names of the output channels.
+            to 0..1, for full-head scans from different scanners), ``"ct"`` (window -1000..1000) or a
+            spec dict (:func:`medsegkit.transforms.resolve_preprocessing`). Default: the checkpoint's
+            recorded recipe, else ``"mr"``.
+        class_names: names of the output channels (default: the checkpoint's).
         augmentation: training-time random transforms in ``train.json``, the levels of
             :func:`medsegkit.transforms.augmentation_configs` (the ones ``medsegkit train`` uses): ``"none"``
             (class-balanced crops), ``"light"`` (+ flips, intensity scale/shift; ``"intensity"`` is its
@@ -481,7 +548,7 @@ def init_bundle(
             (keep the largest connected foreground object) and ``"fill_holes"``.
         crop_foreground: crop every volume to the bounding box of its non-zero voxels (plus a 4-voxel
             margin) after resampling, so scans with different fields of view look alike; inference
-            pads the prediction back to the input grid.
+            pads the prediction back to the input grid (default: the checkpoint's recipe, else no crop).
 
         task: for universal models, ``"semantic"`` (default), ``"instance"`` or ``"panoptic"``.
 
@@ -492,8 +559,17 @@ def init_bundle(
 
     spec = get_model_spec(model)
     label_map_task = _label_map_task(spec, task)
-    if preprocessing not in PREPROCESSING_PRESETS:
-        raise ValueError(f"preprocessing must be one of {PREPROCESSING_PRESETS}, got {preprocessing!r}")
+    recorded_name, recorded_args, recorded = _checkpoint_record(checkpoint) if checkpoint is not None else (None, {}, {})
+    if recorded_name is not None and get_model_spec(recorded_name).name != spec.name:
+        raise ValueError(f"{os.fspath(checkpoint)} holds a {recorded_name} model, not {spec.name}; "
+                         f"write the bundle for {recorded_name}")
+    if preprocessing is None:
+        preprocessing = recorded.get("preprocessing") or ("mr_robust" if label_map_task is not None else "mr")
+    elif label_map_task is not None and preprocessing == "mr":
+        preprocessing = "mr_robust"  # detection models expect intensities in [0, 1]: the percentile scaling
+    pre_spec = _preprocessing_spec(preprocessing, spacing, crop_foreground)
+    roi_size = roi_size or recorded.get("roi_size")
+    class_names = class_names or recorded.get("class_names")
     if augmentation not in AUGMENTATION_PRESETS:
         raise ValueError(f"augmentation must be one of {AUGMENTATION_PRESETS}, got {augmentation!r}")
     if isinstance(postprocessing, str):
@@ -504,10 +580,10 @@ def init_bundle(
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite to replace the bundle files")
-    args = dict(overrides or {})
+    args = {**recorded_args, **(overrides or {})}  # the caller's arguments win over the checkpoint's
     if label_map_task is not None:
         return _init_label_map_bundle(spec, directory, label_map_task, args, in_channels, out_channels, checkpoint,
-                                      roi_size, spacing, preprocessing)
+                                      roi_size, pre_spec)
     class_key = "num_classes" if spec.task == "universal" else "out_channels"
     if out_channels is not None:
         args[class_key] = out_channels
@@ -523,20 +599,20 @@ def init_bundle(
     names = list(class_names) if class_names else (SAMPLE_CLASS_NAMES if n_out == 4 else [])
 
     files: dict[str, str] = {
-        "configs/metadata.json": json.dumps(_metadata(spec.name, info, n_in, n_out, roi, names, preprocessing),
+        "configs/metadata.json": json.dumps(_metadata(spec.name, info, n_in, n_out, roi, names, pre_spec),
                                             indent=2),
-        "configs/inference.json": json.dumps(_inference_config(network_def, roi, spacing, preprocessing, rgb, n_out,
-                                                               postprocessing, crop_foreground),
-                                             indent=2),
-        "configs/train.json": json.dumps(_train_config(network_def, roi, spacing, preprocessing, rgb, n_out,
-                                                       augmentation, postprocessing, crop_foreground),
-                                         indent=2),
+        "configs/inference.json": json.dumps(_inference_config(network_def, roi, pre_spec, rgb, n_out,
+                                                               postprocessing), indent=2),
+        "configs/train.json": json.dumps(_train_config(network_def, roi, pre_spec, rgb, n_out,
+                                                       augmentation, postprocessing), indent=2),
         "configs/evaluate.json": json.dumps(_evaluate_config(n_out), indent=2),
         "configs/multi_gpu_train.json": json.dumps(_multi_gpu_config(), indent=2),
         "configs/logging.conf": _LOGGING_CONF,
         "docs/README.md": _readme(spec.name, info, roi),
         "LICENSE": _license_text(),
     }
+    if checkpoint is not None:
+        _check_weights_fit(network_def, checkpoint)
     return _write_bundle(directory, files, checkpoint)
 
 
@@ -555,7 +631,7 @@ def _label_map_task(spec: Any, task: str | None) -> str | None:
 
 
 def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str, Any], in_channels: int | None,
-                           num_classes: int | None, checkpoint, roi_size, spacing, preprocessing: str) -> Path:
+                           num_classes: int | None, checkpoint, roi_size, pre_spec: Mapping[str, Any]) -> Path:
     """Inference-only bundle whose network returns instance / panoptic ids (:class:`LabelMapNetwork`)."""
     if num_classes is not None:
         args["num_classes"] = num_classes
@@ -566,12 +642,10 @@ def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str
     network_def = {"_target_": "medsegkit.bundle.components.LabelMapNetwork", "model": inner, "task": task,
                    "roi_size": roi}
     n_in = info.in_channels or 3
-    # detection models expect intensities in [0, 1]: the robust percentile scaling gives that
-    preset = "mr_robust" if preprocessing == "mr" else preprocessing
     files = {
-        "configs/metadata.json": json.dumps(_metadata(spec.name, info, n_in, 1, roi or [], [], preset,
+        "configs/metadata.json": json.dumps(_metadata(spec.name, info, n_in, 1, roi or [], [], pre_spec,
                                                       label_map_task=task), indent=2),
-        "configs/inference.json": json.dumps(_inference_config(network_def, roi or [], spacing, preset, False, 1,
+        "configs/inference.json": json.dumps(_inference_config(network_def, roi or [], pre_spec, False, 1,
                                                                label_maps=True), indent=2),
         "configs/logging.conf": _LOGGING_CONF,
         "docs/README.md": _label_map_readme(spec.name, info, task),

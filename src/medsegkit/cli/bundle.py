@@ -27,10 +27,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out-channels", type=int, help="output classes (default 4: the sample tissue task)")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="constructor override, VALUE in JSON (repeatable)")
-    p.add_argument("--checkpoint", help="weights to place in models/model.pt")
-    p.add_argument("--roi", type=int, nargs="+", help="sliding-window / crop size")
-    p.add_argument("--spacing", type=float, nargs="+", help="target spacing in mm")
-    p.add_argument("--preprocessing", choices=["mr", "mr_robust", "ct"], default="mr")
+    p.add_argument("--checkpoint", help="weights to place in models/model.pt; a medsegkit checkpoint also gives "
+                                        "the defaults of its constructor arguments, preprocessing recipe, window "
+                                        "and class names")
+    p.add_argument("--roi", type=int, nargs="+", help="sliding-window / crop size (default: the checkpoint's)")
+    p.add_argument("--spacing", type=float, nargs="+", help="target spacing in mm (default: the checkpoint's)")
+    p.add_argument("--preprocessing", choices=["mr", "mr_robust", "ct"],
+                   help="intensity preset (default: the checkpoint's recorded recipe, else mr)")
     p.add_argument("--task", choices=["semantic", "instance", "panoptic"],
                    help="universal models: label-map bundles for instance / panoptic output")
     p.add_argument("--overwrite", action="store_true")
