@@ -255,3 +255,29 @@ def test_bundle_refuses_a_checkpoint_of_another_model_or_architecture(tmp_path):
                                          r".*pass the constructor arguments the checkpoint was trained with"):
         init_bundle("UNet3d", tmp_path / "b", checkpoint=checkpoint, overrides={"channels": [8, 16, 32, 64]})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_train_config_runs_the_engines_iteration_and_keeps_the_train_metric(bundle):
+    """train.json's trainer iterates with medsegkit.train's TrainStep (the objective and step of `medsegkit
+    train`), and its logits still feed the bundle's train Dice."""
+    from monai.bundle import ConfigParser
+
+    from medsegkit.train.objectives import SemanticObjective
+    from medsegkit.train.step import TrainStep
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs/train.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["max_epochs"] = 1
+    parser["validate#handlers"] = []  # no checkpoint written into the shared fixture bundle
+    step, trainer = parser.get_parsed_content("train#step"), parser.get_parsed_content("train#trainer")
+    assert isinstance(step, TrainStep) and isinstance(step.objective, SemanticObjective) and step.outputs
+    assert trainer._process_function is step
+    trainer.run()
+    assert trainer.state.iteration == 1
+    assert 0.0 <= trainer.state.metrics["train_dice"] <= 1.0
+    # decollated per patch and post-processed as MONAI's own iteration would be: one-hot argmax of the logits
+    first = trainer.state.output[0]
+    assert len(trainer.state.output) == 2 and np.isfinite(first["loss"])  # 2 patches per volume visit
+    assert first["pred"].shape[0] == 4 and torch.all(first["pred"].sum(0) == 1)
+    assert first["label"].shape == first["pred"].shape

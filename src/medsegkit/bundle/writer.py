@@ -325,7 +325,10 @@ def _train_config(network_def: dict, roi: Sequence[int], spec: Mapping[str, Any]
         "val_interval": 1,
         "learning_rate": 0.001,
         "num_classes": out_channels,
-        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True, "include_background": True},
+        # the objective and iteration of medsegkit.train's engine: DiceCE on the logits (deep supervision when
+        # the network has it), MetaTensor batches as plain tensors, a non-finite loss stops with its step
+        "objective": {"_target_": "medsegkit.train.objectives.SemanticObjective"},
+        "loss": "$@objective.loss",
         "optimizer": {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()", "lr": "@learning_rate",
                       "weight_decay": 1e-5},
         # the schedule of medsegkit.train: linear warm-up over the first epoch, cosine to 1 % of the rate, per step
@@ -342,6 +345,8 @@ def _train_config(network_def: dict, roi: Sequence[int], spec: Mapping[str, Any]
             "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset", "batch_size": 1,
                            "shuffle": True, "num_workers": 0},
             "inferer": {"_target_": "SimpleInferer"},
+            "step": {"_target_": "medsegkit.train.step.TrainStep", "network": "@network", "objective": "@objective",
+                     "outputs": True},
             "postprocessing": {"_target_": "Compose", "transforms": [
                 {"_target_": "Activationsd", "keys": "pred", "softmax": True},
                 {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False],
@@ -358,8 +363,8 @@ def _train_config(network_def: dict, roi: Sequence[int], spec: Mapping[str, Any]
             "key_metric": {"train_dice": {"_target_": "MeanDice", "include_background": False,
                                           "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
             "trainer": {"_target_": "SupervisedTrainer", "max_epochs": "@max_epochs", "device": "@device",
-                        "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@loss",
-                        "optimizer": "@optimizer", "inferer": "@train#inferer",
+                        "train_data_loader": "@train#dataloader", "network": "@network", "loss_function": "@objective",
+                        "optimizer": "@optimizer", "inferer": "@train#inferer", "iteration_update": "@train#step",
                         "postprocessing": "@train#postprocessing", "key_train_metric": "@train#key_metric",
                         "train_handlers": "@train#handlers", "amp": False},
         },
@@ -424,6 +429,7 @@ def _multi_gpu_config() -> dict:
                           "shuffle": True},
         "train#dataloader#sampler": "@train#sampler",
         "train#dataloader#shuffle": False,
+        "train#step#distributed": True,
         "train#trainer#train_handlers": "$@train#handlers[: -1 if dist.get_rank() > 0 else None]",
         # even_divisible: the default validation list (the sample volume) has fewer items than ranks
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset",

@@ -36,7 +36,10 @@ def _family(model: nn.Module) -> str:
 
 
 class SemanticObjective:
-    """DiceCE on logits ``(N, K, *spatial)``; deep-supervision outputs weighted by MONAI's ``"exp"`` mode."""
+    """DiceCE on logits ``(N, K, *spatial)``; deep-supervision outputs weighted by MONAI's ``"exp"`` mode.
+
+    ``last_output``: the main head's logits of the last call, detached (a train metric reads them).
+    """
 
     family = "semantic"
 
@@ -48,12 +51,15 @@ class SemanticObjective:
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight, lambda_dice=lambda_dice,
                                lambda_ce=lambda_ce)
         self.deep = DeepSupervisionLoss(self.loss, weight_mode="exp")
+        self.last_output: torch.Tensor | None = None
 
     def __call__(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = network(images)
         if isinstance(out, Mapping):
             heads = [out["out"], *out.get("aux", [])]
+            self.last_output = heads[0].detach()
             return self.deep([h.float() for h in heads], labels)
+        self.last_output = out.detach()
         return self.loss(out.float(), labels)
 
 

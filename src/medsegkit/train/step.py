@@ -27,11 +27,16 @@ class TrainStep:
     ``freeze_norm_epochs`` epochs of the engine's plan (``engine.state.max_epochs``) the BatchNorm layers
     run in eval mode (frozen running statistics, affine weights still trained); with
     ``norm_recalibration_batches`` the statistics are first re-estimated over that many loader batches.
+
+    It returns ``{"loss": float}``; with ``outputs=True`` (the bundles' ``train.json``, whose train metric
+    needs them) also ``"pred"``, the logits ``(N, K, *spatial)`` of the semantic objective, and ``"label"``
+    ``(N, 1, *spatial)``, and it fires MONAI's ``IterationEvents.MODEL_COMPLETED`` (the trainer's
+    decollate and postprocessing run there) as MONAI's own iteration does. ``micro_batch=None`` takes the whole batch at once.
     """
 
-    def __init__(self, network: nn.Module, objective: Any, *, micro_batch: int, amp_dtype: torch.dtype | None,
-                 distributed: bool, in_channels: int | None, freeze_norm_epochs: int = 0,
-                 norm_recalibration_batches: int = 0) -> None:
+    def __init__(self, network: nn.Module, objective: Any, *, micro_batch: int | None = None,
+                 amp_dtype: torch.dtype | None = None, distributed: bool = False, in_channels: int | None = None,
+                 freeze_norm_epochs: int = 0, norm_recalibration_batches: int = 0, outputs: bool = False) -> None:
         if freeze_norm_epochs < 0 or norm_recalibration_batches < 0:
             raise ValueError(f"freeze_norm_epochs and norm_recalibration_batches must be >= 0; got "
                              f"{freeze_norm_epochs} and {norm_recalibration_batches}")
@@ -43,6 +48,10 @@ class TrainStep:
         self.in_channels = in_channels
         self.freeze_norm_epochs = freeze_norm_epochs
         self.norm_recalibration_batches = norm_recalibration_batches
+        self.outputs = outputs
+        if outputs and not hasattr(objective, "last_output"):
+            raise ValueError(f"outputs=True needs an objective that keeps its logits (SemanticObjective), "
+                             f"got {type(objective).__name__}")
         self.recalibrated_at: int | None = None  # the epoch whose first iteration re-estimated the statistics
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -65,14 +74,17 @@ class TrainStep:
             for module in _batch_norms(engine.network):
                 module.eval()
         engine.optimizer.zero_grad(set_to_none=True)
-        parts = list(zip(images.split(self.micro_batch), labels.split(self.micro_batch)))
-        total = 0.0
+        size = self.micro_batch or len(images)
+        parts = list(zip(images.split(size), labels.split(size)))
+        total, predictions = 0.0, []
         for index, (x, y) in enumerate(parts):
             last = index == len(parts) - 1
             sync = contextlib.nullcontext() if last or not self.distributed else self.network.no_sync()
             with sync:
                 with autocast_as(x.device, self.amp_dtype):
                     loss = self.objective(self.network, x, y)
+                if self.outputs:
+                    predictions.append(self.objective.last_output.float())
                 if not torch.isfinite(loss):
                     lr = engine.optimizer.param_groups[0]["lr"]
                     raise FloatingPointError(
@@ -85,6 +97,14 @@ class TrainStep:
             self.scaler.update()
         else:
             engine.optimizer.step()
+        if self.outputs:
+            from monai.engines.utils import IterationEvents
+
+            # as MONAI's own iteration: the output is in place when MODEL_COMPLETED fires, which runs the
+            # trainer's decollate and postprocessing (argmax, one-hot) before its metrics read them
+            engine.state.output = {"loss": total, "pred": torch.cat(predictions), "label": labels}
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
         return {"loss": total}
 
     def recalibrate(self, engine: Any) -> None:
