@@ -214,10 +214,43 @@ def test_instance_model_gets_label_map_bundle(tmp_path):
 def test_universal_model_task_choice(tmp_path):
     with pytest.raises(ValueError, match="universal models accept"):
         init_bundle("UNet3d", tmp_path / "u", task="panoptic")
-    bundle_dir = init_bundle("maskformer_resnet_18", tmp_path / "mf", task="panoptic",
+    # a 2D query model's panoptic / instance output exists for 2D images only, not slice by slice on volumes
+    with pytest.raises(ValueError, match=r"maskformer_resnet_18 is a 2D query model: .* bundle it with "
+                                         r"task='semantic', or use maskformer_resnet_18_3d"):
+        init_bundle("maskformer_resnet_18", tmp_path / "mf2d", task="panoptic", overrides={"num_queries": 5})
+    assert not (tmp_path / "mf2d").exists()
+    bundle_dir = init_bundle("maskformer_resnet_18_3d", tmp_path / "mf", task="panoptic",
                              overrides={"num_queries": 5})
     network_def = json.loads((bundle_dir / "configs/inference.json").read_text())["network_def"]
+    # the plain model inside LabelMapNetwork (a SemanticAdapter there was refused when the bundle was built)
     assert network_def["task"] == "panoptic" and network_def["model"]["_target_"].startswith("medsegkit.")
+    assert "SemanticAdapter" not in json.dumps(network_def)
+    from medsegkit.bundle import bundle_network
+
+    assert type(bundle_network(bundle_dir).model).__name__ == "MaskFormer"
+
+
+def test_label_map_bundle_loads_its_checkpoint_and_runs(tmp_path):
+    """The checkpoint of an instance model goes into models/model.pt under LabelMapNetwork's ``model.`` keys,
+    so the bundle's strict CheckpointLoader loads it (before, the run failed on the missing ``model.`` keys)."""
+    import nibabel as nib
+
+    from medsegkit import create_model
+    from medsegkit.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model("mask_rcnn_resnet_50_fpn", num_classes=2), tmp_path / "rcnn.safetensors")
+    bundle_dir = init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "rcnn", checkpoint=tmp_path / "rcnn.safetensors",
+                             out_channels=2)
+    state = torch.load(bundle_dir / "models/model.pt", weights_only=True)
+    assert all(key.startswith("model.") for key in state)
+    volume = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32) * 100
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "vol.nii.gz")
+    (written,) = run_bundle(bundle_dir, [tmp_path / "vol.nii.gz"], tmp_path / "out")
+    assert nib.load(written).shape == (64, 64, 3)
+    with pytest.raises(ValueError, match=r"do not fit the bundle's network \(medsegkit.bundle.components.LabelMapNetwork\)"):
+        init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "bad", checkpoint=tmp_path / "rcnn.safetensors",
+                    out_channels=3)
 
 
 def test_bundle_from_a_checkpoint_runs_its_recipe_and_equals_segment(tmp_path):

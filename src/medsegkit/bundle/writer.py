@@ -49,13 +49,14 @@ def sample_data_dir() -> str:
     return str(files("medsegkit") / "sample_data")
 
 
-def network_definition(name: str, **overrides: Any) -> tuple[dict[str, Any], Any]:
+def network_definition(name: str, *, semantic: bool = True, **overrides: Any) -> tuple[dict[str, Any], Any]:
     """``(network_def, info)`` for registry model ``name``: the dotted class with its full arguments.
 
     Classes that record their constructor arguments (``init_args``) are named directly
     (``{"_target_": "medsegkit.nets.UNet", "spatial_dims": 3, ...}``); others are built through the
     registry (``{"_target_": "medsegkit.create_model", "name": ..., **overrides}``). Universal
-    (query) models are wrapped in ``SemanticAdapter``.
+    (query) models are wrapped in ``SemanticAdapter`` unless ``semantic=False`` (the label-map bundles
+    wrap the plain model in ``LabelMapNetwork`` instead).
     """
     import torch
 
@@ -74,7 +75,7 @@ def network_definition(name: str, **overrides: Any) -> tuple[dict[str, Any], Any
         definition = {"_target_": target, **jsonable(init_args)}
     else:
         definition = {"_target_": "medsegkit.create_model", "name": spec.name, **jsonable(overrides)}
-    if spec.task == "universal":
+    if spec.task == "universal" and semantic:
         definition = {"_target_": "medsegkit.inference.adapters.SemanticAdapter", "model": definition}
     return definition, info
 
@@ -154,7 +155,7 @@ def _checkpoint_record(checkpoint: str | os.PathLike) -> tuple[str | None, dict[
     return model.get("name"), dict(model.get("overrides") or {}), dict(record.get("metadata") or {})
 
 
-def _check_weights_fit(network_def: Mapping[str, Any], checkpoint: str | os.PathLike) -> None:
+def _check_weights_fit(network_def: Mapping[str, Any], checkpoint: str | os.PathLike, prefix: str = "") -> None:
     """Build the bundle's network and load the checkpoint into it strictly, as the bundle's
     ``CheckpointLoader`` will: a checkpoint of another architecture is refused here, not at run time."""
     from monai.bundle import ConfigParser
@@ -165,7 +166,7 @@ def _check_weights_fit(network_def: Mapping[str, Any], checkpoint: str | os.Path
         "network_def")
     state, _ = read_checkpoint(checkpoint)
     try:
-        network.load_state_dict(state, strict=True)
+        network.load_state_dict({prefix + key: value for key, value in state.items()}, strict=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()
         raise ValueError(f"the weights in {os.fspath(checkpoint)} do not fit the bundle's network "
@@ -633,6 +634,15 @@ def _label_map_task(spec: Any, task: str | None) -> str | None:
     if spec.task != "universal" or task not in ("instance", "panoptic"):
         raise ValueError(f"task={task!r} is not available for {spec.name} ({spec.task} model); "
                          "universal models accept 'semantic', 'instance' or 'panoptic'")
+    from medsegkit.registry import list_models, model_info
+
+    if model_info(spec.name).spatial_dims == 2:
+
+        volume_variant = f"{spec.name}_3d" if f"{spec.name}_3d" in list_models() else None
+        raise ValueError(
+            f"{spec.name} is a 2D query model: medsegkit.predict gives its {task} output for 2D images only, not "
+            f"slice by slice on the volumes a bundle reads; bundle it with task='semantic'"
+            + (f", or use {volume_variant} for {task} label maps of volumes" if volume_variant else ""))
     return task
 
 
@@ -643,7 +653,7 @@ def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str
         args["num_classes"] = num_classes
     if in_channels is not None:
         args["in_channels"] = in_channels
-    inner, info = network_definition(spec.name, **args)
+    inner, info = network_definition(spec.name, semantic=False, **args)
     roi = list(roi_size) if roi_size else None
     network_def = {"_target_": "medsegkit.bundle.components.LabelMapNetwork", "model": inner, "task": task,
                    "roi_size": roi}
@@ -657,7 +667,9 @@ def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str
         "docs/README.md": _label_map_readme(spec.name, info, task),
         "LICENSE": _license_text(),
     }
-    return _write_bundle(directory, files, checkpoint)
+    if checkpoint is not None:  # LabelMapNetwork holds the model as .model: its weights go under "model."
+        _check_weights_fit(network_def, checkpoint, prefix="model.")
+    return _write_bundle(directory, files, checkpoint, prefix="model.")
 
 
 def _label_map_readme(name: str, info: Any, task: str) -> str:
@@ -678,24 +690,27 @@ medsegkit bundle run . scan.nii.gz -o out/
 """
 
 
-def _write_bundle(directory: Path, files: Mapping[str, str], checkpoint: str | os.PathLike | None) -> Path:
+def _write_bundle(directory: Path, files: Mapping[str, str], checkpoint: str | os.PathLike | None,
+                  prefix: str = "") -> Path:
     """Write each ``files`` entry (relative path -> text) atomically, create ``models/``, and place
-    ``checkpoint`` there as ``model.pt``."""
+    ``checkpoint`` there as ``model.pt`` (its keys under ``prefix``: the state dict of the bundle's network)."""
     for rel, text in files.items():
         atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
     (directory / "models").mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
-        _install_checkpoint(checkpoint, directory / "models" / "model.pt")
+        _install_checkpoint(checkpoint, directory / "models" / "model.pt", prefix)
     return directory
 
 
-def _install_checkpoint(source: str | os.PathLike, target: Path) -> None:
-    """Store ``source``'s weights as a plain state dict (what MONAI's CheckpointLoader reads)."""
+def _install_checkpoint(source: str | os.PathLike, target: Path, prefix: str = "") -> None:
+    """Store ``source``'s weights as a plain state dict (what MONAI's CheckpointLoader reads), each key
+    under ``prefix``."""
     import torch
 
     from medsegkit.weights.checkpoint import read_checkpoint
 
     state, _ = read_checkpoint(source)
+    state = {prefix + key: value for key, value in state.items()}
     atomic_write(target, lambda tmp: torch.save(state, tmp))
 
 
