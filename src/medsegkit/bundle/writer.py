@@ -144,34 +144,39 @@ def _spec_label(spec: Mapping[str, Any]) -> str:
     return str(intensity or spec.get("preset", "none"))
 
 
-def _checkpoint_record(checkpoint: str | os.PathLike) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
-    """``(model name, constructor overrides, metadata)`` recorded in a medsegkit checkpoint (``None``, ``{}``,
-    ``{}`` for a plain state dict)."""
-    from medsegkit.weights.checkpoint import read_checkpoint
+class _Checkpoint:
+    """A checkpoint read once: its weights, and the model name, constructor overrides and metadata it
+    records (``None``, ``{}``, ``{}`` for a plain state dict)."""
 
-    _, record = read_checkpoint(checkpoint)
-    record = record or {}
-    model = record.get("model") or {}
-    return model.get("name"), dict(model.get("overrides") or {}), dict(record.get("metadata") or {})
+    def __init__(self, path: str | os.PathLike) -> None:
+        from medsegkit.weights.checkpoint import read_checkpoint
+
+        self.path = os.fspath(path)
+        self.state, record = read_checkpoint(path)
+        record = record or {}
+        model = record.get("model") or {}
+        self.model_name: str | None = model.get("name")
+        self.overrides: dict[str, Any] = dict(model.get("overrides") or {})
+        self.metadata: dict[str, Any] = dict(record.get("metadata") or {})
 
 
-def _check_weights_fit(network_def: Mapping[str, Any], checkpoint: str | os.PathLike, prefix: str = "") -> None:
-    """Build the bundle's network and load the checkpoint into it strictly, as the bundle's
-    ``CheckpointLoader`` will: a checkpoint of another architecture is refused here, not at run time."""
+def _fitted_weights(network_def: Mapping[str, Any], checkpoint: _Checkpoint, prefix: str = "") -> dict[str, Any]:
+    """The checkpoint's weights as the state dict of the bundle's network (each key under ``prefix``), loaded
+    into that network strictly, as the bundle's ``CheckpointLoader`` will: a checkpoint of another
+    architecture is refused here, not at run time."""
     from monai.bundle import ConfigParser
-
-    from medsegkit.weights.checkpoint import read_checkpoint
 
     network = ConfigParser({"imports": ["$import medsegkit"], "network_def": dict(network_def)}).get_parsed_content(
         "network_def")
-    state, _ = read_checkpoint(checkpoint)
+    state = {prefix + key: value for key, value in checkpoint.state.items()}
     try:
-        network.load_state_dict({prefix + key: value for key, value in state.items()}, strict=True)
+        network.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()
-        raise ValueError(f"the weights in {os.fspath(checkpoint)} do not fit the bundle's network "
+        raise ValueError(f"the weights in {checkpoint.path} do not fit the bundle's network "
                          f"({network_def['_target_']}): {' '.join(line.strip() for line in first[:2])}; pass the "
                          "constructor arguments the checkpoint was trained with (--set KEY=VALUE)") from None
+    return state
 
 
 def _metadata(name: str, info: Any, in_channels: int, out_channels: int, roi: Sequence[int],
@@ -566,9 +571,12 @@ def init_bundle(
 
     spec = get_model_spec(model)
     label_map_task = _label_map_task(spec, task)
-    recorded_name, recorded_args, recorded = _checkpoint_record(checkpoint) if checkpoint is not None else (None, {}, {})
+    loaded = _Checkpoint(checkpoint) if checkpoint is not None else None
+    recorded_name = loaded.model_name if loaded is not None else None
+    recorded_args = loaded.overrides if loaded is not None else {}
+    recorded = loaded.metadata if loaded is not None else {}
     if recorded_name is not None and get_model_spec(recorded_name).name != spec.name:
-        raise ValueError(f"{os.fspath(checkpoint)} holds a {recorded_name} model, not {spec.name}; "
+        raise ValueError(f"{loaded.path} holds a {recorded_name} model, not {spec.name}; "
                          f"write the bundle for {recorded_name}")
     if preprocessing is None:
         preprocessing = recorded.get("preprocessing") or ("mr_robust" if label_map_task is not None else "mr")
@@ -589,7 +597,7 @@ def init_bundle(
         raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite to replace the bundle files")
     args = {**recorded_args, **(overrides or {})}  # the caller's arguments win over the checkpoint's
     if label_map_task is not None:
-        return _init_label_map_bundle(spec, directory, label_map_task, args, in_channels, out_channels, checkpoint,
+        return _init_label_map_bundle(spec, directory, label_map_task, args, in_channels, out_channels, loaded,
                                       roi_size, pre_spec)
     class_key = "num_classes" if spec.task == "universal" else "out_channels"
     if out_channels is not None:
@@ -618,9 +626,7 @@ def init_bundle(
         "docs/README.md": _readme(spec.name, info, roi),
         "LICENSE": _license_text(),
     }
-    if checkpoint is not None:
-        _check_weights_fit(network_def, checkpoint)
-    return _write_bundle(directory, files, checkpoint)
+    return _write_bundle(directory, files, None if loaded is None else _fitted_weights(network_def, loaded))
 
 
 def _label_map_task(spec: Any, task: str | None) -> str | None:
@@ -637,7 +643,6 @@ def _label_map_task(spec: Any, task: str | None) -> str | None:
     from medsegkit.registry import list_models, model_info
 
     if model_info(spec.name).spatial_dims == 2:
-
         volume_variant = f"{spec.name}_3d" if f"{spec.name}_3d" in list_models() else None
         raise ValueError(
             f"{spec.name} is a 2D query model: medsegkit.predict gives its {task} output for 2D images only, not "
@@ -647,7 +652,8 @@ def _label_map_task(spec: Any, task: str | None) -> str | None:
 
 
 def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str, Any], in_channels: int | None,
-                           num_classes: int | None, checkpoint, roi_size, pre_spec: Mapping[str, Any]) -> Path:
+                           num_classes: int | None, checkpoint: _Checkpoint | None, roi_size,
+                           pre_spec: Mapping[str, Any]) -> Path:
     """Inference-only bundle whose network returns instance / panoptic ids (:class:`LabelMapNetwork`)."""
     if num_classes is not None:
         args["num_classes"] = num_classes
@@ -667,9 +673,9 @@ def _init_label_map_bundle(spec: Any, directory: Path, task: str, args: dict[str
         "docs/README.md": _label_map_readme(spec.name, info, task),
         "LICENSE": _license_text(),
     }
-    if checkpoint is not None:  # LabelMapNetwork holds the model as .model: its weights go under "model."
-        _check_weights_fit(network_def, checkpoint, prefix="model.")
-    return _write_bundle(directory, files, checkpoint, prefix="model.")
+    # LabelMapNetwork holds the model as .model: its weights go under "model."
+    weights = None if checkpoint is None else _fitted_weights(network_def, checkpoint, prefix="model.")
+    return _write_bundle(directory, files, weights)
 
 
 def _label_map_readme(name: str, info: Any, task: str) -> str:
@@ -690,28 +696,18 @@ medsegkit bundle run . scan.nii.gz -o out/
 """
 
 
-def _write_bundle(directory: Path, files: Mapping[str, str], checkpoint: str | os.PathLike | None,
-                  prefix: str = "") -> Path:
-    """Write each ``files`` entry (relative path -> text) atomically, create ``models/``, and place
-    ``checkpoint`` there as ``model.pt`` (its keys under ``prefix``: the state dict of the bundle's network)."""
+def _write_bundle(directory: Path, files: Mapping[str, str], weights: Mapping[str, Any] | None) -> Path:
+    """Write each ``files`` entry (relative path -> text) atomically, create ``models/``, and save ``weights``
+    (the state dict of the bundle's network) there as ``model.pt``, a plain state dict (what MONAI's
+    CheckpointLoader reads)."""
+    import torch
+
     for rel, text in files.items():
         atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
     (directory / "models").mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        _install_checkpoint(checkpoint, directory / "models" / "model.pt", prefix)
+    if weights is not None:
+        atomic_write(directory / "models" / "model.pt", lambda tmp: torch.save(dict(weights), tmp))
     return directory
-
-
-def _install_checkpoint(source: str | os.PathLike, target: Path, prefix: str = "") -> None:
-    """Store ``source``'s weights as a plain state dict (what MONAI's CheckpointLoader reads), each key
-    under ``prefix``."""
-    import torch
-
-    from medsegkit.weights.checkpoint import read_checkpoint
-
-    state, _ = read_checkpoint(source)
-    state = {prefix + key: value for key, value in state.items()}
-    atomic_write(target, lambda tmp: torch.save(state, tmp))
 
 
 def _license_text() -> str:

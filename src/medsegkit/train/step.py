@@ -31,7 +31,8 @@ class TrainStep:
     It returns ``{"loss": float}``; with ``outputs=True`` (the bundles' ``train.json``, whose train metric
     needs them) also ``"pred"``, the logits ``(N, K, *spatial)`` of the semantic objective, and ``"label"``
     ``(N, 1, *spatial)``, and it fires MONAI's ``IterationEvents.MODEL_COMPLETED`` (the trainer's
-    decollate and postprocessing run there) as MONAI's own iteration does. ``micro_batch=None`` takes the whole batch at once.
+    decollate and postprocessing run there) as MONAI's own iteration does. ``micro_batch=None`` takes the
+    whole batch at once.
     """
 
     def __init__(self, network: nn.Module, objective: Any, *, micro_batch: int | None = None,
