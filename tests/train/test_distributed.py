@@ -19,6 +19,9 @@ from medsegkit.train.distributed import end_worker_process, shard
 # call releasing it) until rank 1 reports through shared memory that the collective completed, and 2 s more:
 # the gloo thread that must drop the tensor now waits for the GIL. Then the interpreter shuts down and hands
 # the GIL over. That is the race a busy machine produces by chance at the end of a torchrun job.
+# The "go" to rank 1 is a store into the shared byte too (0 -> 2), not a file: writing and closing a file
+# releases the GIL, and rank 1 saw a file as soon as it was opened, so the collective could complete, and the
+# gloo thread drop the tensor normally, while rank 0 was still inside those calls (a CI run exited 0 once).
 _GIL_AT_EXIT = textwrap.dedent("""
     import atexit, mmap, sys, time
     from pathlib import Path
@@ -29,11 +32,11 @@ _GIL_AT_EXIT = textwrap.dedent("""
         done.write_bytes(b"\\0")
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"file://{store}")
     if rank == 1:
-        deadline = time.time() + 120
-        while not flag.exists() and time.time() < deadline:
-            time.sleep(0.01)
-        dist.all_reduce(torch.ones(4))
         with done.open("r+b") as file, mmap.mmap(file.fileno(), 1) as shared:
+            deadline = time.time() + 120
+            while shared[0] != 2 and time.time() < deadline:  # rank 0's go
+                time.sleep(0.01)
+            dist.all_reduce(torch.ones(4))
             shared[0] = 1
         if mode == "end_worker_process":
             dist.barrier()  # pairs with rank 0's cleanup_distributed()
@@ -45,7 +48,7 @@ _GIL_AT_EXIT = textwrap.dedent("""
     sys.setswitchinterval(600)
     file = done.open("r+b")
     shared = mmap.mmap(file.fileno(), 1)
-    flag.write_text("go")
+    shared[0] = 2  # go: a store into shared memory, the GIL stays with this thread from here on
     end = time.perf_counter() + 120
     while shared[0] == 0 and time.perf_counter() < end:  # rank 1 completes the work ...
         pass
