@@ -317,8 +317,8 @@ def _trace_viewer_work(widget, viewer) -> list[tuple[str, float, float]]:
                 calls.append((name, end, end - start))
         return wrapper
 
-    for name in ("_on_update", "_flush", "_on_result", "_start_correcting", "_on_progress", "_on_edited",
-                 "_on_finished"):
+    for name in ("_on_update", "_flush", "_on_result", "_start_correcting", "_activate_corrections", "_on_progress",
+                 "_on_edited", "_on_finished"):
         setattr(widget, name, timed(name, getattr(widget, name)))
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
     draw_started: list[float] = []
@@ -408,8 +408,10 @@ def napari_main(args) -> int:
 
     for attempt in range(args.runs):
         widget.run()
-        _pump(app, lambda: not widget.running, 600)
-        run_ended = time.perf_counter()  # after the result handler (the corrections layer is added there)
+        _pump(app, lambda: not widget.running and widget._interactive is not None
+              and viewer.layers.selection.active is widget._interactive.corrections
+              and widget._interactive.corrections.mode == "paint", 600)
+        run_ended = time.perf_counter()  # after the result handler and the corrections layer's activation
         if widget.last_error:
             print(f"run failed: {widget.last_error}")
             return 1

@@ -133,7 +133,8 @@ def test_paint_refine_undo_reset_and_save(sample_layers, checkpoints, qtbot, err
     wait_for_run(widget)
     result = viewer.layers["MNI152 T1 [UNet3d]"]
     corrections = viewer.layers["MNI152 T1 [UNet3d] corrections"]
-    assert viewer.layers.selection.active is corrections and corrections.mode == "paint"
+    # active in paint mode from the next turn of the event loop (not in the same block as adding it)
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is corrections and corrections.mode == "paint")
     original = np.array(result.data, copy=True)
     z = viewer.dims.current_step[0]
     centre = (z, 60, 50)
@@ -276,8 +277,10 @@ def test_viewer_never_stalls_during_run_and_refine(sample_layers, qtbot, errors,
     try:
         widget.run()
         wait_for_run(widget)
-        run_window = (widget._started, time.perf_counter())  # the result handler (corrections layer) included
         corrections = viewer.layers["MNI152 T1 [unet3d_mni152_tissue] corrections"]
+        qtbot.waitUntil(lambda: viewer.layers.selection.active is corrections and corrections.mode == "paint")
+        # the result handler (corrections layer) and the corrections layer's activation included
+        run_window = (widget._started, time.perf_counter())
         z = viewer.dims.current_step[0]
         _paint(widget, corrections, (z, 58, 49), 3)
         widget.refine()

@@ -10,6 +10,7 @@ dask/zarr/multiscale layers), and the result comes back the same way.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ __all__ = ["SegmentWidget", "parse_roi_size"]
 DEMO_PREFIX = "demo: "
 LOADING = "(loading the model list…)"
 REFRESH_S = 0.1  # the result layer is refreshed at most 10 times a second while a Run streams regions
+ACTIVATE_DELAY_MS = 25  # the corrections layer turns active and paints this long after it was added
 DISCARD, KEEP = "discard the partial result", "keep what is done"
 BACKGROUND_BRUSH = (0.85, 0.85, 0.85, 1.0)  # the colour of "background" strokes when class 0 is transparent
 _session_dir: Path | None = None
@@ -182,6 +184,7 @@ class SegmentWidget(Container):
         else:
             self._fetch_catalog()
         self._warm()
+        QTimer.singleShot(0, _prime_labels_layers)  # after the dock is shown, while the worker warms
 
     def _warm(self) -> None:
         """Start the worker process now and have it import torch and the inference modules (and load the
@@ -199,6 +202,11 @@ class SegmentWidget(Container):
 
     def _warmed(self, info: dict[str, Any]) -> None:
         self.warm_info = info
+        # One full garbage collection now, while nothing runs: napari's process tracks ~300 k objects, and a
+        # full collection (~150 ms here) that a Run's layer additions trigger would stall the viewer
+        # mid-Run. After this one, the next needs the surviving objects to grow by a quarter (Python's
+        # rule), which a Run's two layers do not.
+        gc.collect()
 
     def _warm_failed(self, err: BaseException) -> None:
         self.warm_info = {"error": str(err)}
@@ -648,7 +656,8 @@ class SegmentWidget(Container):
         result's class colours, value ``c + 1`` = class ``c``), or keep ``corrections`` (the replaced result's,
         empty), and make it the active layer, in paint mode."""
         names = _class_names(info)
-        if corrections is None:
+        added = corrections is None
+        if added:
             geometry = _output_geometry(source, info.get("layer_channel_axis"))
             dtype = np.uint8 if len(names) < 255 else np.int32
             corrections = self._viewer.add_labels(
@@ -656,14 +665,28 @@ class SegmentWidget(Container):
                 colormap=_corrections_colormap(layer, len(names)),
                 features={"index": list(range(len(names) + 1)), "class": ["unmarked", *names]},
                 metadata={"medsegkit": {"corrections_for": layer.name, "class_names": names}}, **geometry)
-        self._interactive = _Interactive(session=job["session"], spec=job, source=source, result=layer,
-                                         corrections=corrections, class_names=names)
+        state = self._interactive = _Interactive(session=job["session"], spec=job, source=source, result=layer,
+                                                 corrections=corrections, class_names=names)
         self.brush.reset_choices()
         default = 1 if len(names) > 1 else 0  # the first foreground class
         self.brush.value = self.brush.choices[default]
         self._on_brush_changed()
-        corrections.mode = "paint"
-        self._viewer.layers.selection.active = corrections
+        if added:
+            from qtpy.QtCore import QTimer
+
+            # paint mode and the selection (~20 ms) a little later, not in the same block as adding the layer
+            # (~60 ms of napari's): a 0 ms timer ran before the viewer's next tick and draw
+            QTimer.singleShot(ACTIVATE_DELAY_MS, lambda: self._activate_corrections(state))
+        else:
+            self._activate_corrections(state)
+
+    def _activate_corrections(self, state: _Interactive) -> None:
+        """``state``'s corrections layer active, in paint mode (unless another Run replaced ``state`` or the
+        user removed the layer meanwhile)."""
+        if state is not self._interactive or state.corrections not in self._viewer.layers:
+            return
+        state.corrections.mode = "paint"
+        self._viewer.layers.selection.active = state.corrections
 
     def _brush_choices(self, *_: Any) -> list[str]:
         state = getattr(self, "_interactive", None)
@@ -815,6 +838,23 @@ class SegmentWidget(Container):
         self._job = None
         self._thread_worker = None
         self._set_running(False)
+
+
+def _prime_labels_layers() -> None:
+    """Pay napari's one-time costs of the first Labels layer of a process now (the widget calls this once
+    it is shown) rather than inside the first Run's ``add_labels``, where they stalled the viewer:
+    napari's Labels model imports scikit-image's colour and scipy modules for its colormaps (~40 ms), and
+    vispy builds the line dash atlas of the Labels overlays (~60 ms, cached for the process). Measured
+    (napari 0.9.2, Mesa): the first ``add_labels`` of a process 131–255 ms before, 54–59 ms after, as
+    every later one."""
+    from napari.layers import Labels
+
+    Labels(np.zeros((2, 2), np.uint8))
+    try:
+        from vispy.visuals.line.dash_atlas import DashAtlas
+    except ImportError:  # pragma: no cover - another vispy layout: nothing to prime there
+        return
+    DashAtlas()
 
 
 @dataclass
