@@ -257,23 +257,6 @@ def test_updates_replayed_in_order_give_segments_labels_with_a_foreground_crop()
     assert len(session._windows_over(box)) < len(session.grid.slices)  # a top slice needs the top windows only
 
 
-def test_voxel_map_per_axis_fallback_equals_the_flat_index_map(monkeypatch):
-    """Preprocessed grids of 2**24 voxels or more map input voxels one axis at a time: the same map."""
-    import medsegkit.interactive as interactive
-
-    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=2)
-    array = np.zeros((40, 36, 30), np.float32)
-    array[8:30, 6:28, 5:24] = 1.0
-    image = Image(array, np.diag([1.5, 1.5, 2.0, 1.0]), {}, None)
-    kw = {"roi_size": (16, 16, 16), "preprocessing": {"orientation": "RAS", "spacing": [2, 2, 2], "crop_foreground": 1}}
-    flat = Session(model, image, **kw)
-    monkeypatch.setattr(interactive, "FLAT_INDEX_LIMIT", 0)
-    per_axis = Session(model, image, **kw)
-    np.testing.assert_array_equal(flat.inside, per_axis.inside)
-    np.testing.assert_array_equal(flat.source_flat, per_axis.source_flat)
-    assert not flat.inside.all() and flat.inside.any()
-
-
 @pytest.mark.parametrize("affine", [np.diag([-1.2, -0.9, 2.5, 1.0]),  # LPS-like, anisotropic: flips + resampling
                                     np.array([[0, 0, 1.7, 0], [-1.1, 0, 0, 0], [0, 1.3, 0, 0], [0, 0, 0, 1.0]])])
 def test_run_labels_equal_segment_after_reorientation_resampling_and_crop(affine):

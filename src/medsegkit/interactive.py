@@ -42,7 +42,6 @@ CROP = 48  # voxels an axis of the boxes the adaptation trains on
 LEARNING_RATE = 3e-3  # weights: divided by sqrt(fan-in)
 MAX_STEPS = 200
 FIT_LOSS = 0.2  # stop adapting once the marked voxels' mean cross entropy is below this
-FLAT_INDEX_LIMIT = 2**24  # voxel indices below this are exact in float32 (the inverse resamples in float32)
 MARGIN = 8  # preprocessed voxels around the marks whose windows are re-predicted
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
@@ -117,7 +116,7 @@ class Session:
             resolve_slice_axis,
         )
         from medsegkit.io import Image, read_image
-        from medsegkit.transforms import preprocess, restore
+        from medsegkit.transforms import NearestVoxelMap, preprocess
 
         unknown = sorted(set(segment_kwargs) - set(SESSION_OPTIONS))
         if unknown:
@@ -181,26 +180,9 @@ class Session:
             for lo, hi in zip(self.bounds[:-1], self.bounds[1:])
         ]
 
-        # input voxel -> the flat index of its nearest preprocessed voxel (what the nearest-neighbour inverse
-        # of labels reads): the inverse of the index map itself, one channel (exact in float32 below 2**24
-        # voxels; else one channel per axis), index + 1 so that the 0 the inverse pads with marks the input
-        # voxels outside the preprocessed grid (outside a crop_foreground box), whose labels are 0
+        # input voxel -> its nearest preprocessed voxel (what the nearest-neighbour inverse of labels reads)
+        self.voxels = NearestVoxelMap(self.state)
         pre_shape = self.state.output_shape
-        size = int(np.prod(pre_shape))
-        if size < FLAT_INDEX_LIMIT:
-            flat = restore(np.arange(1, size + 1, dtype=np.int32).reshape(pre_shape), self.state, is_label=True)
-            self.inside = flat > 0  # (*input_shape) bool
-            # flat - 1 is in [-1, size - 1]: only the -1 (outside) needs raising to 0, in place (one array of
-            # the input's size; np.clip on int64 took 1.1 s for a 1 mm head here, np.maximum 0.02 s)
-            source_flat = flat.astype(np.int64)
-            source_flat -= 1
-            self.source_flat = np.maximum(source_flat, 0, out=source_flat)  # (*input_shape)
-        else:
-            coords = np.stack(np.meshgrid(*[np.arange(1, n + 1, dtype=np.int32) for n in pre_shape], indexing="ij"))
-            per_axis = restore(coords, self.state, is_label=True).astype(np.int64) - 1  # (d, *input_shape)
-            self.inside = (per_axis >= 0).all(axis=0)
-            self.source_flat = np.ravel_multi_index(tuple(per_axis), pre_shape, mode="clip")
-
         self.cache: dict[int, torch.Tensor] = {}  # window index -> its (K, *roi) output
         self.pre_labels: torch.Tensor | None = None  # labels on the preprocessed grid
         self.pre_done = np.zeros(pre_shape, dtype=bool)
@@ -290,30 +272,24 @@ class Session:
     def _chunks_of(self, windows: set[int]) -> list[int]:
         return [r for r, ws in enumerate(self.chunk_windows) if any(w in windows for w in ws)]
 
-    def _gather(self, pre: torch.Tensor, where: np.ndarray | None = None) -> np.ndarray:
-        """Labels on the preprocessed grid read at each input voxel's nearest preprocessed voxel
-        (:attr:`source_flat`), 0 outside the preprocessed grid: what ``restore(pre, is_label=True)`` gives
-        (the same nearest-neighbour inverse, taken once of the index map), for a tenth of its cost on a
-        1 mm head. The partial updates, the preview and refine use it.
+    @property
+    def inside(self) -> np.ndarray:
+        """``(*input_shape)`` bool: the input voxels inside the preprocessed grid (outside: label 0)."""
+        return self.voxels.inside
 
-        With ``where`` (bool, the input grid) only those voxels, as ``_gather(pre)[where]``: read one by one
-        when they are few (the focus slice, the voxels a refine reaches), else through the whole map (one
-        gather of all is then cheaper than selecting their indices first)."""
-        array = pre.detach().cpu().numpy()
-        if where is not None and np.count_nonzero(where) * 8 < where.size:
-            values = array.reshape(-1)[self.source_flat[where]]
-            values[~self.inside[where]] = 0
-            return values
-        gathered = array.reshape(-1)[self.source_flat]
-        gathered[~self.inside] = 0  # what the inverse pads with outside the preprocessed grid
-        return gathered if where is None else gathered[where]
+    def _gather(self, pre: torch.Tensor, where: np.ndarray | None = None) -> np.ndarray:
+        """Labels on the preprocessed grid read at each input voxel's nearest preprocessed voxel, 0 outside
+        the preprocessed grid: what ``restore(pre, is_label=True)`` gives (:class:`NearestVoxelMap`), for a
+        fraction of its cost. The partial updates, the preview and refine use it. With ``where`` (bool, the
+        input grid) only those voxels, as ``_gather(pre)[where]``."""
+        return self.voxels.gather(pre.detach().cpu().numpy(), where)
 
     def _publish(self, on_update) -> None:
         """Bring the newly finished voxels' labels to the input grid (:meth:`_gather`), copy them into
         :attr:`labels` and call ``on_update(region, labels)``."""
         if self.labels is None:
             self.labels = np.zeros(self.image.spatial_shape, dtype=self.pre_labels.detach().cpu().numpy().dtype)
-        finished = self.pre_done.reshape(-1)[self.source_flat] | ~self.inside  # outside the grid: 0, final at once
+        finished = self.voxels.gather(self.pre_done, outside=True)  # outside the grid: 0, final at once
         new = finished & ~self.reported
         region = bounding_box(new)
         if region is None:
@@ -326,13 +302,7 @@ class Session:
     def _focus_box(self, focus: Any) -> tuple[slice, ...]:
         """``focus`` (``{"axis": a, "index": i}`` or a tuple of slices on the input grid) as a box on the
         preprocessed grid (the preprocessed voxels the focus region reads)."""
-        region = self._focus_region(focus)
-        sources = self.source_flat[region].reshape(-1)
-        inside = self.inside[region].reshape(-1)
-        if inside.any():  # voxels outside the preprocessed grid read no window (their labels are 0)
-            sources = sources[inside]
-        sources = np.unravel_index(sources, self.state.output_shape)
-        return tuple(slice(int(c.min()), int(c.max()) + 1) for c in sources)
+        return self.voxels.pre_box(self._focus_region(focus))
 
     def _focus_region(self, focus: Any) -> tuple[slice, ...]:
         """``focus`` as a box (tuple of slices) on the input grid, checked."""
@@ -471,9 +441,9 @@ class Session:
         after_batch()  # windows cached by a cancelled run still publish
         if not self.pre_done.all():  # pragma: no cover - every chunk's windows are computed above
             raise RuntimeError("internal error: some chunks were not finished")
-        # every input voxel has now been published once its preprocessed voxel was final, through the inverse
-        # of the index map: what restore(pre_labels) gives, as segment does (one nearest-neighbour inverse of
-        # the same geometry; tested), without a second inverse; the preview's voxels were overwritten then
+        # every input voxel has now been published once its preprocessed voxel was final, through the voxel
+        # map: what restore(pre_labels) gives, as segment does (the same nearest-neighbour inverse; tested),
+        # without a second inverse; the preview's voxels were overwritten then
         if not self.reported.all():  # pragma: no cover - _publish above reports every finished voxel
             raise RuntimeError("internal error: some voxels were not published")
         if self._original_cache is None:
@@ -552,7 +522,7 @@ class Session:
             pre_marks = self._pre_marks()
             new_inside = new & self.inside  # marks outside the preprocessed grid only edit the labels
             if new_inside.any():
-                new_pre = np.unravel_index(self.source_flat[new_inside], self.state.output_shape)
+                new_pre, _ = self.voxels.pre_coordinates(new_inside)
                 box = tuple(slice(max(int(c.min()) - MARGIN, 0), min(int(c.max()) + 1 + MARGIN, n))
                             for c, n in zip(new_pre, self.state.output_shape))
                 windows = self._windows_over(box)
@@ -600,7 +570,7 @@ class Session:
         preprocessed voxel), int64 ``(*preprocessed)``, ``-1`` = unmarked."""
         target = np.full(self.state.output_shape, -1, dtype=np.int64)
         marked = (self.marks > 0) & self.inside  # marks outside the preprocessed grid stay label edits only
-        target.reshape(-1)[self.source_flat[marked]] = self.marks[marked] - 1
+        target[self.voxels.pre_coordinates(marked)[0]] = self.marks[marked] - 1
         return torch.from_numpy(target)
 
     def _adapt(self, pre_marks: torch.Tensor, budget: float, progress, cancel) -> None:
