@@ -5,8 +5,8 @@
    run time, and a plain ``segment`` for comparison (the labels are checked to be equal).
 2. **simulated user** (the standard protocol of interactive segmentation papers): each round marks one
    ball of radius 2 voxels at the centre (the deepest voxel) of the largest error component, with its
-   true class; ``Session.refine`` adapts the model. Reported per round: Dice, seconds, adaptation
-   steps, and "paint only" (the same marks written into the start labels, no adaptation). Cases
+   true class; ``Session.refine`` adapts the model. Reported per round: Dice, seconds, fitting
+   iterations, and "paint only" (the same marks written into the start labels, no adaptation). Cases
    (``--case``, repeatable): ``tissue`` = the held-out axial slab (k >= 55, never seen in training) of
    the MNI152 sample, mean foreground Dice, from the demo model or ``--tissue-model``; ``brain`` = the
    brain mask of Colin27 (``mricron-data``) on a 2 mm grid from ``--brain-model`` (a 2-class model
@@ -157,7 +157,7 @@ def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classe
     paint = start.copy()
     rows = [{"round": 0, "refine": mean_dice(start[scored], truth[scored], classes),
              "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": 0.0, "steps": 0}]
-    print("round   Dice(refine)  Dice(paint only)  seconds  steps")
+    print("round   Dice(refine)  Dice(paint only)  seconds  iterations")
     print(f"  0     {rows[0]['refine']:.4f}        {rows[0]['paint']:.4f}")
     for r in range(1, rounds + 1):
         found = next_mark(session.labels[scored], truth[scored])
@@ -448,7 +448,7 @@ def napari_main(args) -> int:
     after = np.asarray(result.data)
     marked = np.asarray(corrections.data) > 0
     changed = after != before
-    print(f"refine: {widget.last_edit_seconds:.2f} s ({widget.last_edit_info['steps']} adaptation steps), "
+    print(f"refine: {widget.last_edit_seconds:.2f} s ({widget.last_edit_info['steps']} fitting iterations), "
           f"stroke of class {cls} ({int(marked.sum())} voxels) at {centre}, {int(changed.sum())} voxels changed "
           f"({int(changed[args.slice].sum())} on slice {args.slice}), marked voxels right: "
           f"{bool((after[marked] == cls).all())}; longest heartbeat gap {gap(started, ended):.0f} ms")

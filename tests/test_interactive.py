@@ -10,7 +10,7 @@ import torch
 
 from medsegkit import Cancelled, create_model
 from medsegkit.inference import segment
-from medsegkit.interactive import Session, trainable_parameters
+from medsegkit.interactive import Session, fit_calibration, fold_affine, output_layer
 from medsegkit.io import Image
 
 SHAPE = (48, 24, 24)
@@ -109,7 +109,7 @@ def test_bad_focus_and_options_are_refused(weak_case):
 
 
 @pytest.mark.slow
-def test_refine_fixes_marks_locally_and_undo_reset_save(weak_case, tmp_path):
+def test_refine_local_scope_fixes_the_marked_object_and_undo_reset_save(weak_case, tmp_path):
     from medsegkit.weights import load_model
 
     model, image = weak_case
@@ -121,11 +121,11 @@ def test_refine_fixes_marks_locally_and_undo_reset_save(weak_case, tmp_path):
     marked = _ball(CENTRES["B"], 2)
     scribbles[marked] = 1  # "background"
     params_before = {k: v.clone() for k, v in session.model.state_dict().items()}
-    labels = session.refine(scribbles, seconds=60.0).copy()  # stops when the marks fit: load-independent
+    labels = session.refine(scribbles, seconds=60.0, scope="local").copy()  # the fit converges: load-independent
     assert (labels[marked] == 0).all()
     flipped = (original == 1) & (labels == 0) & ~marked
     assert flipped[ball_b].sum() > 20  # unmarked voxels of ball B near the marks now background
-    np.testing.assert_array_equal(labels[:16], original[:16])  # windows far from the marks are not re-run
+    np.testing.assert_array_equal(labels[:16], original[:16])  # ball A, far from the marks, keeps its labels
     np.testing.assert_array_equal(session.run(), labels)  # a later run keeps the refined labels
 
     session.undo()
@@ -134,7 +134,7 @@ def test_refine_fixes_marks_locally_and_undo_reset_save(weak_case, tmp_path):
     with pytest.raises(ValueError, match="nothing to undo"):
         session.undo()
 
-    session.refine(scribbles, seconds=60.0)
+    session.refine(scribbles, seconds=60.0, scope="local")
     path = session.save(tmp_path / "adapted.safetensors")
     loaded = load_model(path)
     assert loaded.medsegkit_metadata["adapted_from"] == "UNet3d"
@@ -146,14 +146,96 @@ def test_refine_fixes_marks_locally_and_undo_reset_save(weak_case, tmp_path):
     np.testing.assert_array_equal(session.labels, original)
     assert (session.marks == 0).all()
     np.testing.assert_array_equal(segment(session.model, image, **KW).array, original)
+    with pytest.raises(ValueError, match=r"scope must be one of \['global', 'local'\], got 'near'"):
+        session.refine(scribbles, scope="near")
 
 
-def test_refine_adapts_only_the_last_stage_and_head(weak_case):
+def test_refine_global_scope_moves_the_boundary_everywhere_and_equals_the_adapted_model(weak_case):
     model, _ = weak_case
-    chosen = {id(p) for p in trainable_parameters(model)}
-    expected = {id(p) for p in [*model.decoder.stages[-1].parameters(), *model.head.parameters()]}
-    assert chosen == expected
-    assert len(chosen) < len(list(model.parameters()))
+    # an intensity ramp along the first axis: the weak model's class-1 boundary is a plane across it
+    ramp = np.broadcast_to(np.linspace(0, 1, SHAPE[0], dtype=np.float32)[:, None, None], SHAPE).copy()
+    image = Image(ramp, np.eye(4), {}, None)
+    session = Session(model, image, **KW)
+    original = session.run().copy()
+    first = int(np.argmax(original[:, 12, 12] == 1))  # the first plane the model calls class 1 (6 here)
+    assert 4 <= first <= SHAPE[0] - 10 and (original[first:, 12, 12] == 1).all()
+    # mark class 1 on 4 voxels in a corner 3 planes below the boundary: the fitted map moves it everywhere
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[first - 3, 2:4, 2:4] = 2
+    before = {k: v.clone() for k, v in session.model.state_dict().items()}
+    labels = session.refine(scribbles, seconds=60.0).copy()
+    for j in (14, 18, 22):  # rows more than 10 voxels from the marks
+        assert int(np.argmax(labels[:, j, j] == 1)) < first  # the boundary moved toward the marks there too
+    assert ((labels == 1) & (original == 0))[:, 14:, 14:].sum() > 50
+    assert (labels[: first - 3] == 0).all()  # the planes darker than the marks stay background
+    # only the output layer changed, and the session's labels are what the adapted model segments
+    name, _ = output_layer(session.original, 2)
+    changed = {k for k, v in session.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= {f"{name}.weight", f"{name}.bias"}
+    adapted = segment(session.model, image, **KW).array
+    unmarked = scribbles == 0
+    np.testing.assert_array_equal(labels[unmarked], adapted[unmarked])
+    assert session.last_steps >= 10
+
+
+def test_refine_global_scope_generalises_to_identical_objects(weak_case):
+    # the documented limit of the global scope: ball A looks like ball B, so marking B background
+    # makes the fitted map call A background too (the local scope keeps A: test above)
+    model, image = weak_case
+    session = Session(model, image, **KW)
+    original = session.run().copy()
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[_ball(CENTRES["B"], 2)] = 1
+    labels = session.refine(scribbles, seconds=60.0)
+    ball_a = _ball(CENTRES["A"], 4)
+    assert original[ball_a].mean() > 0.9 and labels[ball_a].mean() < 0.1
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Conv3d(5, 3, 3, padding=1), torch.nn.ConvTranspose3d(5, 3, 3, stride=2),
+                                   torch.nn.Linear(5, 3), torch.nn.Conv2d(5, 3, 1, bias=False)])
+def test_fold_affine_maps_the_layer_output(layer):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 5, *(6,) * (layer.weight.ndim - 2))
+    matrix = torch.eye(3) + 0.3 * torch.randn(3, 3)
+    offset = None if layer.bias is None else torch.randn(3)
+    with torch.no_grad():
+        y = layer(x)
+    fold_affine(layer, matrix, offset)
+    with torch.no_grad():
+        folded = layer(x)
+    channels_last = isinstance(layer, torch.nn.Linear)
+    expected = y @ matrix.T if channels_last else torch.einsum("kj,bj...->bk...", matrix, y)
+    if offset is not None:
+        expected = expected + (offset if channels_last else offset.reshape(1, 3, *([1] * (y.ndim - 2))))
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    if layer.bias is None:
+        with pytest.raises(ValueError, match="the output layer has no bias"):
+            fold_affine(layer, matrix, torch.ones(3))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3])
+def test_fit_calibration_fits_the_marks_and_keeps_the_rest(classes):
+    # 1-D "volume": the model's boundary between class 0 and the others is at x = 0.5
+    x = torch.linspace(0, 1, 10_000)
+    if classes == 1:
+        scores = (x - 0.5)[None] * 10  # binary: sigmoid
+    else:
+        scores = torch.stack([torch.zeros_like(x), (x - 0.5) * 10, *[(x - 0.9) * 10] * (classes - 2)])
+    boundaries = []
+    for count in (2, 5):  # a few voxels near x = 0.33 marked "class 1", where the model says 0
+        marks = torch.full(x.shape, -1, dtype=torch.int64)
+        marks[3300:3300 + count] = 1
+        matrix, offset, iterations = fit_calibration(scores, marks, seconds=60.0)
+        assert matrix.shape == (classes, classes) and offset.shape == (classes,) and iterations >= 10
+        calibrated = matrix @ scores + offset[:, None]
+        labels = (calibrated[0] > 0).long() if classes == 1 else calibrated.argmax(0)
+        assert (labels[x < 0.2] == 0).all() and (labels[(x > 0.55) & (x < 0.85)] == 1).all()  # the rest agrees
+        boundaries.append(float(x[int(labels.argmax())]))
+    # the boundary moves toward the marks, further with more marks (soft evidence: the session forces the
+    # marked voxels' labels itself)
+    assert 0.34 < boundaries[1] < boundaries[0] < 0.49, boundaries
+    with pytest.raises(ValueError, match="at least one marked voxel"):
+        fit_calibration(scores, torch.full(x.shape, -1, dtype=torch.int64))
 
 
 def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case):
@@ -170,7 +252,7 @@ def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case)
     event.set()
     scribbles = np.zeros(SHAPE, np.int32)
     scribbles[36:40, 10:14, 10:14] = 1
-    with pytest.raises(Cancelled, match="refine cancelled after 0 adaptation steps"):
+    with pytest.raises(Cancelled, match="refine cancelled after 0 iterations of the output layer's fit"):
         session.refine(scribbles, cancel=event)
     np.testing.assert_array_equal(session.labels, original)
     assert (session.marks == 0).all()
@@ -274,3 +356,26 @@ def test_run_labels_equal_segment_after_reorientation_resampling_and_crop(affine
     labels = session.run(focus={"axis": 1, "index": 20}, preview=True, on_update=lambda region, lab: None)
     np.testing.assert_array_equal(labels, reference)
     assert len(np.unique(reference)) >= 2 and not session.inside.all()
+
+
+@pytest.mark.parametrize("name, out_channels, options, shape", [
+    ("UNet2d", 3, {"roi_size": (16, 16)}, (20, 24, 6)),  # a 2D model sliced over a volume
+    ("UNet3d", 1, {"roi_size": (16, 16, 16), "tta_flips": (0, 1)}, (30, 20, 18)),  # binary, mirrored: windows re-run
+])
+def test_refine_2d_on_a_volume_and_mirrored_binary_equal_the_adapted_model(name, out_channels, options, shape):
+    torch.manual_seed(4)
+    model = create_model(name, channels=(4, 8), strides=(2,), out_channels=out_channels)
+    image = Image(np.random.default_rng(4).normal(size=shape).astype(np.float32), np.eye(4), {}, None)
+    kw = {"preprocessing": "none", **options}
+    session = Session(model, image, **kw)
+    original = session.run().copy()
+    scribbles = np.zeros(shape, np.int32)
+    scribbles[2:5, 2:5, 2:4] = 2  # class 1
+    scribbles[-5:-2, -5:-2, -4:-2] = 1  # background
+    labels = session.refine(scribbles, seconds=60.0)
+    assert (labels[scribbles > 0] == scribbles[scribbles > 0] - 1).all()
+    assert (labels != original).sum() > (scribbles > 0).sum()  # the adapted model changed unmarked voxels too
+    adapted = segment(session.model, image, **kw).array
+    np.testing.assert_array_equal(labels[scribbles == 0], adapted[scribbles == 0])
+    session.undo()
+    np.testing.assert_array_equal(session.labels, original)

@@ -3,8 +3,9 @@
 :class:`Session` holds one model and one image. :meth:`Session.run` segments the image window by window,
 the region the user looks at first, and reports regions as they are finished; its final labels equal
 :func:`medsegkit.inference.segment`'s exactly. :meth:`Session.refine` adapts a copy of the model to the
-user's marks (a few seconds of fine-tuning of its last stage(s)), re-predicts the windows around the
-marks and keeps the marked voxels at their marked class. :meth:`Session.undo`, :meth:`Session.reset`
+user's marks (it refits the model's output layer: one affine map of the logits, fitted to all the marks
+so far with agreement to the original prediction everywhere else), re-predicts the volume and keeps the
+marked voxels at their marked class. :meth:`Session.undo`, :meth:`Session.reset`
 and :meth:`Session.save` complete the loop. The napari widget and notebooks use this same class.
 
 How the result stays exact: the session keeps every window's network output (``(K, *roi)`` float32 on
@@ -37,12 +38,14 @@ SESSION_OPTIONS = ("preprocessing", "roi_size", "sw_batch_size", "overlap", "mod
                    "slice_axis", "tta_flips", "device", "amp")
 ADAPTABLE_TASKS = ("semantic",)
 RUNNABLE_TASKS = ("semantic", "universal")
-DEFAULT_SECONDS = 2.0  # adaptation budget per refine (a 2 mm head round stays within ~5 s on 2 cores)
-CROP = 48  # voxels an axis of the boxes the adaptation trains on
-LEARNING_RATE = 3e-3  # weights: divided by sqrt(fan-in)
-MAX_STEPS = 200
-FIT_LOSS = 0.2  # stop adapting once the marked voxels' mean cross entropy is below this
-MARGIN = 8  # preprocessed voxels around the marks whose windows are re-predicted
+DEFAULT_SECONDS = 2.0  # bound on the output layer's fit per refine (it converges in well under a second)
+MARK_WEIGHT = 300.0  # one marked voxel weighs as much as this many voxels' agreement with the original prediction
+AGREEMENT_SAMPLE = 2**18  # unmarked preprocessed voxels the agreement term reads (a fixed random sample)
+ITERATIONS_PER_STEP = 10  # L-BFGS iterations between the checks of cancel and the time budget
+MAX_ITERATIONS = 200
+CONVERGED = 1e-7  # stop once a step changes the loss by less than this
+SCOPES = ("global", "local")  # where refine updates the labels: everywhere, or near this call's marks only
+MARGIN = 8  # preprocessed voxels (in mm) around the marks whose labels a local refine updates
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
 
@@ -61,23 +64,117 @@ def _overlaps(a: Sequence[slice], b: Sequence[slice]) -> bool:
     return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters :meth:`Session.refine` adapts: the last decoder stage and the head of the U-Net family
-    (``model.decoder.stages[-1]`` and ``model.head``), else the parameters of the last two modules (in
-    registration order) that own parameters."""
-    decoder, head = getattr(model, "decoder", None), getattr(model, "head", None)
-    stages = getattr(decoder, "stages", None)
-    if isinstance(head, nn.Module) and isinstance(stages, nn.ModuleList) and len(stages):
-        chosen = [stages[-1], head]
-    else:
-        owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-        chosen = owners[-2:]
-    params = [p for m in chosen for p in m.parameters() if p.is_floating_point()]
-    if not params:
+OUTPUT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def output_layer(model: nn.Module, classes: int) -> tuple[str, nn.Module]:
+    """The layer :meth:`Session.refine` adapts: the last convolution (``Conv*d``, ``ConvTranspose*d``) or
+    ``Linear`` layer (in registration order) with ``classes`` outputs and no groups, as ``(name, module)``. The session checks
+    once, on a window, that the model's output is that layer's output mapped linearly (upsampling and
+    cropping after it are fine; an activation is not)."""
+    found = None
+    for name, module in model.named_modules():
+        outputs = module.out_features if isinstance(module, nn.Linear) else getattr(module, "out_channels", None)
+        if isinstance(module, OUTPUT_LAYERS) and outputs == classes and getattr(module, "groups", 1) == 1:
+            found = (name, module)
+    if found is None:
         hint = ("; an exported network runs but cannot be adapted: refine with the PyTorch checkpoint it was "
                 "exported from" if type(model).__name__ == "ExportedNetwork" else "")
-        raise ValueError(f"{type(model).__name__} has no floating-point parameters to adapt{hint}")
-    return params
+        raise ValueError(f"refine adapts a model's output layer, a convolution or linear layer with {classes} "
+                         f"output channel(s); {type(model).__name__} has none{hint}")
+    return found
+
+
+def fold_affine(layer: nn.Module, matrix: torch.Tensor, offset: torch.Tensor | None) -> None:
+    """Make ``layer`` (a convolution or linear layer with ``K`` outputs) compute ``matrix @ y + offset``
+    where it computed ``y``: its weight becomes ``matrix @ weight`` along the output axis (axis 0, axis 1
+    of a transposed convolution's ``(in, K, ...)``) and its bias ``matrix @ bias + offset``. In place;
+    ``offset`` must be ``None`` or zero when the layer has no bias."""
+    with torch.no_grad():
+        weight = layer.weight
+        matrix = matrix.to(weight)
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            weight.copy_(torch.einsum("kj,ij...->ik...", matrix, weight))
+        else:
+            weight.copy_((matrix @ weight.reshape(weight.shape[0], -1)).reshape(weight.shape))
+        if layer.bias is not None:
+            layer.bias.copy_(matrix @ layer.bias + (0 if offset is None else offset.to(layer.bias)))
+        elif offset is not None and bool(offset.any()):
+            raise ValueError("the output layer has no bias: the calibration cannot have an offset")
+
+
+def _two_class(scores: torch.Tensor) -> torch.Tensor:
+    """``(1, N)`` binary logits as ``(2, N)`` two-class logits (``[0, z]``: softmax = sigmoid); ``(K, N)`` as is."""
+    return torch.cat([torch.zeros_like(scores), scores]) if scores.shape[0] == 1 else scores
+
+
+def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: bool = True,
+                    mark_weight: float = MARK_WEIGHT, sample: int = AGREEMENT_SAMPLE,
+                    seconds: float = DEFAULT_SECONDS, cancel: Any = None,
+                    progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The affine map of the logits, ``z -> matrix @ z + offset``, that fits the marks and agrees with the
+    original prediction elsewhere.
+
+    Minimises ``mark_weight / N * sum over marked voxels of CE(class) + mean over unmarked voxels of
+    CE(original softmax)`` with L-BFGS (convex in the map: it converges to the one minimum), ``N`` the number
+    of voxels: each marked voxel weighs ``mark_weight`` voxels' agreement, so a few marks move the
+    boundaries a little and more marks move them more, everywhere at once. The agreement term reads a fixed
+    random sample of at most ``sample`` unmarked voxels.
+
+    Args:
+        scores: ``(K, *spatial)`` float logits of the original model (``K = 1``: binary, sigmoid).
+        marks: ``(*spatial)`` int64, the marked class, ``-1`` = unmarked.
+        with_offset: fit ``offset`` too (``False`` when the output layer has no bias).
+        seconds: time budget (at least one step of ``ITERATIONS_PER_STEP`` iterations runs).
+        cancel: ``is_set()`` checked between steps; raises :class:`medsegkit.Cancelled`.
+        progress: called with the fraction of the budget used.
+
+    Returns:
+        ``(matrix (K, K), offset (K,) or None, iterations)``.
+    """
+    classes = scores.shape[0]
+    flat = scores.reshape(classes, -1).float()
+    targets = marks.reshape(-1)
+    marked = targets >= 0
+    if not bool(marked.any()):
+        raise ValueError("fit_calibration needs at least one marked voxel")
+    unmarked = torch.nonzero(~marked)[:, 0]
+    if len(unmarked) > sample:
+        generator = torch.Generator().manual_seed(0)
+        unmarked = unmarked[torch.randperm(len(unmarked), generator=generator)[:sample]]
+    marked_scores, marked_targets = flat[:, marked], targets[marked]
+    if classes == 1:
+        marked_targets = (marked_targets > 0).long()
+    agree_scores = flat[:, unmarked]
+    teacher = torch.softmax(_two_class(agree_scores), dim=0)
+    matrix = torch.eye(classes, requires_grad=True)
+    offset = torch.zeros(classes, 1, requires_grad=with_offset)
+    weight = mark_weight / flat.shape[1]
+    optimizer = torch.optim.LBFGS([matrix, offset] if with_offset else [matrix], lr=1.0,
+                                  max_iter=ITERATIONS_PER_STEP, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        fit = nn.functional.cross_entropy(_two_class(matrix @ marked_scores + offset).T, marked_targets,
+                                          reduction="sum")
+        agree = -(teacher * torch.log_softmax(_two_class(matrix @ agree_scores + offset), dim=0)).sum(0).mean()
+        loss = weight * fit + (agree if agree_scores.shape[1] else 0.0)
+        loss.backward()
+        return loss.detach()
+
+    start, iterations, previous = time.perf_counter(), 0, math.inf
+    with torch.enable_grad():
+        while iterations < MAX_ITERATIONS:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"refine cancelled after {iterations} iterations of the output layer's fit")
+            loss = float(optimizer.step(closure))
+            iterations += ITERATIONS_PER_STEP
+            if progress is not None:
+                progress(min((time.perf_counter() - start) / seconds, 1.0))
+            if abs(previous - loss) < CONVERGED or time.perf_counter() - start > seconds:
+                break
+            previous = loss
+    return matrix.detach(), (offset.detach()[:, 0] if with_offset else None), iterations
 
 
 class Session:
@@ -194,6 +291,9 @@ class Session:
         self._history: list[dict[str, Any]] = []
         self._original_cache: dict[int, torch.Tensor] | None = None
         self._original_labels: np.ndarray | None = None
+        self._scores: torch.Tensor | None = None  # the original windows blended as logits (refine fits to them)
+        self._output_layer: str | None = None  # the name of the layer refine adapts, once checked
+        self.last_steps = 0  # L-BFGS iterations of the last refine's fit
 
     # ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -213,10 +313,13 @@ class Session:
         return self.model
 
     def _blender(self):
+        return self._blender_for("labels", self._scratch)
+
+    def _blender_for(self, output: str, writer: Any):
         from medsegkit.inference.predict import SlabBlender
 
-        return SlabBlender(0, self.grid, self.slab_order, self.weight, "labels", self.blend_probabilities,
-                            self.source, self._scratch)
+        return SlabBlender(0, self.grid, self.slab_order, self.weight, output, self.blend_probabilities,
+                           self.source, writer)
 
     def _compute(self, windows: list[int], progress, cancel, done_before: int = 0, total: int | None = None,
                  after_batch: Callable[[], None] | None = None) -> None:
@@ -469,24 +572,40 @@ class Session:
         return max(self._classes(), 2) if self.cache else None
 
     def refine(self, scribbles: np.ndarray, seconds: float | None = None,
-               progress: Callable[[int, int], Any] | None = None, cancel: Any = None) -> np.ndarray:
-        """Adapt the model to the marks so far plus ``scribbles`` and re-predict the windows around them.
+               progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
+               scope: str = "global") -> np.ndarray:
+        """Adapt the model to the marks so far plus ``scribbles`` and re-predict the volume.
+
+        The adaptation refits the model's output layer (:func:`output_layer`): one affine map of its
+        logits, ``z -> A z + b`` (``K x K`` + ``K`` numbers), fitted by :func:`fit_calibration` to all the
+        marks so far, starting from the original model each time, with agreement to the original prediction
+        on the other voxels; it is folded into a copy of the original model (:attr:`model`, what
+        :meth:`save` writes). The map applies to every voxel, so a few marks correct the same kind of
+        error everywhere. Re-predicting needs no network run: the kept window outputs are mapped and
+        blended again (with ``tta_flips`` the windows are run again, since their probabilities were
+        averaged). With ``scope="global"`` labels change wherever the adapted model's prediction changes;
+        with ``scope="local"`` only within 8 preprocessed voxels (in mm) of this call's marks — for errors
+        that are specific to one place (marking one of two identical-looking objects as background makes
+        the global map call both background; the local scope keeps the other's labels).
 
         Args:
             scribbles: integer array on the image grid (``image.spatial_shape``): ``0`` unmarked,
                 ``c + 1`` = "this voxel is class ``c``" (so ``1`` marks background). Added to earlier marks
                 (a new mark replaces an earlier one on the same voxel).
-            seconds: wall-clock budget of the fine-tuning (default 2 s; at least one step is taken).
+            seconds: wall-clock budget of the output layer's fit (default 2 s; at least one L-BFGS step of
+                10 iterations runs; it usually converges in well under a second).
             progress: ``progress(done, 100)``: adaptation up to 70, re-prediction up to 100.
-            cancel: ``is_set()`` checked between steps and window batches; raises
+            cancel: ``is_set()`` checked between fitting steps and window batches; raises
                 :class:`medsegkit.Cancelled` and leaves the session as it was before the call.
+            scope: ``"global"`` (default) or ``"local"``: where the labels are updated (above).
 
         Returns:
             The new label map (``labels``, updated in place). Marked voxels have their marked class.
 
         Raises:
-            ValueError: a universal (query) model (only semantic models are adapted), a wrong shape or a
-                class outside ``[0, K)``.
+            ValueError: a universal (query) model (only semantic models are adapted), a model whose output
+                is not a convolution or linear layer's (mapped linearly), a wrong shape or a class outside
+                ``[0, K)``, or an unknown ``scope``.
         """
         if self.task not in ADAPTABLE_TASKS:
             raise ValueError(
@@ -509,6 +628,8 @@ class Session:
         new = scribbles > 0
         if not new.any():
             raise ValueError("scribbles mark no voxel; paint at least one voxel with c + 1 (class c)")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
         budget = DEFAULT_SECONDS if seconds is None else float(seconds)
         if not budget > 0:
             raise ValueError(f"seconds must be > 0, got {seconds!r}")
@@ -520,26 +641,13 @@ class Session:
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
             pre_marks = self._pre_marks()
-            new_inside = new & self.inside  # marks outside the preprocessed grid only edit the labels
-            if new_inside.any():
-                new_pre, _ = self.voxels.pre_coordinates(new_inside)
-                box = tuple(slice(max(int(c.min()) - MARGIN, 0), min(int(c.max()) + 1 + MARGIN, n))
-                            for c, n in zip(new_pre, self.state.output_shape))
-                windows = self._windows_over(box)
-                self._adapt(pre_marks, budget, progress, cancel)
-                size = self.options["sw_batch_size"]
-                batches = math.ceil(len(windows) / size)
-
-                def report(done: int, total: int) -> None:
-                    if progress is not None:
-                        progress(70 + (30 * done) // max(total, 1), 100)
-
-                self._compute(windows, report, cancel, total=batches)
-                chunks = self._chunks_of(set(windows))
-                needed = {w for r in chunks for w in self.chunk_windows[r]}
-                self._blend(needed, chunks, [self._chunk_box(r) for r in chunks])
-                reach = self._reach(new_inside)
-                self.labels[reach] = self._gather(self.pre_labels, reach)
+            if bool((pre_marks >= 0).any()):  # marks outside the preprocessed grid only edit the labels
+                self._calibrate(pre_marks, budget, progress, cancel)
+                if scope == "global":
+                    self.labels[...] = self._gather(self.pre_labels)
+                else:
+                    reach = self._reach(new & self.inside)
+                    self.labels[reach] = self._gather(self.pre_labels, reach)
             self._force_marks()
         except BaseException:
             self._apply(snapshot)
@@ -552,7 +660,7 @@ class Session:
 
     def _reach(self, new: np.ndarray) -> np.ndarray:
         """Input voxels within ``MARGIN`` preprocessed voxels (in mm) of this call's marks: the only
-        voxels whose labels a refine changes (besides the marks themselves)."""
+        voxels whose labels a ``scope="local"`` refine changes (besides the marks themselves)."""
         from scipy import ndimage
 
         out_sizes = np.linalg.norm(self.state.output_affine[:3, :3], axis=0)[: len(self.state.output_shape)]
@@ -573,112 +681,102 @@ class Session:
         target[self.voxels.pre_coordinates(marked)[0]] = self.marks[marked] - 1
         return torch.from_numpy(target)
 
-    def _adapt(self, pre_marks: torch.Tensor, budget: float, progress, cancel) -> None:
-        """Fine-tune :func:`trainable_parameters` for ``budget`` seconds on the windows holding marks: cross
-        entropy on the marked voxels + KL divergence to the current prediction on the others."""
-        model = self.model
-        params = trainable_parameters(model)
-        chosen = {id(p) for p in params}
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(id(p) in chosen)
-        padded_marks = torch.full(self.grid.padded, -1, dtype=torch.int64)
-        padded_marks[self.grid.crop] = pre_marks
-        windows = [w for w in self.slab_order if bool((padded_marks[self.grid.slices[w]] >= 0).any())]
-        # at most 4 windows: those holding the most marks
-        windows = sorted(windows, key=lambda w: -int((padded_marks[self.grid.slices[w]] >= 0).sum()))[:4]
-        # train on a crop of each window around its marks (at most CROP voxels an axis: a fraction of the cost)
-        crops = [self._crop(padded_marks[self.grid.slices[w]] >= 0) for w in windows]
-        inputs = torch.stack([self.grid.read(self.source, 0, self.grid.slices[w], self.options["cval"])[(slice(None), *c)]
-                              for w, c in zip(windows, crops)])
-        targets = torch.stack([padded_marks[self.grid.slices[w]][c] for w, c in zip(windows, crops)])
-        teacher = torch.stack([self.cache[w][(slice(None), *c)] for w, c in zip(windows, crops)]).float()
+    def _original_scores(self) -> torch.Tensor:
+        """``(K, *preprocessed)`` float32: the original model's windows blended by the engine's blender as
+        logits (with ``tta_flips``: the log of the blended probabilities); computed once."""
+        if self._scores is None:
+            writer = self._output_class(None, True, self.stitch)
+            blender = self._blender_for("logits", writer)
+            with torch.inference_mode():
+                for w in self.slab_order:
+                    blender._accumulate(self.grid.slices[w], self._original_cache[w].permute(blender.to_slab_first))
+                for r in range(len(self.chunk_windows)):
+                    blender.finish_chunk(r)
+            scores = writer.array[0].float()
+            if self.blend_probabilities:  # averaged probabilities -> logits
+                p = scores.clamp(1e-6, 1 - 1e-6)
+                scores = torch.log(p) - torch.log1p(-p) if scores.shape[0] == 1 else torch.log(p)
+            self._scores = scores.cpu()
+        return self._scores
+
+    def _checked_output_layer(self) -> str:
+        """The name of :func:`output_layer`, checked once on a window: mapping that layer's output by a random
+        affine map must map the model's output the same way."""
+        if self._output_layer is not None:
+            return self._output_layer
+        classes = self._classes()
+        name, _ = output_layer(self.original, classes)
+        w = self.slab_order[0]
+        x = self.grid.read(self.source, 0, self.grid.slices[w], self.options["cval"])[None]
         if self.slice_axis is not None:
-            inputs, targets, teacher = (t.squeeze(t.ndim - len(self.grid.roi) + self.slice_axis)
-                                        for t in (inputs, targets, teacher))
-        binary = teacher.shape[1] == 1
-        if self.blend_probabilities:
-            teacher_prob = teacher.clamp(1e-6, 1 - 1e-6)
-        else:
-            teacher_prob = torch.sigmoid(teacher) if binary else torch.softmax(teacher, dim=1)
-        marked = targets >= 0
-        # Adam moves every weight by about lr per step, which adds up over a layer's fan-in: lr / sqrt(fan-in)
-        groups = [{"params": [q], "lr": LEARNING_RATE / math.sqrt(q[0].numel()) if q.ndim > 1 else LEARNING_RATE}
-                  for q in params]
-        optimizer = torch.optim.Adam(groups)
-        was_training = [(m, m.training) for m in model.modules()]
-        model.eval()  # normalisation statistics and dropout as at inference
-        start, step = time.perf_counter(), 0
-        try:
-            forward = self._tail(model, inputs)
-            with torch.enable_grad():
-                while step < MAX_STEPS and (step == 0 or time.perf_counter() - start < budget):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled(f"refine cancelled after {step} adaptation steps")
-                    optimizer.zero_grad(set_to_none=True)
-                    logits = forward()
-                    if binary:
-                        logp = nn.functional.logsigmoid(logits[:, 0])
-                        lognp = nn.functional.logsigmoid(-logits[:, 0])
-                        mark_loss = -(torch.where(targets == 1, logp, lognp))[marked].mean()
-                        q = teacher_prob[:, 0]
-                        agree = -(q * logp + (1 - q) * lognp)[~marked].mean()
-                    else:
-                        logp = torch.log_softmax(logits, dim=1)
-                        mark_loss = nn.functional.nll_loss(logp, targets, ignore_index=-1)
-                        agree = (-(teacher_prob * logp).sum(1))[~marked].mean()
-                    if step >= 1 and float(mark_loss.detach()) < FIT_LOSS:
-                        break  # the marks are fitted with confidence: more steps only risk the rest
-                    loss = mark_loss + (agree if bool((~marked).any()) else 0.0)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
+            x = x.squeeze(2 + self.slice_axis)
+        generator = torch.Generator().manual_seed(0)
+        matrix = torch.eye(classes) + 0.1 * torch.randn(classes, classes, generator=generator)
+        with_bias = getattr(dict(self.original.named_modules())[name], "bias", None) is not None
+        offset = 0.1 * torch.randn(classes, generator=generator) if with_bias else None
+        folded = copy.deepcopy(self.original)
+        fold_affine(dict(folded.named_modules())[name], matrix, offset)
+        device = next(self.original.parameters()).device
+        with torch.no_grad():
+            base, mapped = self.original(x.to(device)), folded(x.to(device))
+        if not (isinstance(base, torch.Tensor) and isinstance(mapped, torch.Tensor) and base.shape[1] == classes):
+            raise ValueError(f"refine adapts models that return one logits tensor; {type(self.original).__name__} "
+                             f"returned {type(base).__name__}")
+        expected = torch.einsum("kj,bj...->bk...", matrix.to(base), base)
+        if offset is not None:
+            expected = expected + offset.to(base).reshape(1, classes, *([1] * (base.ndim - 2)))
+        scale = float(base.abs().max()) + 1.0
+        if not torch.allclose(mapped, expected, rtol=0, atol=1e-4 * scale):
+            raise ValueError(f"refine adapts the output layer {name!r} of {type(self.original).__name__}, but the model's "
+                             f"output is not that layer's output mapped linearly (an activation or a non-linear "
+                             f"step follows it)")
+        self._output_layer = name
+        return name
+
+    def _calibrate(self, pre_marks: torch.Tensor, budget: float, progress, cancel) -> None:
+        """Fit the output layer's affine map to ``pre_marks`` (all marks, on the preprocessed grid), fold it
+        into a copy of the original model, and bring the window outputs and :attr:`pre_labels` up to date."""
+        name = self._checked_output_layer()
+        layer = dict(self.original.named_modules())[name]
+
+        def fit_progress(fraction: float) -> None:
+            if progress is not None:
+                progress(min(69, int(70 * fraction)), 100)
+
+        matrix, offset, self.last_steps = fit_calibration(
+            self._original_scores(), pre_marks, with_offset=layer.bias is not None, seconds=budget, cancel=cancel,
+            progress=fit_progress)
+        if cancel is not None and cancel.is_set():  # set during the last step of the fit
+            raise Cancelled(f"refine cancelled after {self.last_steps} iterations of the output layer's fit")
+        model = copy.deepcopy(self.original)
+        fold_affine(dict(model.named_modules())[name], matrix, offset)
+        everything = list(self.slab_order)
+        if self.blend_probabilities:  # probabilities of mirrored windows were averaged: run them again
+            previous = self.model
+            self.model = model
+            try:
+                size = self.options["sw_batch_size"]
+
+                def report(done: int, total: int) -> None:
                     if progress is not None:
-                        progress(min(69, int(70 * (time.perf_counter() - start) / budget)), 100)
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            for m, mode in was_training:
-                m.training = mode
-        self.last_steps = step
+                        progress(70 + (30 * done) // max(total, 1), 100)
 
-    @staticmethod
-    def _tail(model: nn.Module, inputs: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """A function giving the model's logits on ``inputs`` with gradients for the adapted parameters.
-        For the U-Net family the frozen part runs once: its inputs to the last decoder stage are kept and
-        each step runs only ``head(decoder.stages[-1](x, skip))``; other models run whole each step."""
-        decoder, head = getattr(model, "decoder", None), getattr(model, "head", None)
-        stages = getattr(decoder, "stages", None)
-        if not (isinstance(head, nn.Module) and isinstance(stages, nn.ModuleList) and len(stages)
-                and hasattr(model, "encoder") and hasattr(model, "bottleneck")):
-            return lambda: model(inputs)
-        captured: list[tuple] = []
-        handle = stages[-1].register_forward_hook(lambda module, args, output: captured.append(args))
-        try:
-            with torch.no_grad():
-                model(inputs)
-        finally:
-            handle.remove()
-        args = tuple(a.detach() for a in captured[-1])
-        return lambda: head(stages[-1](*args))
-
-    def _crop(self, marked: torch.Tensor) -> tuple[slice, ...]:
-        """A box of ``min(roi, CROP)`` voxels an axis inside a window, centred on its marked voxels
-        (``marked``: bool ``(*roi)``)."""
-        multiple = getattr(self.model, "size_multiple", None) or (1,) * len(self.model_roi)
-        box, model_axis = [], 0
-        for axis, size in enumerate(self.grid.roi):
-            if axis == self.slice_axis:
-                box.append(slice(0, size))
-                continue
-            step = int(multiple[model_axis]) if model_axis < len(multiple) else 1
-            model_axis += 1
-            length = min(size, max(step, CROP // step * step))
-            hits = torch.nonzero(marked.any(dim=tuple(a for a in range(marked.ndim) if a != axis)))[:, 0]
-            centre = int(hits.float().mean()) if len(hits) else size // 2
-            start = min(max(centre - length // 2, 0), size - length)
-            box.append(slice(start, start + length))
-        return tuple(box)
+                self._compute(everything, report, cancel, total=math.ceil(len(everything) / size))
+            except BaseException:
+                self.model = previous
+                raise
+        else:  # logits: the map applies to each kept window output (blending is linear)
+            cache = {}
+            for w in everything:
+                original = self._original_cache[w]
+                mapped = torch.einsum("kj,j...->k...", matrix.to(original), original)
+                if offset is not None:
+                    mapped += offset.to(original).reshape(-1, *([1] * (original.ndim - 1)))
+                cache[w] = mapped
+            self.cache = cache
+            self.model = model
+        self._blend(set(everything), range(len(self.chunk_windows)),
+                    [self._chunk_box(r) for r in range(len(self.chunk_windows))])
 
     def _apply(self, snapshot: Mapping[str, Any]) -> None:
         self.labels[...] = snapshot["labels"]

@@ -738,7 +738,8 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
                 cancel.wait(120)
 
         progress(0, 100)
-        session.refine(delta, seconds=job.get("seconds"), progress=refine_progress, cancel=cancel)
+        session.refine(delta, seconds=job.get("seconds"), progress=refine_progress, cancel=cancel,
+                       scope=job.get("scope", "global"))
         steps = session.last_steps
     elif action == "session_undo":
         session.undo()

@@ -134,7 +134,11 @@ class SegmentWidget(Container):
         self.brush = ComboBox(label="brush", choices=self._brush_choices,
                               tooltip="the class the strokes on the corrections layer mark (0: background)")
         self.seconds = FloatSpinBox(label="adapt seconds", value=2.0, min=0.1, max=60.0, step=0.5,
-                                    tooltip="the fine-tuning budget of one Refine")
+                                    tooltip="the time budget of one Refine's adaptation")
+        self.scope = ComboBox(label="correct", choices=[("everywhere", "global"), ("near the strokes", "local")],
+                              value="global",
+                              tooltip="where Refine updates the result: everywhere the adapted model changes its "
+                                      "mind, or only near this Refine's strokes (for an error specific to one place)")
         self.refine_button = PushButton(text="Refine", enabled=False)
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.reset_button = PushButton(text="Reset", enabled=False)
@@ -145,7 +149,7 @@ class SegmentWidget(Container):
             self.image, self.channel_axis, self.model_filter, self.model, self.model_info, self.checkpoint,
             self.bundle, self.pretrained, self.roi_size, self.overlap, self.tta, self.fast, self.device, self.task,
             self.output, self.on_cancel, self.run_button, self.cancel_button, self.progress, self.status, self.quality,
-            self.brush, self.seconds, self.refine_button, self.undo_button, self.reset_button, self.save_path,
+            self.brush, self.seconds, self.scope, self.refine_button, self.undo_button, self.reset_button, self.save_path,
             self.save_button,
         ])
         self._kind = "run"
@@ -732,7 +736,7 @@ class SegmentWidget(Container):
             self._notify_error("paint strokes on the corrections layer first (choose the class with 'brush'), "
                                "then press Refine")
             return
-        job = self._edit_job(state, "session_refine", seconds=float(self.seconds.value))
+        job = self._edit_job(state, "session_refine", seconds=float(self.seconds.value), scope=self.scope.value)
         folder = Path(state.spec["output_dir"])
         worker_job = WorkerJob(job, cancel_message="refine cancelled; the previous result is kept")
         self._start(worker_job, _drive_edit, (folder, scribbles, state.result.data), "refine",
@@ -781,7 +785,7 @@ class SegmentWidget(Container):
         state.result.refresh()
         if kind == "refine":
             state.history.append(scribbles)
-            text = f"refined in {seconds:.1f} s (round {info['rounds']}, {info['steps']} adaptation steps)"
+            text = f"refined in {seconds:.1f} s (round {info['rounds']}, {info['steps']} fitting iterations)"
         elif kind == "undo":
             if state.history:
                 state.history.pop()
