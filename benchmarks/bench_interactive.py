@@ -149,7 +149,7 @@ def colin27_2mm():
 
 
 def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classes: tuple[int, ...], rounds: int,
-                   seconds: float | None) -> list[dict]:
+                   seconds: float | None, scope: str = "auto") -> list[dict]:
     """The protocol on ``session`` (already run): per round, one ball at the largest error inside ``scored``,
     ``refine``, and the Dice of refine and of "paint only" (the marks written into the start labels)."""
     shape = truth.shape
@@ -157,7 +157,7 @@ def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classe
     paint = start.copy()
     rows = [{"round": 0, "refine": mean_dice(start[scored], truth[scored], classes),
              "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": 0.0, "steps": 0}]
-    print("round   Dice(refine)  Dice(paint only)  seconds  iterations")
+    print("round   Dice(refine)  Dice(paint only)  seconds  iterations scope")
     print(f"  0     {rows[0]['refine']:.4f}        {rows[0]['paint']:.4f}")
     for r in range(1, rounds + 1):
         found = next_mark(session.labels[scored], truth[scored])
@@ -171,16 +171,56 @@ def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classe
         scribbles[ball] = cls + 1
         paint[ball] = cls
         t0 = time.perf_counter()
-        session.refine(scribbles, seconds=seconds)
+        session.refine(scribbles, seconds=seconds, scope=scope)
         row = {"round": r, "refine": mean_dice(session.labels[scored], truth[scored], classes),
                "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": time.perf_counter() - t0,
-               "steps": session.last_steps}
+               "steps": session.last_steps, "scope": session.last_scope}
         rows.append(row)
-        print(f"  {r:<5} {row['refine']:.4f}        {row['paint']:.4f}            {row['seconds']:5.2f}   {row['steps']}")
+        print(f"  {r:<5} {row['refine']:.4f}        {row['paint']:.4f}            {row['seconds']:5.2f}   {row['steps']:<10} "
+              f"{row['scope']}")
     return rows
 
 
-def plot_rounds(path: str, curves: dict[str, list[dict]]) -> None:
+def output_layer_ceiling(session, truth: np.ndarray, scored: tuple[slice, ...], classes: tuple[int, ...]) -> float:
+    """The Dice of the best the refine's adaptation can do on this case: the affine map of the original
+    logits (the same K x K + K numbers refine fits) fitted by cross entropy to the reference labels of every
+    scored voxel, applied to the whole volume."""
+    import torch
+
+    scores = session._original_scores()  # (K, *preprocessed) original logits, as refine fits to them
+    where = np.zeros(truth.shape, bool)
+    where[scored] = True
+    where &= session.inside
+    target = np.full(session.state.output_shape, -1, np.int64)
+    target[session.voxels.pre_coordinates(where)[0]] = truth[where]
+    classes_k = scores.shape[0]
+    z = scores.reshape(classes_k, -1)
+    labelled = torch.from_numpy(target).reshape(-1)
+    keep = labelled >= 0
+    z_fit, t_fit = z[:, keep], labelled[keep]
+    if classes_k == 1:
+        t_fit = (t_fit > 0).long()
+    matrix = torch.eye(classes_k, requires_grad=True)
+    offset = torch.zeros(classes_k, 1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([matrix, offset], max_iter=300, line_search_fn="strong_wolfe")
+
+    def two(values):
+        return torch.cat([torch.zeros_like(values), values]) if classes_k == 1 else values
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(two(matrix @ z_fit + offset).T, t_fit)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        pre = two(matrix @ z + offset).argmax(0).reshape(scores.shape[1:]).numpy().astype(session.labels.dtype)
+    labels = session.voxels.gather(pre)
+    return mean_dice(labels[scored], truth[scored], classes)
+
+
+def plot_rounds(path: str, curves: dict[str, list[dict]], ceilings: dict[str, float]) -> None:
     """Dice per round, refine (solid) and paint only (dashed), one colour per case, to a PNG."""
     import matplotlib
 
@@ -193,6 +233,8 @@ def plot_rounds(path: str, curves: dict[str, list[dict]]) -> None:
         ax.plot(rounds, [row["refine"] for row in rows], "o-", label="refine (adapted model)")
         ax.plot(rounds, [row["paint"] for row in rows], "s--", label="paint only")
         ax.axhline(rows[0]["refine"] + 0.05, color="grey", lw=0.8, ls=":", label="start + 0.05")
+        if name in ceilings:
+            ax.axhline(ceilings[name], color="green", lw=0.8, ls="-.", label="ceiling of the output-layer map")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("round (one ball of radius 2 voxels)")
         ax.set_ylabel("Dice")
@@ -207,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=None, help="adaptation budget per round (default: Session's)")
+    parser.add_argument("--scope", choices=("auto", "global", "local"), default="auto",
+                        help="refine's scope (where the labels change; default: Session's 'auto')")
     parser.add_argument("--one-mm", action="store_true", help="also time the progressive run on a 1 mm head")
     parser.add_argument("--case", choices=("tissue", "brain"), action="append",
                         help="simulated-user case(s) (default: tissue): 'tissue' = the held-out slab of the MNI152 "
@@ -255,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. simulated user
     curves: dict[str, list[dict]] = {}
+    ceilings: dict[str, float] = {}
     if "tissue" in cases:
         if tissue_session is None:
             tissue_session = Session(tissue_model, image)  # the checkpoint's own window
@@ -264,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulated user, tissue: held-out slab k >= {SLAB} of the MNI152 2 mm sample, start model {label}, "
               f"ball radius 2, {args.rounds} rounds")
         curves["tissue, MNI152 held-out slab"] = simulated_user(tissue_session, truth, slab, (1, 2, 3), args.rounds,
-                                                                 args.seconds)
+                                                                 args.seconds, args.scope)
+        ceilings["tissue, MNI152 held-out slab"] = output_layer_ceiling(tissue_session, truth, slab, (1, 2, 3))
+        print(f"  ceiling (the output-layer map fitted to the reference itself): "
+              f"{ceilings['tissue, MNI152 held-out slab']:.4f}")
     if "brain" in cases:
         colin, brain = colin27_2mm()
         session = Session(load_model(args.brain_model), colin)
@@ -272,10 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulated user, brain mask: Colin27 at 2 mm {colin.spatial_shape}, start model {args.brain_model}, "
               f"ball radius 2, {args.rounds} rounds")
         whole = tuple(slice(None) for _ in brain.shape)
-        curves["brain mask, Colin27 2 mm (model from the ITK head)"] = simulated_user(
-            session, brain, whole, (1,), args.rounds, args.seconds)
+        name = "brain mask, Colin27 2 mm (model from the ITK head)"
+        curves[name] = simulated_user(session, brain, whole, (1,), args.rounds, args.seconds, args.scope)
+        ceilings[name] = output_layer_ceiling(session, brain, whole, (1,))
+        print(f"  ceiling (the output-layer map fitted to the reference itself): {ceilings[name]:.4f}")
     if args.plot and curves:
-        plot_rounds(args.plot, curves)
+        plot_rounds(args.plot, curves, ceilings)
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 
 from medsegkit import Cancelled, create_model
 from medsegkit.inference import segment
-from medsegkit.interactive import Session, fit_calibration, fold_affine, output_layer
+from medsegkit.interactive import Session, fit_calibration, fold_affine, map_generalises, output_layer
 from medsegkit.io import Image
 
 SHAPE = (48, 24, 24)
@@ -146,24 +146,29 @@ def test_refine_local_scope_fixes_the_marked_object_and_undo_reset_save(weak_cas
     np.testing.assert_array_equal(session.labels, original)
     assert (session.marks == 0).all()
     np.testing.assert_array_equal(segment(session.model, image, **KW).array, original)
-    with pytest.raises(ValueError, match=r"scope must be one of \['global', 'local'\], got 'near'"):
+    with pytest.raises(ValueError, match=r"scope must be one of \['auto', 'global', 'local'\], got 'near'"):
         session.refine(scribbles, scope="near")
 
 
-def test_refine_global_scope_moves_the_boundary_everywhere_and_equals_the_adapted_model(weak_case):
-    model, _ = weak_case
-    # an intensity ramp along the first axis: the weak model's class-1 boundary is a plane across it
+def _ramp_session(model):
+    """An intensity ramp along the first axis (the weak model's class-1 boundary is a plane across it), its
+    session run: ``(session, image, labels, the first plane the model calls class 1)`` (6 here)."""
     ramp = np.broadcast_to(np.linspace(0, 1, SHAPE[0], dtype=np.float32)[:, None, None], SHAPE).copy()
     image = Image(ramp, np.eye(4), {}, None)
     session = Session(model, image, **KW)
-    original = session.run().copy()
-    first = int(np.argmax(original[:, 12, 12] == 1))  # the first plane the model calls class 1 (6 here)
+    labels = session.run().copy()
+    return session, image, labels, int(np.argmax(labels[:, 12, 12] == 1))
+
+
+def test_refine_global_scope_moves_the_boundary_everywhere_and_equals_the_adapted_model(weak_case):
+    session, image, original, first = _ramp_session(weak_case[0])
     assert 4 <= first <= SHAPE[0] - 10 and (original[first:, 12, 12] == 1).all()
     # mark class 1 on 4 voxels in a corner 3 planes below the boundary: the fitted map moves it everywhere
     scribbles = np.zeros(SHAPE, np.int32)
     scribbles[first - 3, 2:4, 2:4] = 2
     before = {k: v.clone() for k, v in session.model.state_dict().items()}
-    labels = session.refine(scribbles, seconds=60.0).copy()
+    labels = session.refine(scribbles, seconds=60.0, scope="global").copy()
+    assert session.last_scope == "global"
     for j in (14, 18, 22):  # rows more than 10 voxels from the marks
         assert int(np.argmax(labels[:, j, j] == 1)) < first  # the boundary moved toward the marks there too
     assert ((labels == 1) & (original == 0))[:, 14:, 14:].sum() > 50
@@ -186,7 +191,7 @@ def test_refine_global_scope_generalises_to_identical_objects(weak_case):
     original = session.run().copy()
     scribbles = np.zeros(SHAPE, np.int32)
     scribbles[_ball(CENTRES["B"], 2)] = 1
-    labels = session.refine(scribbles, seconds=60.0)
+    labels = session.refine(scribbles, seconds=60.0, scope="global")
     ball_a = _ball(CENTRES["A"], 4)
     assert original[ball_a].mean() > 0.9 and labels[ball_a].mean() < 0.1
 
@@ -372,10 +377,57 @@ def test_refine_2d_on_a_volume_and_mirrored_binary_equal_the_adapted_model(name,
     scribbles = np.zeros(shape, np.int32)
     scribbles[2:5, 2:5, 2:4] = 2  # class 1
     scribbles[-5:-2, -5:-2, -4:-2] = 1  # background
-    labels = session.refine(scribbles, seconds=60.0)
+    labels = session.refine(scribbles, seconds=60.0, scope="global")
     assert (labels[scribbles > 0] == scribbles[scribbles > 0] - 1).all()
     assert (labels != original).sum() > (scribbles > 0).sum()  # the adapted model changed unmarked voxels too
     adapted = segment(session.model, image, **kw).array
     np.testing.assert_array_equal(labels[scribbles == 0], adapted[scribbles == 0])
     session.undo()
     np.testing.assert_array_equal(session.labels, original)
+
+
+def test_refine_auto_scope_is_local_until_the_next_marks_confirm_the_map(weak_case):
+    session, _, original, first = _ramp_session(weak_case[0])
+    # round 1 (nothing to check the map against yet): local, the far corner keeps its labels
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[first - 3, 2:4, 2:4] = 2
+    labels = session.refine(scribbles, seconds=60.0).copy()
+    assert session.last_scope == "local"
+    np.testing.assert_array_equal(labels[:, 14:, 14:], original[:, 14:, 14:])
+    # round 2 marks the same kind of error elsewhere: round 1's map already moves them toward class 1
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[first - 2, 20:22, 20:22] = 2
+    labels = session.refine(scribbles, seconds=60.0).copy()
+    assert session.last_scope == "global"
+    assert ((labels == 1) & (original == 0))[:, 8:14, 8:14].sum() > 20  # away from both rounds' marks
+    # undo brings back round 1's map: the same marks again give the same decision
+    session.undo()
+    session.refine(scribbles, seconds=60.0)
+    assert session.last_scope == "global"
+    # a mark against the map (background where the map moved the boundary) is not confirmed: local
+    session.undo()
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[first - 1, 20:22, 20:22] = 1
+    session.refine(scribbles, seconds=60.0)
+    assert session.last_scope == "local"
+    session.reset()
+    session.refine(scribbles, seconds=60.0)
+    assert session.last_scope == "local"  # after reset there is no earlier map
+
+
+def test_map_generalises_needs_lower_cross_entropy_and_no_fewer_right():
+    x = torch.linspace(0, 1, 101)
+    scores = torch.stack([torch.zeros_like(x), (x - 0.5) * 10])
+    marks = torch.full(x.shape, -1, dtype=torch.int64)
+    marks[40:45] = 1  # class 1 where the original logits say 0
+    shift_toward = (torch.eye(2), torch.tensor([0.0, 1.5]))  # moves the boundary from 0.5 to 0.35
+    shift_away = (torch.eye(2), torch.tensor([0.0, -1.5]))
+    assert map_generalises(scores, marks, *shift_toward)
+    assert not map_generalises(scores, marks, *shift_away)
+    marks[:] = -1
+    marks[60:65] = 1  # already right: a map that flips them is refused even with lower loss elsewhere
+    assert not map_generalises(scores, marks, torch.eye(2), torch.tensor([0.0, -2.0]))
+    binary = ((x - 0.5) * 10)[None]
+    marks[:] = -1
+    marks[40:45] = 1
+    assert map_generalises(binary, marks, torch.eye(1), torch.tensor([1.5]))

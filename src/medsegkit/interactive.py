@@ -30,7 +30,7 @@ from torch import nn
 
 from medsegkit.errors import Cancelled
 
-__all__ = ["Session"]
+__all__ = ["Session", "fit_calibration", "fold_affine", "map_generalises", "output_layer"]
 
 # keyword arguments of segment() a session accepts (post-processing and output choices would break the
 # equality with segment's labels or make no sense for an interactive label map)
@@ -44,7 +44,7 @@ AGREEMENT_SAMPLE = 2**18  # unmarked preprocessed voxels the agreement term read
 ITERATIONS_PER_STEP = 10  # L-BFGS iterations between the checks of cancel and the time budget
 MAX_ITERATIONS = 200
 CONVERGED = 1e-7  # stop once a step changes the loss by less than this
-SCOPES = ("global", "local")  # where refine updates the labels: everywhere, or near this call's marks only
+SCOPES = ("auto", "global", "local")  # where refine updates the labels (Session.refine)
 MARGIN = 8  # preprocessed voxels (in mm) around the marks whose labels a local refine updates
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
@@ -177,6 +177,28 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
     return matrix.detach(), (offset.detach()[:, 0] if with_offset else None), iterations
 
 
+def map_generalises(scores: torch.Tensor, marks: torch.Tensor, matrix: torch.Tensor,
+                    offset: torch.Tensor | None) -> bool:
+    """Whether an affine map of the logits fitted to *earlier* marks also helps on new ``marks`` it has not
+    seen: it lowers their cross entropy and gets no fewer of them right than the original logits.
+
+    Args:
+        scores: ``(K, *spatial)`` original logits; marks: ``(*spatial)`` int64, ``-1`` = unmarked.
+        matrix / offset: the map ``z -> matrix @ z + offset``.
+    """
+    classes = scores.shape[0]
+    targets = marks.reshape(-1)
+    marked = targets >= 0
+    z = scores.reshape(classes, -1)[:, marked].float()
+    truth = targets[marked] if classes > 1 else (targets[marked] > 0).long()
+    mapped = matrix @ z + (0 if offset is None else offset[:, None])
+    before, after = _two_class(z), _two_class(mapped)
+    lower = float(nn.functional.cross_entropy(after.T, truth)) < float(nn.functional.cross_entropy(before.T, truth))
+    right_before = int((before.argmax(0) == truth).sum())
+    right_after = int((after.argmax(0) == truth).sum())
+    return lower and right_after >= right_before
+
+
 class Session:
     """One model on one image: progressive :meth:`run`, :meth:`refine` by scribbles, :meth:`undo`,
     :meth:`reset`, :meth:`save`.
@@ -294,6 +316,8 @@ class Session:
         self._scores: torch.Tensor | None = None  # the original windows blended as logits (refine fits to them)
         self._output_layer: str | None = None  # the name of the layer refine adapts, once checked
         self.last_steps = 0  # L-BFGS iterations of the last refine's fit
+        self.last_scope: str | None = None  # where the last refine updated the labels ("global" / "local")
+        self._fit: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last refine's map of the logits
 
     # ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -573,7 +597,7 @@ class Session:
 
     def refine(self, scribbles: np.ndarray, seconds: float | None = None,
                progress: Callable[[int, int], Any] | None = None, cancel: Any = None,
-               scope: str = "global") -> np.ndarray:
+               scope: str = "auto") -> np.ndarray:
         """Adapt the model to the marks so far plus ``scribbles`` and re-predict the volume.
 
         The adaptation refits the model's output layer (:func:`output_layer`): one affine map of its
@@ -583,10 +607,16 @@ class Session:
         :meth:`save` writes). The map applies to every voxel, so a few marks correct the same kind of
         error everywhere. Re-predicting needs no network run: the kept window outputs are mapped and
         blended again (with ``tta_flips`` the windows are run again, since their probabilities were
-        averaged). With ``scope="global"`` labels change wherever the adapted model's prediction changes;
-        with ``scope="local"`` only within 8 preprocessed voxels (in mm) of this call's marks — for errors
-        that are specific to one place (marking one of two identical-looking objects as background makes
-        the global map call both background; the local scope keeps the other's labels).
+        averaged).
+
+        Where the labels change (``scope``): ``"global"``, wherever the adapted model's prediction changes
+        (the same kind of error is corrected everywhere); ``"local"``, only within 8 preprocessed voxels
+        (in mm) of this call's marks, for errors specific to one place (marking one of two identical-looking
+        objects background makes the global map call both background); ``"auto"`` (default), global once the
+        marks confirm that the map generalises (:func:`map_generalises`: the map fitted at the previous
+        refine, which has not seen this call's marks, moves them toward their class and gets no fewer of
+        them right than the original model), else local — so the first refine is always local.
+        :attr:`last_scope` says which one ran.
 
         Args:
             scribbles: integer array on the image grid (``image.spatial_shape``): ``0`` unmarked,
@@ -597,7 +627,7 @@ class Session:
             progress: ``progress(done, 100)``: adaptation up to 70, re-prediction up to 100.
             cancel: ``is_set()`` checked between fitting steps and window batches; raises
                 :class:`medsegkit.Cancelled` and leaves the session as it was before the call.
-            scope: ``"global"`` (default) or ``"local"``: where the labels are updated (above).
+            scope: ``"auto"`` (default), ``"global"`` or ``"local"``: where the labels are updated (above).
 
         Returns:
             The new label map (``labels``, updated in place). Marked voxels have their marked class.
@@ -637,17 +667,25 @@ class Session:
         snapshot = {
             "labels": self.labels.copy(), "pre_labels": self.pre_labels.clone(), "cache": dict(self.cache),
             "marks": self.marks.copy(), "model": copy.deepcopy(self.model.state_dict()), "rounds": self.rounds,
+            "fit": self._fit,
         }
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
             pre_marks = self._pre_marks()
             if bool((pre_marks >= 0).any()):  # marks outside the preprocessed grid only edit the labels
+                previous_fit = self._fit
                 self._calibrate(pre_marks, budget, progress, cancel)
+                if scope == "auto":
+                    scope = "local"
+                    new_pre = self._pre_marks(new)
+                    if previous_fit is not None and bool((new_pre >= 0).any()):
+                        scope = "global" if map_generalises(self._original_scores(), new_pre, *previous_fit) else "local"
                 if scope == "global":
                     self.labels[...] = self._gather(self.pre_labels)
                 else:
                     reach = self._reach(new & self.inside)
                     self.labels[reach] = self._gather(self.pre_labels, reach)
+                self.last_scope = scope
             self._force_marks()
         except BaseException:
             self._apply(snapshot)
@@ -673,11 +711,14 @@ class Session:
         mask[local] = ndimage.distance_transform_edt(~new[local], sampling=in_sizes) <= reach_mm
         return mask
 
-    def _pre_marks(self) -> torch.Tensor:
+    def _pre_marks(self, only: np.ndarray | None = None) -> torch.Tensor:
         """The accumulated marks on the preprocessed grid (each marked input voxel marks its nearest
-        preprocessed voxel), int64 ``(*preprocessed)``, ``-1`` = unmarked."""
+        preprocessed voxel), int64 ``(*preprocessed)``, ``-1`` = unmarked; with ``only`` (bool, the input
+        grid), only those voxels' marks."""
         target = np.full(self.state.output_shape, -1, dtype=np.int64)
         marked = (self.marks > 0) & self.inside  # marks outside the preprocessed grid stay label edits only
+        if only is not None:
+            marked &= only
         target[self.voxels.pre_coordinates(marked)[0]] = self.marks[marked] - 1
         return torch.from_numpy(target)
 
@@ -746,6 +787,7 @@ class Session:
         matrix, offset, self.last_steps = fit_calibration(
             self._original_scores(), pre_marks, with_offset=layer.bias is not None, seconds=budget, cancel=cancel,
             progress=fit_progress)
+        self._fit = (matrix, offset)
         if cancel is not None and cancel.is_set():  # set during the last step of the fit
             raise Cancelled(f"refine cancelled after {self.last_steps} iterations of the output layer's fit")
         model = copy.deepcopy(self.original)
@@ -785,6 +827,7 @@ class Session:
         self.marks = snapshot["marks"].copy()
         self.model.load_state_dict(snapshot["model"])
         self.rounds = snapshot["rounds"]
+        self._fit = snapshot["fit"]
 
     def undo(self) -> np.ndarray:
         """Go back to the labels, marks and model before the last :meth:`refine`."""
@@ -798,6 +841,7 @@ class Session:
         self.model = copy.deepcopy(self.original)
         self.marks[...] = 0
         self.rounds = 0
+        self._fit = None
         self._history.clear()
         if self._original_cache is not None:
             self.cache = dict(self._original_cache)

@@ -712,7 +712,7 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         return {"path": str(path), "rounds": session.rounds, "rebuilt": rebuilt}
 
     before = session.labels.copy()
-    steps = None
+    steps = scope = None
     if action == "session_refine":
         from medsegkit.io.geometry import reverse_spatial
 
@@ -739,8 +739,8 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
 
         progress(0, 100)
         session.refine(delta, seconds=job.get("seconds"), progress=refine_progress, cancel=cancel,
-                       scope=job.get("scope", "global"))
-        steps = session.last_steps
+                       scope=job.get("scope", "auto"))
+        steps, scope = session.last_steps, session.last_scope
     elif action == "session_undo":
         session.undo()
     elif action == "session_reset":
@@ -751,5 +751,5 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
 
     region = everything if rebuilt else bounding_box(before != session.labels)
     napari_region = entry.publish(region)
-    return {**entry.file_info(), "region": napari_region, "rebuilt": rebuilt, "steps": steps,
+    return {**entry.file_info(), "region": napari_region, "rebuilt": rebuilt, "steps": steps, "scope": scope,
             "seconds": time.perf_counter() - started, **_session_common(entry)}

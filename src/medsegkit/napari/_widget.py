@@ -135,10 +135,12 @@ class SegmentWidget(Container):
                               tooltip="the class the strokes on the corrections layer mark (0: background)")
         self.seconds = FloatSpinBox(label="adapt seconds", value=2.0, min=0.1, max=60.0, step=0.5,
                                     tooltip="the time budget of one Refine's adaptation")
-        self.scope = ComboBox(label="correct", choices=[("everywhere", "global"), ("near the strokes", "local")],
-                              value="global",
+        self.scope = ComboBox(label="correct", value="auto",
+                              choices=[("auto", "auto"), ("everywhere", "global"), ("near the strokes", "local")],
                               tooltip="where Refine updates the result: everywhere the adapted model changes its "
-                                      "mind, or only near this Refine's strokes (for an error specific to one place)")
+                                      "mind, only near this Refine's strokes (for an error specific to one place), "
+                                      "or auto: near the strokes until the strokes confirm that the correction "
+                                      "generalises, then everywhere")
         self.refine_button = PushButton(text="Refine", enabled=False)
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.reset_button = PushButton(text="Reset", enabled=False)
@@ -785,7 +787,9 @@ class SegmentWidget(Container):
         state.result.refresh()
         if kind == "refine":
             state.history.append(scribbles)
-            text = f"refined in {seconds:.1f} s (round {info['rounds']}, {info['steps']} fitting iterations)"
+            where = {"global": "everywhere", "local": "near the strokes"}.get(info.get("scope"), "the marks only")
+            text = (f"refined in {seconds:.1f} s (round {info['rounds']}, corrected {where}, "
+                    f"{info['steps']} fitting iterations)")
         elif kind == "undo":
             if state.history:
                 state.history.pop()
