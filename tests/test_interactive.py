@@ -10,7 +10,14 @@ import torch
 
 from medsegkit import Cancelled, create_model
 from medsegkit.inference import segment
-from medsegkit.interactive import Session, fit_calibration, fold_affine, map_generalises, output_layer
+from medsegkit.interactive import (
+    MappedOutput,
+    Session,
+    fit_calibration,
+    fold_affine,
+    map_generalises,
+    output_layer,
+)
 from medsegkit.io import Image
 
 SHAPE = (48, 24, 24)
@@ -431,3 +438,40 @@ def test_map_generalises_needs_lower_cross_entropy_and_no_fewer_right():
     marks[:] = -1
     marks[40:45] = 1
     assert map_generalises(binary, marks, torch.eye(1), torch.tensor([1.5]))
+
+
+@pytest.mark.parametrize("network", ["UNet", "SegResNet", "DynUNet"])
+def test_refine_monai_networks_fold_or_append_the_map(network, tmp_path):
+    # MONAI's UNet with residual units ends in ResidualUnit(conv) + identity: its last convolution cannot
+    # absorb the map, so refine appends it (MappedOutput); SegResNet and DynUNet end in a plain convolution
+    from monai.networks import nets
+
+    torch.manual_seed(5)
+    if network == "UNet":
+        model = nets.UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+    elif network == "SegResNet":
+        model = nets.SegResNet(3, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 1), blocks_up=(1,))
+    else:
+        model = nets.DynUNet(3, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                             filters=[4, 8, 16])
+    image = Image(np.random.default_rng(5).normal(size=(24, 20, 16)).astype(np.float32), np.eye(4), {}, None)
+    kw = {"roi_size": (16, 16, 16), "preprocessing": "none"}
+    session = Session(model.eval(), image, **kw)
+    original = session.run().copy()
+    scribbles = np.zeros(image.spatial_shape, np.int32)
+    scribbles[2:5, 2:5, 2:5] = 3
+    scribbles[-5:-2, -5:-2, -5:-2] = 2
+    labels = session.refine(scribbles, seconds=60.0, scope="global").copy()
+    assert (labels != original).sum() > (scribbles > 0).sum()
+    adapted = segment(session.model, image, **kw).array
+    np.testing.assert_array_equal(labels[scribbles == 0], adapted[scribbles == 0])
+    if network == "UNet":
+        assert isinstance(session.model, MappedOutput)
+        with pytest.raises(ValueError, match="the adapted UNet cannot be saved as a checkpoint of its architecture"):
+            session.save(tmp_path / "adapted.safetensors")
+    else:
+        assert type(session.model) is type(model)
+        assert session.save(tmp_path / "adapted.safetensors").is_file()
+    session.undo()
+    np.testing.assert_array_equal(session.labels, original)
+    assert type(session.model) is type(model)

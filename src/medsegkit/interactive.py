@@ -30,7 +30,7 @@ from torch import nn
 
 from medsegkit.errors import Cancelled
 
-__all__ = ["Session", "fit_calibration", "fold_affine", "map_generalises", "output_layer"]
+__all__ = ["MappedOutput", "Session", "fit_calibration", "fold_affine", "map_generalises", "output_layer"]
 
 # keyword arguments of segment() a session accepts (post-processing and output choices would break the
 # equality with segment's labels or make no sense for an interactive label map)
@@ -177,6 +177,29 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
     return matrix.detach(), (offset.detach()[:, 0] if with_offset else None), iterations
 
 
+class MappedOutput(nn.Module):
+    """``model`` followed by an affine map of its output channels, ``z -> matrix @ z + offset`` (channel axis
+    1): what :meth:`Session.refine` makes of a model whose output layer cannot absorb the map (a residual
+    unit after it, as in MONAI's ``UNet`` with ``num_res_units > 0``). ``Session.save`` refuses it."""
+
+    def __init__(self, model: nn.Module, matrix: torch.Tensor, offset: torch.Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("matrix", matrix.detach().clone())
+        self.register_buffer("offset", torch.zeros(len(matrix)) if offset is None else offset.detach().clone())
+
+    @staticmethod
+    def map_logits(z: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """``(B, K, ...)`` logits mapped: ``matrix @ z + offset`` over the channel axis."""
+        mapped = torch.einsum("kj,bj...->bk...", matrix.to(z), z)
+        if offset is not None:
+            mapped = mapped + offset.to(z).reshape(1, -1, *([1] * (z.ndim - 2)))
+        return mapped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.map_logits(self.model(x), self.matrix, self.offset)
+
+
 def map_generalises(scores: torch.Tensor, marks: torch.Tensor, matrix: torch.Tensor,
                     offset: torch.Tensor | None) -> bool:
     """Whether an affine map of the logits fitted to *earlier* marks also helps on new ``marks`` it has not
@@ -314,7 +337,7 @@ class Session:
         self._original_cache: dict[int, torch.Tensor] | None = None
         self._original_labels: np.ndarray | None = None
         self._scores: torch.Tensor | None = None  # the original windows blended as logits (refine fits to them)
-        self._output_layer: str | None = None  # the name of the layer refine adapts, once checked
+        self._output_layer: str | None = None  # the layer refine folds its map into, once checked ("": none)
         self.last_steps = 0  # L-BFGS iterations of the last refine's fit
         self.last_scope: str | None = None  # where the last refine updated the labels ("global" / "local")
         self._fit: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last refine's map of the logits
@@ -633,9 +656,9 @@ class Session:
             The new label map (``labels``, updated in place). Marked voxels have their marked class.
 
         Raises:
-            ValueError: a universal (query) model (only semantic models are adapted), a model whose output
-                is not a convolution or linear layer's (mapped linearly), a wrong shape or a class outside
-                ``[0, K)``, or an unknown ``scope``.
+            ValueError: a universal (query) model (only semantic models are adapted), a model that does not
+                return one ``(B, K, ...)`` logits tensor, a wrong shape or a class outside ``[0, K)``, or an
+                unknown ``scope``.
         """
         if self.task not in ADAPTABLE_TASKS:
             raise ValueError(
@@ -666,7 +689,7 @@ class Session:
 
         snapshot = {
             "labels": self.labels.copy(), "pre_labels": self.pre_labels.clone(), "cache": dict(self.cache),
-            "marks": self.marks.copy(), "model": copy.deepcopy(self.model.state_dict()), "rounds": self.rounds,
+            "marks": self.marks.copy(), "model": self.model, "rounds": self.rounds,
             "fit": self._fit,
         }
         try:
@@ -740,58 +763,62 @@ class Session:
             self._scores = scores.cpu()
         return self._scores
 
-    def _checked_output_layer(self) -> str:
-        """The name of :func:`output_layer`, checked once on a window: mapping that layer's output by a random
-        affine map must map the model's output the same way."""
+    def _foldable_layer(self) -> str | None:
+        """The name of :func:`output_layer` when the model's output is that layer's output mapped linearly,
+        else ``None`` (refine then appends the map, :class:`MappedOutput`). Checked once, on a window:
+        mapping that layer's output by a random affine map must map the model's output the same way."""
         if self._output_layer is not None:
-            return self._output_layer
+            return self._output_layer or None
         classes = self._classes()
-        name, _ = output_layer(self.original, classes)
         w = self.slab_order[0]
         x = self.grid.read(self.source, 0, self.grid.slices[w], self.options["cval"])[None]
         if self.slice_axis is not None:
             x = x.squeeze(2 + self.slice_axis)
-        generator = torch.Generator().manual_seed(0)
-        matrix = torch.eye(classes) + 0.1 * torch.randn(classes, classes, generator=generator)
-        with_bias = getattr(dict(self.original.named_modules())[name], "bias", None) is not None
-        offset = 0.1 * torch.randn(classes, generator=generator) if with_bias else None
-        folded = copy.deepcopy(self.original)
-        fold_affine(dict(folded.named_modules())[name], matrix, offset)
         device = next(self.original.parameters()).device
         with torch.no_grad():
-            base, mapped = self.original(x.to(device)), folded(x.to(device))
-        if not (isinstance(base, torch.Tensor) and isinstance(mapped, torch.Tensor) and base.shape[1] == classes):
-            raise ValueError(f"refine adapts models that return one logits tensor; {type(self.original).__name__} "
-                             f"returned {type(base).__name__}")
-        expected = torch.einsum("kj,bj...->bk...", matrix.to(base), base)
-        if offset is not None:
-            expected = expected + offset.to(base).reshape(1, classes, *([1] * (base.ndim - 2)))
+            base = self.original(x.to(device))
+        if not (isinstance(base, torch.Tensor) and base.ndim >= 2 and base.shape[1] == classes):
+            raise ValueError(f"refine adapts models that return one (B, {classes}, ...) logits tensor; "
+                             f"{type(self.original).__name__} returned {type(base).__name__}")
+        self._output_layer = ""
+        try:
+            name, layer = output_layer(self.original, classes)
+        except ValueError:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        matrix = torch.eye(classes) + 0.1 * torch.randn(classes, classes, generator=generator)
+        offset = 0.1 * torch.randn(classes, generator=generator) if layer.bias is not None else None
+        folded = copy.deepcopy(self.original)
+        fold_affine(dict(folded.named_modules())[name], matrix, offset)
+        with torch.no_grad():
+            mapped = folded(x.to(device))
+        expected = MappedOutput.map_logits(base, matrix, offset)
         scale = float(base.abs().max()) + 1.0
-        if not torch.allclose(mapped, expected, rtol=0, atol=1e-4 * scale):
-            raise ValueError(f"refine adapts the output layer {name!r} of {type(self.original).__name__}, but the model's "
-                             f"output is not that layer's output mapped linearly (an activation or a non-linear "
-                             f"step follows it)")
-        self._output_layer = name
-        return name
+        if isinstance(mapped, torch.Tensor) and torch.allclose(mapped, expected, rtol=0, atol=1e-4 * scale):
+            self._output_layer = name
+        return self._output_layer or None
 
     def _calibrate(self, pre_marks: torch.Tensor, budget: float, progress, cancel) -> None:
         """Fit the output layer's affine map to ``pre_marks`` (all marks, on the preprocessed grid), fold it
         into a copy of the original model, and bring the window outputs and :attr:`pre_labels` up to date."""
-        name = self._checked_output_layer()
-        layer = dict(self.original.named_modules())[name]
+        name = self._foldable_layer()
+        with_offset = name is None or dict(self.original.named_modules())[name].bias is not None
 
         def fit_progress(fraction: float) -> None:
             if progress is not None:
                 progress(min(69, int(70 * fraction)), 100)
 
         matrix, offset, self.last_steps = fit_calibration(
-            self._original_scores(), pre_marks, with_offset=layer.bias is not None, seconds=budget, cancel=cancel,
+            self._original_scores(), pre_marks, with_offset=with_offset, seconds=budget, cancel=cancel,
             progress=fit_progress)
         self._fit = (matrix, offset)
         if cancel is not None and cancel.is_set():  # set during the last step of the fit
             raise Cancelled(f"refine cancelled after {self.last_steps} iterations of the output layer's fit")
         model = copy.deepcopy(self.original)
-        fold_affine(dict(model.named_modules())[name], matrix, offset)
+        if name is not None:
+            fold_affine(dict(model.named_modules())[name], matrix, offset)
+        else:  # e.g. a residual unit after the last layer (MONAI's UNet with num_res_units > 0)
+            model = MappedOutput(model, matrix, offset)
         everything = list(self.slab_order)
         if self.blend_probabilities:  # probabilities of mirrored windows were averaged: run them again
             previous = self.model
@@ -825,7 +852,7 @@ class Session:
         self.pre_labels = snapshot["pre_labels"].clone()
         self.cache = dict(snapshot["cache"])
         self.marks = snapshot["marks"].copy()
-        self.model.load_state_dict(snapshot["model"])
+        self.model = snapshot["model"]  # refine builds a new model each round: the old one is unchanged
         self.rounds = snapshot["rounds"]
         self._fit = snapshot["fit"]
 
@@ -857,4 +884,9 @@ class Session:
         metadata = dict(getattr(self.original, "medsegkit_metadata", None) or {})
         metadata["adapted_from"] = self.source_name
         metadata["interactive"] = {"rounds": self.rounds, "marked_voxels": int((self.marks > 0).sum())}
+        if isinstance(self.model, MappedOutput):
+            raise ValueError(f"the adapted {type(self.original).__name__} cannot be saved as a checkpoint of its "
+                             f"architecture: its output is not one convolution's (a residual unit or another step "
+                             f"follows it), so refine appended its map of the logits instead of folding it in; the "
+                             f"refined labels are unaffected")
         return save_checkpoint(self.model, path, metadata=metadata)
