@@ -67,6 +67,12 @@ def _overlaps(a: Sequence[slice], b: Sequence[slice]) -> bool:
 OUTPUT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
+def _exported_hint(model: nn.Module) -> str:
+    if type(model).__name__ != "ExportedNetwork":
+        return ""
+    return "; an exported network runs but cannot be adapted: refine with the PyTorch checkpoint it was exported from"
+
+
 def output_layer(model: nn.Module, classes: int) -> tuple[str, nn.Module]:
     """The layer :meth:`Session.refine` adapts: the last convolution (``Conv*d``, ``ConvTranspose*d``) or
     ``Linear`` layer (in registration order) with ``classes`` outputs and no groups, as ``(name, module)``. The session checks
@@ -78,10 +84,8 @@ def output_layer(model: nn.Module, classes: int) -> tuple[str, nn.Module]:
         if isinstance(module, OUTPUT_LAYERS) and outputs == classes and getattr(module, "groups", 1) == 1:
             found = (name, module)
     if found is None:
-        hint = ("; an exported network runs but cannot be adapted: refine with the PyTorch checkpoint it was "
-                "exported from" if type(model).__name__ == "ExportedNetwork" else "")
         raise ValueError(f"refine adapts a model's output layer, a convolution or linear layer with {classes} "
-                         f"output channel(s); {type(model).__name__} has none{hint}")
+                         f"output channel(s); {type(model).__name__} has none{_exported_hint(model)}")
     return found
 
 
@@ -774,7 +778,10 @@ class Session:
         x = self.grid.read(self.source, 0, self.grid.slices[w], self.options["cval"])[None]
         if self.slice_axis is not None:
             x = x.squeeze(2 + self.slice_axis)
-        device = next(self.original.parameters()).device
+        if not any(p.is_floating_point() for p in self.original.parameters()):
+            raise ValueError(f"{type(self.original).__name__} has no floating-point parameters to adapt"
+                             f"{_exported_hint(self.original)}")
+        device = next(p for p in self.original.parameters() if p.is_floating_point()).device
         with torch.no_grad():
             base = self.original(x.to(device))
         if not (isinstance(base, torch.Tensor) and base.ndim >= 2 and base.shape[1] == classes):
