@@ -343,7 +343,7 @@ class Session:
         self._scores: torch.Tensor | None = None  # the original windows blended as logits (refine fits to them)
         self._output_layer: str | None = None  # the layer refine folds its map into, once checked ("": none)
         self.last_steps = 0  # L-BFGS iterations of the last refine's fit
-        self.last_scope: str | None = None  # where the last refine updated the labels ("global" / "local")
+        self.last_scope: str | None = None  # where the last refine updated the labels ("global" / "local" / None)
         self._fit: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last refine's map of the logits
 
     # ------------------------------------------------------------------------------------------------
@@ -696,6 +696,7 @@ class Session:
             "marks": self.marks.copy(), "model": self.model, "rounds": self.rounds,
             "fit": self._fit,
         }
+        self.last_scope = None  # stays None when the marks only edit labels outside the preprocessed grid
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
             pre_marks = self._pre_marks()
