@@ -772,6 +772,8 @@ class Session:
         """The name of :func:`output_layer` when the model's output is that layer's output mapped linearly,
         else ``None`` (refine then appends the map, :class:`MappedOutput`). Checked once, on a window:
         mapping that layer's output by a random affine map must map the model's output the same way."""
+        from medsegkit.inference.windows import model_device
+
         if self._output_layer is not None:
             return self._output_layer or None
         classes = self._classes()
@@ -782,7 +784,7 @@ class Session:
         if not any(p.is_floating_point() for p in self.original.parameters()):
             raise ValueError(f"{type(self.original).__name__} has no floating-point parameters to adapt"
                              f"{_exported_hint(self.original)}")
-        device = next(p for p in self.original.parameters() if p.is_floating_point()).device
+        device = model_device(self.original)
         with torch.no_grad():
             base = self.original(x.to(device))
         if not (isinstance(base, torch.Tensor) and base.ndim >= 2 and base.shape[1] == classes):
@@ -843,17 +845,15 @@ class Session:
                 self.model = previous
                 raise
         else:  # logits: the map applies to each kept window output (blending is linear)
-            cache = {}
-            for w in everything:
-                original = self._original_cache[w]
-                mapped = torch.einsum("kj,j...->k...", matrix.to(original), original)
-                if offset is not None:
-                    mapped += offset.to(original).reshape(-1, *([1] * (original.ndim - 1)))
-                cache[w] = mapped
-            self.cache = cache
+            self.cache = {w: MappedOutput.map_logits(self._original_cache[w][None], matrix, offset)[0]
+                          for w in everything}
             self.model = model
-        self._blend(set(everything), range(len(self.chunk_windows)),
-                    [self._chunk_box(r) for r in range(len(self.chunk_windows))])
+        self._blend_all()
+
+    def _blend_all(self) -> None:
+        """Blend every cached window into :attr:`pre_labels` (the whole preprocessed grid)."""
+        chunks = range(len(self.chunk_windows))
+        self._blend(set(self.cache), chunks, [self._chunk_box(r) for r in chunks])
 
     def _apply(self, snapshot: Mapping[str, Any]) -> None:
         self.labels[...] = snapshot["labels"]
@@ -881,8 +881,7 @@ class Session:
         if self._original_cache is not None:
             self.cache = dict(self._original_cache)
             self.labels[...] = self._original_labels
-            self._blend(set(self.cache), range(len(self.chunk_windows)),
-                        [self._chunk_box(r) for r in range(len(self.chunk_windows))])
+            self._blend_all()
         return self.labels
 
     def save(self, path: str | os.PathLike) -> os.PathLike:
