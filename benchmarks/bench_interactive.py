@@ -21,6 +21,7 @@
     python benchmarks/bench_interactive.py --no-progressive --case tissue --tissue-model weak_tissue.safetensors \
         --case brain --brain-model itk_brain.safetensors --plot docs/images/interactive_rounds.png
     python benchmarks/bench_interactive.py --rounds 3 --seconds 1.5
+    python benchmarks/bench_interactive.py --memory      # the session's tensor memory per refine round
     xvfb-run -a -s "-screen 0 1400x900x24" python benchmarks/bench_interactive.py --napari
 
 Timings depend on the machine's load; the numbers are printed, not asserted.
@@ -220,6 +221,44 @@ def output_layer_ceiling(session, truth: np.ndarray, scored: tuple[slice, ...], 
     return mean_dice(labels[scored], truth[scored], classes)
 
 
+def memory_per_round(model, image, truth: np.ndarray, options: dict, rounds: int) -> None:
+    """The tensor memory a session holds after each simulated-user refine round (global scope): every live
+    torch tensor's storage counted once (``gc`` sees them all), free of the allocator's noise that resident
+    memory has. The window cache is kept once, so this should not grow by one cache a round."""
+    import gc
+
+    import torch
+
+    from medsegkit.interactive import Session
+
+    def tensor_mb() -> float:
+        gc.collect()
+        storages = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values()) / 2**20
+
+    before = tensor_mb()
+    session = Session(model, image, **options)
+    session.run()
+    windows = sum(t.numel() * t.element_size() for t in session.cache.values()) / 2**20
+    start = tensor_mb()
+    held = []
+    for _ in range(rounds):
+        mark = next_mark(session.labels, truth)
+        if mark is None:
+            break
+        ball, cls = mark
+        scribbles = np.zeros(truth.shape, np.int32)
+        scribbles[ball] = cls + 1
+        session.refine(scribbles, scope="global")
+        held.append(tensor_mb() - before)
+    print(f"tensor memory, {options or 'logits'}: window cache {windows:.0f} MB, session after the run "
+          f"{start - before:.0f} MB, after rounds 1..{len(held)}: " + ", ".join(f"{h:.0f}" for h in held) + " MB")
+
+
 def plot_rounds(path: str, curves: dict[str, list[dict]], ceilings: dict[str, float]) -> None:
     """Dice per round, refine (solid) and paint only (dashed), one colour per case, to a PNG."""
     import matplotlib
@@ -259,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--brain-model", help="start model of the brain case: a 2-class brain-mask checkpoint "
                                               "trained on another subject (e.g. the ITK head)")
     parser.add_argument("--no-progressive", action="store_true", help="skip the progressive-run timings")
+    parser.add_argument("--memory", action="store_true",
+                        help="resident memory the session adds per refine round (demo model, logits and tta_flips)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the progressive comparison")
     parser.add_argument("--plot", help="write the Dice-per-round plot of the cases to this PNG")
     parser.add_argument("--napari", action="store_true",
@@ -287,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     truth = np.asarray(read_image(sample_path("mni152_tissue")).array).astype(np.int64)
     kw: dict = {}  # the checkpoint's own window and preprocessing, as segment, predict and napari run it
     tissue_model = load_model(args.tissue_model or demo_checkpoint_path())
+
+    if args.memory:
+        for options in ({}, {"tta_flips": (0,)}):
+            memory_per_round(load_model(demo_checkpoint_path()), image, truth, options, min(args.rounds, 6))
+        return 0
 
     # 1. progressive (the demo model)
     tissue_session = None

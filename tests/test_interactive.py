@@ -393,6 +393,45 @@ def test_refine_2d_on_a_volume_and_mirrored_binary_equal_the_adapted_model(name,
     np.testing.assert_array_equal(session.labels, original)
 
 
+@pytest.mark.parametrize("options", [{}, {"tta_flips": (0, 1)}])
+def test_refine_keeps_one_window_cache_through_rounds_undo_and_reset(options):
+    """The session holds the original model's window outputs once: refine maps them as it blends (logits)
+    or blends the adapted model's windows without keeping them (mirrored probabilities), and the undo
+    history holds labels, marks and maps, no window outputs; every state still equals ``segment``."""
+    torch.manual_seed(5)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3)
+    image = Image(np.random.default_rng(5).normal(size=(30, 20, 18)).astype(np.float32), np.eye(4), {}, None)
+    kw = {"roi_size": (16, 16, 16), "preprocessing": "none", **options}
+    session = Session(model, image, **kw)
+    original = session.run().copy()
+    windows = dict(session.cache)
+    assert len(windows) == len(session.grid.slices) > 1
+    rounds = []
+    for r in range(3):
+        scribbles = np.zeros(image.spatial_shape, np.int32)
+        scribbles[3 + 8 * r: 6 + 8 * r, 2:5, 2:5] = 1 + (r % 3)
+        rounds.append(session.refine(scribbles, seconds=60.0, scope="global").copy())
+        adapted = segment(session.model, image, **kw).array
+        unmarked = session.marks == 0
+        np.testing.assert_array_equal(rounds[-1][unmarked], adapted[unmarked])
+    assert (rounds[-1] != original).any()
+    assert session.cache.keys() == windows.keys() and all(session.cache[w] is windows[w] for w in windows)
+    window_bytes = {t.data_ptr() for t in windows.values()}
+    for snapshot in session._history:
+        held = [v for v in snapshot.values() if isinstance(v, (torch.Tensor, dict))]
+        assert all(not isinstance(v, dict) for v in held)  # no per-window outputs in the undo history
+        assert all(v.data_ptr() not in window_bytes for v in held)
+    session.undo()
+    np.testing.assert_array_equal(session.labels, rounds[1])
+    scribbles = np.zeros(image.spatial_shape, np.int32)
+    scribbles[20:23, 10:13, 10:13] = 2
+    again = session.refine(scribbles, seconds=60.0, scope="global")
+    unmarked = session.marks == 0
+    np.testing.assert_array_equal(again[unmarked], segment(session.model, image, **kw).array[unmarked])
+    np.testing.assert_array_equal(session.reset(), original)
+    assert all(session.cache[w] is windows[w] for w in windows)
+
+
 def test_refine_auto_scope_is_local_until_the_next_marks_confirm_the_map(weak_case):
     session, _, original, first = _ramp_session(weak_case[0])
     # round 1 (nothing to check the map against yet): local, the far corner keeps its labels

@@ -373,8 +373,9 @@ class Session:
                            self.source, writer)
 
     def _compute(self, windows: list[int], progress, cancel, done_before: int = 0, total: int | None = None,
-                 after_batch: Callable[[], None] | None = None) -> None:
-        """Run the network on ``windows`` (in this order) and store their outputs in :attr:`cache`."""
+                 after_batch: Callable[[], None] | None = None, into: dict[int, torch.Tensor] | None = None) -> None:
+        """Run the network on ``windows`` (in this order) and store their outputs in :attr:`cache` (or
+        ``into``)."""
         from medsegkit.inference.windows import iterate_windows, model_device, prepared_runner
 
         if not windows:
@@ -396,19 +397,26 @@ class Session:
             for batch in iterate_windows(self.source, self.grid, forward, batch_size=size, order=windows,
                                          cval=self.options["cval"], progress=report, cancel=cancel):
                 for index, output in zip(batch.indices, batch.output):
-                    self.cache[index] = output.clone()
+                    (self.cache if into is None else into)[index] = output.clone()
                 done += 1
                 if after_batch is not None:
                     after_batch()
 
-    def _blend(self, windows: set[int], chunks: Sequence[int], boxes: Sequence[tuple[slice, ...]]) -> None:
-        """Blend the cached ``windows`` (in slab order) into ``chunks`` and copy ``boxes`` (preprocessed
-        coordinates, each covered only by ``windows``) into :attr:`pre_labels`."""
+    def _blend(self, windows: set[int], chunks: Sequence[int], boxes: Sequence[tuple[slice, ...]],
+               outputs: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Blend the cached ``windows`` (in slab order; mapped by :meth:`_cache_map`), or those of ``outputs``
+        as they are, into ``chunks`` and copy ``boxes`` (preprocessed coordinates, each covered only by
+        ``windows``) into :attr:`pre_labels`."""
         blender = self._blender()
+        mapping = self._cache_map() if outputs is None else None
+        outputs = self.cache if outputs is None else outputs
         with torch.inference_mode():
             for w in self.slab_order:
                 if w in windows:
-                    blender._accumulate(self.grid.slices[w], self.cache[w].permute(blender.to_slab_first))
+                    output = outputs[w]
+                    if mapping is not None:
+                        output = MappedOutput.map_logits(output[None], *mapping)[0]
+                    blender._accumulate(self.grid.slices[w], output.permute(blender.to_slab_first))
             for r in sorted(set(chunks)):
                 blender.finish_chunk(r)
             scratch = self._scratch.array[0]
@@ -417,6 +425,13 @@ class Session:
             for box in boxes:
                 self.pre_labels[box] = scratch[box]
                 self.pre_done[box] = True
+
+    def _cache_map(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The affine map :meth:`_blend` applies to the cached window outputs, which stay the original
+        model's (one cache, whatever the number of refines and undo steps): the last refine's map when the
+        cache holds logits; ``None`` with ``tta_flips``, whose averaged probabilities cannot be mapped
+        (refine blends the adapted model's windows once, :meth:`_calibrate`, and keeps only the labels)."""
+        return None if self.blend_probabilities else self._fit
 
     def _chunk_box(self, r: int) -> tuple[slice, ...]:
         slab, before, size = self.grid.slab_axis, self.grid.pad_before[self.grid.slab_axis], self.source.spatial[self.grid.slab_axis]
@@ -691,8 +706,8 @@ class Session:
         if not budget > 0:
             raise ValueError(f"seconds must be > 0, got {seconds!r}")
 
-        snapshot = {
-            "labels": self.labels.copy(), "pre_labels": self.pre_labels.clone(), "cache": dict(self.cache),
+        snapshot = {  # no window outputs: the cache stays the original model's (_cache_map)
+            "labels": self.labels.copy(), "pre_labels": self.pre_labels.clone(),
             "marks": self.marks.copy(), "model": self.model, "rounds": self.rounds,
             "fit": self._fit,
         }
@@ -829,36 +844,36 @@ class Session:
             fold_affine(dict(model.named_modules())[name], matrix, offset)
         else:  # e.g. a residual unit after the last layer (MONAI's UNet with num_res_units > 0)
             model = MappedOutput(model, matrix, offset)
-        everything = list(self.slab_order)
-        if self.blend_probabilities:  # probabilities of mirrored windows were averaged: run them again
-            previous = self.model
+        if not self.blend_probabilities:  # logits: _blend maps each kept window output (blending is linear)
             self.model = model
-            try:
-                size = self.options["sw_batch_size"]
+            self._blend_all()
+            return
+        # probabilities of mirrored windows were averaged: run the adapted model's windows, blend them once
+        everything, adapted = list(self.slab_order), {}
+        previous = self.model
+        self.model = model
+        try:
+            size = self.options["sw_batch_size"]
 
-                def report(done: int, total: int) -> None:
-                    if progress is not None:
-                        progress(70 + (30 * done) // max(total, 1), 100)
+            def report(done: int, total: int) -> None:
+                if progress is not None:
+                    progress(70 + (30 * done) // max(total, 1), 100)
 
-                self._compute(everything, report, cancel, total=math.ceil(len(everything) / size))
-            except BaseException:
-                self.model = previous
-                raise
-        else:  # logits: the map applies to each kept window output (blending is linear)
-            self.cache = {w: MappedOutput.map_logits(self._original_cache[w][None], matrix, offset)[0]
-                          for w in everything}
-            self.model = model
-        self._blend_all()
+            self._compute(everything, report, cancel, total=math.ceil(len(everything) / size), into=adapted)
+        except BaseException:
+            self.model = previous
+            raise
+        self._blend_all(adapted)
 
-    def _blend_all(self) -> None:
-        """Blend every cached window into :attr:`pre_labels` (the whole preprocessed grid)."""
+    def _blend_all(self, outputs: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Blend every window (:attr:`cache`, or ``outputs``: :meth:`_blend`) into :attr:`pre_labels` (the
+        whole preprocessed grid)."""
         chunks = range(len(self.chunk_windows))
-        self._blend(set(self.cache), chunks, [self._chunk_box(r) for r in chunks])
+        self._blend(set(self.slab_order), chunks, [self._chunk_box(r) for r in chunks], outputs)
 
     def _apply(self, snapshot: Mapping[str, Any]) -> None:
         self.labels[...] = snapshot["labels"]
         self.pre_labels = snapshot["pre_labels"].clone()
-        self.cache = dict(snapshot["cache"])
         self.marks = snapshot["marks"].copy()
         self.model = snapshot["model"]  # refine builds a new model each round: the old one is unchanged
         self.rounds = snapshot["rounds"]
@@ -879,7 +894,6 @@ class Session:
         self._fit = None
         self._history.clear()
         if self._original_cache is not None:
-            self.cache = dict(self._original_cache)
             self.labels[...] = self._original_labels
             self._blend_all()
         return self.labels
