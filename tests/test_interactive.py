@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medsegkit import Cancelled, create_model
+from medsegkit.errors import CheckpointError
 from medsegkit.inference import segment
 from medsegkit.interactive import (
     MappedOutput,
@@ -19,6 +20,7 @@ from medsegkit.interactive import (
     output_layer,
 )
 from medsegkit.io import Image
+from medsegkit.weights import load_checkpoint, load_model, read_checkpoint, save_checkpoint
 
 SHAPE = (48, 24, 24)
 CENTRES = {"A": (8, 12, 12), "B": (38, 12, 12)}
@@ -479,6 +481,37 @@ def test_map_generalises_needs_lower_cross_entropy_and_no_fewer_right():
     assert map_generalises(binary, marks, torch.eye(1), torch.tensor([1.5]))
 
 
+def test_refined_resunet_saves_its_appended_map_and_load_model_rebuilds_it(tmp_path):
+    """medsegkit's ResUNet ends in a residual unit (as MONAI's UNet with residual units): refine appends the
+    map, save records the model plus "output_map", and load_model gives back a model that segments as
+    the session did; a record with a broken map is refused."""
+    torch.manual_seed(6)
+    model = create_model("ResUNet3d", channels=(4, 8), strides=(2,), out_channels=3)
+    image = Image(np.random.default_rng(6).normal(size=(24, 20, 16)).astype(np.float32), np.eye(4), {}, None)
+    kw = {"roi_size": (16, 16, 16), "preprocessing": "none"}
+    session = Session(model, image, **kw)
+    original = session.run().copy()
+    scribbles = np.zeros(image.spatial_shape, np.int32)
+    scribbles[2:5, 2:5, 2:5] = 3
+    scribbles[-5:-2, -5:-2, -5:-2] = 2
+    labels = session.refine(scribbles, seconds=60.0, scope="global").copy()
+    assert isinstance(session.model, MappedOutput) and (labels != original).sum() > (scribbles > 0).sum()
+    path = session.save(tmp_path / "adapted.safetensors")
+    _, record = read_checkpoint(path)
+    assert record["model"]["name"] == "ResUNet3d" and record["model"]["output_map"] == {"classes": 3}
+    loaded = load_model(path)
+    assert isinstance(loaded, MappedOutput) and loaded.medsegkit_config["name"] == "ResUNet3d"
+    assert loaded.medsegkit_metadata["interactive"]["rounds"] == 1
+    torch.testing.assert_close(loaded.matrix, session.model.matrix, rtol=0, atol=0)
+    rebuilt = segment(loaded, image, **kw).array
+    unmarked = scribbles == 0
+    np.testing.assert_array_equal(rebuilt[unmarked], labels[unmarked])
+    broken = {**record, "model": {**record["model"], "output_map": {"classes": "3"}}}
+    save_checkpoint(dict(load_model(path).state_dict()), tmp_path / "broken.safetensors", record=broken)
+    with pytest.raises(CheckpointError, match="records an output map with classes='3'; expected an int >= 1"):
+        load_model(tmp_path / "broken.safetensors")
+
+
 @pytest.mark.parametrize("network", ["UNet", "SegResNet", "DynUNet"])
 def test_refine_monai_networks_fold_or_append_the_map(network, tmp_path):
     # MONAI's UNet with residual units ends in ResidualUnit(conv) + identity: its last convolution cannot
@@ -506,8 +539,14 @@ def test_refine_monai_networks_fold_or_append_the_map(network, tmp_path):
     np.testing.assert_array_equal(labels[scribbles == 0], adapted[scribbles == 0])
     if network == "UNet":
         assert isinstance(session.model, MappedOutput)
-        with pytest.raises(ValueError, match="the adapted UNet cannot be saved as a checkpoint of its architecture"):
-            session.save(tmp_path / "adapted.safetensors")
+        # saved with its map; a network built by hand (no medsegkit record) loads into the same pair
+        path = session.save(tmp_path / "adapted.safetensors")
+        with pytest.raises(CheckpointError, match="does not record which model it belongs to"):
+            load_model(path)
+        rebuilt = nets.UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+        loaded = load_checkpoint(MappedOutput(rebuilt, torch.eye(3), None), path).eval()
+        np.testing.assert_array_equal(segment(loaded, image, **kw).array, adapted)
+        assert loaded.medsegkit_metadata["adapted_from"]
     else:
         assert type(session.model) is type(model)
         assert session.save(tmp_path / "adapted.safetensors").is_file()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from medsegkit.errors import Cancelled
+from medsegkit.nets.layers.output_map import MappedOutput
 
 __all__ = ["MappedOutput", "Session", "fit_calibration", "fold_affine", "map_generalises", "output_layer"]
 
@@ -179,29 +180,6 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
                 break
             previous = loss
     return matrix.detach(), (offset.detach()[:, 0] if with_offset else None), iterations
-
-
-class MappedOutput(nn.Module):
-    """``model`` followed by an affine map of its output channels, ``z -> matrix @ z + offset`` (channel axis
-    1): what :meth:`Session.refine` makes of a model whose output layer cannot absorb the map (a residual
-    unit after it, as in MONAI's ``UNet`` with ``num_res_units > 0``). ``Session.save`` refuses it."""
-
-    def __init__(self, model: nn.Module, matrix: torch.Tensor, offset: torch.Tensor | None) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("matrix", matrix.detach().clone())
-        self.register_buffer("offset", torch.zeros(len(matrix)) if offset is None else offset.detach().clone())
-
-    @staticmethod
-    def map_logits(z: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        """``(B, K, ...)`` logits mapped: ``matrix @ z + offset`` over the channel axis."""
-        mapped = torch.einsum("kj,bj...->bk...", matrix.to(z), z)
-        if offset is not None:
-            mapped = mapped + offset.to(z).reshape(1, -1, *([1] * (z.ndim - 2)))
-        return mapped
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.map_logits(self.model(x), self.matrix, self.offset)
 
 
 def map_generalises(scores: torch.Tensor, marks: torch.Tensor, matrix: torch.Tensor,
@@ -899,15 +877,15 @@ class Session:
         return self.labels
 
     def save(self, path: str | os.PathLike) -> os.PathLike:
-        """Write the (adapted) model as a checkpoint (atomically) with ``metadata["adapted_from"]``."""
+        """Write the (adapted) model as a checkpoint (atomically) with ``metadata["adapted_from"]``.
+
+        A folded map gives a checkpoint of the original architecture; an appended one
+        (:class:`MappedOutput`) records the model plus ``"output_map"``, which :func:`medsegkit.load_model`
+        rebuilds (a model without a medsegkit record, e.g. a MONAI network built by hand, loads with
+        ``load_checkpoint(MappedOutput(network, torch.eye(K), None), path)``)."""
         from medsegkit.weights import save_checkpoint
 
         metadata = dict(getattr(self.original, "medsegkit_metadata", None) or {})
         metadata["adapted_from"] = self.source_name
         metadata["interactive"] = {"rounds": self.rounds, "marked_voxels": int((self.marks > 0).sum())}
-        if isinstance(self.model, MappedOutput):
-            raise ValueError(f"the adapted {type(self.original).__name__} cannot be saved as a checkpoint of its "
-                             f"architecture: its output is not one convolution's (a residual unit or another step "
-                             f"follows it), so refine appended its map of the logits instead of folding it in; the "
-                             f"refined labels are unaffected")
         return save_checkpoint(self.model, path, metadata=metadata)

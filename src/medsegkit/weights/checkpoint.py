@@ -4,6 +4,7 @@ A medsegkit checkpoint holds the state dict and a JSON record::
 
     {"format": "medsegkit-checkpoint", "version": 1,
      "model": {"name": "UNet3d", "overrides": {...}}       # or {"target": "pkg.Class", "args": {...}}
+                                                           # (+ "output_map": {"classes": K}: MappedOutput)
      "metadata": {"class_names": [...], "label_colors": [...], "preprocessing": {...}, ...}}
 
 so that :func:`medsegkit.load_model` (registry layer: it resolves the recorded name) rebuilds the
@@ -43,6 +44,10 @@ RECORD_KEY = "medsegkit"
 
 
 def _model_record(model: nn.Module) -> dict[str, Any]:
+    from medsegkit.nets.layers.output_map import MappedOutput
+
+    if isinstance(model, MappedOutput):  # the model's own record plus its appended map of the logits
+        return {**_model_record(model.model), "output_map": {"classes": model.classes}}
     config = getattr(model, "medsegkit_config", None)
     if config is not None:
         return {"name": config["name"], "overrides": config.get("overrides", {})}
