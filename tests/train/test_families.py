@@ -56,6 +56,28 @@ def test_objective_for_picks_the_family():
     assert isinstance(objective_for(detector, 3), DetectionObjective)
 
 
+def test_semantic_objective_keeps_logits_only_for_a_step_that_returns_them():
+    """The objective holds no batch of logits past its call unless a TrainStep with ``outputs=True`` (the
+    bundles' train metric) reads them: then they are the main head's detached logits."""
+    from medsegkit.train.step import TrainStep
+
+    torch.manual_seed(0)
+    network = create_model("UNet2d", channels=(4, 8), strides=(2,), out_channels=3)
+    images, labels = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
+    objective = SemanticObjective()
+    loss = objective(network, images, labels)
+    assert torch.isfinite(loss) and objective.last_output is None
+    TrainStep(network, objective)
+    objective(network, images, labels)
+    assert objective.last_output is None
+    TrainStep(network, objective, outputs=True)
+    objective(network, images, labels)
+    assert objective.last_output.shape == (2, 3, 16, 16) and not objective.last_output.requires_grad
+    with pytest.raises(ValueError, match="outputs=True needs an objective that keeps its logits"):
+        TrainStep(network, QueryObjective(create_model("maskformer_resnet_18", num_classes=3, **QUERY_HEADS), 3),
+                  outputs=True)
+
+
 def _blobs(seed: int, binary: bool) -> LabelledVolume:
     volume = blob_volume(seed, size=32)
     return replace(volume, label=(volume.label > 0).astype(np.int64)) if binary else volume

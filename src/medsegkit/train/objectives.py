@@ -38,7 +38,9 @@ def _family(model: nn.Module) -> str:
 class SemanticObjective:
     """DiceCE on logits ``(N, K, *spatial)``; deep-supervision outputs weighted by MONAI's ``"exp"`` mode.
 
-    ``last_output``: the main head's logits of the last call, detached (a train metric reads them).
+    ``last_output``: with ``keep_output`` set (:class:`~medsegkit.train.step.TrainStep` sets it when a
+    train metric reads the logits), the main head's logits of the last call, detached; else ``None``, so
+    that one batch of logits is not held past its step.
     """
 
     family = "semantic"
@@ -51,15 +53,16 @@ class SemanticObjective:
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight, lambda_dice=lambda_dice,
                                lambda_ce=lambda_ce)
         self.deep = DeepSupervisionLoss(self.loss, weight_mode="exp")
+        self.keep_output = False
         self.last_output: torch.Tensor | None = None
 
     def __call__(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = network(images)
         if isinstance(out, Mapping):
             heads = [out["out"], *out.get("aux", [])]
-            self.last_output = heads[0].detach()
+            self.last_output = heads[0].detach() if self.keep_output else None
             return self.deep([h.float() for h in heads], labels)
-        self.last_output = out.detach()
+        self.last_output = out.detach() if self.keep_output else None
         return self.loss(out.float(), labels)
 
 

@@ -50,9 +50,11 @@ class TrainStep:
         self.freeze_norm_epochs = freeze_norm_epochs
         self.norm_recalibration_batches = norm_recalibration_batches
         self.outputs = outputs
-        if outputs and not hasattr(objective, "last_output"):
+        if outputs and not hasattr(objective, "keep_output"):
             raise ValueError(f"outputs=True needs an objective that keeps its logits (SemanticObjective), "
                              f"got {type(objective).__name__}")
+        if outputs:
+            objective.keep_output = True
         self.recalibrated_at: int | None = None  # the epoch whose first iteration re-estimated the statistics
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
