@@ -422,9 +422,14 @@ def test_refine_keeps_one_window_cache_through_rounds_undo_and_reset(options):
     for snapshot in session._history:
         held = [v for v in snapshot.values() if isinstance(v, (torch.Tensor, dict))]
         assert all(not isinstance(v, dict) for v in held)  # no per-window outputs in the undo history
+        assert not any(isinstance(v, torch.nn.Module) for v in snapshot.values())  # nor models: their maps
+        assert snapshot["marked"].size == 27  # the voxels this round marked, not the whole marks array
         assert all(v.data_ptr() not in window_bytes for v in held)
     session.undo()
     np.testing.assert_array_equal(session.labels, rounds[1])
+    unmarked = session.marks == 0  # round 3's marks are gone; the model rebuilt from round 2's map
+    assert unmarked.sum() == unmarked.size - 2 * 27
+    np.testing.assert_array_equal(segment(session.model, image, **kw).array[unmarked], rounds[1][unmarked])
     scribbles = np.zeros(image.spatial_shape, np.int32)
     scribbles[20:23, 10:13, 10:13] = 2
     again = session.refine(scribbles, seconds=60.0, scope="global")

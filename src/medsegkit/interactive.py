@@ -684,11 +684,13 @@ class Session:
         if not budget > 0:
             raise ValueError(f"seconds must be > 0, got {seconds!r}")
 
-        snapshot = {  # no window outputs: the cache stays the original model's (_cache_map)
+        marked = np.flatnonzero(new)
+        snapshot = {  # no window outputs (the cache stays the original model's, _cache_map) and no model: its map
             "labels": self.labels.copy(), "pre_labels": self.pre_labels.clone(),
-            "marks": self.marks.copy(), "model": self.model, "rounds": self.rounds,
+            "marked": marked, "marks_before": self.marks.reshape(-1)[marked], "rounds": self.rounds,
             "fit": self._fit,
         }
+        model = self.model
         self.last_scope = None  # stays None when the marks only edit labels outside the preprocessed grid
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
@@ -709,7 +711,7 @@ class Session:
                 self.last_scope = scope
             self._force_marks()
         except BaseException:
-            self._apply(snapshot)
+            self._apply(snapshot, model)
             raise
         self.rounds += 1
         self._history.append(snapshot)
@@ -817,11 +819,7 @@ class Session:
         self._fit = (matrix, offset)
         if cancel is not None and cancel.is_set():  # set during the last step of the fit
             raise Cancelled(f"refine cancelled after {self.last_steps} iterations of the output layer's fit")
-        model = copy.deepcopy(self.original)
-        if name is not None:
-            fold_affine(dict(model.named_modules())[name], matrix, offset)
-        else:  # e.g. a residual unit after the last layer (MONAI's UNet with num_res_units > 0)
-            model = MappedOutput(model, matrix, offset)
+        model = self._adapted_model(self._fit)
         if not self.blend_probabilities:  # logits: _blend maps each kept window output (blending is linear)
             self.model = model
             self._blend_all()
@@ -849,11 +847,24 @@ class Session:
         chunks = range(len(self.chunk_windows))
         self._blend(set(self.slab_order), chunks, [self._chunk_box(r) for r in chunks], outputs)
 
-    def _apply(self, snapshot: Mapping[str, Any]) -> None:
+    def _adapted_model(self, fit: tuple[torch.Tensor, torch.Tensor | None] | None) -> nn.Module:
+        """A copy of the original model with the map ``fit`` folded into its output layer, or appended
+        (:class:`MappedOutput`) where that layer cannot absorb it; ``None``: the original's copy."""
+        model = copy.deepcopy(self.original)
+        if fit is None:
+            return model
+        name = self._foldable_layer()
+        if name is None:  # e.g. a residual unit after the last layer (MONAI's UNet with num_res_units > 0)
+            return MappedOutput(model, *fit)
+        fold_affine(dict(model.named_modules())[name], *fit)
+        return model
+
+    def _apply(self, snapshot: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Back to ``snapshot``'s state; its model is ``model``, or rebuilt from its map (undo)."""
         self.labels[...] = snapshot["labels"]
         self.pre_labels = snapshot["pre_labels"].clone()
-        self.marks = snapshot["marks"].copy()
-        self.model = snapshot["model"]  # refine builds a new model each round: the old one is unchanged
+        self.marks.reshape(-1)[snapshot["marked"]] = snapshot["marks_before"]
+        self.model = model if model is not None else self._adapted_model(snapshot["fit"])
         self.rounds = snapshot["rounds"]
         self._fit = snapshot["fit"]
 
@@ -866,7 +877,7 @@ class Session:
 
     def reset(self) -> np.ndarray | None:
         """Back to the original model and its prediction; marks and undo history are cleared."""
-        self.model = copy.deepcopy(self.original)
+        self.model = self._adapted_model(None)
         self.marks[...] = 0
         self.rounds = 0
         self._fit = None
