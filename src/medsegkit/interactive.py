@@ -21,7 +21,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -385,24 +385,28 @@ class Session:
         """Blend the cached ``windows`` (in slab order; mapped by :meth:`_cache_map`), or those of ``outputs``
         as they are, into ``chunks`` and copy ``boxes`` (preprocessed coordinates, each covered only by
         ``windows``) into :attr:`pre_labels`."""
-        blender = self._blender()
         mapping = self._cache_map() if outputs is None else None
-        outputs = self.cache if outputs is None else outputs
         with torch.inference_mode():
-            for w in self.slab_order:
-                if w in windows:
-                    output = outputs[w]
-                    if mapping is not None:
-                        output = MappedOutput.map_logits(output[None], *mapping)[0]
-                    blender._accumulate(self.grid.slices[w], output.permute(blender.to_slab_first))
-            for r in sorted(set(chunks)):
-                blender.finish_chunk(r)
+            self._replay(self._blender(), windows, chunks, self.cache if outputs is None else outputs, mapping)
             scratch = self._scratch.array[0]
             if self.pre_labels is None:
                 self.pre_labels = torch.zeros_like(scratch)
             for box in boxes:
                 self.pre_labels[box] = scratch[box]
                 self.pre_done[box] = True
+
+    def _replay(self, blender: Any, windows: set[int], chunks: Iterable[int], outputs: Mapping[int, torch.Tensor],
+                mapping: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        """Feed ``outputs[w]`` of ``windows`` (in slab order; mapped by ``mapping``, an affine map of logits)
+        to the engine's ``blender`` and finish ``chunks``."""
+        for w in self.slab_order:
+            if w in windows:
+                output = outputs[w]
+                if mapping is not None:
+                    output = MappedOutput.map_logits(output[None], *mapping)[0]
+                blender._accumulate(self.grid.slices[w], output.permute(blender.to_slab_first))
+        for r in sorted(set(chunks)):
+            blender.finish_chunk(r)
 
     def _cache_map(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The affine map :meth:`_blend` applies to the cached window outputs, which stay the original
@@ -750,12 +754,9 @@ class Session:
         logits (with ``tta_flips``: the log of the blended probabilities); computed once."""
         if self._scores is None:
             writer = self._output_class(None, True, self.stitch)
-            blender = self._blender_for("logits", writer)
             with torch.inference_mode():
-                for w in self.slab_order:
-                    blender._accumulate(self.grid.slices[w], self._original_cache[w].permute(blender.to_slab_first))
-                for r in range(len(self.chunk_windows)):
-                    blender.finish_chunk(r)
+                self._replay(self._blender_for("logits", writer), set(self.slab_order), range(len(self.chunk_windows)),
+                             self._original_cache)
             scores = writer.array[0].float()
             if self.blend_probabilities:  # averaged probabilities -> logits
                 p = scores.clamp(1e-6, 1 - 1e-6)
