@@ -12,6 +12,7 @@ from medsegkit import Cancelled, create_model
 from medsegkit.errors import CheckpointError
 from medsegkit.inference import segment
 from medsegkit.interactive import (
+    UNSURE,
     MappedOutput,
     Session,
     fit_calibration,
@@ -166,6 +167,7 @@ def _ramp_session(model):
     image = Image(ramp, np.eye(4), {}, None)
     session = Session(model, image, **KW)
     labels = session.run().copy()
+    _ramp_session.image = image
     return session, image, labels, int(np.argmax(labels[:, 12, 12] == 1))
 
 
@@ -450,13 +452,24 @@ def test_refine_auto_scope_is_local_until_the_next_marks_confirm_the_map(weak_ca
     # round 2 marks the same kind of error elsewhere: round 1's map already moves them toward class 1
     scribbles = np.zeros(SHAPE, np.int32)
     scribbles[first - 2, 20:22, 20:22] = 2
+    before = labels
     labels = session.refine(scribbles, seconds=60.0).copy()
-    assert session.last_scope == "global"
+    assert session.last_scope == "unsure"
     assert ((labels == 1) & (original == 0))[:, 8:14, 8:14].sum() > 20  # away from both rounds' marks
+    # ... but away from the marks only where the original model was unsure (top probability < UNSURE)
+    probabilities = segment(session.original, _ramp_session.image, output="probabilities", **KW).array
+    unsure = probabilities.max(0) < UNSURE
+    far = np.ones(SHAPE, bool)
+    far[max(first - 2 - 9, 0): first - 2 + 10, 20 - 9:, 20 - 9:] = False  # > MARGIN voxels from this round's marks
+    changed = labels != before
+    assert (changed & far).any() and not (changed & far & ~unsure).any()
+    adapted = segment(session.model, _ramp_session.image, **KW).array
+    np.testing.assert_array_equal(labels[far & unsure], adapted[far & unsure])
+    assert ((adapted != labels) & far & ~unsure).any()  # confident voxels the map would flip keep their labels
     # undo brings back round 1's map: the same marks again give the same decision
     session.undo()
     session.refine(scribbles, seconds=60.0)
-    assert session.last_scope == "global"
+    assert session.last_scope == "unsure"
     # a mark against the map (background where the map moved the boundary) is not confirmed: local
     session.undo()
     scribbles = np.zeros(SHAPE, np.int32)

@@ -47,6 +47,7 @@ MAX_ITERATIONS = 200
 CONVERGED = 1e-7  # stop once a step changes the loss by less than this
 SCOPES = ("auto", "global", "local")  # where refine updates the labels (Session.refine)
 MARGIN = 8  # preprocessed voxels (in mm) around the marks whose labels a local refine updates
+UNSURE = 0.7  # auto's extrapolation updates voxels whose original top class probability is below this
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
 
@@ -319,9 +320,10 @@ class Session:
         self._original_cache: dict[int, torch.Tensor] | None = None
         self._original_labels: np.ndarray | None = None
         self._scores: torch.Tensor | None = None  # the original windows blended as logits (refine fits to them)
+        self._unsure_mask: np.ndarray | None = None  # input voxels the original model was unsure of (_unsure)
         self._output_layer: str | None = None  # the layer refine folds its map into, once checked ("": none)
         self.last_steps = 0  # L-BFGS iterations of the last refine's fit
-        self.last_scope: str | None = None  # where the last refine updated the labels ("global" / "local" / None)
+        self.last_scope: str | None = None  # where the last refine updated the labels ("global" / "unsure" / "local" / None)
         self._fit: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the last refine's map of the logits
 
     # ------------------------------------------------------------------------------------------------
@@ -636,11 +638,14 @@ class Session:
         Where the labels change (``scope``): ``"global"``, wherever the adapted model's prediction changes
         (the same kind of error is corrected everywhere); ``"local"``, only within 8 preprocessed voxels
         (in mm) of this call's marks, for errors specific to one place (marking one of two identical-looking
-        objects background makes the global map call both background); ``"auto"`` (default), global once the
+        objects background makes the global map call both background); ``"auto"`` (default), local until the
         marks confirm that the map generalises (:func:`map_generalises`: the map fitted at the previous
         refine, which has not seen this call's marks, moves them toward their class and gets no fewer of
-        them right than the original model), else local — so the first refine is always local.
-        :attr:`last_scope` says which one ran.
+        them right than the original model), and then ``"unsure"``: near the marks as local, and elsewhere
+        only where the original model was unsure (top class probability below ``UNSURE`` = 0.7), so that
+        a map fitted to a few marks does not overrule confident predictions far from them. The first
+        refine is always local. :attr:`last_scope` says which one ran (``"global"``, ``"unsure"`` or
+        ``"local"``).
 
         Args:
             scribbles: integer array on the image grid (``image.spatial_shape``): ``0`` unmarked,
@@ -706,12 +711,14 @@ class Session:
                     scope = "local"
                     new_pre = self._pre_marks(new)
                     if previous_fit is not None and bool((new_pre >= 0).any()):
-                        scope = "global" if map_generalises(self._original_scores(), new_pre, *previous_fit) else "local"
+                        scope = "unsure" if map_generalises(self._original_scores(), new_pre, *previous_fit) else "local"
                 if scope == "global":
                     self.labels[...] = self._gather(self.pre_labels)
                 else:
-                    reach = self._reach(new & self.inside)
-                    self.labels[reach] = self._gather(self.pre_labels, reach)
+                    update = self._reach(new & self.inside)
+                    if scope == "unsure":
+                        update |= self._unsure()
+                    self.labels[update] = self._gather(self.pre_labels, update)
                 self.last_scope = scope
             self._force_marks()
         except BaseException:
@@ -722,6 +729,14 @@ class Session:
         if progress is not None:
             progress(100, 100)
         return self.labels
+
+    def _unsure(self) -> np.ndarray:
+        """``(*input_shape)`` bool: the input voxels whose original top class probability (softmax of the
+        original logits, :meth:`_original_scores`) is below ``UNSURE``, where auto's extrapolation applies."""
+        if self._unsure_mask is None:
+            top = torch.softmax(_two_class(self._original_scores()), dim=0).max(0).values
+            self._unsure_mask = self._gather(top < UNSURE) & self.inside
+        return self._unsure_mask
 
     def _reach(self, new: np.ndarray) -> np.ndarray:
         """Input voxels within ``MARGIN`` preprocessed voxels (in mm) of this call's marks: the only

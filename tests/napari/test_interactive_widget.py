@@ -143,7 +143,7 @@ def test_paint_refine_undo_reset_and_save(sample_layers, checkpoints, qtbot, err
     assert (original[marked] != cls).any()
 
     widget.seconds.value = 0.5
-    widget.scope.value = "local"  # the default corrects everywhere (tests/test_interactive.py)
+    widget.scope.value = "local"  # "near the strokes" whatever the round (auto: tests/test_interactive.py)
     widget.refine()
     wait_for_run(widget)
     assert errors == [] and widget.status.value.startswith("refined in")

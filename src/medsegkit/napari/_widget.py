@@ -140,7 +140,7 @@ class SegmentWidget(Container):
                               tooltip="where Refine updates the result: everywhere the adapted model changes its "
                                       "mind, only near this Refine's strokes (for an error specific to one place), "
                                       "or auto: near the strokes until the strokes confirm that the correction "
-                                      "generalises, then everywhere")
+                                      "generalises, then also wherever the model was unsure")
         self.refine_button = PushButton(text="Refine", enabled=False)
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.reset_button = PushButton(text="Reset", enabled=False)
@@ -787,7 +787,8 @@ class SegmentWidget(Container):
         state.result.refresh()
         if kind == "refine":
             state.history.append(scribbles)
-            where = {"global": "everywhere", "local": "near the strokes"}.get(info.get("scope"), "the marks only")
+            where = {"global": "everywhere", "unsure": "near the strokes and where the model was unsure",
+                     "local": "near the strokes"}.get(info.get("scope"), "the marks only")
             text = (f"refined in {seconds:.1f} s (round {info['rounds']}, corrected {where}, "
                     f"{info['steps']} fitting iterations)")
         elif kind == "undo":
