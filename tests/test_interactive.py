@@ -410,11 +410,12 @@ def test_refine_keeps_one_window_cache_through_rounds_undo_and_reset(options):
     original = session.run().copy()
     windows = dict(session.cache)
     assert len(windows) == len(session.grid.slices) > 1
-    rounds = []
+    rounds, pre_rounds = [], []
     for r in range(3):
         scribbles = np.zeros(image.spatial_shape, np.int32)
         scribbles[3 + 8 * r: 6 + 8 * r, 2:5, 2:5] = 1 + (r % 3)
         rounds.append(session.refine(scribbles, seconds=60.0, scope="global").copy())
+        pre_rounds.append(session.pre_labels.clone())
         adapted = segment(session.model, image, **kw).array
         unmarked = session.marks == 0
         np.testing.assert_array_equal(rounds[-1][unmarked], adapted[unmarked])
@@ -426,9 +427,11 @@ def test_refine_keeps_one_window_cache_through_rounds_undo_and_reset(options):
         assert all(not isinstance(v, dict) for v in held)  # no per-window outputs in the undo history
         assert not any(isinstance(v, torch.nn.Module) for v in snapshot.values())  # nor models: their maps
         assert snapshot["marked"].size == 27  # the voxels this round marked, not the whole marks array
+        assert 0 < snapshot["labels_changed"].size < session.labels.size  # the voxels it changed, not all
         assert all(v.data_ptr() not in window_bytes for v in held)
     session.undo()
     np.testing.assert_array_equal(session.labels, rounds[1])
+    assert torch.equal(session.pre_labels, pre_rounds[1]) and not torch.equal(pre_rounds[1], pre_rounds[2])
     unmarked = session.marks == 0  # round 3's marks are gone; the model rebuilt from round 2's map
     assert unmarked.sum() == unmarked.size - 2 * 27
     np.testing.assert_array_equal(segment(session.model, image, **kw).array[unmarked], rounds[1][unmarked])

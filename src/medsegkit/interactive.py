@@ -694,12 +694,12 @@ class Session:
             raise ValueError(f"seconds must be > 0, got {seconds!r}")
 
         marked = np.flatnonzero(new)
-        snapshot = {  # no window outputs (the cache stays the original model's, _cache_map) and no model: its map
-            "labels": self.labels.copy(), "pre_labels": self.pre_labels.clone(),
+        snapshot = {  # no window outputs (the cache stays the original model's, _cache_map), no model (its map
+            # rebuilds it) and, once the round is done, only the voxels it changed (_keep_changes)
             "marked": marked, "marks_before": self.marks.reshape(-1)[marked], "rounds": self.rounds,
             "fit": self._fit,
         }
-        model = self.model
+        model, labels_before, pre_before = self.model, self.labels.copy(), self.pre_labels.clone()
         self.last_scope = None  # stays None when the marks only edit labels outside the preprocessed grid
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
@@ -722,8 +722,9 @@ class Session:
                 self.last_scope = scope
             self._force_marks()
         except BaseException:
-            self._apply(snapshot, model)
+            self._apply(snapshot, model, labels_before, pre_before)
             raise
+        self._keep_changes(snapshot, labels_before, pre_before)
         self.rounds += 1
         self._history.append(snapshot)
         if progress is not None:
@@ -875,10 +876,25 @@ class Session:
         fold_affine(dict(model.named_modules())[name], *fit)
         return model
 
-    def _apply(self, snapshot: Mapping[str, Any], model: nn.Module | None = None) -> None:
-        """Back to ``snapshot``'s state; its model is ``model``, or rebuilt from its map (undo)."""
-        self.labels[...] = snapshot["labels"]
-        self.pre_labels = snapshot["pre_labels"].clone()
+    def _keep_changes(self, snapshot: dict[str, Any], labels_before: np.ndarray, pre_before: torch.Tensor) -> None:
+        """Record in ``snapshot`` the voxels this refine changed and their earlier labels (input and
+        preprocessed grids), what :meth:`undo` writes back."""
+        changed = np.flatnonzero(self.labels != labels_before)
+        snapshot["labels_changed"], snapshot["labels_before"] = changed, labels_before.reshape(-1)[changed]
+        pre_changed = torch.nonzero(self.pre_labels != pre_before, as_tuple=True)  # whatever the strides
+        snapshot["pre_changed"], snapshot["pre_before"] = pre_changed, pre_before[pre_changed]
+
+    def _apply(self, snapshot: Mapping[str, Any], model: nn.Module | None = None, labels: np.ndarray | None = None,
+               pre_labels: torch.Tensor | None = None) -> None:
+        """Back to ``snapshot``'s state: its model is ``model``, or rebuilt from its map; its labels are
+        ``labels`` / ``pre_labels`` (a refine that failed), or the recorded changes written back (undo)."""
+        if labels is not None:
+            self.labels[...] = labels
+            self.pre_labels = pre_labels
+        else:
+            self.labels.reshape(-1)[snapshot["labels_changed"]] = snapshot["labels_before"]
+            with torch.inference_mode():  # pre_labels is an inference tensor (_blend)
+                self.pre_labels[snapshot["pre_changed"]] = snapshot["pre_before"]
         self.marks.reshape(-1)[snapshot["marked"]] = snapshot["marks_before"]
         self.model = model if model is not None else self._adapted_model(snapshot["fit"])
         self.rounds = snapshot["rounds"]
