@@ -188,6 +188,8 @@ def output_layer_ceiling(session, truth: np.ndarray, scored: tuple[slice, ...], 
     scored voxel, applied to the whole volume."""
     import torch
 
+    from medsegkit.interactive import _two_class as two  # (1, N) binary logits as two-class logits
+
     scores = session._original_scores()  # (K, *preprocessed) original logits, as refine fits to them
     where = np.zeros(truth.shape, bool)
     where[scored] = True
@@ -204,9 +206,6 @@ def output_layer_ceiling(session, truth: np.ndarray, scored: tuple[slice, ...], 
     matrix = torch.eye(classes_k, requires_grad=True)
     offset = torch.zeros(classes_k, 1, requires_grad=True)
     optimizer = torch.optim.LBFGS([matrix, offset], max_iter=300, line_search_fn="strong_wolfe")
-
-    def two(values):
-        return torch.cat([torch.zeros_like(values), values]) if classes_k == 1 else values
 
     def closure():
         optimizer.zero_grad()
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "trained on another subject (e.g. the ITK head)")
     parser.add_argument("--no-progressive", action="store_true", help="skip the progressive-run timings")
     parser.add_argument("--memory", action="store_true",
-                        help="resident memory the session adds per refine round (demo model, logits and tta_flips)")
+                        help="the session's tensor memory after each refine round (demo model, logits and tta_flips)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the progressive comparison")
     parser.add_argument("--plot", help="write the Dice-per-round plot of the cases to this PNG")
     parser.add_argument("--napari", action="store_true",

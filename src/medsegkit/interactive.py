@@ -114,6 +114,16 @@ def _two_class(scores: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(scores), scores]) if scores.shape[0] == 1 else scores
 
 
+def _marked_logits(scores: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scores`` ``(K, *spatial)`` as float ``(K, N)``, the marked voxels (bool ``(N,)``) and their target
+    classes (for ``K = 1``, binary: ``0`` / ``1``), from ``marks`` ``(*spatial)`` int64, ``-1`` = unmarked."""
+    classes = scores.shape[0]
+    targets = marks.reshape(-1)
+    marked = targets >= 0
+    truth = targets[marked] if classes > 1 else (targets[marked] > 0).long()
+    return scores.reshape(classes, -1).float(), marked, truth
+
+
 def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: bool = True,
                     mark_weight: float = MARK_WEIGHT, sample: int = AGREEMENT_SAMPLE,
                     seconds: float = DEFAULT_SECONDS, cancel: Any = None,
@@ -139,18 +149,14 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
         ``(matrix (K, K), offset (K,) or None, iterations)``.
     """
     classes = scores.shape[0]
-    flat = scores.reshape(classes, -1).float()
-    targets = marks.reshape(-1)
-    marked = targets >= 0
+    flat, marked, marked_targets = _marked_logits(scores, marks)
     if not bool(marked.any()):
         raise ValueError("fit_calibration needs at least one marked voxel")
     unmarked = torch.nonzero(~marked)[:, 0]
     if len(unmarked) > sample:
         generator = torch.Generator().manual_seed(0)
         unmarked = unmarked[torch.randperm(len(unmarked), generator=generator)[:sample]]
-    marked_scores, marked_targets = flat[:, marked], targets[marked]
-    if classes == 1:
-        marked_targets = (marked_targets > 0).long()
+    marked_scores = flat[:, marked]
     agree_scores = flat[:, unmarked]
     teacher = torch.softmax(_two_class(agree_scores), dim=0)
     matrix = torch.eye(classes, requires_grad=True)
@@ -192,11 +198,8 @@ def map_generalises(scores: torch.Tensor, marks: torch.Tensor, matrix: torch.Ten
         scores: ``(K, *spatial)`` original logits; marks: ``(*spatial)`` int64, ``-1`` = unmarked.
         matrix / offset: the map ``z -> matrix @ z + offset``.
     """
-    classes = scores.shape[0]
-    targets = marks.reshape(-1)
-    marked = targets >= 0
-    z = scores.reshape(classes, -1)[:, marked].float()
-    truth = targets[marked] if classes > 1 else (targets[marked] > 0).long()
+    flat, marked, truth = _marked_logits(scores, marks)
+    z = flat[:, marked]
     mapped = matrix @ z + (0 if offset is None else offset[:, None])
     before, after = _two_class(z), _two_class(mapped)
     lower = float(nn.functional.cross_entropy(after.T, truth)) < float(nn.functional.cross_entropy(before.T, truth))
@@ -822,7 +825,8 @@ class Session:
 
     def _calibrate(self, pre_marks: torch.Tensor, budget: float, progress, cancel) -> None:
         """Fit the output layer's affine map to ``pre_marks`` (all marks, on the preprocessed grid), fold it
-        into a copy of the original model, and bring the window outputs and :attr:`pre_labels` up to date."""
+        into a copy of the original model (:attr:`model`), and bring :attr:`pre_labels` up to date (the
+        kept window outputs mapped, or with ``tta_flips`` the adapted model's windows run)."""
         name = self._foldable_layer()
         with_offset = name is None or dict(self.original.named_modules())[name].bias is not None
 

@@ -257,14 +257,14 @@ def model_from_record(record: Mapping[str, Any], *, source: str = "checkpoint"):
 
     output_map = record.get("output_map")
     if output_map is not None:  # a model with an appended map of its logits (interactive refine)
+        import torch
+
         from medsegkit.nets.layers.output_map import MappedOutput
 
         classes = output_map.get("classes") if isinstance(output_map, Mapping) else None
         if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
             raise CheckpointError(f"{source} records an output map with classes={classes!r}; expected an int >= 1")
         inner = {key: value for key, value in record.items() if key != "output_map"}
-        import torch
-
         return MappedOutput(model_from_record(inner, source=source), torch.eye(classes), None)
     if "name" in record:
         return create_model(record["name"], **record.get("overrides", {}))
