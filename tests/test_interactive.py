@@ -289,7 +289,11 @@ def test_instance_and_query_models_are_refused():
         session.refine(np.ones((16, 16, 16), np.int32))
 
 
-@pytest.mark.parametrize("out_channels, options", [(1, {"tta_flips": (0, 1)}), (2, {"sw_batch_size": 3, "mode": "constant"})])
+@pytest.mark.parametrize("out_channels, options", [
+    (1, {"tta_flips": (0, 1)}),
+    (2, {"sw_batch_size": 3, "mode": "constant"}),
+    (2, {"tta_flips": "auto", "preprocessing": {"orientation": "RAS"}}),  # the left-right mirror alone
+])
 def test_run_equals_segment_with_tta_binary_and_other_blending(out_channels, options):
     # a 1-class model with mirror TTA blends probabilities and normalises by the weight sums
     torch.manual_seed(3)
@@ -297,9 +301,12 @@ def test_run_equals_segment_with_tta_binary_and_other_blending(out_channels, opt
     image = Image(np.random.default_rng(3).normal(size=(30, 20, 18)).astype(np.float32), np.eye(4), {}, None)
     kw = {"roi_size": (16, 16, 16), "preprocessing": "none", **options}
     reference = segment(model, image, **kw).array
-    labels = Session(model, image, **kw).run(focus={"axis": 0, "index": 25})
+    session = Session(model, image, **kw)
+    labels = session.run(focus={"axis": 0, "index": 25})
     np.testing.assert_array_equal(labels, reference)
     assert 0 < labels.mean() < 1  # both classes present: the comparison is not trivial
+    if options.get("tta_flips") == "auto":
+        assert session.flip_sets == [(), (0,)]
 
 
 def test_run_preview_reports_the_focus_slice_first_then_the_exact_labels(weak_case):

@@ -99,6 +99,30 @@ def test_segment_job_equals_segment_on_the_same_image(tmp_path):
     assert not messages.empty()  # progress was reported
 
 
+def test_segment_job_auto_tta_mirrors_left_right_of_a_reorienting_checkpoint(tmp_path):
+    """The widget's TTA sends "auto" (no axes to reorder); the checkpoint reorients to RAS, so the job
+    mirrors the left-right axis of the preprocessed grid, as segment(..., tta_flips=(0,)) does."""
+    from medsegkit import create_model, segment
+    from medsegkit.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,)).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors", metadata={"preprocessing": {"orientation": "RAS"}})
+    layer = np.random.default_rng(0).random((12, 16, 20), dtype=np.float32)
+    np.save(tmp_path / "layer.npy", layer)
+    world = _world((2.0, 1.0, 0.5), (10.0, -3.0, 4.0))
+    job = {"model": {"checkpoint": str(checkpoint)}, "input": {"format": "npy", "path": str(tmp_path / "layer.npy")},
+           "world_affine": world.tolist(), "output": "probabilities",
+           "predict": {"roi_size": [8, 16, 16], "tta_flips": "auto"}, "output_dir": str(tmp_path / "out")}
+    out = np.load(segment_job(job, queue.Queue(), threading.Event())["path"])
+    image = Image(np.ascontiguousarray(layer.transpose(2, 1, 0)), image_affine_from_world(world), {}, None)
+    kwargs = {"roi_size": (16, 16, 8), "output": "probabilities", "preprocessing": {"orientation": "RAS"}}
+    expected = np.asarray(segment(model, image, tta_flips=(0,), **kwargs).array)
+    np.testing.assert_array_equal(out, expected.transpose(0, 3, 2, 1))
+    every_axis = np.asarray(segment(model, image, tta_flips=(0, 1, 2), **kwargs).array)
+    assert np.abs(expected - every_axis).max() > 1e-4
+
+
 def _drain(messages: queue.Queue) -> list[tuple]:
     out = []
     while not messages.empty():

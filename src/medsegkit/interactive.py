@@ -232,7 +232,7 @@ class Session:
         from monai.data.utils import compute_importance_map
 
         from medsegkit.inference.predict import MirroredRunner, OutputWriter, mirror_flip_sets
-        from medsegkit.inference.segment import preprocessing_for, resolve_model
+        from medsegkit.inference.segment import preprocessing_for, resolve_model, resolve_tta_flips
         from medsegkit.inference.windows import (
             WindowGrid,
             as_source,
@@ -281,8 +281,10 @@ class Session:
         slice_axis = options.get("slice_axis")
         if model_dims == 2 and image.spatial_ndim == 3 and slice_axis is None:
             slice_axis = 2
-        tensor, self.state = preprocess(image, preprocessing_for(caller_model, options.get("preprocessing")))
+        spec = preprocessing_for(caller_model, options.get("preprocessing"))
+        tensor, self.state = preprocess(image, spec)
         self.batch = tensor.as_tensor()[None]  # (1, C, *spatial) on the preprocessed grid, as segment passes
+        options["tta_flips"] = resolve_tta_flips(options["tta_flips"], spec, self.batch.ndim - 2)
         self.source, image_dims = as_source(self.batch, model_dims, model_in_channels(caller_model), slice_axis)
         self.slice_axis = resolve_slice_axis(slice_axis, model_dims, image_dims)
         roi = resolve_roi(options.get("roi_size"), caller_model, model_dims, self.source.spatial, self.slice_axis)

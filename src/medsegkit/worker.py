@@ -321,7 +321,7 @@ def _to_voxel_order(kwargs: dict[str, Any], n_spatial: int) -> dict[str, Any]:
     kwargs = dict(kwargs)
     if kwargs.get("roi_size") is not None and not isinstance(kwargs["roi_size"], int):
         kwargs["roi_size"] = tuple(reversed(tuple(kwargs["roi_size"])))
-    if kwargs.get("tta_flips"):
+    if kwargs.get("tta_flips") and not isinstance(kwargs["tta_flips"], str):  # "auto" names no axis
         kwargs["tta_flips"] = tuple(n_spatial - 1 - int(a) for a in kwargs["tta_flips"])
     if kwargs.get("slice_axis") is not None:
         kwargs["slice_axis"] = n_spatial - 1 - int(kwargs["slice_axis"])

@@ -65,6 +65,18 @@ def test_predict_name_with_checkpoint_and_options(files, tmp_path, capsys):
     assert main(argv + ["--overwrite"]) == 0
 
 
+def test_tta_mirrors_left_right_for_a_reorienting_checkpoint(files, tmp_path):
+    """The checkpoint's preprocessing reorients to RAS, so --tta mirrors the left-right axis only."""
+    out = tmp_path / "tta.nii.gz"
+    assert main(["predict", str(files["checkpoint"]), str(files["image"]), "-o", str(out), "--roi", "16",
+                 "--tta", "--quiet"]) == 0
+    from medsegkit.inference import segment
+
+    source = read_image(files["image"])
+    expected = segment(files["model"].eval(), source, preprocessing=SPEC, roi_size=(16, 16, 16), tta_flips=(0,))
+    np.testing.assert_array_equal(read_image(out).array, expected.array)
+
+
 def test_real_itk_head(files, tmp_path, capsys):
     head = Path(__file__).resolve().parents[2] / "src" / "medsegkit" / "sample_data" / "itk_head_t1.nii.gz"
     out = tmp_path / "head_labels.nii.gz"

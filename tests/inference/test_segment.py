@@ -11,7 +11,7 @@ import torch
 from medsegkit import create_model
 from medsegkit.errors import CheckpointError
 from medsegkit.inference import predict, segment
-from medsegkit.inference.segment import clean_labels, resolve_model
+from medsegkit.inference.segment import clean_labels, resolve_model, resolve_tta_flips
 from medsegkit.io import Image, read_image
 from medsegkit.transforms import preprocess, restore
 from medsegkit.weights import save_checkpoint
@@ -55,6 +55,38 @@ def test_no_preprocessing_equals_predict(unet):
     assert probabilities.array.shape == (2, 30, 26, 20) and probabilities.array.dtype == np.float32
     np.testing.assert_allclose(probabilities.array, predict(unet, image.array, roi_size=16, output="probabilities"),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("preprocessing, ndim, expected", [
+    ("mr", 3, (0,)),  # RAS: axis 0 runs left-right
+    ({"orientation": "LPS"}, 3, (0,)),
+    ({"orientation": "PLS"}, 3, (1,)),
+    ({"orientation": "RAS"}, 2, (0,)),
+    ("none", 3, (0, 1, 2)),  # no anatomical frame: every axis, as nnU-Net
+    ({"intensity": {"name": "zscore"}}, 2, (0, 1)),
+])
+def test_auto_tta_mirrors_left_right_in_an_anatomical_frame(preprocessing, ndim, expected):
+    assert resolve_tta_flips("auto", preprocessing, ndim) == expected
+    assert resolve_tta_flips((1, 2), preprocessing, ndim) == (1, 2)  # explicit axes are kept
+    assert resolve_tta_flips((), preprocessing, ndim) == ()
+
+
+def test_segment_auto_tta_equals_the_resolved_axes(unet, head):
+    """With a reorienting spec "auto" is the left-right mirror alone (not every axis); without one every
+    axis, which is also what predict's "auto" means."""
+    kwargs = {"preprocessing": SPEC, "roi_size": 16, "output": "probabilities"}
+    auto = segment(unet, head, tta_flips="auto", **kwargs).array
+    np.testing.assert_array_equal(auto, segment(unet, head, tta_flips=(0,), **kwargs).array)
+    assert np.abs(auto - segment(unet, head, tta_flips=(0, 1, 2), **kwargs).array).max() > 1e-4
+    rng = np.random.default_rng(1)
+    image = Image(rng.standard_normal((20, 18, 16)).astype(np.float32), np.eye(4))
+    plain = segment(unet, image, preprocessing="none", roi_size=16, tta_flips="auto", output="probabilities").array
+    np.testing.assert_array_equal(plain, predict(unet, image.array, roi_size=16, tta_flips=(0, 1, 2),
+                                                 output="probabilities"))
+    np.testing.assert_array_equal(plain, predict(unet, image.array, roi_size=16, tta_flips="auto",
+                                                 output="probabilities"))
+    with pytest.raises(ValueError, match="tta_flips must be a sequence of spatial axes such as"):
+        predict(unet, image.array, roi_size=16, tta_flips="lr")
 
 
 def test_checkpoint_path_rebuilds_model_and_uses_recorded_preprocessing(tmp_path, unet, head):

@@ -55,6 +55,8 @@ def test_sample_preselects_demo_model_and_segments(sample_layers, qtbot, errors,
     assert set(np.unique(labels.data)) <= {0, 1, 2, 3}
     # the shipped model segments the real volume: most voxels agree with the reference tissue map
     assert (labels.data == reference).mean() > 0.85
+    widget.tta.value = True  # the worker's segment resolves "auto" from the model's preprocessing
+    assert widget.build_job()[0]["predict"]["tta_flips"] == "auto"
 
 
 def test_run_tiny_unet_gives_aligned_labels(sample_layers, checkpoints, qtbot, errors, wait_for_run):

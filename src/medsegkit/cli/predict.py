@@ -34,7 +34,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation over all spatial axes")
+    p.add_argument("--tta", action="store_true",
+                   help="mirror test-time augmentation: over the left-right axis where the model's preprocessing "
+                        "reorients the image (MR / CT presets, trained checkpoints), else over every spatial axis")
     p.add_argument("--fast", action="store_true", help="optimised path: BatchNorm folding, channels-last, bf16 (refused for MaskFormer / Mask2Former: "
                    "bf16 changes their labels)")
     p.add_argument("--output-kind", choices=["labels", "probabilities"], default="labels",
@@ -163,7 +165,6 @@ def run_predict(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
 
-    spatial_ndim = image.spatial_ndim if image is not None else dims
     options = dict(
         preprocessing=args.preprocessing,
         largest_component=args.largest_component,
@@ -174,7 +175,7 @@ def run_predict(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         sw_batch_size=args.sw_batch_size,
         fast=args.fast,
-        tta_flips=tuple(range(spatial_ndim)) if args.tta else (),
+        tta_flips="auto" if args.tta else (),
         progress=progress,
         backend=args.backend,
     )

@@ -149,10 +149,15 @@ def _label_dtype(classes: int) -> np.dtype:
     return np.dtype(np.uint8) if classes <= 256 else np.dtype(np.int32)
 
 
-def mirror_flip_sets(tta_flips: Sequence[int], roi: Sequence[int]) -> list[tuple[int, ...]]:
+def mirror_flip_sets(tta_flips: Sequence[int] | str, roi: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the ``tta_flips`` axes (``"auto"``: of every spatial axis; an array carries no
+    anatomical frame, see :func:`medsegkit.inference.segment.resolve_tta_flips`), without the axes along
+    which the window is one voxel thick."""
     image_dims = len(roi)
-    if isinstance(tta_flips, (bool, int)) or not all(isinstance(a, (int, np.integer)) for a in tta_flips):
-        raise ValueError(f"tta_flips must be a sequence of spatial axes such as (0, 1, 2), got {tta_flips!r}")
+    if isinstance(tta_flips, str) and tta_flips == "auto":
+        tta_flips = tuple(range(image_dims))
+    if isinstance(tta_flips, (bool, int, str)) or not all(isinstance(a, (int, np.integer)) for a in tta_flips):
+        raise ValueError(f"tta_flips must be a sequence of spatial axes such as (0, 1, 2) or 'auto', got {tta_flips!r}")
     axes = tuple(int(a) for a in tta_flips)
     for a in axes:
         if not -image_dims <= a < image_dims:
@@ -177,7 +182,7 @@ def predict(
     sw_device: str | torch.device | None = None,
     amp: bool | str = False,
     fast: bool = False,
-    tta_flips: Sequence[int] = (),
+    tta_flips: Sequence[int] | str = (),
     slice_axis: int | None = None,
     task: str | None = None,
     output: str = "labels",
@@ -217,7 +222,9 @@ def predict(
             labels beyond the 0.5 % the fast path may change (``docs/inference.md``); ignored, with a
             logged note, for detection models.
         tta_flips: spatial axes of the image to mirror for test-time augmentation; every subset of
-            them is run and the probabilities are averaged (nnU-Net's mirroring).
+            them is run and the probabilities are averaged (nnU-Net's mirroring). ``"auto"``: every
+            spatial axis here; :func:`~medsegkit.inference.segment` and the interactive session narrow
+            it to the left-right axis when the preprocessing reorients to an anatomical frame.
         slice_axis: for a 2D model on a volume, the spatial axis to slice along (default: the last
             axis, axial for RAS volumes).
         task: for universal models: ``"semantic"`` (default), ``"instance"`` or ``"panoptic"``.

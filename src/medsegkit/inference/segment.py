@@ -35,7 +35,7 @@ from medsegkit.inference.windows import model_spatial_dims
 if TYPE_CHECKING:  # pragma: no cover
     from medsegkit.io import Image
 
-__all__ = ["clean_labels", "resolve_model", "segment"]
+__all__ = ["clean_labels", "resolve_model", "resolve_tta_flips", "segment"]
 
 logger = logging.getLogger("medsegkit.inference")
 
@@ -78,6 +78,35 @@ def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike, *, map_loc
             f"Give a trained checkpoint (--checkpoint FILE, or the checkpoint path instead of the name)"
         )
     return create_model(spec.name, pretrained=True).eval()
+
+
+def resolve_tta_flips(tta_flips: Any, preprocessing: Any, spatial_ndim: int) -> Any:
+    """The axes that ``tta_flips="auto"`` mirrors on the preprocessed grid (other values are returned
+    unchanged).
+
+    When ``preprocessing`` reorients the image to an anatomical frame (an ``orientation`` code such as
+    ``"RAS"``, as every MR / CT preset and the training recipe do), only the left-right axis: a body is
+    mirror-symmetric about its mid-sagittal plane alone, so a model never meets upside-down or
+    back-to-front anatomy in a scan, nor in the training recipe's augmentation (which flips left-right
+    only). Mirroring those axes too fed such inputs to the model and lowered its Dice
+    (``docs/inference.md``). Without an orientation step (microscopy, unknown frames): every spatial axis,
+    as nnU-Net mirrors.
+
+    Args:
+        tta_flips: ``"auto"``, or explicit axes (returned as given).
+        preprocessing: the preset name or spec the image is preprocessed with.
+        spatial_ndim: spatial dimensions of the preprocessed image.
+    """
+    if not (isinstance(tta_flips, str) and tta_flips == "auto"):
+        return tta_flips
+    from medsegkit.transforms import resolve_preprocessing
+
+    orientation = resolve_preprocessing(preprocessing).get("orientation")
+    if isinstance(orientation, str):
+        left_right = [axis for axis, code in enumerate(orientation.upper()[:spatial_ndim]) if code in "LR"]
+        if left_right:
+            return tuple(left_right)
+    return tuple(range(spatial_ndim))
 
 
 def preprocessing_for(model: nn.Module, preprocessing: Any) -> Any:
@@ -167,7 +196,8 @@ def segment(
         output: ``"labels"`` (``(i, j, k)`` integer map), ``"probabilities"`` or ``"logits"``
             (``(K, i, j, k)`` float32, resampled linearly).
         **predict_kwargs: passed to :func:`medsegkit.inference.predict` (``roi_size``, ``overlap``,
-            ``device``, ``fast``, ``tta_flips``, ``progress``, ``cancel``, ...). A 2D model on a 3D image
+            ``device``, ``fast``, ``tta_flips``, ``progress``, ``cancel``, ...; ``tta_flips="auto"``: see
+            :func:`resolve_tta_flips`). A 2D model on a 3D image
             runs slice by slice along the last (axial, after RAS orientation) axis unless
             ``slice_axis`` is given.
 
@@ -203,6 +233,8 @@ def segment(
         )
     tensor, state = preprocess(image, spec)
     batch = tensor.as_tensor()[None]  # (1, C, *spatial): unambiguous layout for predict
+    if "tta_flips" in predict_kwargs:
+        predict_kwargs["tta_flips"] = resolve_tta_flips(predict_kwargs["tta_flips"], spec, batch.ndim - 2)
     if model_dims == 2 and image.spatial_ndim == 3 and predict_kwargs.get("slice_axis") is None:
         predict_kwargs["slice_axis"] = 2
     prediction = predict(model, batch, output=output, **predict_kwargs)[0]

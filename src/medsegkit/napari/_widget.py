@@ -414,7 +414,6 @@ class SegmentWidget(Container):
                 )
             model = {"name": entry["name"], "checkpoint": checkpoint, "pretrained": pretrained and not checkpoint}
             label = entry["name"]
-        ndim = layer.ndim
         channel_choice = self._channel_choice()
         info = entry.get("info") or {}
         predict: dict[str, Any] = {
@@ -423,9 +422,8 @@ class SegmentWidget(Container):
             "fast": bool(self.fast.value) and info.get("task") != "universal",
             "device": self.device.value,
         }
-        n_spatial = info.get("spatial_dims") or min(ndim, 3)
-        if self.tta.value:
-            predict["tta_flips"] = list(range(n_spatial if ndim >= n_spatial else ndim))
+        if self.tta.value:  # left-right only where the model's preprocessing reorients the image (segment)
+            predict["tta_flips"] = "auto"
         if info.get("task") == "universal":
             predict["task"] = self.task.value
         job = {
