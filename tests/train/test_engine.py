@@ -287,18 +287,25 @@ def test_budget_plan_counts_the_epochs_that_fit():
 
     from medsegkit.train.engine import _Run
 
-    def plan(spent, budget, epoch=1, max_epochs=50, start_epoch=0):
+    def plan(spent, budget, epoch=1, max_epochs=50, start_epoch=0, ends=(), requested=50):
+        """``ends``: the seconds at which this run's earlier epochs ended."""
         run = SimpleNamespace(config=small_config(time_budget_s=budget), start_epoch=start_epoch,
-                              started=time.perf_counter() - spent)
+                              started=time.perf_counter() - spent, requested_epochs=requested, epoch_ends=list(ends))
         return _Run.budget_plan(run, epoch, max_epochs)
 
     assert plan(spent=10, budget=35) == 3  # 10 s per epoch: two more fit in the 25 s left
-    assert plan(spent=10, budget=35, max_epochs=3) is None  # everything fits: the schedule stays
+    assert plan(spent=10, budget=35, max_epochs=3, requested=3) is None  # everything fits: the schedule stays
     assert plan(spent=40, budget=35) == 1  # over budget already: stop after this epoch
-    assert plan(spent=28, budget=35, epoch=2, max_epochs=3) == 2  # epochs got slower: the plan shrinks
-    assert plan(spent=20, budget=35, epoch=2, max_epochs=3) is None  # on pace: the plan stays
+    assert plan(spent=28, budget=35, epoch=2, max_epochs=3, ends=[10]) == 2  # epochs got slower: the plan shrinks
+    assert plan(spent=20, budget=35, epoch=2, max_epochs=3, ends=[10]) is None  # on pace: the plan stays
     assert plan(spent=10, budget=None) is None
     assert plan(spent=10, budget=35, epoch=5, start_epoch=4) == 7  # a resumed run plans from its own start
+    # a slow first epoch (30 s: start-up on a busy machine) planned 4 of the 10 requested epochs; the second
+    # took 5 s, so the plan grows back: 13 more would fit in the 65 s left, capped at the 10 requested
+    assert plan(spent=35, budget=100, epoch=2, max_epochs=4, ends=[30], requested=10) == 10
+    assert plan(spent=35, budget=100, epoch=2, max_epochs=4, ends=[30], requested=6) == 6
+    # in the second half of the plan the learning rate has decayed: no growth, though it would fit
+    assert plan(spent=45, budget=100, epoch=3, max_epochs=4, ends=[30, 40], requested=10) is None
 
 
 def test_time_budget_fits_the_cosine_schedule_to_the_planned_epochs(tmp_path, monkeypatch):
@@ -311,6 +318,19 @@ def test_time_budget_fits_the_cosine_schedule_to_the_planned_epochs(tmp_path, mo
     assert result.history[-1]["lr"] == pytest.approx(1e-2 * 0.01)  # the cosine ended: 1 % of lr
     assert "2 epochs in all" in "\n".join(lines)
     assert load_model(tmp_path / "fit.safetensors").medsegkit_metadata["training"]["config"]["epochs"] == 2
+
+
+def test_a_grown_plan_runs_the_extra_epochs_and_ends_its_cosine(tmp_path, monkeypatch):
+    """A plan shrunk after a slow first epoch (2 of 6) and grown back after the second (to 4): ignite runs
+    the four epochs, and the schedule still ends at 1 % of lr."""
+    from medsegkit.train.engine import _Run
+
+    monkeypatch.setattr(_Run, "budget_plan", lambda self, epoch, max_epochs: {1: 2, 2: 4}.get(epoch))
+    lines = []
+    _, result = _run(tmp_path, "grow", small_config(epochs=6, time_budget_s=1e6, lr=1e-2), log=lines.append)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4] and result.epoch == 4
+    assert result.history[-1]["lr"] == pytest.approx(1e-2 * 0.01)
+    assert "4 epochs in all" in "\n".join(lines)
 
 
 def test_two_dimensional_model_trains_on_slices_of_volumes(tmp_path):

@@ -63,9 +63,11 @@ class TrainConfig:
     Attributes:
         epochs: number of epochs (each ``steps_per_epoch`` optimiser steps, then validation).
         steps_per_epoch: optimiser steps per epoch.
-        time_budget_s: a limit in seconds (``None``: none). After the first epoch, the number of epochs that
-            fit in it (at the first epoch's pace) replaces ``epochs`` when smaller, and the cosine schedule
-            is fitted to them; training also stops after any epoch that ends past the budget.
+        time_budget_s: a limit in seconds (``None``: none). After each epoch, the number of epochs that
+            fit in it (at the pace of the epochs after the first) replaces ``epochs`` when smaller, and the
+            cosine schedule is fitted to them (a plan shrunk by a slow start grows back, up to ``epochs``,
+            in its first half: :meth:`_Run.budget_plan`); training also stops after any epoch that ends
+            past the budget.
         patch_size: training patch, ``(H, W, D)`` for a 3D model, ``(H, W)`` for a 2D one (a 2D model
             on volumes trains on slices); also the validation window.
         batch_size: patches per optimiser step and process (per micro-batch with ``accumulate``).
@@ -316,26 +318,37 @@ class _Run:
         self.epoch_losses: list[float] = []
         self.started = time.perf_counter()
         self.start_epoch = 0  # the epoch this run resumed after
+        self.requested_epochs = config.epochs  # a time budget's plan may shrink below it and grow back to it
+        self.epoch_ends: list[float] = []  # seconds since ``started`` at the end of each of this run's epochs
         self.scheduler: Any = None
         self.optimizer: Any = None
         self.grad_scaler: Any = None  # float16 training's loss scale (CUDA), saved so a resume keeps it
 
     def budget_plan(self, epoch: int, max_epochs: int) -> int | None:
-        """After each epoch of a run with a time budget: how many epochs in all still fit, when fewer than
-        ``max_epochs`` (``None``: no budget, or the current plan fits).
+        """After each epoch of a run with a time budget: the number of epochs in all that fit, when it
+        differs from the current plan ``max_epochs`` (``None``: no budget, or the plan stands).
 
-        The mean time of this run's epochs so far (start-up, training, validation and saving included) is
-        taken as the time of each further epoch, and the plan ends at or before the budget, so a
-        budget-limited run still finishes its cosine schedule (learning rate down to 1 % of ``lr``) instead
-        of stopping at its peak. A plan only shrinks (when epochs become slower, e.g. on a busy machine).
+        Each further epoch is assumed to take as long as this run's epochs after its first one did on
+        average (the first also pays for start-up and may have shared the machine; it is the estimate only
+        while it is the one epoch done). The plan ends at or before the budget, so a budget-limited run
+        still finishes its cosine schedule (learning rate down to 1 % of ``lr``) instead of stopping at its
+        peak. It shrinks whenever epochs become slower, and grows back towards the requested ``epochs``
+        when they become faster, but only in the first half of the plan: later the learning rate has
+        decayed too far to be raised again. A slow first epoch (a busy machine) then no longer leaves most
+        of the budget unused.
         """
         budget = self.config.time_budget_s
         if budget is None or epoch <= self.start_epoch:
             return None
         spent = time.perf_counter() - self.started
-        per_epoch = spent / (epoch - self.start_epoch)
-        planned = max(epoch, epoch + int((budget - spent) // per_epoch))
-        return planned if planned < max_epochs else None
+        self.epoch_ends.append(spent)
+        durations = np.diff([0.0, *self.epoch_ends])
+        per_epoch = float(np.mean(durations[1:] if len(durations) > 1 else durations))
+        fits = max(epoch, epoch + int((budget - spent) // per_epoch)) if per_epoch > 0 else self.requested_epochs
+        planned = min(fits, self.requested_epochs)
+        if planned < max_epochs or (planned > max_epochs and 2 * epoch <= max_epochs):
+            return planned
+        return None
 
     def fit_schedule(self, engine: Any, epochs: int) -> None:
         """End the run after ``epochs`` epochs and stretch the cosine schedule over them; recorded as the
