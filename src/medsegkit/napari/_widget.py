@@ -115,7 +115,9 @@ class SegmentWidget(Container):
         self.roi_size = LineEdit(label="roi size", value="auto",
                                  tooltip="window size: 'auto' (the model's default), 96, or one per axis (z, y, x)")
         self.overlap = FloatSpinBox(label="overlap", value=0.5, min=0.0, max=0.95, step=0.05)
-        self.tta = CheckBox(text="mirror test-time augmentation", value=False)
+        self.tta = CheckBox(text="mirror test-time augmentation", value=False,
+                            tooltip="averages the mirrored predictions: left-right only when the model's preprocessing "
+                                    "reorients the image (MR / CT presets, trained checkpoints), else every axis")
         self.fast = CheckBox(text="fast path (BN folding, channels-last, bf16)", value=False,
                              tooltip="not for MaskFormer / Mask2Former: bf16 changes their labels, so it is refused")
         self.device = ComboBox(label="device", choices=self._device_choices, value="cpu")
