@@ -18,7 +18,7 @@ from medsegkit import create_model
 from medsegkit.cli import main
 from medsegkit.io import Image, write_image
 from medsegkit.train.baseline import nearest_class_mean_baseline
-from medsegkit.train.data import split_axial, training_items
+from medsegkit.train.data import LabelledVolume, split_axial, superior_last, training_items
 from medsegkit.train.engine import TrainConfig, recipe_preprocessing, state_path_for, train, training_loader
 from medsegkit.weights import load_model, read_checkpoint
 
@@ -114,8 +114,49 @@ def test_split_axial_and_baseline():
     result = nearest_class_mean_baseline([train_part], [held_out], NAMES)
     assert np.allclose(result["class_means"], [0.1, 0.5, 0.9], atol=0.02)
     assert result["dice"]["core"] > 0.95
-    with pytest.raises(ValueError, match="inside the last axis"):
+    with pytest.raises(ValueError, match=r"must lie in 1\.\.23: the volume has 24 axial slices"):
         split_axial(volume, 24)
+
+
+def test_split_axial_cuts_along_superior_whatever_the_voxel_order():
+    """An LSA file (the ITK head's order: the last voxel axis runs anterior) is split into a lower and an upper
+    slab, exactly as the same head stored RAS is; every voxel keeps its position in mm."""
+    import nibabel as nib
+
+    ras = blob_volume(1)
+    ras.image[0, :, :, 20:] += 2.0  # a mark on the top slab, to see where it goes
+    # LSA: voxel (i, j, k) = RAS voxel (23 - i, k, j); the affine says so
+    lsa_label = np.ascontiguousarray(ras.label[::-1].transpose(0, 2, 1))
+    lsa_image = np.ascontiguousarray(ras.image[:, ::-1].transpose(0, 1, 3, 2))
+    lsa_affine = np.array([[-1.0, 0, 0, 23], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    assert nib.aff2axcodes(lsa_affine) == ("L", "S", "A")
+    lsa = LabelledVolume(lsa_image, lsa_label, lsa_affine, name="lsa")
+
+    upright = superior_last(lsa)
+    assert nib.aff2axcodes(upright.affine) == ("L", "A", "S")
+    voxels = np.argwhere(np.ones(lsa_label.shape, bool))[::37]
+    for voxel in voxels:  # the same point in mm holds the same label and intensity
+        moved = np.linalg.solve(upright.affine, lsa_affine @ np.r_[voxel, 1.0])[:3]
+        moved = tuple(np.round(moved).astype(int))
+        assert upright.label[moved] == lsa_label[tuple(voxel)]
+        assert upright.image[(0, *moved)] == lsa_image[(0, *voxel)]
+    assert superior_last(ras) is ras
+    with pytest.raises(ValueError, match="cannot reorder a volume scored from slice 5"):
+        superior_last(LabelledVolume(lsa_image, lsa_label, lsa_affine, name="lsa", score_from=5))
+
+    train_ras, held_ras = split_axial(ras, 20)
+    train_lsa, held_lsa = split_axial(lsa, 20)
+    assert train_lsa.label.shape == (24, 24, 20) and held_lsa.score_from == 20
+    assert np.array_equal(train_lsa.label, train_ras.label[::-1])  # the lower slab, mirrored left-right only
+    assert train_lsa.image.max() < 2.0 and held_lsa.image[0, ..., 20:].min() > 1.0  # the marked top is held out
+    assert np.array_equal(np.sort(held_lsa.label[..., 20:].ravel()), np.sort(held_ras.label[..., 20:].ravel()))
+    # an image stored upside down (LPI): k still counts from the inferior end
+    lpi = LabelledVolume(ras.image[..., ::-1].copy(), ras.label[..., ::-1].copy(),
+                         np.diag([1.0, 1.0, -1.0, 1.0]) @ np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, -23],
+                                                                    [0, 0, 0, 1]]), name="lpi")
+    assert nib.aff2axcodes(lpi.affine) == ("R", "A", "I")
+    train_lpi, _ = split_axial(lpi, 20)
+    assert np.array_equal(train_lpi.label, train_ras.label) and train_lpi.image.max() < 2.0
 
 
 def test_config_rejects_unknown_fields():

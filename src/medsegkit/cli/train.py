@@ -29,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--val-image", action="append", default=[], metavar="PATH", help="validation image (repeatable)")
     data.add_argument("--val-label", action="append", default=[], metavar="PATH", help="validation label map (repeatable)")
     data.add_argument("--split-axial", type=int, metavar="K",
-                      help="instead of --val-*: train on k < K of each volume, validate on k >= K")
+                      help="instead of --val-*: train on the axial slices k < K of each volume and validate on k >= K "
+                           "(k counts axial slices from the inferior end, whatever the file's voxel order)")
     data.add_argument("--class-names", nargs="+", metavar="NAME", help="class names, background first (default: class0..)")
     data.add_argument("--intensity", metavar="SPEC",
                       help="intensity normalisation: 'percentile' (1st..99th percentile -> 0..1, the default: "

@@ -20,6 +20,7 @@ __all__ = [
     "random_states",
     "sample_tissue_data",
     "split_axial",
+    "superior_last",
     "training_items",
 ]
 
@@ -80,16 +81,57 @@ def load_labelled_volume(image_path: str | os.PathLike, label_path: str | os.Pat
     return LabelledVolume(array, labels.astype(np.int64), image.affine, name=str(image_path))
 
 
+def superior_last(volume: LabelledVolume) -> LabelledVolume:
+    """The same volume with its voxel axes reordered so that the last one runs inferior → superior.
+
+    The voxel axis nearest to the scanner's S–I direction moves to the end (flipped where its index grows
+    towards inferior); the other axes keep their order and the affine follows, so every voxel keeps its
+    position in mm. A 3D volume whose last axis already runs upwards (RAS, LPS, ...) is returned as is;
+    a 2D one too (it has no axial axis to find).
+    """
+    import nibabel as nib
+
+    if volume.label.ndim != 3:
+        return volume
+    orientation = nib.orientations.io_orientation(volume.affine)
+    axis = int(np.flatnonzero(orientation[:, 0] == 2)[0])  # the voxel axis along S–I
+    flip = orientation[axis, 1] < 0
+    if axis == 2 and not flip:
+        return volume
+    if volume.score_from:
+        raise ValueError(f"{volume.name}: cannot reorder a volume scored from slice {volume.score_from} of its last "
+                         "axis; reorder it before splitting")
+    order = [a for a in range(3) if a != axis] + [axis]
+    size = volume.label.shape[axis]
+    # new voxel index n maps to old index o: o[order[j]] = n[j], with the last one flipped where needed
+    to_old = np.zeros((4, 4))
+    for j, a in enumerate(order):
+        to_old[a, j] = 1.0
+    to_old[3, 3] = 1.0
+    label = volume.label.transpose(order)
+    image = volume.image.transpose([0, *(a + 1 for a in order)])
+    if flip:
+        to_old[axis, 2], to_old[axis, 3] = -1.0, size - 1.0
+        label, image = label[..., ::-1], image[..., ::-1]
+    return LabelledVolume(np.ascontiguousarray(image), np.ascontiguousarray(label), volume.affine @ to_old,
+                          name=volume.name)
+
+
 def split_axial(volume: LabelledVolume, start: int) -> tuple[LabelledVolume, LabelledVolume]:
     """Split by axial slab: ``(training part k < start, validation volume scored on k >= start)``.
 
-    The training part is cut out (its labels and image end at ``start``; the grid keeps its origin, so the
-    affine is unchanged); the validation volume keeps the whole image as input context but is scored only
-    on ``k >= start``.
+    ``k`` counts axial slices from the inferior end, whatever the file's voxel order: the volume is first
+    put in :func:`superior_last` order (a coronal-first file such as the LSA ITK head would otherwise be cut
+    into a posterior and an anterior part), so the validation slab is the top of the head. The training
+    part is cut out (its labels and image end at ``start``; the grid keeps its origin, so the affine is
+    unchanged); the validation volume keeps the whole image as input context but is scored only on
+    ``k >= start``.
     """
+    volume = superior_last(volume)
     depth = volume.label.shape[-1]
     if not 0 < start < depth:
-        raise ValueError(f"split index {start} must lie inside the last axis (1..{depth - 1})")
+        raise ValueError(f"split index {start} must lie in 1..{depth - 1}: the volume has {depth} axial slices "
+                         "(counted from the inferior end)")
     train = LabelledVolume(
         np.ascontiguousarray(volume.image[..., :start]),
         np.ascontiguousarray(volume.label[..., :start]),
