@@ -2,7 +2,8 @@
 
 Both arms train the same model on the same task — the MNI152 tissue sample (k < 55), the recipe's
 preprocessing, ``strong`` augmentation, ``DiceCELoss``, AdamW with the warm-up/cosine schedule — from the
-same initial weights, in one process, interleaved (engine, loop, engine, loop, ...). The plain loop is the
+same initial weights, in one process, interleaved (engine, loop, loop, engine, engine, ...: the arms take
+turns going first). The plain loop is the
 floor: a ``for`` over the same ``DataLoader`` with ``loss.backward(); optimizer.step(); scheduler.step()``,
 no checkpoints, no CSV, no validation. The engine's steps/s are measured between the end of its first
 epoch and the end of its last (``wall_time_s`` in the history, recorded before validation), so its
@@ -100,9 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     engine, loop = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            engine.append(engine_steps_per_second(copy.deepcopy(model), train_part, held_out, spec, config,
-                                                  Path(tmp) / str(round_)))
-            loop.append(loop_steps_per_second(copy.deepcopy(model), train_part, spec, config))
+            # the arms take turns going first, so that a drift of the machine within a round (the first arm's
+            # allocations, a neighbour's load) does not always fall on the same one
+            workdir = Path(tmp) / str(round_)
+            for arm in ("engine", "loop") if round_ % 2 == 0 else ("loop", "engine"):
+                if arm == "engine":
+                    engine.append(engine_steps_per_second(copy.deepcopy(model), train_part, held_out, spec, config,
+                                                          workdir))
+                else:
+                    loop.append(loop_steps_per_second(copy.deepcopy(model), train_part, spec, config))
             print(f"round {round_ + 1}: engine {engine[-1]:.3f} steps/s, plain loop {loop[-1]:.3f} steps/s",
                   flush=True)
     e, p = statistics.median(engine), statistics.median(loop)
