@@ -75,20 +75,29 @@ def test_four_spatial_axes_is_a_one_line_error():
         _layer_input({"channel_axis": None}, np.zeros((2, 3, 4, 5)), model_dims=3, in_channels=1)
 
 
-def test_segment_job_equals_segment_on_the_same_image(tmp_path):
-    from medsegkit import create_model, segment
+def _tiny_layer_job(tmp_path, metadata: dict | None = None, **predict):
+    """A tiny UNet3d checkpoint and a (12, 16, 20) float layer (napari order) saved as .npy, with the
+    segment job that runs one on the other: ``(model, layer, world affine, job)``."""
+    from medsegkit import create_model
     from medsegkit.weights import save_checkpoint
 
     torch.manual_seed(0)
     model = create_model("UNet3d", channels=(4, 8), strides=(2,)).eval()
-    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
-    rng = np.random.default_rng(0)
-    layer = rng.random((12, 16, 20), dtype=np.float32)  # napari order (z, y, x)
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors", metadata=metadata)
+    layer = np.random.default_rng(0).random((12, 16, 20), dtype=np.float32)  # napari order (z, y, x)
     np.save(tmp_path / "layer.npy", layer)
     world = _world((2.0, 1.0, 0.5), (10.0, -3.0, 4.0))
-    messages: queue.Queue = queue.Queue()
     job = {"model": {"checkpoint": str(checkpoint)}, "input": {"format": "npy", "path": str(tmp_path / "layer.npy")},
-           "world_affine": world.tolist(), "predict": {"roi_size": [8, 16, 16]}, "output_dir": str(tmp_path / "out")}
+           "world_affine": world.tolist(), "predict": {"roi_size": [8, 16, 16], **predict},
+           "output_dir": str(tmp_path / "out")}
+    return model, layer, world, job
+
+
+def test_segment_job_equals_segment_on_the_same_image(tmp_path):
+    from medsegkit import segment
+
+    model, layer, world, job = _tiny_layer_job(tmp_path)
+    messages: queue.Queue = queue.Queue()
     result = segment_job(job, messages, threading.Event())
     out = np.load(result["path"])
     assert out.shape == layer.shape and result["layer_channel_axis"] is None
@@ -102,18 +111,10 @@ def test_segment_job_equals_segment_on_the_same_image(tmp_path):
 def test_segment_job_auto_tta_mirrors_left_right_of_a_reorienting_checkpoint(tmp_path):
     """The widget's TTA sends "auto" (no axes to reorder); the checkpoint reorients to RAS, so the job
     mirrors the left-right axis of the preprocessed grid, as segment(..., tta_flips=(0,)) does."""
-    from medsegkit import create_model, segment
-    from medsegkit.weights import save_checkpoint
+    from medsegkit import segment
 
-    torch.manual_seed(0)
-    model = create_model("UNet3d", channels=(4, 8), strides=(2,)).eval()
-    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors", metadata={"preprocessing": {"orientation": "RAS"}})
-    layer = np.random.default_rng(0).random((12, 16, 20), dtype=np.float32)
-    np.save(tmp_path / "layer.npy", layer)
-    world = _world((2.0, 1.0, 0.5), (10.0, -3.0, 4.0))
-    job = {"model": {"checkpoint": str(checkpoint)}, "input": {"format": "npy", "path": str(tmp_path / "layer.npy")},
-           "world_affine": world.tolist(), "output": "probabilities",
-           "predict": {"roi_size": [8, 16, 16], "tta_flips": "auto"}, "output_dir": str(tmp_path / "out")}
+    model, layer, world, job = _tiny_layer_job(tmp_path, {"preprocessing": {"orientation": "RAS"}}, tta_flips="auto")
+    job["output"] = "probabilities"
     out = np.load(segment_job(job, queue.Queue(), threading.Event())["path"])
     image = Image(np.ascontiguousarray(layer.transpose(2, 1, 0)), image_affine_from_world(world), {}, None)
     kwargs = {"roi_size": (16, 16, 8), "output": "probabilities", "preprocessing": {"orientation": "RAS"}}
