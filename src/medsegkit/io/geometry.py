@@ -38,6 +38,7 @@ __all__ = [
     "from_canonical",
     "image_affine_from_world",
     "layer_geometry",
+    "reorient_voxels",
     "resolve_channel_axis",
     "reverse_spatial",
     "to_canonical",
@@ -122,8 +123,12 @@ def _embed(block: np.ndarray, n_spatial: int) -> np.ndarray:
     return affine
 
 
-def _reorient(array: np.ndarray, affine: np.ndarray, n_spatial: int, transform: np.ndarray,
-              channel_first: bool) -> tuple[np.ndarray, np.ndarray]:
+def reorient_voxels(array: np.ndarray, affine: np.ndarray, n_spatial: int, transform: np.ndarray,
+                    channel_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` with the voxel axes permuted / flipped by a nibabel orientation ``transform``
+    (``(n_spatial, 2)``: for each input axis, its output axis and ``±1``); a view, no resampling, and the
+    4×4 affine follows so that every voxel keeps its position in mm.
+    """
     import nibabel.orientations as nio
 
     spatial_shape = array.shape[1:] if channel_first else array.shape
@@ -145,7 +150,7 @@ def to_canonical(array: np.ndarray, affine: np.ndarray, n_spatial: int, *,
     transform = nio.io_orientation(_spatial_block(affine, n_spatial))
     if np.array_equal(transform, nio.axcodes2ornt("RAS"[:n_spatial])):
         return array, np.asarray(affine, dtype=float)
-    return _reorient(array, affine, n_spatial, transform, channel_first)
+    return reorient_voxels(array, affine, n_spatial, transform, channel_first)
 
 
 def from_canonical(array: np.ndarray, affine: np.ndarray, source_affine: np.ndarray,
@@ -159,7 +164,7 @@ def from_canonical(array: np.ndarray, affine: np.ndarray, source_affine: np.ndar
     source = _spatial_block(source_affine, n_spatial)
     start = nio.io_orientation(_spatial_block(affine, n_spatial))
     transform = nio.ornt_transform(start, nio.io_orientation(source))
-    back, back_affine = _reorient(array, affine, n_spatial, transform, channel_first=False)
+    back, back_affine = reorient_voxels(array, affine, n_spatial, transform)
     if not np.allclose(_spatial_block(back_affine, n_spatial), source, atol=1e-4):
         return None
     return back, back_affine

@@ -101,20 +101,13 @@ def superior_last(volume: LabelledVolume) -> LabelledVolume:
     if volume.score_from:
         raise ValueError(f"{volume.name}: cannot reorder a volume scored from slice {volume.score_from} of its last "
                          "axis; reorder it before splitting")
+    from medsegkit.io.geometry import reorient_voxels
+
     order = [a for a in range(3) if a != axis] + [axis]
-    size = volume.label.shape[axis]
-    # new voxel index n maps to old index o: o[order[j]] = n[j], with the last one flipped where needed
-    to_old = np.zeros((4, 4))
-    for j, a in enumerate(order):
-        to_old[a, j] = 1.0
-    to_old[3, 3] = 1.0
-    label = volume.label.transpose(order)
-    image = volume.image.transpose([0, *(a + 1 for a in order)])
-    if flip:
-        to_old[axis, 2], to_old[axis, 3] = -1.0, size - 1.0
-        label, image = label[..., ::-1], image[..., ::-1]
-    return LabelledVolume(np.ascontiguousarray(image), np.ascontiguousarray(label), volume.affine @ to_old,
-                          name=volume.name)
+    transform = np.array([[order.index(a), -1.0 if a == axis and flip else 1.0] for a in range(3)])
+    image, affine = reorient_voxels(volume.image, volume.affine, 3, transform, channel_first=True)
+    label, _ = reorient_voxels(volume.label, volume.affine, 3, transform)
+    return LabelledVolume(np.ascontiguousarray(image), np.ascontiguousarray(label), affine, name=volume.name)
 
 
 def split_axial(volume: LabelledVolume, start: int) -> tuple[LabelledVolume, LabelledVolume]:
