@@ -158,7 +158,7 @@ def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classe
     paint = start.copy()
     rows = [{"round": 0, "refine": mean_dice(start[scored], truth[scored], classes),
              "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": 0.0, "steps": 0}]
-    print("round   Dice(refine)  Dice(paint only)  seconds  iterations scope")
+    print("round   Dice(refine)  Dice(paint only)  seconds  iterations scope   marked class")
     print(f"  0     {rows[0]['refine']:.4f}        {rows[0]['paint']:.4f}")
     for r in range(1, rounds + 1):
         found = next_mark(session.labels[scored], truth[scored])
@@ -175,10 +175,10 @@ def simulated_user(session, truth: np.ndarray, scored: tuple[slice, ...], classe
         session.refine(scribbles, seconds=seconds, scope=scope)
         row = {"round": r, "refine": mean_dice(session.labels[scored], truth[scored], classes),
                "paint": mean_dice(paint[scored], truth[scored], classes), "seconds": time.perf_counter() - t0,
-               "steps": session.last_steps, "scope": session.last_scope}
+               "steps": session.last_steps, "scope": session.last_scope, "class": int(cls)}
         rows.append(row)
         print(f"  {r:<5} {row['refine']:.4f}        {row['paint']:.4f}            {row['seconds']:5.2f}   {row['steps']:<10} "
-              f"{row['scope']}")
+              f"{row['scope']:<7} {cls}")
     return rows
 
 

@@ -48,6 +48,7 @@ CONVERGED = 1e-7  # stop once a step changes the loss by less than this
 SCOPES = ("auto", "global", "local")  # where refine updates the labels (Session.refine)
 MARGIN = 8  # preprocessed voxels (in mm) around the marks whose labels a local refine updates
 UNSURE = 0.7  # auto's extrapolation updates voxels whose original top class probability is below this
+FAR = 30  # preprocessed voxels (in mm): local / unsure refines give a voxel its nearest mark's class, if this near
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
 
@@ -192,7 +193,8 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
 def map_generalises(scores: torch.Tensor, marks: torch.Tensor, matrix: torch.Tensor,
                     offset: torch.Tensor | None) -> bool:
     """Whether an affine map of the logits fitted to *earlier* marks also helps on new ``marks`` it has not
-    seen: it lowers their cross entropy and gets no fewer of them right than the original logits.
+    seen: it lowers their cross entropy and gets more of them right than the original logits (a map that only
+    lowers the loss on marks it still gets wrong has not shown that it would have fixed them).
 
     Args:
         scores: ``(K, *spatial)`` original logits; marks: ``(*spatial)`` int64, ``-1`` = unmarked.
@@ -205,7 +207,7 @@ def map_generalises(scores: torch.Tensor, marks: torch.Tensor, matrix: torch.Ten
     lower = float(nn.functional.cross_entropy(after.T, truth)) < float(nn.functional.cross_entropy(before.T, truth))
     right_before = int((before.argmax(0) == truth).sum())
     right_after = int((after.argmax(0) == truth).sum())
-    return lower and right_after >= right_before
+    return lower and right_after > right_before
 
 
 class Session:
@@ -645,12 +647,16 @@ class Session:
         (in mm) of this call's marks, for errors specific to one place (marking one of two identical-looking
         objects background makes the global map call both background); ``"auto"`` (default), local until the
         marks confirm that the map generalises (:func:`map_generalises`: the map fitted at the previous
-        refine, which has not seen this call's marks, moves them toward their class and gets no fewer of
-        them right than the original model), and then ``"unsure"``: near the marks as local, and elsewhere
-        only where the original model was unsure (top class probability below ``UNSURE`` = 0.7), so that
-        a map fitted to a few marks does not overrule confident predictions far from them. The first
-        refine is always local. :attr:`last_scope` says which one ran (``"global"``, ``"unsure"`` or
-        ``"local"``).
+        refine, which has not seen this call's marks, moves them toward their class and gets more of them
+        right than the original model), and then ``"unsure"``: near the marks as local, and elsewhere only
+        where the original model was unsure (top class probability below ``UNSURE`` = 0.7), so that a map
+        fitted to a few marks does not overrule confident predictions far from them. The first refine is
+        always local. Local and unsure give a voxel a new class only if its nearest mark (in mm, any round)
+        has that class and lies within ``FAR`` = 30 preprocessed voxels: next to a mark the labels move
+        toward the mark's class, never away from it, and the map's reach stays regional (an error that
+        changes sign from one part of the image to another, a brain mask too large at the vertex and too
+        small at the base, is corrected in each part by the marks there). :attr:`last_scope` says which one
+        ran (``"global"``, ``"unsure"`` or ``"local"``).
 
         Args:
             scribbles: integer array on the image grid (``image.spatial_shape``): ``0`` unmarked,
@@ -723,7 +729,11 @@ class Session:
                     update = self._reach(new & self.inside)
                     if scope == "unsure":
                         update |= self._unsure()
-                    self.labels[update] = self._gather(self.pre_labels, update)
+                    predicted = self._gather(self.pre_labels, update)
+                    nearest, distance = self._nearest_mark(update)
+                    toward_mark = (predicted == nearest) & (distance <= FAR * self._preprocessed_mm)
+                    update[update] = toward_mark
+                    self.labels[update] = predicted[toward_mark]
                 self.last_scope = scope
             self._force_marks()
         except BaseException:
@@ -735,6 +745,25 @@ class Session:
         if progress is not None:
             progress(100, 100)
         return self.labels
+
+    @property
+    def _input_mm(self) -> np.ndarray:
+        """The input grid's voxel sizes in mm, ``(ndim,)``."""
+        return np.linalg.norm(self.state.input_affine[:3, :3], axis=0)[: self.marks.ndim]
+
+    @property
+    def _preprocessed_mm(self) -> float:
+        """The preprocessed grid's mean voxel size in mm: the unit of ``MARGIN`` and ``FAR``."""
+        return float(np.linalg.norm(self.state.output_affine[:3, :3], axis=0)[: len(self.state.output_shape)].mean())
+
+    def _nearest_mark(self, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each voxel of ``where`` (bool, the input grid), in ``where``'s order: the class of the nearest
+        marked voxel and its distance in mm, two ``(where.sum(),)`` arrays."""
+        from scipy.spatial import cKDTree
+
+        marked = np.argwhere(self.marks > 0)
+        distance, nearest = cKDTree(marked * self._input_mm).query(np.argwhere(where) * self._input_mm)
+        return self.marks[tuple(marked[nearest].T)] - 1, distance
 
     def _unsure(self) -> np.ndarray:
         """``(*input_shape)`` bool: the input voxels whose original top class probability (softmax of the
@@ -749,10 +778,9 @@ class Session:
         voxels whose labels a ``scope="local"`` refine changes (besides the marks themselves)."""
         from scipy import ndimage
 
-        out_sizes = np.linalg.norm(self.state.output_affine[:3, :3], axis=0)[: len(self.state.output_shape)]
-        in_sizes = np.linalg.norm(self.state.input_affine[:3, :3], axis=0)[: new.ndim]
+        in_sizes = self._input_mm
         box = bounding_box(new)
-        reach_mm = MARGIN * float(out_sizes.mean())
+        reach_mm = MARGIN * self._preprocessed_mm
         grow = [int(math.ceil(reach_mm / size)) for size in in_sizes]
         local = tuple(slice(max(s.start - g, 0), min(s.stop + g, n)) for s, g, n in zip(box, grow, new.shape))
         mask = np.zeros(new.shape, bool)

@@ -142,7 +142,8 @@ class SegmentWidget(Container):
                               tooltip="where Refine updates the result: everywhere the adapted model changes its "
                                       "mind, only near this Refine's strokes (for an error specific to one place), "
                                       "or auto: near the strokes until the strokes confirm that the correction "
-                                      "generalises, then also wherever the model was unsure")
+                                      "generalises, then also wherever the model was unsure; near the strokes and "
+                                      "auto move a voxel only to the class of its nearest stroke")
         self.refine_button = PushButton(text="Refine", enabled=False)
         self.undo_button = PushButton(text="Undo", enabled=False)
         self.reset_button = PushButton(text="Reset", enabled=False)
