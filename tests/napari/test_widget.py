@@ -307,3 +307,48 @@ def test_opening_the_widget_primes_the_first_labels_layer(make_napari_viewer, ca
     _make_pattern.cache_clear()
     prime()
     assert _make_pattern.cache_info().currsize > 0  # what vispy's first Labels overlay would build
+
+
+def test_progress_updates_repaint_with_the_next_frame_not_at_once(make_napari_viewer, catalog, qtbot):
+    """QProgressBar.setValue repaints synchronously whenever the bar visibly moves; in a window holding
+    napari's OpenGL canvas that repaint composes the whole window (70-160 ms on Mesa, measured). The
+    widget's progress updates schedule an ordinary paint instead."""
+    from qtpy.QtCore import QEvent, QObject
+
+    from medsegkit.napari._widget import SegmentWidget
+
+    viewer = make_napari_viewer(show=True)  # paints need a shown window
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    bar = widget.progress.native
+    qtbot.waitUntil(bar.isVisible, timeout=10_000)
+
+    class Paints(QObject):
+        count = 0
+
+        def eventFilter(self, watched, event):
+            if event.type() == QEvent.Paint:
+                self.count += 1
+            return False
+
+    paints = Paints()
+    bar.installEventFilter(paints)
+    widget._on_progress((0, 12))
+    raw, ours = [], []
+    for step in range(1, 12, 2):  # each step moves the bar by a twelfth
+        # Qt repaints at once in a window with an OpenGL child only when a frame (1/60 s) has passed since
+        # the last composition; progress arrives seconds apart, so wait 100 ms before each call
+        qtbot.wait(100)
+        paints.count = 0
+        bar.setValue(step)
+        raw.append(paints.count)
+        qtbot.wait(100)
+        paints.count = 0
+        widget._on_progress((step + 1, 12))
+        ours.append(paints.count)
+        assert bar.value() == step + 1 and bar.maximum() == 12
+    qtbot.waitUntil(lambda: paints.count > 0, timeout=5_000)  # the widget's update is painted with a frame
+    bar.removeEventFilter(paints)
+    assert bar.updatesEnabled()
+    assert any(raw), "premise: QProgressBar.setValue alone repaints synchronously here"
+    assert not any(ours), f"synchronous paints inside the widget's progress updates: {ours}"
