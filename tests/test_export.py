@@ -186,6 +186,18 @@ def test_errors_mask_rcnn_unsupported_format_existing_out(unet3d, exports, tmp_p
     assert not list(tmp_path.iterdir())
 
 
+def test_a_refused_export_leaves_the_models_modes_as_they_were(tmp_path):
+    model = create_model("UNet3d", in_channels=1, out_channels=2, channels=(4, 8), strides=(2,)).train()
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)][:1]
+    for module in frozen:
+        module.eval()
+    before = [module.training for module in model.modules()]
+    with pytest.raises(ValueError, match=r"roi_size must be 3 positive ints for this 3D model, got \(16, 16\)"):
+        export(model, tmp_path / "x", format="onnx", roi_size=(16, 16))
+    assert [module.training for module in model.modules()] == before and frozen
+    assert not list(tmp_path.iterdir())
+
+
 def test_mismatch_leaves_nothing_and_overwrite_replaces(unet3d, tmp_path, monkeypatch):
     import medsegkit.exporter as exporter
 

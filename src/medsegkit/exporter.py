@@ -43,6 +43,7 @@ from torch import nn
 
 from medsegkit.errors import MedsegkitError
 from medsegkit.inference.backends import FORMAT_FILES, SIDECAR, export_onnx, load_exported
+from medsegkit.nets.modes import evaluating
 
 __all__ = ["FORMATS", "ExportMismatchError", "export"]
 
@@ -323,78 +324,74 @@ def export(
         model_or_checkpoint).__name__
     model = resolve_model(model_or_checkpoint)
     network = _network_for_export(model)
-    was_training = [(module, module.training) for module in network.modules()]
-    network.eval()
-    dims = model_spatial_dims(network)
-    roi = tuple(int(r) for r in (roi_size if roi_size is not None else default_roi(model, dims)))
-    if len(roi) != dims or any(r < 1 for r in roi):
-        raise ValueError(f"roi_size must be {dims} positive ints for this {dims}D model, got {roi_size!r}")
-    in_channels = model_in_channels(network) or 1
-    generator = torch.Generator().manual_seed(0)
-    # uniform [0, 1): inside what every preprocessing gives (scaled to [0, 1], or z-scored). Unit normal
-    # noise drove the demo model's logits to ±275, where float32 steps are 3e-5 and the 1e-4 tolerance
-    # is 3 ulp; on this input (and on the sample's own windows) its logits stay within ±40
-    test_input = torch.rand((batch_size, in_channels, *roi), generator=generator)
-    windows = names = None
-    if quantize == "int8":
-        windows, names = calibration_windows(model, calibration, roi, batch_size, in_channels, float(overlap))
-
-    partial = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.partial")
-    partial.mkdir()
-    try:
-        with torch.no_grad():
-            expected = network(test_input).float().numpy()
-        network_format = format
-        if format == "bioimageio":
-            from medsegkit.inference.bioimage_package import weights_format
-
-            network_format = weights_format(network, partial, test_input, type(model).__name__, _write_network)
-        else:
-            _write_network(network, partial, format, test_input, type(model).__name__, windows)
-        np.save(partial / "test_input.npy", test_input.numpy())
-        np.save(partial / "test_output.npy", expected)
-        sidecar = _sidecar(model, network, network_format, roi, batch_size, in_channels, int(expected.shape[1]),
-                           float(overlap), mode, source)
+    with evaluating(network):  # every module's own mode comes back, also when this raises
+        dims = model_spatial_dims(network)
+        roi = tuple(int(r) for r in (roi_size if roi_size is not None else default_roi(model, dims)))
+        if len(roi) != dims or any(r < 1 for r in roi):
+            raise ValueError(f"roi_size must be {dims} positive ints for this {dims}D model, got {roi_size!r}")
+        in_channels = model_in_channels(network) or 1
+        generator = torch.Generator().manual_seed(0)
+        # uniform [0, 1): inside what every preprocessing gives (scaled to [0, 1], or z-scored). Unit normal
+        # noise drove the demo model's logits to ±275, where float32 steps are 3e-5 and the 1e-4 tolerance
+        # is 3 ulp; on this input (and on the sample's own windows) its logits stay within ±40
+        test_input = torch.rand((batch_size, in_channels, *roi), generator=generator)
+        windows = names = None
         if quantize == "int8":
-            sidecar["quantize"] = {"precision": "int8", "method": "NNCF post-training quantization, MIXED preset",
-                                   "calibration": names, "calibration_batches": len(windows)}
-        (partial / SIDECAR).write_text(json.dumps(sidecar, indent=2))
-        exported = load_exported(partial / FORMAT_FILES[network_format])
-        if quantize == "int8":
-            sidecar["verification"] = _verify_int8(exported, network, windows, test_input, out, log)
-        else:
-            sidecar["verification"] = _verify_float32(exported, network_format, expected, test_input, out, log)
-        if format == "bioimageio":
-            sidecar["format"] = "bioimageio"
-        (partial / SIDECAR).write_text(json.dumps(sidecar, indent=2))
-        del exported  # release the backend's file handles before the rename
-        if format == "bioimageio":
-            from medsegkit.inference.bioimage_package import RDF, validate_package, write_package
+            windows, names = calibration_windows(model, calibration, roi, batch_size, in_channels, float(overlap))
 
-            write_package(partial, sidecar, model)
-            failed, figures = validate_package(partial / RDF)
-            if failed:
-                raise ExportMismatchError(f"bioimage.io validation failed: {' | '.join(failed)[:1500]}; nothing written to {out}")
-            _report(figures, log)
-        if as_zip:
-            from medsegkit.inference.bioimage_package import zip_package
+        partial = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.partial")
+        partial.mkdir()
+        try:
+            with torch.no_grad():
+                expected = network(test_input).float().numpy()
+            network_format = format
+            if format == "bioimageio":
+                from medsegkit.inference.bioimage_package import weights_format
 
-            zipped = zip_package(partial, out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial.zip"))
-            shutil.rmtree(partial)
-            partial = zipped
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(out, old)
-            os.replace(partial, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
-        raise
-    finally:
-        for module, training in was_training:
-            module.training = training
+                network_format = weights_format(network, partial, test_input, type(model).__name__, _write_network)
+            else:
+                _write_network(network, partial, format, test_input, type(model).__name__, windows)
+            np.save(partial / "test_input.npy", test_input.numpy())
+            np.save(partial / "test_output.npy", expected)
+            sidecar = _sidecar(model, network, network_format, roi, batch_size, in_channels, int(expected.shape[1]),
+                               float(overlap), mode, source)
+            if quantize == "int8":
+                sidecar["quantize"] = {"precision": "int8", "method": "NNCF post-training quantization, MIXED preset",
+                                       "calibration": names, "calibration_batches": len(windows)}
+            (partial / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+            exported = load_exported(partial / FORMAT_FILES[network_format])
+            if quantize == "int8":
+                sidecar["verification"] = _verify_int8(exported, network, windows, test_input, out, log)
+            else:
+                sidecar["verification"] = _verify_float32(exported, network_format, expected, test_input, out, log)
+            if format == "bioimageio":
+                sidecar["format"] = "bioimageio"
+            (partial / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+            del exported  # release the backend's file handles before the rename
+            if format == "bioimageio":
+                from medsegkit.inference.bioimage_package import RDF, validate_package, write_package
+
+                write_package(partial, sidecar, model)
+                failed, figures = validate_package(partial / RDF)
+                if failed:
+                    raise ExportMismatchError(f"bioimage.io validation failed: {' | '.join(failed)[:1500]}; nothing written to {out}")
+                _report(figures, log)
+            if as_zip:
+                from medsegkit.inference.bioimage_package import zip_package
+
+                zipped = zip_package(partial, out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial.zip"))
+                shutil.rmtree(partial)
+                partial = zipped
+            if out.exists():
+                old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+                os.replace(out, old)
+                os.replace(partial, out)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            else:
+                os.replace(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+            raise
     if quantize == "int8":
         from medsegkit.inference.autobackend import record_int8_export
 

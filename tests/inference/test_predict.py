@@ -602,6 +602,31 @@ def test_batchnorm_folding_is_exact_in_float32(model3d):
         torch.testing.assert_close(folded(x), model3d(x), atol=1e-5, rtol=1e-5)
 
 
+def _frozen_norm_model() -> nn.Module:
+    """A model being fine-tuned: training mode, its BatchNorm layers frozen (eval)."""
+    model = _model(seed=3).train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
+def _modes(model: nn.Module) -> list[tuple[str, bool]]:
+    return [(name, module.training) for name, module in model.named_modules()]
+
+
+def test_folding_and_predict_give_every_module_back_its_own_mode():
+    # model.train(was_training) after the trace set the frozen BatchNorm layers back to training: the
+    # next fine-tuning step would then have updated their running statistics
+    model = _frozen_norm_model()
+    before = _modes(model)
+    assert any(training for _, training in before) and not all(training for _, training in before)
+    folded, count = fold_batchnorm(model, _volume((1, 1, 16, 16, 16)))
+    assert count == 4 and _modes(model) == before
+    predict(model, _volume((1, 1, 24, 24, 24)), roi_size=16, fast=True, output="logits")
+    assert _modes(model) == before
+
+
 def test_instance_norm_is_not_folded():
     model = _model(norm="instance")
     folded, count = fold_batchnorm(model, _volume((1, 1, 16, 16, 16)))

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit.nets.modes import evaluating
+
 __all__ = [
     "BACKENDS", "FORMAT_FILES", "SIDECAR", "BackendRunner", "ExportedNetwork", "backend_network", "export_onnx",
     "is_exported", "load_exported",
@@ -336,15 +338,9 @@ def backend_network(model: nn.Module, backend: str, example_shape: Sequence[int]
 
 
 def _convert(model: nn.Module, backend: str, example_shape: Sequence[int], spatial_dims: int) -> ExportedNetwork:
-    was_training = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with tempfile.TemporaryDirectory(prefix="medsegkit-backend-") as folder:
-            onnx_path = export_onnx(model, Path(folder) / "model.onnx", torch.zeros(tuple(example_shape)))
-            call, backend = open_network(onnx_path, "onnx", backend)
-    finally:
-        for module, mode in was_training:
-            module.training = mode
+    with evaluating(model), tempfile.TemporaryDirectory(prefix="medsegkit-backend-") as folder:
+        onnx_path = export_onnx(model, Path(folder) / "model.onnx", torch.zeros(tuple(example_shape)))
+        call, backend = open_network(onnx_path, "onnx", backend)
     sidecar = {"spatial_dims": spatial_dims, "in_channels": int(example_shape[1]),
                "roi_size": list(example_shape[2:]), "batch_size": int(example_shape[0]),
                "metadata": getattr(model, "medsegkit_metadata", None) or {}}

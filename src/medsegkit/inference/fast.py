@@ -39,6 +39,7 @@ from medsegkit.amp import (  # amp_dtype, bf16_supported re-exported: the one AM
     autocast_as,
     bf16_supported,
 )
+from medsegkit.nets.modes import evaluating
 
 __all__ = ["PreparedModel", "amp_dtype", "bf16_supported", "fold_batchnorm", "prepare_model", "to_memory_format"]
 
@@ -120,12 +121,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         pairs, reference = _trace_pairs(model, example)
-    finally:
-        model.train(was_training)
     if not pairs:
         return model, 0
     folded = copy.deepcopy(model).eval()

@@ -36,6 +36,7 @@ from torch import nn
 
 from medsegkit.errors import Cancelled
 from medsegkit.inference.fast import PreparedModel, prepare_model
+from medsegkit.nets.modes import evaluating
 
 __all__ = [
     "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_overlap", "iterate_windows", "model_device",
@@ -450,17 +451,12 @@ def prepared_runner(
         with torch.inference_mode():
             yield BackendRunner(model)  # type: ignore[misc]
         return
-    was_training = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with evaluating(model):
         prepared = prepare_model(model, **prepare)
         if prepared.notes:
             logger.info("inference: %s", ", ".join(prepared.notes))
         with torch.inference_mode():
             yield Runner(prepared, call)
-    finally:
-        for module, mode in was_training:
-            module.training = mode
 
 
 # --------------------------------------------------------------------------------------------------

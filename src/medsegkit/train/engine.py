@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from medsegkit.amp import amp_choice
+from medsegkit.nets.modes import evaluating
 from medsegkit.train.data import LabelledVolume, random_states, training_items
 from medsegkit.train.step import TrainStep
 
@@ -379,12 +380,9 @@ class _Run:
 
     def validate_now(self) -> dict[str, Any]:
         roi = list(self.config.patch_size)
-        was_training = self.model.training
-        try:
+        with evaluating(self.model):  # frozen layers (eval inside a training model) stay frozen
             return validate(self.model, self.val_volumes, class_names=self.class_names,
                             preprocessing=self.preprocessing, roi_size=roi)
-        finally:
-            self.model.train(was_training)
 
     def save(self, engine: Any, wall: float, samplers: list[Any], rngs: list[torch.Tensor]) -> None:
         from medsegkit.weights.checkpoint import save_checkpoint
