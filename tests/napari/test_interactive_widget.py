@@ -97,8 +97,14 @@ def test_progressive_run_streams_into_one_layer_and_ends_equal_to_segment(sample
     assert widget.model.value == "UNet3d"  # adding layers does not bring back the sample's demo model
     corrections = viewer.layers["MNI152 T1 [UNet3d] corrections"]
     assert widget.first_update_seconds < widget.last_run_seconds
+    # the last regions are drawn at most REFRESH_S after the result: a run that ends within REFRESH_S of its
+    # first update has its one redraw still pending when the run ends (a CI run asserted before it came)
+    from medsegkit.napari._widget import REFRESH_S
+
+    qtbot.waitUntil(lambda: len(widget.refresh_times) >= 1, timeout=int(REFRESH_S * 1000) + 2000)
+    assert widget.refresh_times[-1] - widget.result_arrived <= REFRESH_S + 1.0
     gaps = np.diff(widget.refresh_times)
-    assert len(widget.refresh_times) >= 1 and (gaps >= 0.099).all()  # at most 10 redraws a second
+    assert (gaps >= 0.099).all()  # at most 10 redraws a second
     np.testing.assert_array_equal(result.data, _one_shot(widget, tmp_path))
     assert len(np.unique(result.data)) == 2
     # the corrections layer: same grid, value c + 1 drawn in the result's colour of class c
