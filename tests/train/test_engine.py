@@ -422,6 +422,29 @@ def test_train_cli_default_recipe_then_resume(tmp_path, capsys):
     assert "unknown --intensity 'minmax'; accepted: 'percentile', 'zscore'" in capsys.readouterr().err
 
 
+def test_train_cli_same_seed_gives_the_same_model_whatever_ran_before(tmp_path):
+    """``--seed`` covers the initial weights too: the CLI built the model before seeding, so two runs of one
+    command with the same seed wrote different weights (the global RNG state was whatever came before)."""
+    volume = blob_volume(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image((volume.image[0] * 1000).astype(np.int16), affine), tmp_path / "t1.nii.gz")
+    label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
+
+    def weights(name: str, seed: int, state_before: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(state_before)  # what an earlier computation in the same process leaves behind
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["train", "--image", str(image), "--label", str(label), "--split-axial", "12", "--model", "UNet3d",
+                     "--set", "channels=(4, 8)", "--set", "strides=(2,)", "--set", "layout=classic",
+                     "--patch-size", "16", "16", "8", "--steps-per-epoch", "2", "--epochs", "1", "--threads", "1",
+                     "--no-progress", "--seed", str(seed), "-o", str(out)]) == 0
+        return load_model(out).state_dict()
+
+    first, again, other = weights("a", 3, 11), weights("b", 3, 12), weights("c", 4, 11)
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_one_checkpoint(tmp_path, capsys):
     torchrun = shutil.which("torchrun")

@@ -245,6 +245,7 @@ def run_train(args: argparse.Namespace) -> int:
         overrides.setdefault("num_classes" if spec.task == "universal" else "out_channels", len(names))
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the initial weights too: the same command and seed give the same model
     model = create_model(args.model, **overrides)
     spatial_dims = getattr(model, "spatial_dims", 3)
     patch = tuple(args.patch_size or ([80] * 3 if spatial_dims == 3 else [192] * 2))
