@@ -230,6 +230,28 @@ def test_universal_model_task_choice(tmp_path):
     assert type(bundle_network(bundle_dir).model).__name__ == "MaskFormer"
 
 
+def test_label_map_network_runs_in_eval_mode_and_leaves_the_modes_as_they_were():
+    """predict runs the wrapped model in eval mode and gives every module its mode back; the network used to
+    call ``model.eval()`` for good, so a wrapper in training mode came back with an eval-mode model."""
+    from medsegkit import create_model
+    from medsegkit.bundle.components import LabelMapNetwork
+
+    torch.manual_seed(0)
+    model = create_model("maskformer_resnet_18_3d", num_classes=2, num_queries=4, hidden_dim=16, num_heads=2,
+                         decoder_layers=1, ffn_dim=32, fpn_dim=32, mask_dim=32)
+    network = LabelMapNetwork(model, task="panoptic", roi_size=(64, 32, 32))
+    x = torch.rand(1, 1, 64, 32, 32)  # the stride-32 map needs two voxels for the FPN's GroupNorm
+    network.train()
+    model.backbone.eval()  # a frozen part inside a training model keeps its own mode too
+    modes = {name: m.training for name, m in network.named_modules()}
+    trained = network(x)
+    assert {name: m.training for name, m in network.named_modules()} == modes
+    network.eval()
+    evaluated = network(x)
+    assert trained.shape == (1, 1, 64, 32, 32) and torch.equal(trained, evaluated)
+    assert not any(m.training for m in network.modules())
+
+
 def test_label_map_bundle_loads_its_checkpoint_and_runs(tmp_path):
     """The checkpoint of an instance model goes into models/model.pt under LabelMapNetwork's ``model.`` keys,
     so the bundle's strict CheckpointLoader loads it (before, the run failed on the missing ``model.`` keys)."""

@@ -53,7 +53,7 @@ class LabelMapNetwork(nn.Module):
             kwargs.setdefault("slice_axis", x.ndim - 3)
         maps = []
         for image in x:  # (C, *spatial): each item of the batch is its own image
-            labels = predict(self.model.eval(), image, task=self.task, roi_size=self.roi_size, output="labels",
+            labels = predict(self.model, image, task=self.task, roi_size=self.roi_size, output="labels",
                              **kwargs)
             maps.append(torch.as_tensor(labels).to(torch.float32)[None])
         result = torch.stack(maps)
