@@ -11,6 +11,8 @@
    the MNI152 sample, mean foreground Dice, from the demo model or ``--tissue-model``; ``brain`` = the
    brain mask of Colin27 (``mricron-data``) on a 2 mm grid from ``--brain-model`` (a 2-class model
    trained on another subject, e.g. the ITK head). ``--plot`` writes the Dice-per-round figure.
+   ``--weak-seeds S ...`` trains both start models of each seed with fixed epochs (the same weights on a
+   machine at every run, unlike a time budget), runs both cases and prints the goals per seed and case.
 
 3. **napari** (``--napari``, under a display): the Segment widget on the MNI sample: the time from
    opening the widget to a warm worker, two progressive Runs (first slice and total), one correction (a
@@ -20,6 +22,7 @@
     python benchmarks/bench_interactive.py               # 10 rounds
     python benchmarks/bench_interactive.py --no-progressive --case tissue --tissue-model weak_tissue.safetensors \
         --case brain --brain-model itk_brain.safetensors --plot docs/images/interactive_rounds.png
+    python benchmarks/bench_interactive.py --no-progressive --weak-seeds 0 1 2 3 4 5   # fixed-epoch weak models
     python benchmarks/bench_interactive.py --rounds 3 --seconds 1.5
     python benchmarks/bench_interactive.py --memory      # the session's tensor memory per refine round
     xvfb-run -a -s "-screen 0 1400x900x24" python benchmarks/bench_interactive.py --napari
@@ -300,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true",
                         help="the session's tensor memory after each refine round (demo model, logits and tta_flips)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the progressive comparison")
+    parser.add_argument("--weak-seeds", type=int, nargs="+", metavar="SEED",
+                        help="train the weak models of each seed (fixed epochs, printed commands) and run both cases; "
+                             "ends with a table of the goals per seed and case")
+    parser.add_argument("--tissue-epochs", type=int, default=11,
+                        help="--weak-seeds: epochs of the weak tissue model (11: 56-60 s of training on 2 cores)")
+    parser.add_argument("--brain-epochs", type=int, default=13,
+                        help="--weak-seeds: epochs of the weak brain model (13: about 59 s of training on 2 cores)")
+    parser.add_argument("--weak-dir", help="--weak-seeds: where the weak models go (default: a new temporary folder)")
     parser.add_argument("--plot", help="write the Dice-per-round plot of the cases to this PNG")
     parser.add_argument("--napari", action="store_true",
                         help="the Segment widget instead (needs a display: xvfb-run -a): warm worker, progressive Run, "
@@ -318,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from medsegkit.data import demo_checkpoint_path, sample_path
-    from medsegkit.interactive import Session
     from medsegkit.io import read_image
     from medsegkit.weights import load_model
 
@@ -343,34 +353,142 @@ def main(argv: list[str] | None = None) -> int:
                 tissue_session = session
 
     # 2. simulated user
+    if args.weak_seeds:
+        return weak_model_protocol(args, image, truth)
     curves: dict[str, list[dict]] = {}
     ceilings: dict[str, float] = {}
     if "tissue" in cases:
-        if tissue_session is None:
-            tissue_session = Session(tissue_model, image)  # the checkpoint's own window
-            tissue_session.run()
-        slab = (slice(None), slice(None), slice(SLAB, None))
         label = "shipped demo model" if not args.tissue_model else args.tissue_model
-        print(f"simulated user, tissue: held-out slab k >= {SLAB} of the MNI152 2 mm sample, start model {label}, "
-              f"ball radius 2, {args.rounds} rounds")
-        curves["tissue, MNI152 held-out slab"] = simulated_user(tissue_session, truth, slab, (1, 2, 3), args.rounds,
-                                                                 args.seconds, args.scope)
-        ceilings["tissue, MNI152 held-out slab"] = output_layer_ceiling(tissue_session, truth, slab, (1, 2, 3))
-        print(f"  ceiling (the output-layer map fitted to the reference itself): "
-              f"{ceilings['tissue, MNI152 held-out slab']:.4f}")
+        curves_, ceilings_ = tissue_case(tissue_session or tissue_model, image, truth, label, args)
+        curves.update(curves_)
+        ceilings.update(ceilings_)
     if "brain" in cases:
-        colin, brain = colin27_2mm()
-        session = Session(load_model(args.brain_model), colin)
-        session.run()
-        print(f"simulated user, brain mask: Colin27 at 2 mm {colin.spatial_shape}, start model {args.brain_model}, "
-              f"ball radius 2, {args.rounds} rounds")
-        whole = tuple(slice(None) for _ in brain.shape)
-        name = "brain mask, Colin27 2 mm (model from the ITK head)"
-        curves[name] = simulated_user(session, brain, whole, (1,), args.rounds, args.seconds, args.scope)
-        ceilings[name] = output_layer_ceiling(session, brain, whole, (1,))
-        print(f"  ceiling (the output-layer map fitted to the reference itself): {ceilings[name]:.4f}")
+        curves_, ceilings_ = brain_case(load_model(args.brain_model), args.brain_model, args)
+        curves.update(curves_)
+        ceilings.update(ceilings_)
     if args.plot and curves:
         plot_rounds(args.plot, curves, ceilings)
+    return 0
+
+
+TISSUE = "tissue, MNI152 held-out slab"
+BRAIN = "brain mask, Colin27 2 mm (model from the ITK head)"
+
+
+def tissue_case(model_or_session, image, truth: np.ndarray, label: str, args) -> tuple[dict, dict]:
+    """The tissue case: the held-out slab of the MNI152 sample from ``model_or_session`` (a model, or a
+    session that has already run). Returns ``({name: rows}, {name: ceiling})``."""
+    from medsegkit.interactive import Session
+
+    session = model_or_session
+    if not isinstance(session, Session):
+        session = Session(model_or_session, image)  # the checkpoint's own window
+        session.run()
+    slab = (slice(None), slice(None), slice(SLAB, None))
+    print(f"simulated user, tissue: held-out slab k >= {SLAB} of the MNI152 2 mm sample, start model {label}, "
+          f"ball radius 2, {args.rounds} rounds")
+    rows = simulated_user(session, truth, slab, (1, 2, 3), args.rounds, args.seconds, args.scope)
+    ceiling = output_layer_ceiling(session, truth, slab, (1, 2, 3))
+    print(f"  ceiling (the output-layer map fitted to the reference itself): {ceiling:.4f}")
+    return {TISSUE: rows}, {TISSUE: ceiling}
+
+
+def brain_case(model, label: str, args) -> tuple[dict, dict]:
+    """The brain case: Colin27's brain mask at 2 mm from ``model`` (trained on another subject)."""
+    from medsegkit.interactive import Session
+
+    colin, brain = colin27_2mm()
+    session = Session(model, colin)
+    session.run()
+    print(f"simulated user, brain mask: Colin27 at 2 mm {colin.spatial_shape}, start model {label}, "
+          f"ball radius 2, {args.rounds} rounds")
+    whole = tuple(slice(None) for _ in brain.shape)
+    rows = simulated_user(session, brain, whole, (1,), args.rounds, args.seconds, args.scope)
+    ceiling = output_layer_ceiling(session, brain, whole, (1,))
+    print(f"  ceiling (the output-layer map fitted to the reference itself): {ceiling:.4f}")
+    return {BRAIN: rows}, {BRAIN: ceiling}
+
+
+def weak_training_commands(seed: int, folder, tissue_epochs: int, brain_epochs: int) -> dict[str, list[str]]:
+    """The ``medsegkit train`` commands of one seed's weak models: fixed epochs (not a time budget), so the
+    same seed gives the same weights on a machine, whatever its speed."""
+    import sys
+    from pathlib import Path
+
+    from medsegkit.data import sample_path
+
+    python = [sys.executable, "-m", "medsegkit", "train", "--threads", "2", "--seed", str(seed), "--no-progress",
+              "--overwrite"]
+    head, mask = sample_path("itk_head_t1"), sample_path("itk_head_brain_mask")
+    return {
+        "tissue": [*python, "--sample", "--epochs", str(tissue_epochs),
+                   "-o", str(Path(folder) / f"weak_tissue_seed{seed}.safetensors")],
+        "brain": [*python, "--image", str(head), "--label", str(mask), "--split-axial", "85", "--class-names",
+                  "background", "brain", "--epochs", str(brain_epochs),
+                  "-o", str(Path(folder) / f"weak_brain_seed{seed}.safetensors")],
+    }
+
+
+def goals(rows: list[dict], ceiling: float) -> dict[str, object]:
+    """The issue's four goals on one case's rounds: every round <= 5 s; after 5 rounds Dice >= start + 0.05
+    or within 0.01 of the ceiling; no round loses more than 0.005; refine > paint only from round 2."""
+    refine = [row["refine"] for row in rows]
+    drops = [max(0.0, a - b) for a, b in zip(refine, refine[1:])]
+    at5 = refine[5] if len(refine) > 5 else float("nan")
+    return {
+        "start": refine[0], "r1": refine[1] if len(refine) > 1 else float("nan"),
+        "r2": refine[2] if len(refine) > 2 else float("nan"), "r5": at5, "r10": refine[-1],
+        "paint10": rows[-1]["paint"], "ceiling": ceiling, "max_s": max(row["seconds"] for row in rows),
+        "drop": max(drops, default=0.0),
+        "seconds_ok": all(row["seconds"] <= 5.0 for row in rows),
+        "gain_ok": at5 >= refine[0] + 0.05 or at5 >= ceiling - 0.01,
+        "drop_ok": max(drops, default=0.0) <= 0.005,
+        "paint_ok": all(row["refine"] > row["paint"] for row in rows[2:]),
+    }
+
+
+def weak_model_protocol(args, image, truth: np.ndarray) -> int:
+    """``--weak-seeds``: per seed, train the two weak models with fixed epochs (the commands are printed),
+    run both cases, and print one table of the goals per seed and case at the end."""
+    import json
+    import subprocess
+    import tempfile
+
+    from safetensors import safe_open
+
+    from medsegkit.weights import load_model
+
+    folder = args.weak_dir or tempfile.mkdtemp(prefix="medsegkit_weak_")
+    summary: list[tuple[int, str, dict, dict]] = []
+    for seed in args.weak_seeds:
+        trained = {}
+        for case, command in weak_training_commands(seed, folder, args.tissue_epochs, args.brain_epochs).items():
+            print("$ " + " ".join(command[1:]).replace("-m medsegkit", "medsegkit"), flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            path = command[-1]
+            with safe_open(path, "pt") as checkpoint:
+                training = json.loads(checkpoint.metadata()["medsegkit"])["metadata"]["training"]
+            trained[case] = {"path": path, "seconds": training["wall_time_s"], "epochs": training["epochs_done"],
+                             "validation": training["validation"]["mean_foreground_dice"]}
+            print(f"  {case}: {trained[case]['epochs']} epochs, {trained[case]['seconds']:.1f} s of training, "
+                  f"validation mean foreground Dice {trained[case]['validation']:.3f}", flush=True)
+        curves, ceilings = tissue_case(load_model(trained["tissue"]["path"]), image, truth,
+                                       trained["tissue"]["path"], args)
+        summary.append((seed, "tissue", trained["tissue"], goals(curves[TISSUE], ceilings[TISSUE])))
+        curves, ceilings = brain_case(load_model(trained["brain"]["path"]), trained["brain"]["path"], args)
+        summary.append((seed, "brain", trained["brain"], goals(curves[BRAIN], ceilings[BRAIN])))
+    print(f"\nweak models ({args.tissue_epochs} / {args.brain_epochs} epochs), auto scope unless --scope; "
+          "goals: s = every round <= 5 s, +5 = round 5 >= start + 0.05 or ceiling - 0.01, "
+          "drop = no round loses > 0.005, paint = refine > paint only from round 2")
+    print("| seed | case | training s | start | round 1 / 2 / 5 / 10 | largest drop | paint only at 10 | ceiling "
+          "| slowest round s | s | +5 | drop | paint |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    yes = {True: "yes", False: "**no**"}
+    for seed, case, trained, g in summary:
+        print(f"| {seed} | {case} | {trained['seconds']:.1f} | {g['start']:.4f} | {g['r1']:.4f} / {g['r2']:.4f} / "
+              f"{g['r5']:.4f} / {g['r10']:.4f} | {g['drop']:.4f} | {g['paint10']:.4f} | {g['ceiling']:.4f} | "
+              f"{g['max_s']:.2f} | {yes[g['seconds_ok']]} | {yes[g['gain_ok']]} | {yes[g['drop_ok']]} | "
+              f"{yes[g['paint_ok']]} |")
     return 0
 
 
