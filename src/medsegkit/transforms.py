@@ -368,7 +368,10 @@ def _spatial_affine(affine: np.ndarray, spatial_ndim: int) -> np.ndarray:
 
 def image_to_metatensor(image: Image, *, dtype: torch.dtype = torch.float32) -> MetaTensor:
     """``image`` as a MONAI ``MetaTensor`` ``(C, *spatial)`` (a channel axis is added when absent) whose
-    ``affine`` is the image's RAS affine (``(n+1, n+1)`` for an n-D image, as MONAI's readers give)."""
+    ``affine`` is the image's RAS affine (``(n+1, n+1)`` for an n-D image, as MONAI's readers give).
+
+    The tensor is always a copy: MONAI's ``NormalizeIntensity`` (the ``zscore`` preset) writes into its
+    input, and a tensor sharing the caller's float32 array would normalise the caller's image in place."""
     array = image.array if image.channel_axis == 0 else image.array[None]
     n = image.spatial_ndim
     affine = torch.as_tensor(_spatial_affine(image.affine, n), dtype=torch.float64)
@@ -377,7 +380,7 @@ def image_to_metatensor(image: Image, *, dtype: torch.dtype = torch.float32) -> 
         "spatial_shape": np.asarray(image.spatial_shape),
         "space": "RAS",
     }
-    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array)).to(dtype), affine=affine, meta=meta)
+    return MetaTensor(torch.tensor(np.asarray(array), dtype=dtype), affine=affine, meta=meta)
 
 
 def metatensor_to_image(tensor: torch.Tensor, *, meta: dict[str, Any] | None = None) -> Image:

@@ -46,6 +46,27 @@ def test_result_lies_on_the_input_grid_and_equals_manual_pipeline(unet, head):
     assert result.meta["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
 
 
+@pytest.mark.parametrize("intensity", [{"name": "zscore", "nonzero": True}, {"name": "zscore", "nonzero": False},
+                                       "percentile", {"name": "scale", "subtrahend": 100.0, "divisor": 50.0}, None])
+def test_preprocessing_never_writes_into_the_callers_image(unet, head, intensity):
+    """A float32 image (what a notebook holds) shares its memory with the tensor MONAI's transforms get;
+    NormalizeIntensity writes into that tensor, so segment / Session / preprocess normalised the caller's
+    array in place (a second segment of the same Image then saw other intensities)."""
+    from medsegkit.interactive import Session
+
+    array = np.ascontiguousarray(head.array[::2, ::2], dtype=np.float32)
+    image = Image(array, np.diag([4.0, 4.0, 3.0, 1.0]), {}, None)  # RAS, no resampling: nothing copies on the way
+    before = array.copy()
+    spec = {"orientation": "RAS", "intensity": intensity}
+    preprocess(image, spec)
+    np.testing.assert_array_equal(array, before)
+    first = segment(unet, image, preprocessing=spec, roi_size=32).array
+    np.testing.assert_array_equal(array, before)
+    np.testing.assert_array_equal(segment(unet, image, preprocessing=spec, roi_size=32).array, first)
+    Session(unet, image, preprocessing=spec, roi_size=32).run()
+    np.testing.assert_array_equal(array, before)
+
+
 def test_no_preprocessing_equals_predict(unet):
     rng = np.random.default_rng(0)
     image = Image(rng.standard_normal((30, 26, 20)).astype(np.float32), np.diag([1.5, 1.5, 2.0, 1.0]))
