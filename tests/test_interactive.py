@@ -162,6 +162,36 @@ def test_refine_local_scope_fixes_the_marked_object_and_undo_reset_save(weak_cas
         session.refine(scribbles, scope="near")
 
 
+def test_save_never_writes_over_the_starting_checkpoint_and_asks_before_replacing(tmp_path):
+    """save() used to write wherever it was told: over an existing file, and over the very checkpoint the
+    session was started from (the original model lost, its adapted copy "adapted_from" itself)."""
+    torch.manual_seed(0)
+    original = save_checkpoint(create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=2),
+                               tmp_path / "original.safetensors")
+    original_bytes = original.read_bytes()
+    image = Image(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4), {}, None)
+    session = Session(str(original), image, **KW)
+    scribbles = np.zeros((16, 16, 16), np.int32)
+    scribbles[8, 8, 8] = 2
+    session.refine(scribbles)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"original.safetensors is the model this session started from .*"
+                                             r"the original is never overwritten"):
+            session.save(original, overwrite=overwrite)
+    assert original.read_bytes() == original_bytes
+    target = session.save(tmp_path / "adapted.safetensors")
+    first = target.read_bytes()
+    with pytest.raises(FileExistsError, match="adapted.safetensors exists; pass overwrite=True to replace it"):
+        session.save(target)
+    assert target.read_bytes() == first
+    plane = np.zeros((16, 16, 16), np.int32)
+    plane[2] = 1  # a second round: background on a plane
+    session.refine(plane)
+    session.save(target, overwrite=True)
+    assert load_model(target).medsegkit_metadata["interactive"]["rounds"] == 2
+    assert load_model(target).medsegkit_metadata["adapted_from"] == str(original)
+
+
 def _ramp_session(model):
     """An intensity ramp along the first axis (the weak model's class-1 boundary is a plane across it), its
     session run: ``(session, image, labels, the first plane the model calls class 1)`` (6 here)."""

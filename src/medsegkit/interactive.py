@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -266,6 +267,10 @@ class Session:
             )
         self.task = task
         self.source_name = self._describe(model_or_checkpoint, caller_model)
+        # the checkpoint file the model came from: save() never writes over it
+        self._source_path = (Path(model_or_checkpoint).expanduser().resolve()
+                             if isinstance(model_or_checkpoint, (str, os.PathLike))
+                             and os.path.exists(os.path.expanduser(model_or_checkpoint)) else None)
         self.original = copy.deepcopy(caller_model).eval()
         self.model = copy.deepcopy(self.original)
         self.image = image
@@ -953,16 +958,29 @@ class Session:
             self._blend_all()
         return self.labels
 
-    def save(self, path: str | os.PathLike) -> os.PathLike:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> os.PathLike:
         """Write the (adapted) model as a checkpoint (atomically) with ``metadata["adapted_from"]``.
 
         A folded map gives a checkpoint of the original architecture; an appended one
         (:class:`MappedOutput`) records the model plus ``"output_map"``, which :func:`medsegkit.load_model`
         rebuilds (a model without a medsegkit record, e.g. a MONAI network built by hand, loads with
-        ``load_checkpoint(MappedOutput(network, torch.eye(K), None), path)``)."""
+        ``load_checkpoint(MappedOutput(network, torch.eye(K), None), path)``).
+
+        Raises:
+            ValueError: ``path`` is the checkpoint file the session was started from: the original model is
+                never overwritten, ``overwrite`` or not.
+            FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+        """
         from medsegkit.weights import save_checkpoint
 
+        target = Path(path).expanduser()
+        source = self._source_path
+        if source is not None and target.exists() and os.path.samefile(target, source):
+            raise ValueError(f"{target} is the model this session started from ({self.source_name}); save the "
+                             "adapted model to another path (the original is never overwritten)")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it, or choose another path")
         metadata = dict(getattr(self.original, "medsegkit_metadata", None) or {})
         metadata["adapted_from"] = self.source_name
         metadata["interactive"] = {"rounds": self.rounds, "marked_voxels": int((self.marks > 0).sum())}
-        return save_checkpoint(self.model, path, metadata=metadata)
+        return save_checkpoint(self.model, target, metadata=metadata, overwrite=overwrite)

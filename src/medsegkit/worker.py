@@ -708,7 +708,7 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         entry.publish(everything)
 
     if action == "session_save":
-        path = session.save(job["path"])
+        path = session.save(job["path"], overwrite=bool(job.get("overwrite")))
         return {"path": str(path), "rounds": session.rounds, "rebuilt": rebuilt}
 
     before = session.labels.copy()

@@ -196,6 +196,15 @@ def test_paint_refine_undo_reset_and_save(sample_layers, checkpoints, qtbot, err
     widget.save_adapted()
     wait_for_run(widget)
     assert path.is_file() and widget.status.value == f"saved the adapted model (1 refine rounds) to {path}"
+    saved = path.read_bytes()
+    widget.save_adapted()  # the file exists now: refused in the viewer, no job, the file as it was
+    assert not widget.running and errors[-1].startswith(f"{path} exists; tick 'replace an existing file'")
+    assert path.read_bytes() == saved
+    widget.save_overwrite.value = True
+    widget.save_adapted()
+    wait_for_run(widget)
+    assert widget.status.value == f"saved the adapted model (1 refine rounds) to {path}"
+    errors.clear()
     widget.reset()
     wait_for_run(widget)
     np.testing.assert_array_equal(result.data, original)

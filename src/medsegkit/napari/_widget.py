@@ -149,13 +149,16 @@ class SegmentWidget(Container):
         self.reset_button = PushButton(text="Reset", enabled=False)
         self.save_path = FileEdit(label="adapted model", mode="w", filter="*.safetensors",
                                   tooltip="where 'Save adapted model' writes the checkpoint")
+        self.save_overwrite = CheckBox(text="replace an existing file", value=False,
+                                       tooltip="let 'Save adapted model' write over an existing file (never over "
+                                               "the checkpoint the model came from)")
         self.save_button = PushButton(text="Save adapted model", enabled=False)
         self.extend([
             self.image, self.channel_axis, self.model_filter, self.model, self.model_info, self.checkpoint,
             self.bundle, self.pretrained, self.roi_size, self.overlap, self.tta, self.fast, self.device, self.task,
             self.output, self.on_cancel, self.run_button, self.cancel_button, self.progress, self.status, self.quality,
             self.brush, self.seconds, self.scope, self.refine_button, self.undo_button, self.reset_button, self.save_path,
-            self.save_button,
+            self.save_overwrite, self.save_button,
         ])
         self._kind = "run"
         self._interactive: _Interactive | None = None
@@ -790,7 +793,11 @@ class SegmentWidget(Container):
             self._notify_error("choose where to save the adapted model ('adapted model': a .safetensors path)")
             return
         path = Path(text).expanduser()
-        job = self._edit_job(state, "session_save", path=str(path))
+        if path.exists() and not self.save_overwrite.value:
+            self._notify_error(f"{path} exists; tick 'replace an existing file' to write over it, or choose another "
+                               "path")
+            return
+        job = self._edit_job(state, "session_save", path=str(path), overwrite=bool(self.save_overwrite.value))
         self._start(WorkerJob(job), _drive_edit, (None, None, None), "save",
                     lambda result: self._on_edited(result, "save"), f"saving the adapted model to {path}…")
 
