@@ -118,3 +118,14 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(images, model, tmp_p
 def test_refuses_to_replace_inputs(images, model):
     with pytest.raises(ValueError, match="replace the inputs"):
         predict_folder(model, images, images, suffix="")
+
+
+def test_results_next_to_their_inputs_are_not_read_as_inputs_on_a_rerun(images, model):
+    """With the output folder = the input folder, a rerun listed case_seg.nii.gz as an image and segmented
+    it into case_seg_seg.nii.gz (a label map segmented as a scan); now only the scans are inputs."""
+    written = _run(model, images, images)
+    assert [p.name for p in written] == ["a_seg.nii.gz", "b_seg.nrrd", "c_seg.mha"]
+    assert _run(model, images, images) == []  # nothing left to do
+    again = _run(model, images, images, overwrite=True)
+    assert [p.name for p in again] == ["a_seg.nii.gz", "b_seg.nrrd", "c_seg.mha"]
+    assert sorted(p.name for p in images.iterdir() if "_seg" in p.name) == ["a_seg.nii.gz", "b_seg.nrrd", "c_seg.mha"]

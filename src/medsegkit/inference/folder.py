@@ -71,6 +71,7 @@ def predict_folder(
         input_dir: folder of images (NIfTI, NRRD, MetaImage; see :func:`list_images`), each ``(i, j, k)``
             or ``(C, i, j, k)``.
         output_dir: where results go, named by :func:`output_path_for` (``case_seg.nii.gz``); created if needed.
+            It may be ``input_dir``: a file there that is another input's result name is not an input.
         suffix: appended to each input's name before its extension.
         overwrite: recompute results that already exist (default: skip them).
         rank, world_size: this process's share, ``images[rank::world_size]``; default: from the
@@ -94,6 +95,9 @@ def predict_folder(
     if not suffix and out_dir.resolve() == Path(input_dir).expanduser().resolve():
         raise ValueError("output_dir is input_dir and suffix is empty: results would replace the inputs; "
                          "give another output folder or a suffix")
+    # results written next to their inputs are not inputs: a rerun would segment case_seg into case_seg_seg
+    results = {output_path_for(p, out_dir, suffix).resolve() for p in images}
+    images = [p for p in images if p.resolve() not in results]
     todo: list[tuple[Path, Path]] = []
     for image_path in shard(images, rank, world_size):
         out = output_path_for(image_path, out_dir, suffix)
