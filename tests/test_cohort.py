@@ -143,3 +143,19 @@ def test_evaluate_cohort_pairs_folders_summary_and_boxplot(tmp_path):
         match_pairs(predictions, references)
     with pytest.raises(TypeError, match="match_pairs"):
         evaluate_cohort(predictions)
+
+
+def test_segment_many_into_the_input_folder_keeps_scans_and_results_apart(cohort_dir):
+    """Results next to their scans: a rerun read case_seg.nii.gz as a scan (and segmented it), and with
+    ``suffix=""`` and ``overwrite=True`` each result replaced its scan. Now results are not inputs, and a
+    result that would be its own scan is refused before anything is written."""
+    scans = {p.name: p.read_bytes() for p in cohort_dir.glob("*.nii.gz")}
+    first = medsegkit.segment_many(Threshold().eval(), cohort_dir, cohort_dir, progress=False, roi_size=(16, 16, 16))
+    again = medsegkit.segment_many(Threshold().eval(), cohort_dir, cohort_dir, progress=False, roi_size=(16, 16, 16))
+    assert again["case"].tolist() == first["case"].tolist() == list(SIZES)
+    assert (again["status"] == "skipped").all()
+    assert not list(cohort_dir.glob("*_seg_seg*"))
+    with pytest.raises(ValueError, match=r"a.nii.gz would replace it .* give another output folder or a suffix"):
+        medsegkit.segment_many(Threshold().eval(), cohort_dir, cohort_dir, suffix="", overwrite=True, progress=False,
+                               roi_size=(16, 16, 16))
+    assert {name: (cohort_dir / name).read_bytes() for name in scans} == scans

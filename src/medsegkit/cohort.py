@@ -157,7 +157,7 @@ def segment_many(
     from tqdm.auto import tqdm
 
     from medsegkit._ranks import process_rank, shard
-    from medsegkit.inference.folder import output_path_for
+    from medsegkit.inference.folder import inputs_and_results, output_path_for
     from medsegkit.inference.segment import resolve_model, segment
     from medsegkit.io import read_image, write_image
     from medsegkit.measurements import read_label_metadata, stats, write_label_metadata
@@ -165,8 +165,8 @@ def segment_many(
 
     if segment_kwargs.get("output", "labels") != "labels":
         raise ValueError("segment_many measures label maps; output must be 'labels'")
-    images = list_inputs(inputs)
     out = Path(out_dir).expanduser()
+    images = inputs_and_results(list_inputs(inputs), out, suffix)
     names = [_case_name(p) for p in images]
     if len(set(names)) != len(names):
         raise ValueError(f"two inputs share a case name (their results would overwrite each other): {names}")

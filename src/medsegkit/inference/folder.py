@@ -12,7 +12,7 @@ already exist (so an interrupted run continues where it stopped) and writes ever
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from medsegkit.inference.segment import resolve_model, segment
 
-__all__ = ["list_images", "output_path_for", "predict_folder"]
+__all__ = ["inputs_and_results", "list_images", "output_path_for", "predict_folder"]
 
 
 def list_images(input_dir: str | os.PathLike) -> list[Path]:
@@ -50,6 +50,24 @@ def output_path_for(image_path: str | os.PathLike, output_dir: str | os.PathLike
     stem = name[: len(name) - len(ext)]
     ext = {".nhdr": ".nrrd", ".mhd": ".mha"}.get(ext, name[len(stem):])
     return Path(output_dir).expanduser() / f"{stem}{suffix}{ext}"
+
+
+def inputs_and_results(images: Sequence[Path], output_dir: str | os.PathLike, suffix: str) -> list[Path]:
+    """The inputs among ``images`` once results go to ``output_dir`` (named by :func:`output_path_for`).
+
+    A file that is another input's result (``case_seg.nii.gz`` next to ``case.nii.gz``, when the results go
+    to the input folder) is not an input: a rerun would segment a label map into ``case_seg_seg.nii.gz``.
+
+    Raises:
+        ValueError: an input's result would be the input itself (the output folder is the input folder and
+            ``suffix`` is empty): the result would replace the scan.
+    """
+    results = {output_path_for(p, output_dir, suffix).resolve(): p for p in images}
+    replaced = [p for p in images if results.get(p.resolve()) == p]
+    if replaced:
+        raise ValueError(f"the result of {replaced[0]} would replace it (the output folder is the input folder and "
+                         "the suffix is empty); give another output folder or a suffix")
+    return [p for p in images if p.resolve() not in results]
 
 
 def predict_folder(
@@ -85,19 +103,14 @@ def predict_folder(
 
     Raises:
         FileNotFoundError / NotADirectoryError: ``input_dir`` is missing or not a folder.
-        ValueError: ``output_dir`` is ``input_dir`` with an empty ``suffix`` (results would replace inputs).
+        ValueError: ``output_dir`` is ``input_dir`` with an empty ``suffix`` (results would replace inputs;
+            :func:`inputs_and_results`).
     """
     from medsegkit._ranks import shard
     from medsegkit.io import write_image
 
-    images = list_images(input_dir)
     out_dir = Path(output_dir).expanduser()
-    if not suffix and out_dir.resolve() == Path(input_dir).expanduser().resolve():
-        raise ValueError("output_dir is input_dir and suffix is empty: results would replace the inputs; "
-                         "give another output folder or a suffix")
-    # results written next to their inputs are not inputs: a rerun would segment case_seg into case_seg_seg
-    results = {output_path_for(p, out_dir, suffix).resolve() for p in images}
-    images = [p for p in images if p.resolve() not in results]
+    images = inputs_and_results(list_images(input_dir), out_dir, suffix)
     todo: list[tuple[Path, Path]] = []
     for image_path in shard(images, rank, world_size):
         out = output_path_for(image_path, out_dir, suffix)
