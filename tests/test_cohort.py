@@ -146,9 +146,9 @@ def test_evaluate_cohort_pairs_folders_summary_and_boxplot(tmp_path):
 
 
 def test_segment_many_into_the_input_folder_keeps_scans_and_results_apart(cohort_dir):
-    """Results next to their scans: a rerun read case_seg.nii.gz as a scan (and segmented it), and with
-    ``suffix=""`` and ``overwrite=True`` each result replaced its scan. Now results are not inputs, and a
-    result that would be its own scan is refused before anything is written."""
+    """Results next to their scans: a rerun read case_seg.nii.gz as a scan (and segmented it). Now results
+    are not inputs, and a result that would be its own scan (``suffix=""``) is refused before anything is
+    computed (write_image's input guard refused it only after the first segmentation)."""
     scans = {p.name: p.read_bytes() for p in cohort_dir.glob("*.nii.gz")}
     first = medsegkit.segment_many(Threshold().eval(), cohort_dir, cohort_dir, progress=False, roi_size=(16, 16, 16))
     again = medsegkit.segment_many(Threshold().eval(), cohort_dir, cohort_dir, progress=False, roi_size=(16, 16, 16))
