@@ -422,6 +422,23 @@ def test_train_cli_default_recipe_then_resume(tmp_path, capsys):
     assert "unknown --intensity 'minmax'; accepted: 'percentile', 'zscore'" in capsys.readouterr().err
 
 
+def test_train_cli_refuses_an_image_with_nan_voxels_in_one_line(tmp_path, capsys):
+    """A NaN voxel in a training image made the first loss NaN: a traceback advising a lower learning rate."""
+    volume = blob_volume(0)
+    array = (volume.image[0] * 1000).astype(np.float32)
+    array[0, 0, :3] = np.nan
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image(array, affine), tmp_path / "t1.nii.gz")
+    label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
+    assert main(["train", "--image", str(image), "--label", str(label), "--split-axial", "12", "--epochs", "1",
+                 "--no-progress", "-o", str(tmp_path / "m.safetensors")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"image {image} holds 3 NaN or Inf voxel(s); training needs finite intensities: replace them "
+        "(e.g. numpy.nan_to_num) first"), lines
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_train_cli_same_seed_gives_the_same_model_whatever_ran_before(tmp_path):
     """``--seed`` covers the initial weights too: the CLI built the model before seeding, so two runs of one
     command with the same seed wrote different weights (the global RNG state was whatever came before)."""

@@ -49,6 +49,11 @@ class LabelledVolume:
             raise ValueError(
                 f"image must be (C, *spatial) on the label's grid: image {self.image.shape}, label {self.label.shape}"
             )
+        if self.image.dtype.kind in "fc":
+            bad = int(np.count_nonzero(~np.isfinite(self.image)))
+            if bad:  # else the first step's loss is NaN, and the error blames the learning rate
+                raise ValueError(f"image {self.name or '(unnamed)'} holds {bad} NaN or Inf voxel(s); training needs "
+                                 "finite intensities: replace them (e.g. numpy.nan_to_num) first")
 
     def as_image(self):
         """The image as a :class:`medsegkit.io.Image` (what ``segment`` takes)."""
