@@ -213,10 +213,38 @@ def test_mismatch_leaves_nothing_and_overwrite_replaces(unet3d, tmp_path, monkey
     monkeypatch.setattr(ExportedNetwork, "forward", original)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match=r"out exists and is not a medsegkit export \(no medsegkit.json\); "
+                                              r"overwrite replaces only an earlier export or an empty folder"):
+        exporter.export(unet3d, tmp_path / "out", format="torchscript", roi_size=ROI3, log=None, overwrite=True)
+    assert (tmp_path / "out" / "stale.txt").read_text() == "old"
+    (tmp_path / "out" / "medsegkit.json").write_text("{}")  # an earlier export (its leftovers go with it)
     exporter.export(unet3d, tmp_path / "out", format="torchscript", roi_size=ROI3, log=None, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "medsegkit.json", "model.ts", "test_input.npy", "test_output.npy"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_deletes_the_checkpoint_being_exported(unet3d, tmp_path, capsys):
+    """``medsegkit export models/m.safetensors -o models --overwrite`` replaced the folder, deleting the
+    checkpoint it exported (and every other file there)."""
+    from medsegkit.weights import save_checkpoint
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    checkpoint = save_checkpoint(unet3d, folder / "m.safetensors", metadata=unet3d.medsegkit_metadata)
+    (folder / "notes.txt").write_text("mine")
+    saved = checkpoint.read_bytes()
+    assert main(["export", str(checkpoint), "--format", "torchscript", "--roi", "16", "-o", str(folder),
+                 "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "models exists and is not a medsegkit export" in err
+    (folder / "medsegkit.json").write_text("{}")  # even where the folder looks like an export
+    with pytest.raises(ValueError, match=r"models holds the model it exports .*\(overwrite never applies to inputs\)"):
+        export(str(checkpoint), folder, format="torchscript", roi_size=ROI3, log=None, overwrite=True)
+    assert checkpoint.read_bytes() == saved and (folder / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder made beforehand is fine to fill
+    assert export(str(checkpoint), empty, format="torchscript", roi_size=ROI3, log=None, overwrite=True) == empty
 
 
 def test_cli_export_and_errors(unet3d, tmp_path, capsys):

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from medsegkit.errors import MedsegkitError
-from medsegkit.inference.backends import FORMAT_FILES, SIDECAR, export_onnx, load_exported
+from medsegkit.inference.backends import FORMAT_FILES, SIDECAR, export_onnx, is_exported, load_exported
 from medsegkit.nets.modes import evaluating
 
 __all__ = ["FORMATS", "ExportMismatchError", "export"]
@@ -246,6 +246,20 @@ def _sidecar(model: nn.Module, network: nn.Module, fmt: str, roi: tuple[int, ...
     }
 
 
+def _check_replaceable(out: Path, source: Any) -> None:
+    """Refuse ``overwrite`` where replacing ``out`` would delete what is not an earlier export: a folder of
+    other files, any other file, or the checkpoint being exported (``out`` is it, or holds it)."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists():
+        checkpoint = Path(source).expanduser().resolve()
+        if checkpoint == out.resolve() or out.resolve() in checkpoint.parents:
+            raise ValueError(f"export {out} holds the model it exports ({source}); choose another output "
+                             "(overwrite never applies to inputs)")
+    empty_folder = out.is_dir() and not any(out.iterdir())
+    if not (empty_folder or is_exported(out)):
+        raise FileExistsError(f"{out} exists and is not a medsegkit export (no {SIDECAR}); overwrite replaces only "
+                              "an earlier export or an empty folder, never other files: choose another output")
+
+
 def export(
     model_or_checkpoint: nn.Module | str | os.PathLike,
     path: str | os.PathLike,
@@ -273,7 +287,8 @@ def export(
             quantization calibrated on ``calibration``.
         calibration: int8 calibration volumes (image paths or :class:`~medsegkit.io.Image` s), cut into
             windows as inference does; default: the checkpoint's own sample / validation volumes.
-        overwrite: replace an existing ``OUT``.
+        overwrite: replace an existing ``OUT`` that is an earlier export (or an empty folder); never a
+            folder of other files, another file, or the checkpoint being exported.
         roi_size: the window size the network is exported for (default: the model's registered roi,
             else 96³ / 256²); exported networks take windows of exactly this size.
         batch_size: windows per network call ``B`` (input ``(B, C, *roi)``); larger window batches are
@@ -287,7 +302,8 @@ def export(
     Raises:
         ValueError: an unknown format, a detection model (Mask R-CNN), a bad roi / batch size, int8 for
             another format than openvino, int8 without calibration volumes.
-        FileExistsError: ``OUT`` exists and ``overwrite`` is false.
+        FileExistsError: ``OUT`` exists and ``overwrite`` is false, or ``OUT`` is not an earlier export.
+        ValueError: ``OUT`` is (or holds) the checkpoint being exported.
         ExportMismatchError: float32: the exported network's logits differ by more than 1e-4 or its labels
             differ; int8: its labels agree with PyTorch's on less than 99.5 % of the calibration voxels.
     """
@@ -314,8 +330,10 @@ def export(
 
         check_bioimageio()  # before any work: a missing or broken bioimageio install is an ImportError
     out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"export {out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"export {out} exists; pass overwrite=True (--overwrite) to replace it")
+        _check_replaceable(out, model_or_checkpoint)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     as_zip = format == "bioimageio" and out.suffix.lower() == ".zip"
