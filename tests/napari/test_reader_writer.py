@@ -116,6 +116,26 @@ def test_writer_refuses_4d_labels(tmp_path):
         write_labels(str(tmp_path / "x.nii.gz"), np.zeros((2, 3, 4, 5), np.uint8), {"name": "t"})
 
 
+def test_writer_never_saves_a_result_over_the_scan_it_came_from(tmp_path):
+    """A result layer remembers its scan's path; saving it there (the dialog's "replace?" answered yes)
+    replaced the scan. A Labels layer read from its own file still saves back to it."""
+    from medsegkit.io import write_image
+    from medsegkit.napari._writer import write_labels
+
+    scan = write_image(Image(np.random.default_rng(0).random((4, 5, 6)).astype(np.float32), np.eye(4)),
+                       tmp_path / "scan.nii.gz")
+    before = scan.read_bytes()
+    labels = np.ones((6, 5, 4), np.uint8)
+    result = {"name": "scan [demo]", "metadata": {"medsegkit": {"path": str(scan), "model": "demo"}}}
+    with pytest.raises(ValueError, match=r"refusing to write .*scan.nii.gz: it is the source image"):
+        write_labels(str(scan), labels, result)
+    assert scan.read_bytes() == before
+    (written,) = write_labels(str(tmp_path / "scan_seg.nii.gz"), labels, result)
+    edited = write_image(Image(np.zeros((4, 5, 6), np.uint8), np.eye(4)), tmp_path / "seg.nii.gz")
+    read_back = {"name": "seg", "metadata": {"medsegkit": {"path": str(edited)}}}  # opened from seg.nii.gz
+    assert write_labels(str(edited), labels, read_back) == [str(edited)]
+
+
 def test_writer_keeps_2d_geometry(tmp_path):
     from medsegkit.napari._writer import write_labels
 

@@ -57,13 +57,20 @@ def layer_to_image(data: Any, meta: dict[str, Any]):
         back = from_canonical(voxels, affine, np.asarray(source_affine), array.ndim)
         if back is not None:
             voxels, affine = back
-    return Image(np.ascontiguousarray(voxels), affine, {"source": "napari layer"})
+    image_meta: dict[str, Any] = {"source": "napari layer"}
+    medsegkit_meta = (meta.get("metadata") or {}).get("medsegkit") or {}
+    if medsegkit_meta.get("model") and medsegkit_meta.get("path"):
+        # a segmentation result remembers its scan's file: write_image never writes over it
+        image_meta["derived_from"] = [medsegkit_meta["path"]]
+    return Image(np.ascontiguousarray(voxels), affine, image_meta)
 
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer: save a Labels layer as ``.nii`` / ``.nii.gz`` / ``.nrrd`` / ``.mha``.
 
-    An existing file is replaced (napari's save dialog already asked). Returns the written path.
+    An existing file is replaced (napari's save dialog already asked), except the scan a segmentation
+    result came from (``metadata["medsegkit"]["path"]`` of a layer with a ``"model"``): that is refused,
+    as :func:`medsegkit.io.write_image` refuses a result's source. Returns the written path.
     """
     from medsegkit.io import write_image
 
