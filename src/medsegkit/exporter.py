@@ -249,9 +249,11 @@ def _sidecar(model: nn.Module, network: nn.Module, fmt: str, roi: tuple[int, ...
 def _check_replaceable(out: Path, source: Any) -> None:
     """Refuse ``overwrite`` where replacing ``out`` would delete what is not an earlier export: a folder of
     other files, any other file, or the checkpoint being exported (``out`` is it, or holds it)."""
+    from medsegkit.files import same_file
+
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists():
-        checkpoint = Path(source).expanduser().resolve()
-        if checkpoint == out.resolve() or out.resolve() in checkpoint.parents:
+        checkpoint = Path(source).expanduser()
+        if same_file(checkpoint, out) or out.resolve() in checkpoint.resolve().parents:
             raise ValueError(f"export {out} holds the model it exports ({source}); choose another output "
                              "(overwrite never applies to inputs)")
     empty_folder = out.is_dir() and not any(out.iterdir())

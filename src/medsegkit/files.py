@@ -1,4 +1,4 @@
-"""File helpers with no heavy imports (usable from the napari process): atomic writes."""
+"""File helpers with no heavy imports (usable from the napari process): atomic writes, same-file checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "same_file"]
 
 
 def _current_umask() -> int:
@@ -20,6 +20,17 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file: the same inode when both exist (links and other
+    spellings included), else the same resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
 
 
 def atomic_write(path: Path, write) -> Path:

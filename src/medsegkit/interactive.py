@@ -268,9 +268,8 @@ class Session:
         self.task = task
         self.source_name = self._describe(model_or_checkpoint, caller_model)
         # the checkpoint file the model came from: save() never writes over it
-        self._source_path = (Path(model_or_checkpoint).expanduser().resolve()
-                             if isinstance(model_or_checkpoint, (str, os.PathLike))
-                             and os.path.exists(os.path.expanduser(model_or_checkpoint)) else None)
+        given = Path(model_or_checkpoint).expanduser() if isinstance(model_or_checkpoint, (str, os.PathLike)) else None
+        self._source_path = given if given is not None and given.exists() else None
         self.original = copy.deepcopy(caller_model).eval()
         self.model = copy.deepcopy(self.original)
         self.image = image
@@ -969,17 +968,16 @@ class Session:
         Raises:
             ValueError: ``path`` is the checkpoint file the session was started from: the original model is
                 never overwritten, ``overwrite`` or not.
-            FileExistsError: ``path`` exists and ``overwrite`` is ``False``.
+            FileExistsError: ``path`` exists and ``overwrite`` is ``False`` (from
+                :func:`~medsegkit.weights.save_checkpoint`).
         """
+        from medsegkit.files import same_file
         from medsegkit.weights import save_checkpoint
 
         target = Path(path).expanduser()
-        source = self._source_path
-        if source is not None and target.exists() and os.path.samefile(target, source):
+        if self._source_path is not None and same_file(target, self._source_path):
             raise ValueError(f"{target} is the model this session started from ({self.source_name}); save the "
                              "adapted model to another path (the original is never overwritten)")
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it, or choose another path")
         metadata = dict(getattr(self.original, "medsegkit_metadata", None) or {})
         metadata["adapted_from"] = self.source_name
         metadata["interactive"] = {"rounds": self.rounds, "marked_voxels": int((self.marks > 0).sum())}

@@ -11,7 +11,6 @@ read as the channels of one input (T1 + T2). The labels are written on the input
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def add_parser(subparsers) -> None:
 
 def _check_output(path: Path, overwrite: bool, inputs: list[str]) -> None:
     """Refuse a bad output path before any work is done (nothing is written on failure)."""
+    from medsegkit.files import same_file
     from medsegkit.io import WRITE_SUFFIXES
 
     name = path.name.lower()
@@ -65,7 +65,7 @@ def _check_output(path: Path, overwrite: bool, inputs: list[str]) -> None:
     if path.is_dir():
         raise CommandError(f"output {path} is a folder; give a file name such as {path / 'labels.nii.gz'}")
     for source in inputs:
-        if Path(source).exists() and path.exists() and os.path.samefile(path, source):
+        if same_file(path, Path(source)):
             raise CommandError(f"output {path} is the input image; choose another output path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"output {path} exists; pass --overwrite to replace it")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from medsegkit.errors import ImageReadError
+from medsegkit.files import same_file
 from medsegkit.io.image import Image, describe_grid, same_grid
 
 __all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "read_image", "write_image"]
@@ -148,15 +149,6 @@ def read_image(
     return Image(array, first.affine, meta, channel_axis=0)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
 def _as_image(image_or_array: Image | np.ndarray, like: Image | None) -> Image:
     if isinstance(image_or_array, Image):
         image = image_or_array
@@ -219,7 +211,7 @@ def write_image(
     if isinstance(image_or_array, Image):
         protected += image_or_array.meta.get("derived_from", []) or []
     for source in protected:
-        if _same_file(path, Path(source)):
+        if same_file(path, Path(source)):
             raise ValueError(
                 f"refusing to write {path}: it is the source image {source} of this result "
                 "(overwrite=True does not apply to inputs); choose another output path"
