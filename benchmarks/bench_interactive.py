@@ -433,16 +433,17 @@ def goals(rows: list[dict], ceiling: float) -> dict[str, object]:
     """The issue's four goals on one case's rounds: every round <= 5 s; after 5 rounds Dice >= start + 0.05
     or within 0.01 of the ceiling; no round loses more than 0.005; refine > paint only from round 2."""
     refine = [row["refine"] for row in rows]
-    drops = [max(0.0, a - b) for a, b in zip(refine, refine[1:])]
+    largest_drop = max((a - b for a, b in zip(refine, refine[1:])), default=0.0)
+    largest_drop = max(largest_drop, 0.0)
     at5 = refine[5] if len(refine) > 5 else float("nan")
     return {
         "start": refine[0], "r1": refine[1] if len(refine) > 1 else float("nan"),
         "r2": refine[2] if len(refine) > 2 else float("nan"), "r5": at5, "r10": refine[-1],
         "paint10": rows[-1]["paint"], "ceiling": ceiling, "max_s": max(row["seconds"] for row in rows),
-        "drop": max(drops, default=0.0),
+        "drop": largest_drop,
         "seconds_ok": all(row["seconds"] <= 5.0 for row in rows),
         "gain_ok": at5 >= refine[0] + 0.05 or at5 >= ceiling - 0.01,
-        "drop_ok": max(drops, default=0.0) <= 0.005,
+        "drop_ok": largest_drop <= 0.005,
         "paint_ok": all(row["refine"] > row["paint"] for row in rows[2:]),
     }
 
@@ -450,32 +451,28 @@ def goals(rows: list[dict], ceiling: float) -> dict[str, object]:
 def weak_model_protocol(args, image, truth: np.ndarray) -> int:
     """``--weak-seeds``: per seed, train the two weak models with fixed epochs (the commands are printed),
     run both cases, and print one table of the goals per seed and case at the end."""
-    import json
     import subprocess
     import tempfile
-
-    from safetensors import safe_open
 
     from medsegkit.weights import load_model
 
     folder = args.weak_dir or tempfile.mkdtemp(prefix="medsegkit_weak_")
     summary: list[tuple[int, str, dict, dict]] = []
     for seed in args.weak_seeds:
-        trained = {}
+        trained, models = {}, {}
         for case, command in weak_training_commands(seed, folder, args.tissue_epochs, args.brain_epochs).items():
             print("$ " + " ".join(command[1:]).replace("-m medsegkit", "medsegkit"), flush=True)
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             path = command[-1]
-            with safe_open(path, "pt") as checkpoint:
-                training = json.loads(checkpoint.metadata()["medsegkit"])["metadata"]["training"]
+            models[case] = load_model(path)
+            training = models[case].medsegkit_metadata["training"]
             trained[case] = {"path": path, "seconds": training["wall_time_s"], "epochs": training["epochs_done"],
                              "validation": training["validation"]["mean_foreground_dice"]}
             print(f"  {case}: {trained[case]['epochs']} epochs, {trained[case]['seconds']:.1f} s of training, "
                   f"validation mean foreground Dice {trained[case]['validation']:.3f}", flush=True)
-        curves, ceilings = tissue_case(load_model(trained["tissue"]["path"]), image, truth,
-                                       trained["tissue"]["path"], args)
+        curves, ceilings = tissue_case(models["tissue"], image, truth, trained["tissue"]["path"], args)
         summary.append((seed, "tissue", trained["tissue"], goals(curves[TISSUE], ceilings[TISSUE])))
-        curves, ceilings = brain_case(load_model(trained["brain"]["path"]), trained["brain"]["path"], args)
+        curves, ceilings = brain_case(models["brain"], trained["brain"]["path"], args)
         summary.append((seed, "brain", trained["brain"], goals(curves[BRAIN], ceilings[BRAIN])))
     print(f"\nweak models ({args.tissue_epochs} / {args.brain_epochs} epochs), auto scope unless --scope; "
           "goals: s = every round <= 5 s, +5 = round 5 >= start + 0.05 or ceiling - 0.01, "
