@@ -48,7 +48,7 @@ MAX_ITERATIONS = 200
 CONVERGED = 1e-7  # stop once a step changes the loss by less than this
 SCOPES = ("auto", "global", "local")  # where refine updates the labels (Session.refine)
 MARGIN = 8  # preprocessed voxels (in mm) around the marks whose labels a local refine updates
-UNSURE = 0.7  # auto's extrapolation updates voxels whose original top class probability is below this
+UNSURE = 0.8  # auto's extrapolation updates voxels whose original top class probability is below this
 FAR = 30  # preprocessed voxels (in mm): local / unsure refines give a voxel its nearest mark's class, if this near
 PREVIEW_THICKNESS = 16  # preprocessed voxels along the focus axis of run(preview=True)'s slab
 
@@ -653,7 +653,7 @@ class Session:
         marks confirm that the map generalises (:func:`map_generalises`: the map fitted at the previous
         refine, which has not seen this call's marks, moves them toward their class and gets more of them
         right than the original model), and then ``"unsure"``: near the marks as local, and elsewhere only
-        where the original model was unsure (top class probability below ``UNSURE`` = 0.7), so that a map
+        where the original model was unsure (top class probability below ``UNSURE`` = 0.8), so that a map
         fitted to a few marks does not overrule confident predictions far from them. The first refine is
         always local. Local and unsure give a voxel a new class only if its nearest mark (in mm, any round)
         has that class and lies within ``FAR`` = 30 preprocessed voxels: next to a mark the labels move
