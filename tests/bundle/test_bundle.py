@@ -336,3 +336,31 @@ def test_train_config_runs_the_engines_iteration_and_keeps_the_train_metric(bund
     assert len(trainer.state.output) == 2 and np.isfinite(first["loss"])  # 2 patches per volume visit
     assert first["pred"].shape[0] == 4 and torch.all(first["pred"].sum(0) == 1)
     assert first["label"].shape == first["pred"].shape
+
+
+def test_run_refuses_two_images_with_one_result_name_and_a_result_over_an_input(tmp_path, capsys):
+    """Refused before the bundle runs: two images named alike in different folders (the second result
+    replaced the first, and the same path was returned twice), and a result that is one of the inputs
+    (``--overwrite`` replaced the input ``case_seg.nii.gz`` with the result of ``case.nii.gz``, then
+    segmented that result)."""
+    import nibabel as nib
+
+    bundle_dir = init_bundle("UNet3d", tmp_path / "b", overrides={"channels": [4, 8], "strides": [2]})
+    for folder, seed in (("x", 0), ("y", 1)):
+        (tmp_path / folder).mkdir()
+        volume = np.random.default_rng(seed).random((16, 16, 16)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / folder / "case.nii.gz")
+    with pytest.raises(ValueError, match=r"x/case.nii.gz and .*y/case.nii.gz would both be written to .*case_seg.nii.gz"):
+        run_bundle(bundle_dir, [tmp_path / "x/case.nii.gz", tmp_path / "y/case.nii.gz"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    scan = tmp_path / "x" / "case_seg.nii.gz"  # a scan that happens to be named like a result
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4)), scan)
+    before = scan.read_bytes()
+    with pytest.raises(ValueError, match=r"the result of .*x/case.nii.gz would replace the input .*case_seg.nii.gz"):
+        run_bundle(bundle_dir, [tmp_path / "x/case.nii.gz", scan], tmp_path / "x", overwrite=True)
+    code = main(["bundle", "run", str(bundle_dir), str(tmp_path / "x/case.nii.gz"), str(scan), "-o",
+                 str(tmp_path / "x"), "--overwrite"])
+    assert code == 2 and "would replace the input" in capsys.readouterr().err
+    assert scan.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["case.nii.gz", "case_seg.nii.gz"]

@@ -133,9 +133,13 @@ def run_bundle(
     """Run the bundle's ``inference.json`` (its network, pre- and post-processing) on ``images``.
 
     Results are written by the bundle's ``SaveImaged`` into ``output_dir`` as ``<name>_seg.nii.gz``.
-    Existing outputs are refused unless ``overwrite``.
+    Existing outputs are refused unless ``overwrite``. Refused always, before anything runs: two images
+    whose results would have the same name (``a/case.nii.gz`` and ``b/case.nii.gz``: the second would
+    replace the first), and a result that would replace one of the ``images``.
     """
     from monai.bundle import run
+
+    from medsegkit.files import same_file
 
     directory = Path(directory).resolve()
     configs = _configs(directory)
@@ -145,6 +149,17 @@ def run_bundle(
         if not image.exists():
             raise FileNotFoundError(f"input image {image} does not exist")
     expected = [output_dir / f"{_stem(i)}_seg.nii.gz" for i in images]
+    first_image_of: dict[str, Path] = {}
+    for image, result in zip(images, expected):
+        earlier = first_image_of.setdefault(result.name, image)
+        if earlier != image:
+            raise ValueError(f"{earlier} and {image} would both be written to {result}; run them into separate "
+                             "output folders, or rename one")
+    for image, result in zip(images, expected):
+        replaced = next((other for other in images if same_file(result, other)), None)
+        if replaced is not None:
+            raise ValueError(f"the result of {image} would replace the input {replaced}; choose another output "
+                             "folder")
     existing = [p for p in expected if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
