@@ -307,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the weak models of each seed (fixed epochs, printed commands) and run both cases; "
                              "ends with a table of the goals per seed and case")
     parser.add_argument("--tissue-epochs", type=int, default=11,
-                        help="--weak-seeds: epochs of the weak tissue model (11: 44-53 s of training measured on 2 cores)")
+                        help="--weak-seeds: epochs of the weak tissue model (11: 44-53 s of training measured on 2 cores; 53-65 s on a slower day)")
     parser.add_argument("--brain-epochs", type=int, default=13,
-                        help="--weak-seeds: epochs of the weak brain model (13: 44-55 s of training measured on 2 cores)")
+                        help="--weak-seeds: epochs of the weak brain model (13: 44-55 s of training measured on 2 cores; 57-78 s on a slower day)")
     parser.add_argument("--weak-dir", help="--weak-seeds: where the weak models go (default: a new temporary folder)")
     parser.add_argument("--plot", help="write the Dice-per-round plot of the cases to this PNG")
     parser.add_argument("--napari", action="store_true",
