@@ -314,6 +314,7 @@ def test_cancel_from_another_thread_stops_within_one_batch_and_writes_nothing(tm
     out = tmp_path / "labels.zarr"
     if target == "zarr":
         out = zarr.create_array(store=str(out), shape=volume.shape, chunks=(16, 32, 32), dtype="uint8")
+        out[:] = 9  # the caller's earlier contents
     cancel = threading.Event()
     errors = []
 
@@ -332,7 +333,22 @@ def test_cancel_from_another_thread_stops_within_one_batch_and_writes_nothing(tm
     assert not worker.is_alive() and len(errors) == 1
     assert model.gate.calls == 2  # the batch in flight finished, no further batch started
     assert "after 2 of" in str(errors[0])
-    assert list(tmp_path.iterdir()) == []  # no output and no partial store left
+    if target == "path":
+        assert list(tmp_path.iterdir()) == []  # no output and no partial store left
+    else:  # the caller's array is theirs: kept, with no slab finished yet, so as it was
+        assert [p.name for p in tmp_path.iterdir()] == ["labels.zarr"]
+        assert (zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:] == 9).all()
+
+
+def test_a_callers_out_array_of_the_wrong_shape_is_refused_and_kept(tmp_path, model3d):
+    """Until 2026-12-07 the refusal removed the caller's zarr array (its folder) with everything in it."""
+    import zarr
+
+    kept = zarr.create_array(store=str(tmp_path / "mine.zarr"), shape=(5, 5, 5), dtype="uint8")
+    kept[:] = 7
+    with pytest.raises(ValueError, match=r"out has shape \(5, 5, 5\), but this prediction has shape \(20, 20, 20\)"):
+        predict(model3d, _volume((20, 20, 20)), roi_size=16, out=kept)
+    assert (zarr.open_array(str(tmp_path / "mine.zarr"), mode="r")[:] == 7).all()
 
 
 def test_error_midway_removes_partial_output(tmp_path, model3d):

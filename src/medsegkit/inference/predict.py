@@ -119,24 +119,12 @@ class OutputWriter:
         return self.array
 
     def discard(self) -> None:
-        """Remove what was written: our temporary store, or a caller's zarr store."""
+        """Remove our temporary store for a path. A caller's array (numpy, memmap, zarr, tensor) is never
+        removed: it keeps the slabs finished before the error or cancel and its earlier contents elsewhere."""
         if self.tmp_path is not None:
             shutil.rmtree(self.tmp_path, ignore_errors=True)
             if self.tmp_path.exists():  # pragma: no cover - rmtree failed, say so rather than hide it
                 logger.error("could not remove the partial output %s", self.tmp_path)
-            return
-        root = _zarr_local_path(self.request)
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
-            logger.info("removed the partially written zarr array %s", root)
-
-
-def _zarr_local_path(array: Any) -> Path | None:
-    store = getattr(array, "store", None)
-    root = getattr(store, "root", None)
-    if root is None or not hasattr(array, "path"):
-        return None
-    return Path(str(root)) / str(array.path) if array.path else Path(str(root))
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -238,7 +226,8 @@ def predict(
         progress: ``progress(done, total)`` called after every window batch; ``total`` is
             ``N × ceil(number_of_windows / sw_batch_size)``.
         cancel: an object with ``is_set()`` (``threading.Event``) checked before every window batch;
-            when set, :class:`medsegkit.Cancelled` is raised and a partly written ``out`` store removed.
+            when set, :class:`medsegkit.Cancelled` is raised; the temporary store of a path ``out`` is
+            removed, and a caller's ``out`` array is left as it is (the slabs finished so far written).
         backend: what runs the windows. ``None`` (default): the model's own, PyTorch for a PyTorch model
             and the format's backend for an export (ONNX → ONNX Runtime, OpenVINO IR → OpenVINO,
             ``.pt2`` / ``.ts`` → torch). ``"torch"``, ``"onnxruntime"`` or ``"openvino"``: that one (a
