@@ -68,6 +68,7 @@ def read_label_metadata(labels_path: str | os.PathLike) -> dict[str, Any]:
 
 def _as_labels(labels: Any) -> Image:
     from medsegkit.io import Image, read_image
+    from medsegkit.io.image import class_indices
 
     if isinstance(labels, (str, os.PathLike)):
         path = labels
@@ -83,14 +84,10 @@ def _as_labels(labels: Any) -> Image:
     if labels.channel_axis is not None:
         raise ValueError(f"labels must be a label map without channels; got {labels.num_channels} channels "
                          f"(shape {labels.array.shape})")
-    array = np.asarray(labels.array)
-    if array.dtype.kind not in "iub":
-        if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
-            labels = labels.with_array(array.astype(np.int64), meta=labels.meta)
-        else:
-            raise ValueError(f"labels must be an integer label map (one class per voxel); got dtype {array.dtype}. "
-                             "Take the argmax over the class axis of probabilities first.")
-    if np.asarray(labels.array).min() < 0:
+    array = class_indices(labels.array, "labels")
+    if array.dtype != labels.array.dtype:  # whole numbers saved as float
+        labels = labels.with_array(array, meta=labels.meta)
+    if array.min() < 0:
         raise ValueError("labels must be non-negative class indices (0 = background); found negative values")
     return labels
 

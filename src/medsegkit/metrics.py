@@ -24,15 +24,9 @@ def _as_label_volume(obj: Any, what: str) -> tuple[np.ndarray, np.ndarray | None
         obj = obj.array
     if hasattr(obj, "detach"):  # torch tensor
         obj = obj.detach().cpu().numpy()
-    array = np.asarray(obj)
-    if array.dtype.kind not in "iub":
-        if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
-            array = array.astype(np.int64)
-        else:
-            raise ValueError(
-                f"{what} must be an integer label map (one label per voxel); got dtype {array.dtype}. "
-                "Turn probabilities or logits into labels first (argmax over the class axis)."
-            )
+    from medsegkit.io.image import class_indices
+
+    array = class_indices(obj, what)
     if array.ndim not in (2, 3):
         raise ValueError(f"{what} must be a 2D or 3D label map without channel axis; got shape {array.shape}")
     return array, affine

@@ -18,7 +18,13 @@ from medsegkit import create_model
 from medsegkit.cli import main
 from medsegkit.io import Image, write_image
 from medsegkit.train.baseline import nearest_class_mean_baseline
-from medsegkit.train.data import LabelledVolume, split_axial, superior_last, training_items
+from medsegkit.train.data import (
+    LabelledVolume,
+    load_labelled_volume,
+    split_axial,
+    superior_last,
+    training_items,
+)
 from medsegkit.train.engine import TrainConfig, recipe_preprocessing, state_path_for, train, training_loader
 from medsegkit.weights import load_model, read_checkpoint
 
@@ -437,6 +443,23 @@ def test_train_cli_refuses_an_image_with_nan_voxels_in_one_line(tmp_path, capsys
         f"image {image} holds 3 NaN or Inf voxel(s); training needs finite intensities: replace them "
         "(e.g. numpy.nan_to_num) first"), lines
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [np.inf, 0.5])
+def test_a_float_label_map_trains_as_class_indices_only_when_every_value_is_a_whole_number(tmp_path, bad):
+    """An Inf in a float label map passed the whole-number check (inf == round(inf)) and became a huge int."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image(np.ones((6, 6, 6), np.float32), affine), tmp_path / "t1.nii.gz")
+    labels = np.zeros((6, 6, 6), np.float32)
+    labels[2:4, 2:4, 2:4] = 1.0
+    good = write_image(Image(labels, affine), tmp_path / "seg.nii.gz")
+    loaded = load_labelled_volume(image, good)
+    assert loaded.label.dtype == np.int64 and loaded.label.sum() == 8
+    labels[0, 0, 0] = bad
+    broken = write_image(Image(labels, affine), tmp_path / "broken.nii.gz")
+    with pytest.raises(ValueError, match=rf"^label map {broken} must be an integer label map .*got dtype float32 "
+                                         "with fractional, NaN or Inf values"):
+        load_labelled_volume(image, broken)
 
 
 def test_train_cli_same_seed_gives_the_same_model_whatever_ran_before(tmp_path):

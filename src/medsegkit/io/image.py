@@ -29,7 +29,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
-__all__ = ["Image", "affine_from_geometry", "same_grid", "LPS_TO_RAS"]
+__all__ = ["Image", "affine_from_geometry", "same_grid", "class_indices", "LPS_TO_RAS"]
 
 # Flip between LPS (DICOM, ITK) and RAS (NIfTI, MONAI): negate x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -269,6 +269,23 @@ class Image:
             f"Image(shape={self.spatial_shape}{chans}, dtype={self.array.dtype}, spacing=({spacing}), "
             f"orientation={self.orientation!r}" + (f", path={src!r})" if src else ")")
         )
+
+
+def class_indices(array: Any, what: str) -> np.ndarray:
+    """A label map as integers: integer and boolean arrays as they are, a float array of finite whole
+    numbers (a label map saved as float, as many NIfTI writers do) as ``int64``.
+
+    Raises:
+        ValueError: anything else (fractions, NaN / Inf, complex, object), naming ``what``.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind in "iub":
+        return array
+    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        return array.astype(np.int64)
+    raise ValueError(f"{what} must be an integer label map (one class per voxel); got dtype {array.dtype}"
+                     + (" with fractional, NaN or Inf values" if array.dtype.kind == "f" else "")
+                     + ". Take the argmax over the class axis of probabilities or logits first.")
 
 
 def same_grid(a: Image, b: Image, *, atol: float = 1e-4) -> bool:

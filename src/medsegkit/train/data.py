@@ -67,6 +67,7 @@ class LabelledVolume:
 def load_labelled_volume(image_path: str | os.PathLike, label_path: str | os.PathLike) -> LabelledVolume:
     """Read an image and its label map (same grid) into a :class:`LabelledVolume`."""
     from medsegkit.io import read_image
+    from medsegkit.io.image import class_indices
 
     image = read_image(image_path)
     label = read_image(label_path)
@@ -75,9 +76,7 @@ def load_labelled_volume(image_path: str | os.PathLike, label_path: str | os.Pat
             f"image {image_path} {image.spatial_shape} and labels {label_path} {label.spatial_shape} "
             "are not on the same grid (shape and affine must match)"
         )
-    labels = np.asarray(label.array)
-    if labels.dtype.kind == "f" and not np.all(labels == np.round(labels)):
-        raise ValueError(f"label map {label_path} holds non-integer values; expected class indices")
+    labels = class_indices(label.array, f"label map {label_path}")
     if labels.min() < 0:
         raise ValueError(f"label map {label_path} holds negative values; expected class indices 0..K-1")
     array = np.asarray(image.array, dtype=np.float32)
