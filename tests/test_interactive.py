@@ -21,6 +21,7 @@ from medsegkit.interactive import (
     fold_affine,
     map_generalises,
     output_layer,
+    sweeping_losses,
 )
 from medsegkit.io import Image
 from medsegkit.weights import load_checkpoint, load_model, read_checkpoint, save_checkpoint
@@ -548,6 +549,47 @@ def test_refine_gives_voxels_only_the_class_of_their_nearest_mark(weak_case):
     assert ((adapted == 0) & (before == 1) & reach).sum() > 20  # the map alone would shrink class 1 here
     assert not ((labels == 0) & (before == 1) & reach).any()  # refine does not, next to a class-1 mark
     np.testing.assert_array_equal(labels[scribbles > 0], 1)
+
+
+def test_sweeping_losses_leaves_out_every_change_away_from_a_class_that_would_lose_too_much():
+    labels = np.zeros((10, 10), np.uint8)
+    labels[0] = 1  # class 1: 10 voxels, class 0: 90
+    where = np.ones_like(labels, bool)
+    predicted = labels[where].copy()
+    changing = np.ones(labels.size, bool)
+    predicted[:3] = 0  # 3 of class 1's 10 voxels would leave it (30 %)
+    predicted[10:15] = 1  # 5 of class 0's 90 (6 %)
+    left_out = sweeping_losses(labels, where, predicted, changing, share=0.25)
+    np.testing.assert_array_equal(np.flatnonzero(left_out), [0, 1, 2])
+    assert not sweeping_losses(labels, where, predicted, changing, share=0.3).any()
+    # only the changes marked as subject to the limit count and are left out (those near the marks are not)
+    changing[:2] = False
+    assert not sweeping_losses(labels, where, predicted, changing, share=0.25).any()
+    # the voxels considered are ``where``'s, the class sizes the whole label map's
+    where = np.zeros_like(labels, bool)
+    where[0, :5] = True
+    assert sweeping_losses(labels, where, np.zeros(5, np.uint8), np.ones(5, bool), share=0.25).all()
+    assert not sweeping_losses(labels, where, np.zeros(5, np.uint8), np.ones(5, bool), share=0.5).any()
+
+
+def test_an_unsure_refine_does_not_sweep_a_class_away_beyond_the_marks(weak_case, monkeypatch):
+    """With the share at 0 every change away from a class beyond this round's reach is left out; the same
+    rounds with the default change voxels there (test_refine_auto_scope_is_local_until_the_next_marks_...)."""
+    import medsegkit.interactive as interactive
+
+    monkeypatch.setattr(interactive, "MAX_CLASS_LOSS", 0.0)
+    session, _, original, first = _ramp_session(weak_case[0])
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[first - 3, 2:4, 2:4] = 2
+    before = session.refine(scribbles, seconds=60.0).copy()
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[first - 2, 20:22, 20:22] = 2
+    scribbles[1, 20:22, 2:4] = 1
+    labels = session.refine(scribbles, seconds=60.0).copy()
+    assert session.last_scope == "unsure"
+    far = ndimage.distance_transform_edt(scribbles == 0) > 8
+    assert not ((labels != before) & far).any()
+    assert ((labels != before) & ~far & (scribbles == 0)).any()  # near the marks the map still applies
 
 
 def test_map_generalises_needs_lower_cross_entropy_and_more_right():
