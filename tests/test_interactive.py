@@ -14,6 +14,7 @@ from medsegkit.errors import CheckpointError
 from medsegkit.inference import segment
 from medsegkit.interactive import (
     FAR,
+    MARK_WEIGHT,
     UNSURE,
     MappedOutput,
     Session,
@@ -209,14 +210,14 @@ def test_refine_global_scope_moves_the_boundary_everywhere_and_equals_the_adapte
     assert 4 <= first <= SHAPE[0] - 10 and (original[first:, 12, 12] == 1).all()
     # mark class 1 on 4 voxels in a corner 3 planes below the boundary: the fitted map moves it everywhere
     scribbles = np.zeros(SHAPE, np.int32)
-    scribbles[first - 3, 2:4, 2:4] = 2
+    scribbles[first - 3:first, 2:4, 2:4] = 2
     before = {k: v.clone() for k, v in session.model.state_dict().items()}
     labels = session.refine(scribbles, seconds=60.0, scope="global").copy()
     assert session.last_scope == "global"
     for j in (14, 18, 22):  # rows more than 10 voxels from the marks
         assert int(np.argmax(labels[:, j, j] == 1)) < first  # the boundary moved toward the marks there too
     assert ((labels == 1) & (original == 0))[:, 14:, 14:].sum() > 50
-    assert (labels[: first - 3] == 0).all()  # the planes darker than the marks stay background
+    assert (labels[: first - 4] == 0).all()  # the planes darker than the marks stay background, but for the one next to them
     # only the output layer changed, and the session's labels are what the adapted model segments
     name, _ = output_layer(session.original, 2)
     changed = {k for k, v in session.model.state_dict().items() if not torch.equal(v, before[k])}
@@ -285,6 +286,28 @@ def test_fit_calibration_fits_the_marks_and_keeps_the_rest(classes):
     assert 0.34 < boundaries[1] < boundaries[0] < 0.49, boundaries
     with pytest.raises(ValueError, match="at least one marked voxel"):
         fit_calibration(scores, torch.full(x.shape, -1, dtype=torch.int64))
+
+
+def test_fit_calibration_weighs_every_class_s_agreement_the_same_however_many_voxels_it_has():
+    """The agreement is balanced over the classes the model calls: repeating one class's voxels four times
+    gives the same map (at the same weight per mark). Unbalanced, the probabilities moved by up to 0.21."""
+    x = torch.linspace(0, 1, 3_000)
+    scores = torch.stack([torch.zeros_like(x), (x - 0.5) * 10, (x - 0.97) * 400])  # class 2: the top 1.8 %
+    marks = torch.full(x.shape, -1, dtype=torch.int64)
+    marks[1380:1400] = 1  # class 1 where the model says 0: the map must favour class 1
+    matrix, offset, _ = fit_calibration(scores, marks, seconds=60.0)
+    background = torch.nonzero(scores.argmax(0) == 0)[:, 0]
+    repeated = torch.cat([scores, scores[:, background].repeat(1, 3)], dim=1)
+    repeated_marks = torch.cat([marks, torch.full((3 * len(background),), -1, dtype=torch.int64)])
+    scale = repeated.shape[1] / scores.shape[1]  # the same weight per mark: MARK_WEIGHT / N
+    matrix_r, offset_r, _ = fit_calibration(repeated, repeated_marks, seconds=60.0, mark_weight=MARK_WEIGHT * scale)
+    # the same map up to a shift of every logit by the same amount (which softmax ignores) and the fit's
+    # stopping tolerance (2.8e-3 seen)
+    probabilities = torch.softmax(matrix @ scores + offset[:, None], dim=0)
+    torch.testing.assert_close(torch.softmax(matrix_r @ scores + offset_r[:, None], dim=0), probabilities,
+                               rtol=0, atol=1e-2)
+    labels = probabilities.argmax(0)
+    assert (labels[1380:1400] == 1).all() and (labels == 2).sum() == (scores.argmax(0) == 2).sum()
 
 
 def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case):
@@ -453,7 +476,7 @@ def test_refine_keeps_one_window_cache_through_rounds_undo_and_reset(options):
     rounds, pre_rounds = [], []
     for r in range(3):
         scribbles = np.zeros(image.spatial_shape, np.int32)
-        scribbles[3 + 8 * r: 6 + 8 * r, 2:5, 2:5] = 1 + (r % 3)
+        scribbles[3 + 8 * r: 6 + 8 * r, 2:6, 2:6] = 1 + (r % 3)
         rounds.append(session.refine(scribbles, seconds=60.0, scope="global").copy())
         pre_rounds.append(session.pre_labels.clone())
         adapted = segment(session.model, image, **kw).array
@@ -466,14 +489,14 @@ def test_refine_keeps_one_window_cache_through_rounds_undo_and_reset(options):
         held = [v for v in snapshot.values() if isinstance(v, (torch.Tensor, dict))]
         assert all(not isinstance(v, dict) for v in held)  # no per-window outputs in the undo history
         assert not any(isinstance(v, torch.nn.Module) for v in snapshot.values())  # nor models: their maps
-        assert snapshot["marked"].size == 27  # the voxels this round marked, not the whole marks array
+        assert snapshot["marked"].size == 48  # the voxels this round marked, not the whole marks array
         assert 0 < snapshot["labels_changed"].size < session.labels.size  # the voxels it changed, not all
         assert all(v.data_ptr() not in window_bytes for v in held)
     session.undo()
     np.testing.assert_array_equal(session.labels, rounds[1])
     assert torch.equal(session.pre_labels, pre_rounds[1]) and not torch.equal(pre_rounds[1], pre_rounds[2])
     unmarked = session.marks == 0  # round 3's marks are gone; the model rebuilt from round 2's map
-    assert unmarked.sum() == unmarked.size - 2 * 27
+    assert unmarked.sum() == unmarked.size - 2 * 48
     np.testing.assert_array_equal(segment(session.model, image, **kw).array[unmarked], rounds[1][unmarked])
     scribbles = np.zeros(image.spatial_shape, np.int32)
     scribbles[20:23, 10:13, 10:13] = 2
@@ -488,14 +511,14 @@ def test_refine_auto_scope_is_local_until_the_next_marks_confirm_the_map(weak_ca
     session, _, original, first = _ramp_session(weak_case[0])
     # round 1 (nothing to check the map against yet): local, the far corner keeps its labels
     scribbles = np.zeros(SHAPE, np.int32)
-    scribbles[first - 3, 2:4, 2:4] = 2
+    scribbles[first - 3:first, 2:4, 2:4] = 2
     labels = session.refine(scribbles, seconds=60.0).copy()
     assert session.last_scope == "local"
     np.testing.assert_array_equal(labels[:, 14:, 14:], original[:, 14:, 14:])
     # round 2 marks the same kind of error elsewhere (round 1's map already gets them right), and background
     # on dark voxels (right before and after the map)
     scribbles = np.zeros(SHAPE, np.int32)
-    scribbles[first - 2, 20:22, 20:22] = 2
+    scribbles[first - 2:first, 20:22, 20:22] = 2
     scribbles[1, 20:22, 2:4] = 1
     before = labels
     labels = session.refine(scribbles, seconds=60.0).copy()
@@ -580,10 +603,10 @@ def test_an_unsure_refine_does_not_sweep_a_class_away_beyond_the_marks(weak_case
     monkeypatch.setattr(interactive, "MAX_CLASS_LOSS", 0.0)
     session, _, original, first = _ramp_session(weak_case[0])
     scribbles = np.zeros(SHAPE, np.int32)
-    scribbles[first - 3, 2:4, 2:4] = 2
+    scribbles[first - 3:first, 2:4, 2:4] = 2
     before = session.refine(scribbles, seconds=60.0).copy()
     scribbles = np.zeros(SHAPE, np.int32)
-    scribbles[first - 2, 20:22, 20:22] = 2
+    scribbles[first - 2:first, 20:22, 20:22] = 2
     scribbles[1, 20:22, 2:4] = 1
     labels = session.refine(scribbles, seconds=60.0).copy()
     assert session.last_scope == "unsure"

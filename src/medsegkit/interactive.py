@@ -42,7 +42,7 @@ SESSION_OPTIONS = ("preprocessing", "roi_size", "sw_batch_size", "overlap", "mod
 ADAPTABLE_TASKS = ("semantic",)
 RUNNABLE_TASKS = ("semantic", "universal")
 DEFAULT_SECONDS = 2.0  # bound on the output layer's fit per refine (it converges in well under a second)
-MARK_WEIGHT = 300.0  # one marked voxel weighs as much as this many voxels' agreement with the original prediction
+MARK_WEIGHT = 550.0  # one marked voxel weighs as much as this many voxels' agreement with the original prediction
 AGREEMENT_SAMPLE = 2**18  # unmarked preprocessed voxels the agreement term reads (a fixed random sample)
 ITERATIONS_PER_STEP = 10  # L-BFGS iterations between the checks of cancel and the time budget
 MAX_ITERATIONS = 200
@@ -130,17 +130,20 @@ def _marked_logits(scores: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Ten
 
 
 def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: bool = True,
-                    mark_weight: float = MARK_WEIGHT, sample: int = AGREEMENT_SAMPLE,
+                    mark_weight: float | None = None, sample: int = AGREEMENT_SAMPLE,
                     seconds: float = DEFAULT_SECONDS, cancel: Any = None,
                     progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """The affine map of the logits, ``z -> matrix @ z + offset``, that fits the marks and agrees with the
     original prediction elsewhere.
 
-    Minimises ``mark_weight / N * sum over marked voxels of CE(class) + mean over unmarked voxels of
-    CE(original softmax)`` with L-BFGS (convex in the map: it converges to the one minimum), ``N`` the number
-    of voxels: each marked voxel weighs ``mark_weight`` voxels' agreement, so a few marks move the
-    boundaries a little and more marks move them more, everywhere at once. The agreement term reads a fixed
-    random sample of at most ``sample`` unmarked voxels.
+    Minimises ``mark_weight / N * sum over marked voxels of CE(class) + agreement`` with L-BFGS (convex in
+    the map: it converges to the one minimum), ``N`` the number of voxels. The agreement is the cross entropy
+    against the original softmax over the unmarked voxels, **balanced over the classes**: the mean over the
+    voxels the original model calls class ``c``, averaged over the classes it calls, so that every class's
+    agreement counts the same however few voxels it has (a map fitted to marks of one class cannot take a
+    small class's voxels for next to nothing). Each marked voxel weighs ``mark_weight`` voxels' agreement
+    (default :data:`MARK_WEIGHT`), so a few marks move the boundaries a little and more marks move them more,
+    everywhere at once. The agreement term reads a fixed random sample of at most ``sample`` unmarked voxels.
 
     Args:
         scores: ``(K, *spatial)`` float logits of the original model (``K = 1``: binary, sigmoid).
@@ -164,9 +167,12 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
     marked_scores = flat[:, marked]
     agree_scores = flat[:, unmarked]
     teacher = torch.softmax(_two_class(agree_scores), dim=0)
+    called = teacher.argmax(0)
+    balance = (1.0 / torch.bincount(called, minlength=teacher.shape[0]).clamp(min=1).float())[called]
+    balance = balance / balance.sum()  # per voxel: 1 / (its class's count x the number of classes called)
     matrix = torch.eye(classes, requires_grad=True)
     offset = torch.zeros(classes, 1, requires_grad=with_offset)
-    weight = mark_weight / flat.shape[1]
+    weight = (MARK_WEIGHT if mark_weight is None else mark_weight) / flat.shape[1]
     optimizer = torch.optim.LBFGS([matrix, offset] if with_offset else [matrix], lr=1.0,
                                   max_iter=ITERATIONS_PER_STEP, line_search_fn="strong_wolfe")
 
@@ -174,7 +180,7 @@ def fit_calibration(scores: torch.Tensor, marks: torch.Tensor, *, with_offset: b
         optimizer.zero_grad()
         fit = nn.functional.cross_entropy(_two_class(matrix @ marked_scores + offset).T, marked_targets,
                                           reduction="sum")
-        agree = -(teacher * torch.log_softmax(_two_class(matrix @ agree_scores + offset), dim=0)).sum(0).mean()
+        agree = -(teacher * torch.log_softmax(_two_class(matrix @ agree_scores + offset), dim=0)).sum(0) @ balance
         loss = weight * fit + (agree if agree_scores.shape[1] else 0.0)
         loss.backward()
         return loss.detach()
