@@ -240,9 +240,12 @@ def sweeping_losses(labels: np.ndarray, where: np.ndarray, predicted: np.ndarray
     current = labels[where]
     leaving = changing & (predicted != current)
     left_out = np.zeros_like(leaving)
+    if not leaving.any():
+        return left_out
+    sizes = np.bincount(labels.ravel())  # every class's voxels, in one pass over the label map
     for cls in np.unique(current[leaving]):
         losing = leaving & (current == cls)
-        if np.count_nonzero(losing) > share * np.count_nonzero(labels == cls):
+        if np.count_nonzero(losing) > share * sizes[cls]:
             left_out |= losing
     return left_out
 
@@ -769,7 +772,7 @@ class Session:
                     self.labels[...] = self._gather(self.pre_labels)
                 else:
                     reach = self._reach(new & self.inside)
-                    update = reach | self._unsure() if scope == "unsure" else reach.copy()
+                    update = reach | self._unsure() if scope == "unsure" else reach  # local: reach is not read again
                     predicted = self._gather(self.pre_labels, update)
                     nearest, distance = self._nearest_mark(update)
                     toward_mark = (predicted == nearest) & (distance <= FAR * self._preprocessed_mm)
