@@ -82,6 +82,23 @@ def test_existing_results_are_skipped_and_still_measured(cohort_dir, tmp_path):
         "a": "skipped", "b": "segmented", "c": "skipped", "d": "skipped", "e": "skipped"}
 
 
+def test_a_failed_table_write_keeps_the_previous_cohort_table(cohort_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    medsegkit.segment_many(Threshold().eval(), cohort_dir, out, progress=False, roi_size=(16, 16, 16))
+    before = (out / "cohort.csv").read_bytes()
+
+    def half_then_fail(self, path, **kwargs):  # a full disk / a kill in the middle of the table
+        with open(path, "w") as f:
+            f.write("case,mod")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        medsegkit.segment_many(Threshold().eval(), cohort_dir, out, progress=False, roi_size=(16, 16, 16))
+    assert (out / "cohort.csv").read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".part")]
+
+
 def test_inputs_as_glob_list_and_rank_share(cohort_dir, tmp_path):
     assert [p.name for p in list_inputs(str(cohort_dir / "[ab]*.nii.gz"))] == ["a.nii.gz", "b.nii.gz"]
     listed = [cohort_dir / "d.nii.gz", cohort_dir / "a.nii.gz"]

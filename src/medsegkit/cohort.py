@@ -157,6 +157,7 @@ def segment_many(
     from tqdm.auto import tqdm
 
     from medsegkit._ranks import process_rank, shard
+    from medsegkit.files import atomic_write
     from medsegkit.inference.folder import inputs_and_results, output_path_for
     from medsegkit.inference.segment import resolve_model, segment
     from medsegkit.io import read_image, write_image
@@ -221,7 +222,7 @@ def segment_many(
         cohort = add_quality_flags(cohort, thresholds=thresholds)
     cohort = cohort.drop(columns=["reference_ranges"])
     if (rank if rank is not None else process_rank()[0]) == 0:
-        cohort.to_csv(out / "cohort.csv", index=False)
+        atomic_write(out / "cohort.csv", lambda tmp: cohort.to_csv(tmp, index=False))
         if qc:
             write_qc_report(cohort, out / "qc_report.json", thresholds=thresholds)
     return cohort
