@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import medsegkit
 from medsegkit.errors import CheckpointError
@@ -124,3 +126,89 @@ def test_attention_unet_saved_before_merge_kernel_size_still_loads(tmp_path, rec
     current = medsegkit.nets.AttentionUNet(**arguments)
     path = save_checkpoint(current, tmp_path / "new.safetensors")
     assert load_model(path).init_args["merge_kernel_size"] is None
+
+
+def _write_with_record(path, text):
+    """A checkpoint at ``path`` (.safetensors or .pt) holding a tiny UNet2d's weights and ``text`` as its record."""
+    from safetensors.torch import save_file
+
+    state = medsegkit.create_model("UNet2d", channels=(4, 8), strides=(2,)).state_dict()
+    if path.suffix == ".pt":
+        torch.save({"state_dict": state, "medsegkit": text}, path)
+    else:
+        save_file(state, str(path), metadata={"medsegkit": text})
+    return path
+
+
+GOOD_RECORD = {"format": "medsegkit-checkpoint", "version": 1, "metadata": {},
+               "model": {"name": "UNet2d", "overrides": {"channels": [4, 8], "strides": [2]}}}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize(("text", "match"), [
+    ("{not json", "damaged 'medsegkit' record \\(not JSON"),
+    ('{"model": {"name": "UNet2d"', "damaged 'medsegkit' record \\(not JSON"),
+    ("[1, 2]", "record is a JSON array, expected an object"),
+    ("null", "record is a JSON null, expected an object"),
+    (json.dumps({**GOOD_RECORD, "model": 5}), "has model = 5, expected a JSON object"),
+    (json.dumps({**GOOD_RECORD, "metadata": ["a"]}), "has metadata = \\['a'\\], expected a JSON object"),
+    (json.dumps({**GOOD_RECORD, "model": {"name": 3}}), "has model.name = 3, expected a JSON string"),
+    (json.dumps({**GOOD_RECORD, "model": {"name": "UNet2d", "overrides": [4, 8]}}),
+     "has model.overrides = \\[4, 8\\], expected a JSON object"),
+])
+def test_a_damaged_record_is_a_checkpoint_error_naming_what_is_wrong(tmp_path, suffix, text, match):
+    # before: JSONDecodeError / AttributeError ("'list' object has no attribute 'get'") from inside the loader
+    path = _write_with_record(tmp_path / f"m{suffix}", text)
+    with pytest.raises(CheckpointError, match=match) as raised:
+        load_model(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(path)
+    assert load_model(_write_with_record(tmp_path / f"ok{suffix}", json.dumps(GOOD_RECORD))) is not None
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(where=st.sampled_from(["record", "model", "metadata", "model.name", "model.overrides", "model.target",
+                              "model.args", "cut"]),
+       value=_json_values, cut=st.integers(0, 200))
+def test_fuzzed_records_load_or_raise_one_line_error(where, value, cut):
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    record = copy.deepcopy(GOOD_RECORD)
+    if where == "record":
+        record = value
+    elif where == "cut":
+        record = None
+    elif where.startswith("model."):
+        record["model"][where.split(".")[1]] = value
+    else:
+        record[where] = value
+    text = json.dumps(GOOD_RECORD)[:cut] if record is None else json.dumps(record)
+    with tempfile.TemporaryDirectory() as folder:
+        path = _write_with_record(Path(folder) / "m.safetensors", text)
+        try:
+            model = load_model(path)
+        except (CheckpointError, KeyError, TypeError, ValueError) as err:
+            message = err.args[0] if isinstance(err, KeyError) else str(err)
+            assert message and "\n" not in message, message
+            assert not isinstance(err, json.JSONDecodeError), message
+        else:
+            assert isinstance(model, torch.nn.Module)
+
+
+def test_a_record_naming_another_configuration_is_one_line(tmp_path):
+    # the record says default UNet2d widths, the weights are (4, 8): torch's error has one line per key
+    text = json.dumps({**GOOD_RECORD, "model": {"name": "UNet2d", "overrides": {}}})
+    path = _write_with_record(tmp_path / "m.safetensors", text)
+    with pytest.raises(CheckpointError, match="weights do not fit the recorded model: Error\\(s\\) in loading "
+                                              "state_dict for UNet: (Missing key|Unexpected key|size mismatch)") as raised:
+        load_model(path)
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 800

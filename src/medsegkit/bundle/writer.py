@@ -172,9 +172,10 @@ def _fitted_weights(network_def: Mapping[str, Any], checkpoint: _Checkpoint, pre
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()
+        from medsegkit.weights.checkpoint import state_mismatch
+
         raise ValueError(f"the weights in {checkpoint.path} do not fit the bundle's network "
-                         f"({network_def['_target_']}): {' '.join(line.strip() for line in first[:2])}; pass the "
+                         f"({network_def['_target_']}): {state_mismatch(error, lines=2)}; pass the "
                          "constructor arguments the checkpoint was trained with (--set KEY=VALUE)") from None
     return state
 

@@ -156,8 +156,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items)
         except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
-        record = json.loads(header[RECORD_KEY]) if RECORD_KEY in header else {}
-        return state, record
+        return state, (_parse_record(header[RECORD_KEY], path) if RECORD_KEY in header else {})
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -180,12 +179,47 @@ def _unsupported_global(err: Exception) -> str:
     return str(err).splitlines()[0]
 
 
+RECORD_FIELDS = {"model": dict, "metadata": dict}  # the record's entries that must be JSON objects when present
+MODEL_FIELDS = {"name": str, "target": str, "overrides": dict, "args": dict}  # and those of its "model" entry
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type (``[1]`` -> ``"array"``)."""
+    return {list: "array", dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _parse_record(text: str, path: Path) -> dict[str, Any]:
+    """The medsegkit record stored as ``text`` in checkpoint ``path``, checked to have the structure
+    :func:`checkpoint_record` writes (a damaged or hand-edited record would otherwise fail later as a
+    ``JSONDecodeError`` or an ``AttributeError`` deep inside the loader).
+
+    Raises:
+        CheckpointError: the text is not JSON, not a JSON object, or one of its known entries has the wrong type.
+    """
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path} has a damaged {RECORD_KEY!r} record (not JSON: {err}); "
+                              "re-save the model with medsegkit.save_checkpoint") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record is a JSON {_json_kind(record)}, "
+                              "expected an object with 'model' and 'metadata'")
+    entries = [(key, record.get(key), kind) for key, kind in RECORD_FIELDS.items()]
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    entries += [(f"model.{key}", model.get(key), kind) for key, kind in MODEL_FIELDS.items()]
+    for key, value, kind in entries:
+        if value is not None and not isinstance(value, kind):
+            raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record has {key} = {value!r:.60}, expected "
+                                  f"a JSON {'object' if kind is dict else 'string'}")
+    return record
+
+
 def _split_loaded(obj: Any, path: Path):
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     record: dict[str, Any] = {}
     if RECORD_KEY in obj and isinstance(obj[RECORD_KEY], str):
-        record = json.loads(obj[RECORD_KEY])
+        record = _parse_record(obj[RECORD_KEY], path)
     for key in ("state_dict", "model", "network", "model_state_dict"):
         if key in obj and isinstance(obj[key], Mapping):
             return dict(obj[key]), record
@@ -229,14 +263,19 @@ def load_checkpoint(
     except RuntimeError as err:
         saved = record.get("model", {}).get("name") or record.get("model", {}).get("target") or "unknown"
         mine = getattr(model, "medsegkit_config", {}).get("name", type(model).__name__)
-        first = str(err).splitlines()
         raise CheckpointError(
             f"checkpoint {path_or_url} does not fit this model ({mine}; checkpoint made for {saved}): "
-            + " ".join(line.strip() for line in first[:3])[:600]
+            + state_mismatch(err)
         ) from err
     if record.get("metadata"):
         model.medsegkit_metadata = record["metadata"]
     return model
+
+
+def state_mismatch(err: RuntimeError, lines: int = 3) -> str:
+    """``load_state_dict``'s error (one line per missing / unexpected / mismatched key, tab-indented) as one
+    line: its first ``lines`` lines, at most 600 characters."""
+    return " ".join(line.strip() for line in str(err).strip().splitlines()[:lines])[:600]
 
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> nn.Module:
@@ -248,5 +287,5 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: s
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{source}: weights do not fit the recorded model: {err}") from err
+        raise CheckpointError(f"{source}: weights do not fit the recorded model: {state_mismatch(err)}") from err
     return model

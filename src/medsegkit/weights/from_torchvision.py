@@ -206,7 +206,9 @@ def _load(model: nn.Module, state: dict[str, Any], *, optional_prefixes: tuple[s
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches: a different configuration (classes, anchors, widths)
-        raise ValueError(f"torchvision weights do not fit {type(model).__name__}: {err}") from err
+        from medsegkit.weights.checkpoint import state_mismatch
+
+        raise ValueError(f"torchvision weights do not fit {type(model).__name__}: {state_mismatch(err)}") from err
     missing = [k for k in result.missing_keys if not k.startswith(optional_prefixes)]
     if missing or result.unexpected_keys:
         raise ValueError(
