@@ -10,6 +10,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import medsegkit
 from medsegkit import Cancelled, create_model
@@ -164,6 +166,58 @@ def test_maskformer_and_mask2former_semantic_export(tmp_path, name, fmt):
     image = np.random.default_rng(2).random((3, 70, 64), dtype=np.float32)
     reference = medsegkit.predict(model, image, roi_size=(64, 64), task="semantic")
     np.testing.assert_array_equal(medsegkit.predict(out, image), reference)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda text, side: "{oops", "is damaged \\(not JSON"),
+    (lambda text, side: "[1]", "holds a JSON array, expected the object `medsegkit export` writes"),
+    (lambda text, side: json.dumps({k: v for k, v in side.items() if k != "roi_size"}), "roi_size is missing \\(3 positive"),
+    (lambda text, side: json.dumps({**side, "roi_size": [16, 16]}), "roi_size = \\[16, 16\\] is not 3 positive integers"),
+    (lambda text, side: json.dumps({**side, "in_channels": "x"}), "in_channels = 'x' is not a positive integer"),
+    (lambda text, side: json.dumps({**side, "batch_size": 0}), "batch_size = 0 is not a positive integer"),
+    (lambda text, side: json.dumps({**side, "spatial_dims": True}), "spatial_dims = True is not 2 or 3"),
+    (lambda text, side: json.dumps({**side, "metadata": [1]}), "metadata = \\[1\\] is not an object"),
+])
+def test_a_damaged_sidecar_is_one_error_naming_the_file_and_the_entry(exports, tmp_path, edit, match):
+    # before: JSONDecodeError, KeyError 'roi_size', "invalid literal for int()" or a list-index TypeError
+    import shutil
+
+    copy = tmp_path / "onnx"
+    shutil.copytree(exports[0] / "onnx", copy)
+    text = (copy / "medsegkit.json").read_text()
+    (copy / "medsegkit.json").write_text(edit(text, json.loads(text)))
+    with pytest.raises(ValueError, match=match) as raised:
+        load_exported(copy)
+    assert str(copy / "medsegkit.json") in str(raised.value) and "export the model again" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 40) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(key=st.sampled_from(["spatial_dims", "in_channels", "batch_size", "roi_size", "metadata", "model"]),
+       value=_json_values)
+def test_fuzzed_sidecars_describe_a_network_or_raise_one_line(key, value):
+    import tempfile
+    from pathlib import Path
+
+    from medsegkit.inference.backends import read_sidecar
+
+    side = {"spatial_dims": 3, "in_channels": 1, "batch_size": 2, "roi_size": [16, 16, 16], "metadata": {},
+            "model": {"name": "UNet3d"}, key: value}
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "medsegkit.json").write_text(json.dumps(side))
+        try:
+            read = read_sidecar(Path(folder))
+        except ValueError as err:
+            assert "\n" not in str(err) and "medsegkit.json" in str(err)
+        else:  # everything the network wrapper reads is usable
+            network = ExportedNetwork(lambda a: a, read, backend="onnxruntime")
+            assert len(network.default_roi_size) == network.spatial_dims and network.batch_size >= 1
 
 
 def test_errors_mask_rcnn_unsupported_format_existing_out(unet3d, exports, tmp_path):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["jsonable"]
+__all__ = ["json_kind", "jsonable"]
 
 
 def jsonable(value: Any, *, strict: bool = True) -> Any:
@@ -33,3 +33,9 @@ def jsonable(value: Any, *, strict: bool = True) -> Any:
         f"value {value!r} of type {type(value).__name__} cannot be recorded in a checkpoint; "
         "use plain numbers, strings, lists or dicts"
     )
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages (``[1]`` -> ``"array"``, ``None`` -> ``"null"``)."""
+    kinds = {list: "array", dict: "object", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")

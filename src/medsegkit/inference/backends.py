@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._serialize import json_kind
 from medsegkit.nets.modes import evaluating
 
 __all__ = [
@@ -285,7 +286,36 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{sidecar_path} is missing: an exported network needs the sidecar `medsegkit export` writes next to it"
         )
-    return json.loads(sidecar_path.read_text())
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{sidecar_path} is damaged (not JSON: {err}); export the model again") from None
+    if not isinstance(sidecar, dict):
+        raise ValueError(f"{sidecar_path} holds a JSON {json_kind(sidecar)}, expected the object `medsegkit export` "
+                         "writes; export the model again")
+    for problem in _sidecar_problems(sidecar):
+        raise ValueError(f"{sidecar_path}: {problem}; export the model again")
+    return sidecar
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _sidecar_problems(sidecar: dict[str, Any]) -> list[str]:
+    """What in an export's sidecar cannot describe a network: the entries :class:`ExportedNetwork` reads."""
+    dims = sidecar.get("spatial_dims")
+    checks = [
+        ("spatial_dims", dims in (2, 3) and not isinstance(dims, bool), "2 or 3"),
+        ("in_channels", _count(sidecar.get("in_channels")), "a positive integer"),
+        ("batch_size", _count(sidecar.get("batch_size")), "a positive integer"),
+        ("roi_size", isinstance(sidecar.get("roi_size"), list) and len(sidecar["roi_size"]) == dims
+         and all(_count(r) for r in sidecar["roi_size"]), f"{dims if dims in (2, 3) else 'one'} positive integers"),
+        ("metadata", sidecar.get("metadata") is None or isinstance(sidecar["metadata"], dict), "an object"),
+        ("model", sidecar.get("model") is None or isinstance(sidecar["model"], dict), "an object"),
+    ]
+    return [f"{key} = {sidecar[key]!r:.60} is not {accepted}" if key in sidecar else f"{key} is missing ({accepted})"
+            for key, ok, accepted in checks if not ok]
 
 
 def load_exported(path: str | os.PathLike, *, backend: str | None = None) -> ExportedNetwork:

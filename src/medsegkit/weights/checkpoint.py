@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medsegkit._serialize import json_kind
 from medsegkit.errors import CheckpointError
 from medsegkit.files import atomic_write
 
@@ -183,11 +184,6 @@ RECORD_FIELDS = {"model": dict, "metadata": dict}  # the record's entries that m
 MODEL_FIELDS = {"name": str, "target": str, "overrides": dict, "args": dict}  # and those of its "model" entry
 
 
-def _json_kind(value: Any) -> str:
-    """The JSON name of a parsed value's type (``[1]`` -> ``"array"``)."""
-    return {list: "array", dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
-
-
 def _parse_record(text: str, path: Path) -> dict[str, Any]:
     """The medsegkit record stored as ``text`` in checkpoint ``path``, checked to have the structure
     :func:`checkpoint_record` writes (a damaged or hand-edited record would otherwise fail later as a
@@ -202,7 +198,7 @@ def _parse_record(text: str, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has a damaged {RECORD_KEY!r} record (not JSON: {err}); "
                               "re-save the model with medsegkit.save_checkpoint") from None
     if not isinstance(record, dict):
-        raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record is a JSON {_json_kind(record)}, "
+        raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record is a JSON {json_kind(record)}, "
                               "expected an object with 'model' and 'metadata'")
     entries = [(key, record.get(key), kind) for key, kind in RECORD_FIELDS.items()]
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
