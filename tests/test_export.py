@@ -169,8 +169,8 @@ def test_maskformer_and_mask2former_semantic_export(tmp_path, name, fmt):
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    (lambda text, side: "{oops", "is damaged \\(not JSON"),
-    (lambda text, side: "[1]", "holds a JSON array, expected the object `medsegkit export` writes"),
+    (lambda text, side: "{oops", "is not valid JSON"),
+    (lambda text, side: "[1]", "holds a JSON array, expected an object; export the model again"),
     (lambda text, side: json.dumps({k: v for k, v in side.items() if k != "roi_size"}), "roi_size is missing \\(3 positive"),
     (lambda text, side: json.dumps({**side, "roi_size": [16, 16]}), "roi_size = \\[16, 16\\] is not 3 positive integers"),
     (lambda text, side: json.dumps({**side, "in_channels": "x"}), "in_channels = 'x' is not a positive integer"),

@@ -118,6 +118,25 @@ def test_class_names_from_argument_meta_and_sidecar(tmp_path):
     assert medsegkit.stats(path)["class"].tolist() == ["left", "right"]
 
 
+@pytest.mark.parametrize(("text", "match"), [
+    ("{oops", "is not valid JSON"),
+    ('["background", "left"]', "holds a JSON array, expected an object"),
+    ('{"class_names": "left"}', "class_names = 'left' is not a list of strings"),
+    ('{"class_names": ["bg", 1]}', "class_names = \\['bg', 1\\] is not a list of strings"),
+    ('{"label_colors": [[1, 2]]}', "label_colors = \\[\\[1, 2\\]\\] is not a list of RGB\\(A\\) triples"),
+])
+def test_a_damaged_label_sidecar_is_one_error_naming_it(tmp_path, text, match):
+    # before: a list sidecar failed with "AttributeError: 'list' object has no attribute 'get'", a string of
+    # class names was indexed letter by letter
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    path = write_image(Image(labels), tmp_path / "case_seg.nii.gz")
+    metadata_path_for(path).write_text(text)
+    with pytest.raises(ValueError, match=match) as raised:
+        medsegkit.stats(path)
+    assert str(metadata_path_for(path)) in str(raised.value) and str(raised.value).endswith("delete or fix it")
+
+
 def test_empty_label_map_gives_an_empty_table_with_the_columns():
     table = medsegkit.stats(np.zeros((4, 4, 4), np.uint8), np.ones((4, 4, 4)))
     assert table.empty

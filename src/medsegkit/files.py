@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "same_file"]
+__all__ = ["atomic_write", "read_json_object", "same_file"]
 
 
 def _current_umask() -> int:
@@ -51,3 +53,21 @@ def atomic_write(path: Path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``: a sidecar, a record or a config that medsegkit or a tool wrote.
+
+    Raises:
+        ValueError: one line, ``"{what} {path} ..."``, when the file is not JSON or holds something other than
+            an object, ending with ``fix`` (what the user can do).
+    """
+    from medsegkit._serialize import json_kind
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} holds a JSON {json_kind(data)}, expected an object; {fix}")
+    return data

@@ -60,10 +60,17 @@ def read_label_metadata(labels_path: str | os.PathLike) -> dict[str, Any]:
     target = metadata_path_for(labels_path)
     if not target.exists():
         return {}
-    try:
-        return json.loads(target.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"label metadata {target} is not valid JSON ({err}); delete or fix it") from err
+    from medsegkit.files import read_json_object
+
+    sidecar = read_json_object(target, "label metadata", "delete or fix it")
+    names, colors = sidecar.get("class_names"), sidecar.get("label_colors")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"label metadata {target}: class_names = {names!r:.60} is not a list of strings; delete or fix it")
+    if colors is not None and not (isinstance(colors, list) and all(
+            isinstance(c, list) and len(c) in (3, 4) and all(isinstance(v, (int, float)) for v in c) for c in colors)):
+        raise ValueError(f"label metadata {target}: label_colors = {colors!r:.60} is not a list of RGB(A) triples; "
+                         "delete or fix it")
+    return sidecar
 
 
 def _as_labels(labels: Any) -> Image:

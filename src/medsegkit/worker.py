@@ -442,12 +442,12 @@ def bundle_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, 
         FileNotFoundError: the folder is not a bundle (no ``configs/metadata.json``).
         ValueError: the layer does not fit the bundle, or the bundle's output is not on the layer's grid.
     """
-    import json
     import tempfile
 
     import torch
 
     from medsegkit.bundle.runner import run_bundle
+    from medsegkit.files import read_json_object
     from medsegkit.io import Image, read_image, write_image
     from medsegkit.io.geometry import reverse_spatial
 
@@ -460,7 +460,7 @@ def bundle_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str, 
             f"{bundle} is not a MONAI bundle folder: configs/metadata.json is missing "
             "(choose the bundle's top folder, the one holding configs/ and models/)"
         )
-    fmt = json.loads(meta_file.read_text()).get("network_data_format", {})
+    fmt = read_json_object(meta_file, "bundle metadata", "fix it or export the bundle again").get("network_data_format", {})
     image_fmt = fmt.get("inputs", {}).get("image", {})
     in_channels = image_fmt.get("num_channels")
     model_dims = len(image_fmt.get("spatial_shape") or [0, 0, 0])

@@ -76,6 +76,16 @@ def test_verify_reports_broken_bundle(bundle, tmp_path, capsys):
     assert "problem(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("text", "match"), [("{", "is not valid JSON"), ("[]", "holds a JSON array")])
+def test_a_bundle_whose_metadata_is_not_a_json_object_is_named(bundle, tmp_path, text, match):
+    import shutil
+
+    broken = Path(shutil.copytree(bundle, tmp_path / "broken"))
+    (broken / "configs/metadata.json").write_text(text)
+    with pytest.raises(ValueError, match=f"bundle metadata {broken / 'configs/metadata.json'} {match}"):
+        verify_bundle(broken)
+
+
 def test_init_refuses_bad_task_and_existing_dirs(bundle, tmp_path):
     with pytest.raises(ValueError, match="task must be 'instance'"):
         init_bundle("mask_rcnn_resnet_50_fpn", tmp_path / "x", task="semantic")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from medsegkit.files import read_json_object
 
 __all__ = ["REQUIRED_METADATA", "bundle_network", "check_metadata", "run_bundle", "verify_bundle"]
 
@@ -91,7 +92,7 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     configs = _configs(directory)
     problems: list[str] = []
-    metadata = json.loads((configs / "metadata.json").read_text())
+    metadata = read_json_object(configs / "metadata.json", "bundle metadata", "fix it or export the bundle again")
     problems += check_metadata(metadata)
     report: dict[str, Any] = {"bundle": str(directory), "configs": []}
     try:

@@ -19,7 +19,6 @@ and are imported only here, inside functions.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import weakref
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsegkit._serialize import json_kind
+from medsegkit.files import read_json_object
 from medsegkit.nets.modes import evaluating
 
 __all__ = [
@@ -286,13 +285,7 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{sidecar_path} is missing: an exported network needs the sidecar `medsegkit export` writes next to it"
         )
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{sidecar_path} is damaged (not JSON: {err}); export the model again") from None
-    if not isinstance(sidecar, dict):
-        raise ValueError(f"{sidecar_path} holds a JSON {json_kind(sidecar)}, expected the object `medsegkit export` "
-                         "writes; export the model again")
+    sidecar = read_json_object(sidecar_path, "the export's sidecar", "export the model again")
     for problem in _sidecar_problems(sidecar):
         raise ValueError(f"{sidecar_path}: {problem}; export the model again")
     return sidecar
