@@ -65,6 +65,30 @@ def test_short_run_lowers_loss_and_writes_loadable_checkpoint(tmp_path):
     assert (tmp_path / "model.learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_whose_names_share_a_first_dot_keep_their_own_companion_files(tmp_path):
+    """``unet.v1`` and ``unet.v2``: until 2026-12-07 both wrote ``unet.state.safetensors``, ``unet.metrics.csv``
+    and ``unet.learning_curve.png``, so the second run replaced the first's training state and a resume of
+    ``unet.v1`` continued from ``unet.v2``'s optimizer."""
+    _run(tmp_path, "unet.v1", small_config(epochs=1))
+    v1_state = (tmp_path / "unet.v1.state.safetensors").read_bytes()
+    _run(tmp_path, "unet.v2", small_config(epochs=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"unet.{v}.{kind}" for v in ("v1", "v2")
+        for kind in ("learning_curve.png", "metrics.csv", "safetensors", "state.safetensors")]
+    assert (tmp_path / "unet.v1.state.safetensors").read_bytes() == v1_state
+    assert len((tmp_path / "unet.v1.metrics.csv").read_text().strip().splitlines()) == 2  # header + 1 epoch
+    assert state_path_for(tmp_path / "a.b.pt") == tmp_path / "a.b.state.safetensors"
+    assert state_path_for(tmp_path / "model.safetensors") == tmp_path / "model.state.safetensors"  # as before
+
+
+def test_resume_names_a_state_file_of_the_old_naming(tmp_path):
+    _run(tmp_path, "unet.v1", small_config(epochs=1))
+    (tmp_path / "unet.v1.state.safetensors").rename(tmp_path / "unet.state.safetensors")  # as written before
+    with pytest.raises(FileNotFoundError, match="unet.v1.state.safetensors .* is missing; unet.state.safetensors "
+                                                "beside it may be it .*rename it to unet.v1.state.safetensors"):
+        _run(tmp_path, "again", small_config(epochs=2), resume=tmp_path / "unet.v1.safetensors")
+
+
 def test_learning_rate_warms_up_then_decays_per_step(tmp_path):
     _, result = _run(tmp_path, "lr", small_config(epochs=3, warmup_epochs=1))
     lrs = [row["lr"] for row in result.history]
@@ -422,6 +446,13 @@ def test_train_cli_default_recipe_then_resume(tmp_path, capsys):
     assert main([*common, "--epochs", "2", "--resume", str(out)]) == 0
     assert "epoch 2/2" in capsys.readouterr().err
     assert load_model(out).medsegkit_metadata["training"]["epochs_done"] == 2
+    assert main(["train", "--sample", "--image", str(image), "-o", str(tmp_path / "x.pt")]) == 2
+    assert "--sample uses the shipped" in capsys.readouterr().err
+    # an output that is not a checkpoint name (with --overwrite, it could have been the image itself)
+    image_bytes = image.read_bytes()
+    assert main([*common[:-1], str(image), "--epochs", "1", "--overwrite"]) == 2
+    assert f"--output {image} is not a checkpoint name; accepted endings: .safetensors" in capsys.readouterr().err
+    assert image.read_bytes() == image_bytes
     assert main(["train", "--sample", "--image", str(image), "-o", str(tmp_path / "x.pt")]) == 2
     assert "--sample uses the shipped" in capsys.readouterr().err
     assert main([*common, "--intensity", "minmax", "--overwrite"]) == 2

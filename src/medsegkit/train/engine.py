@@ -143,10 +143,21 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+
+
+def run_stem(checkpoint: str | os.PathLike) -> str:
+    """The name a run's companion files start with: the checkpoint's name without its checkpoint suffix
+    (``unet.lr1e-3.safetensors`` → ``unet.lr1e-3``), so that two runs never share a companion file."""
+    name = Path(checkpoint).name
+    suffix = next((s for s in CHECKPOINT_SUFFIXES if name.lower().endswith(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
 def state_path_for(checkpoint: str | os.PathLike) -> Path:
-    """The training-state file written beside ``checkpoint`` (``model.safetensors`` → ``model.state.safetensors``)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(f"{checkpoint.name.split('.')[0]}.state.safetensors")
+    """The training-state file written beside ``checkpoint`` (``model.safetensors`` → ``model.state.safetensors``,
+    ``model.v2.pt`` → ``model.v2.state.safetensors``)."""
+    return Path(checkpoint).with_name(f"{run_stem(checkpoint)}.state.safetensors")
 
 
 def recipe_preprocessing(
@@ -418,7 +429,7 @@ class _Run:
         save_checkpoint({**opt_tensors, **rng}, self.state_file, record=json.loads(json.dumps(record)))
         rows = [{k: v for k, v in h.items() if k != "validation"} for h in self.history]
         _write_csv(self.metrics_csv, rows)
-        _plot_learning_curve(self.metrics_csv.with_name(f"{self.checkpoint.name.split('.')[0]}.learning_curve.png"),
+        _plot_learning_curve(self.metrics_csv.with_name(f"{run_stem(self.checkpoint)}.learning_curve.png"),
                              rows, self.class_names)
 
 
@@ -475,8 +486,7 @@ def train(
 
     checkpoint = Path(checkpoint)
     state_file = state_path_for(checkpoint)
-    stem = checkpoint.name.split(".")[0]
-    metrics_csv = Path(metrics_csv) if metrics_csv else checkpoint.with_name(f"{stem}.metrics.csv")
+    metrics_csv = Path(metrics_csv) if metrics_csv else checkpoint.with_name(f"{run_stem(checkpoint)}.metrics.csv")
     config = config or TrainConfig()
     class_names = list(class_names)
     num_classes = len(class_names)
@@ -506,7 +516,12 @@ def train(
         model.load_state_dict(model_state)
         resume_state = state_path_for(resume)
         if not resume_state.exists():
-            raise FileNotFoundError(f"cannot resume: training state {resume_state} (written beside {resume}) is missing")
+            legacy = resume.with_name(f"{resume.name.split('.')[0]}.state.safetensors")  # the name before 2026-12-07
+            hint = (f"; {legacy.name} beside it may be it (until 2026-12-07 the state was named after the checkpoint's "
+                    f"name up to its first dot, shared by every {legacy.name.split('.')[0]}.* run): rename it to "
+                    f"{resume_state.name} if it is this run's" if legacy != resume_state and legacy.exists() else "")
+            raise FileNotFoundError(f"cannot resume: training state {resume_state} (written beside {resume}) is "
+                                    f"missing{hint}")
         resume_tensors, state_record = read_checkpoint(resume_state)
         resume_info = state_record["metadata"]["training_state"]
         if "scheduler" not in resume_info:
