@@ -77,6 +77,9 @@ def test_runs_whose_names_share_a_first_dot_keep_their_own_companion_files(tmp_p
         for kind in ("learning_curve.png", "metrics.csv", "safetensors", "state.safetensors")]
     assert (tmp_path / "unet.v1.state.safetensors").read_bytes() == v1_state
     assert len((tmp_path / "unet.v1.metrics.csv").read_text().strip().splitlines()) == 2  # header + 1 epoch
+    with pytest.raises(ValueError, match="checkpoint .*t1.nii.gz is not a checkpoint name; accepted endings"):
+        train(create_model("UNet3d", **TINY), [blob_volume(0)], [], checkpoint=tmp_path / "t1.nii.gz",
+              class_names=NAMES, config=small_config(epochs=1), preprocessing="none", progress=False)
     assert state_path_for(tmp_path / "a.b.pt") == tmp_path / "a.b.state.safetensors"
     assert state_path_for(tmp_path / "model.safetensors") == tmp_path / "model.state.safetensors"  # as before
 

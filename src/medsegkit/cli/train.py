@@ -225,16 +225,14 @@ def run_train(args: argparse.Namespace) -> int:
     from medsegkit.registry import create_model, get_model_spec
     from medsegkit.train.baseline import nearest_class_mean_baseline
     from medsegkit.train.engine import (
-        CHECKPOINT_SUFFIXES,
         TrainConfig,
+        check_checkpoint_name,
         recipe_model_overrides,
         recipe_preprocessing,
         train,
     )
 
-    if not args.output.name.lower().endswith(CHECKPOINT_SUFFIXES):
-        raise ValueError(f"--output {args.output} is not a checkpoint name; accepted endings: "
-                         f"{', '.join(CHECKPOINT_SUFFIXES)} (.safetensors recommended)")
+    check_checkpoint_name(args.output, "--output")  # before the data are read; train() checks it too
     if args.output.exists() and not (args.overwrite or args.resume):
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it or --resume to continue it")
     if args.resume is not None and not args.resume.exists():

@@ -154,6 +154,19 @@ def run_stem(checkpoint: str | os.PathLike) -> str:
     return name[: len(name) - len(suffix)]
 
 
+def check_checkpoint_name(checkpoint: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``checkpoint`` as a path, if its name ends in one of :data:`CHECKPOINT_SUFFIXES`.
+
+    Raises:
+        ValueError: any other name (an image's, for example: training would end by writing over it).
+    """
+    path = Path(checkpoint)
+    if not path.name.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(f"{what} {path} is not a checkpoint name; accepted endings: {', '.join(CHECKPOINT_SUFFIXES)} "
+                         "(.safetensors recommended)")
+    return path
+
+
 def state_path_for(checkpoint: str | os.PathLike) -> Path:
     """The training-state file written beside ``checkpoint`` (``model.safetensors`` → ``model.state.safetensors``,
     ``model.v2.pt`` → ``model.v2.state.safetensors``)."""
@@ -458,7 +471,8 @@ def train(
             picks the loss.
         train_volumes, val_volumes: :class:`~medsegkit.train.data.LabelledVolume` cases on their own
             grids (validation scores each volume from its ``score_from`` slice on).
-        checkpoint: output model file (``.safetensors`` recommended), rewritten atomically after each
+        checkpoint: output model file (``.safetensors`` recommended; ``.pt``, ``.pth``, ``.ckpt``; any other name
+            raises ``ValueError`` before anything runs), rewritten atomically after each
             validation; the training state goes to :func:`state_path_for` ``(checkpoint)``, the metrics to
             ``<stem>.metrics.csv``, the learning curve to ``<stem>.learning_curve.png``.
         class_names: one name per class (``K`` names, background first).
@@ -484,7 +498,7 @@ def train(
     from medsegkit.transforms import resolve_preprocessing
     from medsegkit.weights.checkpoint import read_checkpoint
 
-    checkpoint = Path(checkpoint)
+    checkpoint = check_checkpoint_name(checkpoint)
     state_file = state_path_for(checkpoint)
     metrics_csv = Path(metrics_csv) if metrics_csv else checkpoint.with_name(f"{run_stem(checkpoint)}.metrics.csv")
     config = config or TrainConfig()
