@@ -215,3 +215,24 @@ def test_predict_folder_of_images(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(inputs), "-o", str(out), "--quiet"]) == 0
     assert (out / "a_seg.nii.gz").stat().st_mtime_ns == before  # existing outputs are skipped
     assert capsys.readouterr().out == ""
+
+
+def test_two_inputs_that_would_write_one_result_are_refused_before_any_work(tmp_path, capsys):
+    """``a.mhd`` and ``a.mha`` both give ``a_seg.mha``: before 2026-12-07 the second replaced the first's result
+    (``--overwrite``) or failed after the first was computed."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from medsegkit import create_model, save_checkpoint
+
+    ckpt = save_checkpoint(create_model("UNet3d", channels=(4, 8), strides=(2,)), tmp_path / "m.safetensors")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).random((8, 10, 12)).astype(np.float32))
+    for name in ("a.mhd", "a.mha"):
+        sitk.WriteImage(volume, str(inputs / name))
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(inputs), "-o", str(out), "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.mha and a.mhd would both write a_seg.mha" in err[0], err
+    assert not out.exists() or not any(out.iterdir())

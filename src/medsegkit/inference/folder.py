@@ -60,9 +60,16 @@ def inputs_and_results(images: Sequence[Path], output_dir: str | os.PathLike, su
 
     Raises:
         ValueError: an input's result would be the input itself (the output folder is the input folder and
-            ``suffix`` is empty): the result would replace the scan.
+            ``suffix`` is empty): the result would replace the scan; or two inputs would write the same result
+            (``case.nhdr`` and ``case.nrrd`` both give ``case_seg.nrrd``).
     """
-    results = {output_path_for(p, output_dir, suffix).resolve(): p for p in images}
+    results: dict[Path, Path] = {}
+    for p in images:
+        result = output_path_for(p, output_dir, suffix).resolve()
+        if result in results:
+            raise ValueError(f"{results[result].name} and {p.name} would both write {result.name} (read-only formats "
+                             "are written as .nrrd / .mha); move one of them to another folder")
+        results[result] = p
     replaced = [p for p in images if results.get(p.resolve()) == p]
     if replaced:
         raise ValueError(f"the result of {replaced[0]} would replace it (the output folder is the input folder and "
