@@ -330,3 +330,21 @@ def test_demo_round_trip_through_the_cli(demo_reference, fmt, target, tmp_path, 
     assert main(["predict", str(exported), str(sample_path("mni152_t1")), "-o", str(tmp_path / "labels.nii.gz"),
                  "--quiet"]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "labels.nii.gz").dataobj), from_checkpoint)
+
+
+@pytest.mark.parametrize("edit", [{"backend": "tvm"}, {"precision": "fp8"}, {"ms_per_batch": "fast"}, {"measured": []}])
+def test_a_cached_choice_auto_does_not_make_is_measured_again(unet3d, volume, home, caplog, edit):
+    """A hand-edited or foreign cache entry: before 2026-12-07 ``backend: "tvm"`` was passed on to predict."""
+    from medsegkit.inference import autobackend
+
+    batch = torch.from_numpy(volume[None, None, :16, :16, :16].copy())
+    key = autobackend.choice_key(autobackend.model_hash(unet3d), list(batch.shape))
+    entry = {"backend": "torch", "precision": "float32", "ms_per_batch": 1.0, "batch_shape": list(batch.shape),
+             "measured": {"torch float32": {"ms": 1.0, "agreement": 1.0}}, **edit}
+    home.mkdir()
+    autobackend.cache_path().write_text(json.dumps({key: entry}))
+    (home / autobackend.INT8_INDEX_FILE).write_text(json.dumps({f"{autobackend.model_hash(unet3d)}|{list(batch.shape)}": 5}))
+    with caplog.at_level("WARNING", logger=autobackend.logger.name):
+        choice = choose_backend(unet3d, batch, spatial_dims=3, rounds=1)
+    assert not choice.cached and (choice.backend, choice.precision) in autobackend.CONFIGURATIONS
+    assert "ignoring a cached backend choice" in caplog.text

@@ -87,6 +87,11 @@ def model_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# every (backend, precision) that auto measures: a cached choice outside this list is measured again
+CONFIGURATIONS = (("torch", "float32"), ("torch", "bf16"), ("openvino", "float32"), ("openvino", "int8"),
+                  ("onnxruntime", "float32"))
+
+
 @dataclass
 class BackendChoice:
     """What ``backend="auto"`` runs: ``backend`` (``torch`` / ``openvino`` / ``onnxruntime``) in ``precision``
@@ -147,7 +152,7 @@ def record_int8_export(model: nn.Module, network_path: Path, batch_shape: Sequen
 
 def _int8_export_for(model_key: str, batch_shape: Sequence[int]) -> Path | None:
     path = _read_json(medsegkit_home() / INT8_INDEX_FILE).get(f"{model_key}|{list(batch_shape)}")
-    return Path(path) if path and Path(path).exists() else None
+    return Path(path) if isinstance(path, str) and path and Path(path).exists() else None
 
 
 # (int8 network file, its and its weights' mtimes) -> the network compiled by OpenVINO: compiling costs
@@ -216,6 +221,9 @@ def choose_backend(
         if isinstance(entry, dict):
             try:
                 choice = BackendChoice(**entry)
+                if (choice.backend, choice.precision) not in CONFIGURATIONS or not isinstance(
+                        choice.ms_per_batch, (int, float)) or not isinstance(choice.measured, dict):
+                    raise TypeError(f"{choice.backend!r} {choice.precision!r} is not a configuration auto measures")
             except TypeError as err:
                 logger.warning("ignoring a cached backend choice of another layout (%s)", err)
             else:
