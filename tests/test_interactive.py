@@ -24,7 +24,7 @@ from medsegkit.interactive import (
     output_layer,
     sweeping_losses,
 )
-from medsegkit.io import Image
+from medsegkit.io import Image, write_image
 from medsegkit.weights import load_checkpoint, load_model, read_checkpoint, save_checkpoint
 
 SHAPE = (48, 24, 24)
@@ -181,6 +181,12 @@ def test_save_never_writes_over_the_starting_checkpoint_and_asks_before_replacin
                                              r"the original is never overwritten"):
             session.save(original, overwrite=overwrite)
     assert original.read_bytes() == original_bytes
+    scan = write_image(image, tmp_path / "t1.nii.gz")  # a mistyped name must not replace a scan either
+    scan_bytes = scan.read_bytes()
+    with pytest.raises(ValueError, match=r"the adapted model's path .*t1.nii.gz is not a checkpoint name; accepted "
+                                         r"endings: .safetensors, .pt, .pth, .ckpt"):
+        session.save(scan, overwrite=True)
+    assert scan.read_bytes() == scan_bytes
     target = session.save(tmp_path / "adapted.safetensors")
     first = target.read_bytes()
     with pytest.raises(FileExistsError, match="adapted.safetensors exists; pass overwrite=True to replace it"):

@@ -1009,14 +1009,16 @@ class Session:
 
         Raises:
             ValueError: ``path`` is the checkpoint file the session was started from: the original model is
-                never overwritten, ``overwrite`` or not.
+                never overwritten, ``overwrite`` or not; or its name does not end in ``.safetensors``, ``.pt``,
+                ``.pth`` or ``.ckpt`` (an image's name, for example).
             FileExistsError: ``path`` exists and ``overwrite`` is ``False`` (from
                 :func:`~medsegkit.weights.save_checkpoint`).
         """
         from medsegkit.files import same_file
         from medsegkit.weights import save_checkpoint
+        from medsegkit.weights.checkpoint import check_checkpoint_name
 
-        target = Path(path).expanduser()
+        target = check_checkpoint_name(Path(path).expanduser(), "the adapted model's path")
         if self._source_path is not None and same_file(target, self._source_path):
             raise ValueError(f"{target} is the model this session started from ({self.source_name}); save the "
                              "adapted model to another path (the original is never overwritten)")

@@ -224,13 +224,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     from medsegkit.registry import create_model, get_model_spec
     from medsegkit.train.baseline import nearest_class_mean_baseline
-    from medsegkit.train.engine import (
-        TrainConfig,
-        check_checkpoint_name,
-        recipe_model_overrides,
-        recipe_preprocessing,
-        train,
-    )
+    from medsegkit.train.engine import TrainConfig, recipe_model_overrides, recipe_preprocessing, train
+    from medsegkit.weights.checkpoint import check_checkpoint_name
 
     check_checkpoint_name(args.output, "--output")  # before the data are read; train() checks it too
     if args.output.exists() and not (args.overwrite or args.resume):

@@ -41,6 +41,7 @@ from medsegkit.amp import amp_choice
 from medsegkit.nets.modes import evaluating
 from medsegkit.train.data import LabelledVolume, random_states, training_items
 from medsegkit.train.step import TrainStep
+from medsegkit.weights.checkpoint import CHECKPOINT_SUFFIXES, check_checkpoint_name
 
 __all__ = [
     "TrainConfig",
@@ -143,28 +144,12 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
-
-
 def run_stem(checkpoint: str | os.PathLike) -> str:
     """The name a run's companion files start with: the checkpoint's name without its checkpoint suffix
     (``unet.lr1e-3.safetensors`` → ``unet.lr1e-3``), so that two runs never share a companion file."""
     name = Path(checkpoint).name
     suffix = next((s for s in CHECKPOINT_SUFFIXES if name.lower().endswith(s)), "")
     return name[: len(name) - len(suffix)]
-
-
-def check_checkpoint_name(checkpoint: str | os.PathLike, what: str = "checkpoint") -> Path:
-    """``checkpoint`` as a path, if its name ends in one of :data:`CHECKPOINT_SUFFIXES`.
-
-    Raises:
-        ValueError: any other name (an image's, for example: training would end by writing over it).
-    """
-    path = Path(checkpoint)
-    if not path.name.lower().endswith(CHECKPOINT_SUFFIXES):
-        raise ValueError(f"{what} {path} is not a checkpoint name; accepted endings: {', '.join(CHECKPOINT_SUFFIXES)} "
-                         "(.safetensors recommended)")
-    return path
 
 
 def state_path_for(checkpoint: str | os.PathLike) -> Path:

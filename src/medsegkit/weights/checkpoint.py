@@ -32,6 +32,8 @@ from medsegkit.errors import CheckpointError
 from medsegkit.files import atomic_write
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "check_checkpoint_name",
     "checkpoint_record",
     "fetch_checkpoint",
     "load_checkpoint",
@@ -42,6 +44,23 @@ __all__ = [
 
 FORMAT = "medsegkit-checkpoint"
 RECORD_KEY = "medsegkit"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")  # what writers that choose a name accept
+
+
+def check_checkpoint_name(checkpoint: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``checkpoint`` as a path, if its name ends in one of :data:`CHECKPOINT_SUFFIXES`.
+
+    Used where a user names a checkpoint to write (training, an interactive session's adapted model), so
+    that a mistyped name cannot write a checkpoint over an image.
+
+    Raises:
+        ValueError: any other name (``t1.nii.gz``, for example).
+    """
+    path = Path(checkpoint)
+    if not path.name.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(f"{what} {path} is not a checkpoint name; accepted endings: {', '.join(CHECKPOINT_SUFFIXES)} "
+                         "(.safetensors recommended)")
+    return path
 
 
 def _model_record(model: nn.Module) -> dict[str, Any]:
