@@ -278,7 +278,7 @@ class Session:
         from medsegkit.inference.windows import (
             WindowGrid,
             as_source,
-            check_overlap,
+            check_window_options,
             model_in_channels,
             model_spatial_dims,
             resolve_overlap,
@@ -312,12 +312,7 @@ class Session:
         self.original = copy.deepcopy(caller_model).eval()
         self.model = copy.deepcopy(self.original)
         self.image = image
-        sw_batch_size = options["sw_batch_size"]
-        if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
-            raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-        check_overlap(options["overlap"])
-        if options["mode"] not in ("gaussian", "constant"):
-            raise ValueError(f"mode must be 'gaussian' or 'constant', got {options['mode']!r}")
+        check_window_options(**{key: options[key] for key in ("sw_batch_size", "overlap", "mode", "sigma_scale", "cval")})
         self.options = options
 
         model_dims = model_spatial_dims(caller_model)

@@ -491,6 +491,13 @@ def test_zarr_volume_larger_than_memory_limit_segments(tmp_path):
         (np.zeros((16, 16, 16)), {"output": "masks"}, "output must be one of"),
         (np.zeros((16, 16, 16)), {"mode": "linear"}, "mode must be 'gaussian' or 'constant'"),
         (np.zeros((16, 16, 16)), {"sw_batch_size": 0}, "sw_batch_size must be a positive int"),
+        (np.zeros((16, 16, 16)), {"sw_batch_size": True}, "sw_batch_size must be a positive int"),
+        # before 2026-12-07 a NaN sigma_scale blended NaN weights into an all-background map, silently
+        (np.zeros((16, 16, 16)), {"sigma_scale": float("nan")}, "sigma_scale must be a positive number or one per axis"),
+        (np.zeros((16, 16, 16)), {"sigma_scale": -0.125}, "sigma_scale must be a positive number or one per axis"),
+        (np.zeros((16, 16, 16)), {"sigma_scale": (0.1, 0.0, 0.1)}, "sigma_scale must be a positive number"),
+        (np.zeros((16, 16, 16)), {"cval": float("nan")}, "cval must be a finite number"),
+        (np.zeros((16, 16, 16)), {"cval": "0"}, "cval must be a finite number"),
         (np.zeros((16, 16, 16)), {"slice_axis": 0}, "slice_axis is only for a 2D model"),
         (np.zeros((16, 16, 16)), {"tta_flips": (3,)}, r"tta_flips axes must be spatial axes in \[0, 3\)"),
         (np.zeros((16, 16, 16)), {"tta_flips": True}, "tta_flips must be a sequence"),
@@ -501,6 +508,23 @@ def test_zarr_volume_larger_than_memory_limit_segments(tmp_path):
 def test_bad_input_clear_error(model3d, image, kwargs, message):
     with pytest.raises(ValueError, match=message):
         predict(model3d, image, **{"roi_size": 16, **kwargs})
+
+
+def test_per_axis_sigma_scale_is_accepted(model3d):
+    image = np.random.default_rng(0).random((20, 16, 16)).astype(np.float32)
+    per_axis = predict(model3d, image, roi_size=16, sigma_scale=(0.125, 0.125, 0.125), output="logits")
+    np.testing.assert_allclose(per_axis, predict(model3d, image, roi_size=16, output="logits"), rtol=0, atol=1e-6)
+
+
+def test_a_session_refuses_the_same_window_options(model3d):
+    from medsegkit.interactive import Session
+    from medsegkit.io import Image
+
+    image = Image(np.zeros((16, 16, 16), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="cval must be a finite number"):
+        Session(model3d, image, preprocessing="none", roi_size=16, cval=float("nan"))
+    with pytest.raises(ValueError, match="sigma_scale must be a positive number"):
+        Session(model3d, image, preprocessing="none", roi_size=16, sigma_scale=0)
 
 
 def test_bad_input_writes_no_output(tmp_path, model3d):

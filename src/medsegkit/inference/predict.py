@@ -46,7 +46,7 @@ from medsegkit.inference.windows import (
     Runner,
     WindowGrid,
     as_source,
-    check_overlap,
+    check_window_options,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -63,7 +63,6 @@ __all__ = ["OUTPUTS", "predict", "window_slices"]
 logger = logging.getLogger("medsegkit.inference")
 
 OUTPUTS = ("labels", "probabilities", "logits")
-MODES = ("gaussian", "constant")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,16 +246,13 @@ def predict(
 
     Raises:
         ValueError: wrong number of dims or channels, NaN/Inf, empty image, bad dtype, bad roi_size,
-            overlap outside ``[0, 1)``, unknown ``output`` / ``mode`` / ``task``.
+            overlap outside ``[0, 1)``, a ``sigma_scale`` that is not positive, a ``cval`` that
+            is not finite, unknown ``output`` / ``mode`` / ``task``.
         medsegkit.Cancelled: ``cancel`` was set.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
-    if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    check_overlap(overlap)
+    check_window_options(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale, cval=cval)
     check_backend(backend)
     if backend == "auto" and (fast or amp):
         raise ValueError("backend='auto' chooses the precision itself (bf16 only where labels agree >= 99.5 %); "

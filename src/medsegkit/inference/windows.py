@@ -296,6 +296,34 @@ def check_overlap(overlap: Any) -> tuple[float, ...]:
     return overlaps
 
 
+MODES = ("gaussian", "constant")  # how window outputs are blended
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_window_options(*, sw_batch_size: Any, overlap: Any, mode: Any, sigma_scale: Any, cval: Any) -> None:
+    """The sliding-window options :func:`~medsegkit.inference.predict` and the interactive session share,
+    checked before any work: ``sw_batch_size`` a positive int, ``overlap`` in ``[0, 1)``, ``mode`` one of
+    :data:`MODES`, ``sigma_scale`` a positive number or one per axis, ``cval`` a finite number.
+
+    Raises:
+        ValueError: one line naming the option, the value and what is accepted.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
+    if not isinstance(sw_batch_size, (int, np.integer)) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    check_overlap(overlap)
+    sigmas = tuple(sigma_scale) if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, str) else (sigma_scale,)
+    if not sigmas or not all(_finite_number(s) and s > 0 for s in sigmas):
+        raise ValueError(f"sigma_scale must be a positive number or one per axis (the Gaussian's sigma as a fraction "
+                         f"of the window, default 0.125), got {sigma_scale!r}")
+    if not _finite_number(cval):
+        raise ValueError(f"cval must be a finite number (the value read outside the image), got {cval!r}")
+
+
 def resolve_overlap(overlap: Any, model_dims: int, image_dims: int, slice_axis: int | None) -> tuple[float, ...]:
     """One overlap per image axis (``0`` along ``slice_axis``); each in ``[0, 1)``."""
     overlaps = check_overlap(overlap)
