@@ -310,7 +310,13 @@ def export(
             differ; int8: its labels agree with PyTorch's on less than 99.5 % of the calibration voxels.
     """
     from medsegkit.inference.segment import resolve_model
-    from medsegkit.inference.windows import check_overlap, default_roi, model_in_channels, model_spatial_dims
+    from medsegkit.inference.windows import (
+        MODES,
+        check_overlap,
+        default_roi,
+        model_in_channels,
+        model_spatial_dims,
+    )
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -319,7 +325,7 @@ def export(
     if quantize == "int8" and format != "openvino":
         raise ValueError(f"quantize='int8' is OpenVINO's post-training quantization (NNCF); use format='openvino', "
                          f"not {format!r}")
-    if mode not in ("gaussian", "constant"):
+    if mode not in MODES:
         raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
     check_overlap(overlap)
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -286,8 +286,9 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
             f"{sidecar_path} is missing: an exported network needs the sidecar `medsegkit export` writes next to it"
         )
     sidecar = read_json_object(sidecar_path, "the export's sidecar", "export the model again")
-    for problem in _sidecar_problems(sidecar):
-        raise ValueError(f"{sidecar_path}: {problem}; export the model again")
+    problems = _sidecar_problems(sidecar)
+    if problems:
+        raise ValueError(f"{sidecar_path}: {problems[0]}; export the model again")
     return sidecar
 
 
