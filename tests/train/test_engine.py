@@ -84,6 +84,22 @@ def test_runs_whose_names_share_a_first_dot_keep_their_own_companion_files(tmp_p
     assert state_path_for(tmp_path / "model.safetensors") == tmp_path / "model.state.safetensors"  # as before
 
 
+def test_train_refuses_to_replace_an_existing_checkpoint_unless_asked(tmp_path):
+    """Until 2026-12-07 only the CLI refused; ``train()`` itself replaced an existing checkpoint (and its
+    training state, metrics and curve) without a word."""
+    _run(tmp_path, "model", small_config(epochs=1))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="model.safetensors exists; pass overwrite=True to replace it or "
+                                              "resume=.*model.safetensors to continue it"):
+        _run(tmp_path, "model", small_config(epochs=1), seed=1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing was touched
+    _, resumed = _run(tmp_path, "model", small_config(epochs=2), resume=tmp_path / "model.safetensors")
+    assert [row["epoch"] for row in resumed.history] == [1, 2]  # a run continues its own checkpoint
+    _, again = _run(tmp_path, "model", small_config(epochs=1), seed=1, overwrite=True)
+    assert again.epoch == 1 and load_model(tmp_path / "model.safetensors").medsegkit_metadata["training"][
+        "epochs_done"] == 1
+
+
 def test_resume_names_a_state_file_of_the_old_naming(tmp_path):
     _run(tmp_path, "unet.v1", small_config(epochs=1))
     (tmp_path / "unet.v1.state.safetensors").rename(tmp_path / "unet.state.safetensors")  # as written before
@@ -456,8 +472,12 @@ def test_train_cli_default_recipe_then_resume(tmp_path, capsys):
     assert main([*common[:-1], str(image), "--epochs", "1", "--overwrite"]) == 2
     assert f"--output {image} is not a checkpoint name; accepted endings: .safetensors" in capsys.readouterr().err
     assert image.read_bytes() == image_bytes
-    assert main(["train", "--sample", "--image", str(image), "-o", str(tmp_path / "x.pt")]) == 2
-    assert "--sample uses the shipped" in capsys.readouterr().err
+    # resuming one run into another run's existing checkpoint would replace that one: refused
+    other = tmp_path / "run" / "other.safetensors"
+    other.write_bytes(b"another run")
+    assert main([*common[:-1], str(other), "--epochs", "3", "--resume", str(out)]) == 2
+    assert f"{other} exists (it is not the checkpoint being resumed, {out}); pass --overwrite" in capsys.readouterr().err
+    assert other.read_bytes() == b"another run"
     assert main([*common, "--intensity", "minmax", "--overwrite"]) == 2
     assert "unknown --intensity 'minmax'; accepted: 'percentile', 'zscore'" in capsys.readouterr().err
 

@@ -224,12 +224,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     from medsegkit.registry import create_model, get_model_spec
     from medsegkit.train.baseline import nearest_class_mean_baseline
-    from medsegkit.train.engine import TrainConfig, recipe_model_overrides, recipe_preprocessing, train
+    from medsegkit.train.engine import (
+        TrainConfig,
+        check_training_output,
+        recipe_model_overrides,
+        recipe_preprocessing,
+        train,
+    )
     from medsegkit.weights.checkpoint import check_checkpoint_name
 
     check_checkpoint_name(args.output, "--output")  # before the data are read; train() checks it too
-    if args.output.exists() and not (args.overwrite or args.resume):
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it or --resume to continue it")
+    check_training_output(args.output, resume=args.resume, overwrite=args.overwrite,
+                          options=("--overwrite", "--resume "))
     if args.resume is not None and not args.resume.exists():
         raise FileNotFoundError(f"--resume checkpoint {args.resume} does not exist")
     if args.accumulate < 1:
@@ -290,7 +296,7 @@ def run_train(args: argparse.Namespace) -> int:
         metadata["label_colors"] = colors
     result = train(model, train_volumes, val_volumes, checkpoint=args.output, class_names=names, config=config,
                    preprocessing=preprocessing, metadata=metadata, resume=args.resume, metrics_csv=args.metrics_csv,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, overwrite=args.overwrite)
     if main_process:
         dice = result.validation["dice"]
         print(f"wrote {result.checkpoint} after epoch {result.epoch} ({result.step} steps, {result.wall_time_s:.0f} s)")

@@ -158,6 +158,23 @@ def state_path_for(checkpoint: str | os.PathLike) -> Path:
     return Path(checkpoint).with_name(f"{run_stem(checkpoint)}.state.safetensors")
 
 
+def check_training_output(checkpoint: str | os.PathLike, *, resume: str | os.PathLike | None, overwrite: bool,
+                          options: tuple[str, str] = ("overwrite=True", "resume=")) -> None:
+    """Refuse to train into an existing ``checkpoint`` unless ``overwrite`` is set or ``resume`` is that same file.
+
+    ``options`` names the two ways out in the message (the CLI passes ``("--overwrite", "--resume ")``).
+    Raises ``FileExistsError``.
+    """
+    checkpoint = Path(checkpoint)
+    if overwrite or not checkpoint.exists():
+        return
+    if resume is not None and Path(resume).resolve() == checkpoint.resolve():
+        return
+    continuing = (f" (it is not the checkpoint being resumed, {resume})" if resume is not None else "")
+    raise FileExistsError(f"{checkpoint} exists{continuing}; pass {options[0]} to replace it or "
+                          f"{options[1]}{checkpoint} to continue it")
+
+
 def recipe_preprocessing(
     volumes: Sequence[LabelledVolume],
     patch_size: Sequence[int],
@@ -445,6 +462,7 @@ def train(
     metrics_csv: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``model`` on random patches of ``train_volumes``, validating on ``val_volumes``.
 
@@ -471,6 +489,9 @@ def train(
         metrics_csv: CSV of per-epoch metrics (default: ``<checkpoint stem>.metrics.csv``).
         progress: tqdm progress bar on stderr.
         log: where the per-epoch line goes (default: ``tqdm.write`` to stderr).
+        overwrite: replace an existing ``checkpoint`` (and its companion files). Without it an existing
+            ``checkpoint`` raises ``FileExistsError`` before anything runs, unless ``resume`` is that same file
+            (a resumed run continues its own checkpoint).
 
     Distributed data parallel: under ``torchrun`` (``WORLD_SIZE > 1``) every process joins the group
     (gloo on CPU, nccl on GPU), the model is wrapped by :func:`medsegkit.train.distributed.wrap_model`,
@@ -484,6 +505,7 @@ def train(
     from medsegkit.weights.checkpoint import read_checkpoint
 
     checkpoint = check_checkpoint_name(checkpoint)
+    check_training_output(checkpoint, resume=resume, overwrite=overwrite)
     state_file = state_path_for(checkpoint)
     metrics_csv = Path(metrics_csv) if metrics_csv else checkpoint.with_name(f"{run_stem(checkpoint)}.metrics.csv")
     config = config or TrainConfig()
