@@ -319,6 +319,15 @@ def test_fit_calibration_weighs_every_class_s_agreement_the_same_however_many_vo
 def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case):
     model, image = weak_case
     session = Session(model, image, **KW)
+    marked = np.zeros(SHAPE, np.int32)
+    marked[0, 0, 0] = 2
+    # arguments that need no model are checked before the first run (until 2026-12-08 the whole volume was
+    # segmented first), and a boolean mask (True would have meant "background") is refused
+    for bad, message in ((dict(scope="near"), "scope must be one of"), (dict(seconds=float("nan")), "seconds must be"),
+                         (dict(scribbles=marked > 0), "got bool .*a boolean mask does not say which class")):
+        with pytest.raises(ValueError, match=message):
+            session.refine(**{"scribbles": marked, **bad})
+        assert session.labels is None and not session.cache
     original = session.run().copy()
     with pytest.raises(ValueError, match=r"scribbles must be an integer array of the image's shape \(48, 24, 24\)"):
         session.refine(np.zeros((4, 4, 4), np.int32))

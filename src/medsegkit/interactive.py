@@ -723,26 +723,29 @@ class Session:
                 f"(its run() works, but its query heads cannot be fine-tuned from scribbles)"
             )
         scribbles = np.asarray(scribbles)
-        if scribbles.shape != tuple(self.image.spatial_shape) or scribbles.dtype.kind not in "iub":
+        if scribbles.shape != tuple(self.image.spatial_shape) or scribbles.dtype.kind not in "iu":
+            boolean = (" (a boolean mask does not say which class it marks: write c + 1 where the voxels are "
+                       "class c)" if scribbles.dtype.kind == "b" else "")
             raise ValueError(
                 f"scribbles must be an integer array of the image's shape {tuple(self.image.spatial_shape)} "
-                f"(0 = unmarked, c + 1 = class c), got {scribbles.dtype} {scribbles.shape}"
+                f"(0 = unmarked, c + 1 = class c), got {scribbles.dtype} {scribbles.shape}{boolean}"
             )
-        if self.labels is None or not self.pre_done.all():
-            self.run(cancel=cancel)
-        classes = self._classes()
-        top = max(classes, 2)
-        if scribbles.min() < 0 or scribbles.max() > top:
-            raise ValueError(f"scribbles values must be in [0, {top}] (0 = unmarked, c + 1 = class c < {top}), "
-                             f"got values in [{scribbles.min()}, {scribbles.max()}]")
-        new = scribbles > 0
-        if not new.any():
-            raise ValueError("scribbles mark no voxel; paint at least one voxel with c + 1 (class c)")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
         budget = DEFAULT_SECONDS if seconds is None else float(seconds)
         if not budget > 0:
             raise ValueError(f"seconds must be > 0, got {seconds!r}")
+        new = scribbles > 0
+        if not new.any():
+            raise ValueError("scribbles mark no voxel; paint at least one voxel with c + 1 (class c)")
+        if scribbles.min() < 0:
+            raise ValueError(f"scribbles values must be >= 0 (0 = unmarked, c + 1 = class c), got {scribbles.min()}")
+        if self.labels is None or not self.pre_done.all():
+            self.run(cancel=cancel)  # the model's class count is known once a window has run
+        top = max(self._classes(), 2)
+        if scribbles.max() > top:
+            raise ValueError(f"scribbles values must be in [0, {top}] (0 = unmarked, c + 1 = class c < {top}), "
+                             f"got values in [{scribbles.min()}, {scribbles.max()}]")
 
         marked = np.flatnonzero(new)
         snapshot = {  # no window outputs (the cache stays the original model's, _cache_map), no model (its map
