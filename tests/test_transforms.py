@@ -8,6 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from medsegkit.io import Image, read_image
 from medsegkit.transforms import (
@@ -71,11 +73,45 @@ def test_presets_expand_to_specs():
         ({"intensity": {"name": "range", "a_min": 0}}, r"needs \['a_max'\]"),
         ({"intensity": {"name": "range", "a_min": 5, "a_max": 1}}, "a_max > a_min"),
         ({"intensity": {"name": "zscore", "mean": 3}}, r"does not take \['mean'\]"),
+        # until 2026-12-08: "could not convert string to float: 'x'", naming no field, or accepted as given
+        # (a NaN divisor made every voxel NaN; "false" and 2 are truthy; True was a spacing of 1 mm)
+        ({"spacing": [1, "x"]}, r"spacing must be a positive number or 2-3 positive numbers \(mm\), got \[1, 'x'\]"),
+        ({"spacing": True}, "spacing must be a positive number .*got True"),
+        ({"intensity": {"name": "range", "a_min": "x", "a_max": 1}}, "intensity 'range' a_min must be a finite number"),
+        ({"intensity": {"name": "scale", "divisor": float("nan")}}, "intensity 'scale' divisor must be a finite number"),
+        ({"intensity": {"name": "range", "a_min": 0, "a_max": float("inf")}}, "a_max must be a finite number, got inf"),
+        ({"intensity": {"name": "percentile", "clip": "false"}}, "intensity 'percentile' clip must be true or false"),
+        ({"intensity": {"name": "zscore", "nonzero": 2}}, "intensity 'zscore' nonzero must be true or false, got 2"),
+        ({"intensity": {"name": ["zscore"]}}, r"unknown intensity step \['zscore'\]; accepted"),
     ],
 )
 def test_bad_specs_are_explained(spec, message):
     with pytest.raises(ValueError, match=message):
         resolve_preprocessing(spec)
+
+
+_spec_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=8)
+    | st.sampled_from(["RAS", "LPS", "mr", "zscore", "range", "scale", "percentile", "none"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["name", "a_min", "a_max", "b_min", "divisor", "lower", "upper", "clip", "nonzero",
+                         "margin", "x"]), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@given(key=st.sampled_from(["orientation", "spacing", "intensity", "crop_foreground", "preset"]), value=_spec_values)
+def test_fuzzed_specs_resolve_to_finite_values_or_raise_one_line(key, value):
+    """A spec comes from checkpoints, bundles and sidecars: whatever it holds, the result is a spec of
+    finite numbers and real booleans, or one line saying what was wrong."""
+    try:
+        spec = resolve_preprocessing({key: value})
+    except (ValueError, TypeError) as error:
+        assert "\n" not in str(error) and str(error)
+        return
+    assert resolve_preprocessing(spec) == spec
+    for field in [*(spec["spacing"] or []), *(spec["intensity"] or {}).values()]:
+        assert isinstance(field, str) or isinstance(field, bool) or np.isfinite(field)
 
 
 # -- intensity steps ---------------------------------------------------------------------------------
