@@ -381,6 +381,31 @@ def test_itk_damage_is_refused_with_the_reason(child, workdir):
         assert re.search(message, result["message"]), result["message"]
 
 
+def test_nrrd_field_spellings_without_space_are_checked(child, workdir):
+    """teem reads ``datafile:``, ``spacedirections:`` (...) as ``data file:``, ``space directions:``. Before,
+    the header check looked only for the spaced names: ``datafile: <a fifo>`` hung the reader, ``datafile:
+    /dev/zero`` read as zeros and a singular ``spacedirections`` reached ITK (message ``0 0 1``)."""
+    fifo = workdir / "pipe"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    head = b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+    cases = {
+        "fifo.nhdr": (head + f"datafile: {fifo}\n\n".encode() + bytes(8),
+                      f"its data file {fifo} is not a regular file; a detached header must name a regular file"),
+        "zero.nhdr": (head + b"DataFile: /dev/zero\n\n" + bytes(8),
+                      "its data file /dev/zero is not a regular file; a detached header must name a regular file"),
+        "singular.nrrd": (head + b"space: left-posterior-superior\nspacedirections: (1,0,0) (1,0,0) (0,0,1)\n\n"
+                          + bytes(8), "space directions [[1, 0, 0], [1, 0, 0], [0, 0, 1]] is singular: the "
+                          "voxel axes must be independent"),
+        "skip.nrrd": (head + b"byteskip: -2\n\n" + bytes(8), "byte skip -2 is not accepted (>= 0; -1 only for raw "
+                      "byte skip)"),
+    }
+    for name, (data, message) in cases.items():
+        path = write(workdir, name, data)
+        result = check(child.read(path), must_fail=True)
+        assert result["message"] == f"could not read {path} as NRRD: {message}"
+
+
 # -- DICOM series ---------------------------------------------------------------------------------------
 
 ROWS, COLUMNS = 4, 5

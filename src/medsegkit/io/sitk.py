@@ -74,6 +74,9 @@ _NRRD_TYPES = {
 _NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "ascii": "ascii", "text": "ascii",
                    "txt": "ascii", "hex": "hex"}
 _NRRD_DOMAIN_KINDS = ("domain", "space", "time", "???", "none")
+# teem (ITK's NRRD reader) also accepts these spellings of the fields checked here: read them as the same field
+_NRRD_FIELD_ALIASES = {"datafile": "data file", "byteskip": "byte skip", "lineskip": "line skip",
+                       "spacedirections": "space directions", "spaceorigin": "space origin"}
 _MET_TYPES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
               "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
               "MET_DOUBLE": 8}
@@ -181,7 +184,8 @@ def check_nrrd_header(path: Path) -> None:
         if ": " not in line:
             raise fail(f"header line {line[:60]!r} is not 'field: value'")
         key, value = line.split(": ", 1)
-        fields[key.strip().lower()] = value.strip()
+        key = key.strip().lower()
+        fields[_NRRD_FIELD_ALIASES.get(key, key)] = value.strip()
     for required in ("type", "dimension", "sizes", "encoding"):
         if required not in fields:
             raise fail(f"the header has no {required!r} field (required: type, dimension, sizes, encoding)")
