@@ -562,3 +562,30 @@ def test_dicom_damage_is_refused_with_the_reason(child, workdir):
         assert re.search(message, result["message"]), result["message"]
     good = check(child.read(series("good", [4.0, 0.0, 2.0])))
     assert good["shape"] == [COLUMNS, ROWS, 3]
+
+
+def test_dicom_orientation_that_is_not_perpendicular_is_refused(child, workdir):
+    """GDCM replaces an ImageOrientationPatient whose row and column are not perpendicular (cosine >= 0.001)
+    with the identity. Before, such a series (row (1, 0, 0), column (0.5, 0.866, 0): 60 degrees apart) was
+    read with an axial identity direction; now it is refused. Scaled but perpendicular vectors still read."""
+
+    def folder(name: str, orientation) -> Path:
+        path = workdir / name
+        path.mkdir()
+        normal = np.cross(orientation[:3], orientation[3:])
+        normal = normal / np.linalg.norm(normal)
+        for k in range(3):
+            _dicom_slice(path / f"s{k}.dcm", "1.2.826.0.1.3680043.2.1125.9.1", k, normal * 2.0 * k, orientation)
+        return path
+
+    skewed = folder("skewed", (1.0, 0.0, 0.0, 0.5, 0.866025, 0.0))
+    result = check(child.read(skewed), must_fail=True)
+    assert result["message"] == (
+        f"could not read {skewed / 's0.dcm'} as DICOM: ImageOrientationPatient [1.0, 0.0, 0.0, 0.5, 0.866025, 0.0] "
+        "has row and column directions that are not perpendicular (cosine 0.5); accepted: perpendicular "
+        "directions (cosine < 0.001)")
+    c, s = np.cos(0.3), np.sin(0.3)
+    scaled = check(child.read(folder("scaled", (2 * c, 2 * s, 0.0, -3 * s, 3 * c, 0.0))))
+    direction = np.array(scaled["affine"])[:3, :3] / np.array([0.7, 0.5, 2.0])
+    # LPS row / column / normal directions as RAS columns (x and y negated)
+    np.testing.assert_allclose(direction, [[-c, s, 0], [-s, -c, 0], [0, 0, 1]], atol=1e-4)

@@ -571,6 +571,12 @@ def _order_slices(folder: Path, uid: str, members: list[tuple[Path, Any]]) -> li
         if np.linalg.norm(row) < 1e-3 or np.linalg.norm(column) < 1e-3 or np.linalg.norm(normal) < 1e-3:
             raise ImageReadError(f"could not read {first_path} as DICOM: ImageOrientationPatient "
                                  f"{orientation.tolist()} is degenerate (zero or parallel row/column vectors)")
+        cosine = abs(row @ column) / (np.linalg.norm(row) * np.linalg.norm(column))
+        if cosine >= 1e-3:  # GDCM replaces such an orientation with the identity, silently
+            raise ImageReadError(f"could not read {first_path} as DICOM: ImageOrientationPatient "
+                                 f"{orientation.tolist()} has row and column directions that are not "
+                                 f"perpendicular (cosine {cosine:.3g}); accepted: perpendicular directions "
+                                 "(cosine < 0.001)")
     if len(members) == 1:
         if _dicom_int(first, "NumberOfFrames", 1, first_path) < 1:
             raise ImageReadError(f"could not read {first_path} as DICOM: NumberOfFrames < 1")
