@@ -142,3 +142,22 @@ def test_unreadable_dicom_in_folder_is_explained(tmp_path):
         read_image(folder)
     with pytest.raises(ValueError, match=r"could not read .*broken\.dcm as DICOM"):
         read_image(folder / "broken.dcm")
+
+
+def test_per_slice_rescale_keeps_every_slice_exact(tmp_path):
+    """Each slice's own RescaleSlope / RescaleIntercept (as in PET). Before, the volume took the first slice's
+    int16 type, so a slope of 0.25 or an intercept of 0.5 on a later slice was truncated (3.25 -> 3)."""
+    pydicom = pytest.importorskip("pydicom")
+    volume = _volume((3, 4, 5), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), seed=2)
+    folder = tmp_path / "pet"
+    _write_series(volume, folder, "1.2.826.0.1.3680043.2.1125.1.3", modality="PT")
+    rescale = {1: ("1", "0"), 2: ("0.25", "0"), 3: ("1", "0.5")}  # InstanceNumber -> slope, intercept
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope, ds.RescaleIntercept = rescale[int(ds.InstanceNumber)]
+        ds.save_as(path)
+    img = read_image(folder)
+    raw = Image.from_sitk(volume).array.astype(np.float64)  # (i, j, k): slice k is InstanceNumber k + 1
+    expected = raw * np.array([1.0, 0.25, 1.0]) + np.array([0.0, 0.0, 0.5])
+    assert img.array.dtype == np.float64
+    np.testing.assert_array_equal(img.array, expected)

@@ -441,7 +441,8 @@ def write_sitk(image: Image, path: Path, fmt: str, *, compress: bool = True) -> 
 
 _PIXEL_DATA = 0x7FE00010
 _DICOM_KEYWORDS = ("SeriesInstanceUID", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames",
-                   "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
+                   "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope",
+                   "RescaleIntercept")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -621,6 +622,16 @@ def _order_slices(folder: Path, uid: str, members: list[tuple[Path, Any]]) -> li
     return [str(members[k][0]) for k in order]
 
 
+def _rescales(members: list[tuple[Path, Any]]) -> set[tuple[float, float]]:
+    """The distinct (RescaleSlope, RescaleIntercept) pairs of a series' files (default (1, 0))."""
+    pairs = set()
+    for path, header in members:
+        slope = _dicom_floats(header, "RescaleSlope", 1, path)
+        intercept = _dicom_floats(header, "RescaleIntercept", 1, path)
+        pairs.add((1.0 if slope is None else float(slope[0]), 0.0 if intercept is None else float(intercept[0])))
+    return pairs
+
+
 def dicom_series(folder: Path) -> dict[str, list[str]]:
     """The DICOM series in ``folder``: ``{series_uid: [file names sorted along the slice axis]}``.
 
@@ -635,7 +646,8 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Image:
     Headers are read and checked with pydicom first: every file of the series must have the same image
     size, pixel type, pixel spacing and orientation, with one slice per position, evenly spaced and
     stacked along the slice normal, and pixel data the size the header says. The voxels are then read
-    by GDCM (through SimpleITK), which applies the rescale slope/intercept.
+    by GDCM (through SimpleITK), which applies the rescale slope/intercept; when the slices' slopes or
+    intercepts differ, the volume is ``float64`` so that no slice is truncated to the first one's type.
     """
     import SimpleITK as sitk
 
@@ -662,6 +674,10 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Image:
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(files)
+    if len(_rescales(scanned[series_uid])) > 1:
+        # GDCM rescales each slice, but the volume takes the first slice's voxel type: an integer one
+        # would truncate the other slices' fractional values (per-slice slopes are common in PET)
+        reader.SetOutputPixelType(sitk.sitkFloat64)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
