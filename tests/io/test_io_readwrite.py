@@ -139,6 +139,17 @@ def test_label_dtypes_kept_exactly(tmp_path, suffix, dtype):
     np.testing.assert_array_equal(back.array, labels)
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("dtype", [">i2", ">u4", ">f4", ">f8"])
+def test_big_endian_arrays_are_written(tmp_path, suffix, dtype):
+    """Arrays in big-endian byte order (as read from some files) are written with their values. Before, NRRD
+    and MHA raised SimpleITK's ``TypeError: dtype: >i2 is not supported.``"""
+    array = (np.arange(24).reshape(2, 3, 4) - (0 if "u" in dtype else 3)).astype(dtype)
+    back = read_image(write_image(array, tmp_path / f"big{suffix}"))
+    assert back.array.dtype == np.dtype(dtype).newbyteorder("=")
+    np.testing.assert_array_equal(back.array, array)
+
+
 def test_bool_written_as_uint8(tmp_path):
     mask = np.zeros((3, 4, 5), dtype=bool)
     mask[1, 2, 3] = True

@@ -226,6 +226,8 @@ class Image:
         array = self.array
         if array.dtype == bool:
             array = array.astype(np.uint8)
+        elif not array.dtype.isnative:  # SimpleITK takes native byte order only (">i2" raised TypeError)
+            array = array.astype(array.dtype.newbyteorder("="))
         if self.channel_axis is None:
             buffer = np.ascontiguousarray(array.transpose(tuple(range(n))[::-1]))
             image = sitk.GetImageFromArray(buffer, isVector=False)
