@@ -260,6 +260,21 @@ def test_bad_arrays_are_refused(tmp_path, array, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_long_double_is_refused_with_the_reason(tmp_path, suffix):
+    """Before, nibabel raised ``HeaderDataError: data dtype "float128" not supported`` and SimpleITK
+    ``TypeError: dtype: float128 is not supported.`` from inside the backends."""
+    array = np.zeros((2, 3, 4), dtype=np.longdouble)
+    name = np.dtype(np.longdouble).name
+    with pytest.raises(ValueError) as raised:
+        write_image(array, tmp_path / f"out{suffix}")
+    assert str(raised.value) == (
+        f"cannot write 'out{suffix}': arrays of dtype {name} do not fit; NIfTI, NRRD and MetaImage store floats "
+        "of at most 64 bits (convert with array.astype(np.float64))")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_write_suffix_lists_accepted(tmp_path):
     with pytest.raises(ValueError, match=r"\.nii\.gz, \.nii, \.nrrd, \.mha"):
         write_image(np.zeros((2, 2, 2)), tmp_path / "out.png")

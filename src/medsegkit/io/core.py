@@ -193,7 +193,7 @@ def write_image(
         overwrite: replace an existing ``path``. Without it an existing file raises ``FileExistsError``.
 
     Label dtypes are kept exactly (uint8, int16, int32, ...); ``bool`` is stored as uint8 and float16 as
-    float32. Float arrays may contain NaN (a valid "no value" in these formats); the affine must be finite.
+    float32; floats wider than 64 bits (``float128``) are refused with a ``ValueError``. Float arrays may contain NaN (a valid "no value" in these formats); the affine must be finite.
     The file is written to a temporary name in the target folder and renamed into place, so a failed
     write leaves nothing behind.
 
@@ -224,6 +224,11 @@ def write_image(
     if image.array.dtype.kind not in _WRITE_KINDS:
         raise ValueError(
             f"cannot write arrays of dtype {image.array.dtype}; use bool, integer or float arrays"
+        )
+    if image.array.dtype.kind == "f" and image.array.dtype.itemsize > 8:
+        raise ValueError(
+            f"cannot write {path.name!r}: arrays of dtype {image.array.dtype} do not fit; NIfTI, NRRD and MetaImage "
+            "store floats of at most 64 bits (convert with array.astype(np.float64))"
         )
     fmt = WRITE_SUFFIXES[suffix]
 
