@@ -209,6 +209,22 @@ def test_like_gives_geometry_and_checks_shape(itk_head, tmp_path):
     assert not (tmp_path / "bad.nii.gz").exists()
 
 
+def test_image_on_another_grid_than_like_is_refused(tmp_path):
+    """An Image keeps its own affine. Before, ``like`` on another grid (same shape) was ignored: the file got
+    the image's 1 mm grid while the caller asked for like's 2 mm grid."""
+    like = Image(np.zeros((2, 3, 4)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    image = Image(np.ones((2, 3, 4), np.uint8), np.eye(4))
+    with pytest.raises(ValueError) as raised:
+        write_image(image, tmp_path / "out.nii.gz", like=like)
+    assert str(raised.value) == (
+        "image grid (shape (2, 3, 4), spacing (1, 1, 1) mm, origin (0, 0, 0), orientation RAS) does not match "
+        "like's grid (shape (2, 3, 4), spacing (2, 2, 2) mm, origin (0, 0, 0), orientation RAS); write the image "
+        "without like, or resample it onto like's grid first")
+    assert list(tmp_path.iterdir()) == []
+    same = Image(np.ones((2, 3, 4), np.uint8), np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert read_image(write_image(same, tmp_path / "same.nii.gz", like=like)).spacing == (2.0, 2.0, 2.0)
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     target = write_image(np.zeros((3, 3, 3), np.uint8), tmp_path / "a.nii.gz")
     with pytest.raises(FileExistsError, match="overwrite=True"):

@@ -152,9 +152,11 @@ def read_image(
 def _as_image(image_or_array: Image | np.ndarray, like: Image | None) -> Image:
     if isinstance(image_or_array, Image):
         image = image_or_array
-        if like is not None and image.spatial_shape != like.spatial_shape:
+        if like is not None and not same_grid(image, like):
+            # an Image keeps its own affine: a like on another grid would be ignored without a word
             raise ValueError(
-                f"image grid {image.spatial_shape} does not match like's grid {like.spatial_shape}"
+                f"image grid ({describe_grid(image)}) does not match like's grid ({describe_grid(like)}); "
+                "write the image without like, or resample it onto like's grid first"
             )
         return image
     if hasattr(image_or_array, "detach"):  # torch tensor
@@ -188,7 +190,8 @@ def write_image(
             order. An array without ``like`` gets an identity affine (1 mm, RAS, origin 0).
         path: output file; the format follows its suffix.
         like: a reference image whose grid (affine) an array is written on — its spatial shape must
-            match. ``path`` may never be one of ``like``'s source files (``like.meta["path"]``), even with
+            match. An :class:`Image` keeps its own affine, so with ``like`` its grid (shape and affine) must
+            be like's. ``path`` may never be one of ``like``'s source files (``like.meta["path"]``), even with
             ``overwrite=True``: a segmentation must not replace the scan it came from.
         overwrite: replace an existing ``path``. Without it an existing file raises ``FileExistsError``.
 
