@@ -225,6 +225,19 @@ def test_image_on_another_grid_than_like_is_refused(tmp_path):
     assert read_image(write_image(same, tmp_path / "same.nii.gz", like=like)).spacing == (2.0, 2.0, 2.0)
 
 
+@pytest.mark.parametrize("inside", ["out.nii.gz", "sub/out.nrrd"])
+def test_output_under_a_file_is_refused_with_the_reason(tmp_path, inside):
+    """Before, the folder creation failed with ``FileExistsError: [Errno 17] File exists: '.../scan.nii'``, which
+    read as if the output existed (and overwrite=True changed nothing)."""
+    scan = tmp_path / "scan.nii"
+    scan.write_bytes(b"not a folder")
+    with pytest.raises(NotADirectoryError) as raised:
+        write_image(np.zeros((2, 2, 2)), scan / inside, overwrite=True)
+    assert str(raised.value) == (f"cannot write {scan / inside}: {scan} is a file, not a folder; choose an output "
+                                 "path in a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii"] and scan.read_bytes() == b"not a folder"
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     target = write_image(np.zeros((3, 3, 3), np.uint8), tmp_path / "a.nii.gz")
     with pytest.raises(FileExistsError, match="overwrite=True"):

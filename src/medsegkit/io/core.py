@@ -223,6 +223,9 @@ def write_image(
         raise IsADirectoryError(f"{path} is a folder; give a file name ending in {_accepted(WRITE_SUFFIXES)}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder; choose an output path in a folder")
     image = _as_image(image_or_array, like)
     if image.array.dtype.kind not in _WRITE_KINDS:
         raise ValueError(
