@@ -589,3 +589,17 @@ def test_dicom_orientation_that_is_not_perpendicular_is_refused(child, workdir):
     direction = np.array(scaled["affine"])[:3, :3] / np.array([0.7, 0.5, 2.0])
     # LPS row / column / normal directions as RAS columns (x and y negated)
     np.testing.assert_allclose(direction, [[-c, s, 0], [-s, -c, 0], [0, 0, 1]], atol=1e-4)
+
+
+def test_dicom_slices_of_another_format_are_named_in_plain_numbers(child, workdir):
+    """Before, the spacing in this message was printed as ``(np.float64(0.5), np.float64(0.7))``."""
+    folder = workdir / "mixed_spacing"
+    folder.mkdir()
+    for k in range(3):
+        _dicom_slice(folder / f"s{k}.dcm", "1.2.826.0.1.3680043.2.1125.9.1", k, (0.0, 0.0, 2.0 * k), AXIAL,
+                     spacing=(0.6, 0.7) if k == 1 else (0.5, 0.7))
+    result = check(child.read(folder), must_fail=True)
+    assert result["message"] == (
+        f"could not read DICOM series 1.2.826.0.1.3680043.2.1125.9.1 in {folder}: it mixes slice formats: s0.dcm "
+        "has (rows, columns, samples, bits, spacing) (4, 5, 1, 16, (0.5, 0.7)), s1.dcm has (4, 5, 1, 16, (0.6, 0.7)); "
+        "a series must be one volume: read the files separately or split the folder")

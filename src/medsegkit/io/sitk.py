@@ -536,7 +536,7 @@ def _check_dicom_pixels(header, path: Path) -> tuple:
     if spacing is not None:
         _check_spacing(spacing.tolist(), "PixelSpacing", lambda what: ImageReadError(
             f"could not read {path} as DICOM: {what}"))
-    return rows, columns, samples, bits, None if spacing is None else tuple(np.round(spacing, 4))
+    return rows, columns, samples, bits, None if spacing is None else tuple(float(v) for v in np.round(spacing, 4))
 
 
 def _scan_dicom_folder(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
