@@ -601,5 +601,26 @@ def test_dicom_slices_of_another_format_are_named_in_plain_numbers(child, workdi
     result = check(child.read(folder), must_fail=True)
     assert result["message"] == (
         f"could not read DICOM series 1.2.826.0.1.3680043.2.1125.9.1 in {folder}: it mixes slice formats: s0.dcm "
-        "has (rows, columns, samples, bits, spacing) (4, 5, 1, 16, (0.5, 0.7)), s1.dcm has (4, 5, 1, 16, (0.6, 0.7)); "
-        "a series must be one volume: read the files separately or split the folder")
+        "has (rows, columns, samples, bits, signed, spacing) (4, 5, 1, 16, 1, (0.5, 0.7)), s1.dcm has "
+        "(4, 5, 1, 16, 1, (0.6, 0.7)); a series must be one volume: read the files separately or split the folder")
+
+
+def test_dicom_slices_of_mixed_signedness_are_refused(child, workdir):
+    """A slice whose PixelRepresentation differs from the first one's. Before, GDCM read every slice with the
+    first slice's signedness: raw -5, -4, -3 with the first slice unsigned came back as uint16 65531, 65532,
+    65533 (and with the second slice unsigned its 65532 came back as -4)."""
+    folder = workdir / "mixed_signedness"
+    folder.mkdir()
+    for k in range(3):
+        path = folder / f"s{k}.dcm"
+        _dicom_slice(path, "1.2.826.0.1.3680043.2.1125.9.1", k, (0.0, 0.0, 2.0 * k), AXIAL,
+                     pixels=np.full((ROWS, COLUMNS), k - 5))
+        if k == 0:
+            ds = pydicom.dcmread(path)
+            ds.PixelRepresentation = 0
+            ds.save_as(path)
+    result = check(child.read(folder), must_fail=True)
+    assert result["message"] == (
+        f"could not read DICOM series 1.2.826.0.1.3680043.2.1125.9.1 in {folder}: it mixes slice formats: s0.dcm "
+        "has (rows, columns, samples, bits, signed, spacing) (4, 5, 1, 16, 0, (0.5, 0.7)), s1.dcm has "
+        "(4, 5, 1, 16, 1, (0.5, 0.7)); a series must be one volume: read the files separately or split the folder")

@@ -442,7 +442,7 @@ def write_sitk(image: Image, path: Path, fmt: str, *, compress: bool = True) -> 
 _PIXEL_DATA = 0x7FE00010
 _DICOM_KEYWORDS = ("SeriesInstanceUID", "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames",
                    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope",
-                   "RescaleIntercept")
+                   "RescaleIntercept", "PixelRepresentation")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -511,11 +511,13 @@ def _check_dicom_pixels(header, path: Path) -> tuple:
     samples = _dicom_int(header, "SamplesPerPixel", 1, path)
     bits = _dicom_int(header, "BitsAllocated", None, path)
     frames = _dicom_int(header, "NumberOfFrames", 1, path)
-    if rows < 1 or columns < 1 or frames < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+    signed = _dicom_int(header, "PixelRepresentation", 0, path)
+    if (rows < 1 or columns < 1 or frames < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64)
+            or signed not in (0, 1)):
         raise ImageReadError(
             f"could not read {path} as DICOM: Rows {rows}, Columns {columns}, NumberOfFrames {frames}, "
-            f"SamplesPerPixel {samples}, BitsAllocated {bits}; accepted: sizes >= 1, 1 or 3 samples, "
-            "1/8/16/32/64 bits")
+            f"SamplesPerPixel {samples}, BitsAllocated {bits}, PixelRepresentation {signed}; accepted: sizes >= 1, "
+            "1 or 3 samples, 1/8/16/32/64 bits, PixelRepresentation 0 (unsigned) or 1 (signed)")
     needed = (rows * columns * samples * frames * bits + 7) // 8
     element = header[_PIXEL_DATA]
     size = path.stat().st_size
@@ -536,7 +538,8 @@ def _check_dicom_pixels(header, path: Path) -> tuple:
     if spacing is not None:
         _check_spacing(spacing.tolist(), "PixelSpacing", lambda what: ImageReadError(
             f"could not read {path} as DICOM: {what}"))
-    return rows, columns, samples, bits, None if spacing is None else tuple(float(v) for v in np.round(spacing, 4))
+    return (rows, columns, samples, bits, signed,
+            None if spacing is None else tuple(float(v) for v in np.round(spacing, 4)))
 
 
 def _scan_dicom_folder(folder: Path) -> dict[str, list[tuple[Path, Any]]]:
@@ -563,7 +566,7 @@ def _order_slices(folder: Path, uid: str, members: list[tuple[Path, Any]]) -> li
         if _check_dicom_pixels(header, path) != shared:
             raise ImageReadError(
                 f"{series} it mixes slice formats: {first_path.name} has (rows, columns, samples, bits, "
-                f"spacing) {shared}, {path.name} has {_check_dicom_pixels(header, path)}; a series must be one "
+                f"signed, spacing) {shared}, {path.name} has {_check_dicom_pixels(header, path)}; a series must be one "
                 "volume: read the files separately or split the folder")
     orientation = _dicom_floats(first, "ImageOrientationPatient", 6, first_path)
     if orientation is not None:
