@@ -122,6 +122,27 @@ def test_oblique_geometry_round_trips_within_float32(tmp_path, suffix):
     np.testing.assert_array_equal(back.array, array)
 
 
+@pytest.mark.parametrize(("unit", "mm"), [("micron", 0.001), ("meter", 1000.0), ("mm", 1.0), (0, 1.0)])
+def test_nifti_spatial_units_become_mm(tmp_path, unit, mm):
+    """``xyzt_units`` in microns or metres. Before, nibabel's affine was taken as mm whatever the unit: a
+    500 x 500 x 1000 micron grid read as 500 x 500 x 1000 mm (SimpleITK reads 0.5 x 0.5 x 1 mm)."""
+    affine = affine_from_geometry((500.0, 500.0, 1000.0), (100.0, -200.0, 300.0), _rotation(20.0, 30.0))
+    nii = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), affine)
+    nii.set_qform(affine, code=1)
+    nii.set_sform(affine, code=1)
+    nii.header.set_xyzt_units(unit, "sec")
+    nib.save(nii, tmp_path / "scan.nii.gz")
+    img = read_image(tmp_path / "scan.nii.gz")
+    expected = affine.copy()
+    expected[:3] *= mm
+    np.testing.assert_allclose(img.affine, expected, rtol=1e-6)
+    itk = sitk.ReadImage(str(tmp_path / "scan.nii.gz"))
+    np.testing.assert_allclose(img.spacing, itk.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(img.origin, np.array(itk.GetOrigin()) * [-1, -1, 1], rtol=1e-5)
+    back = read_image(write_image(img, tmp_path / "scan.nrrd"))
+    np.testing.assert_allclose(back.affine, expected, rtol=1e-6)
+
+
 DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.float32, np.float64]
 
 

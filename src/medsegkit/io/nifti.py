@@ -24,11 +24,15 @@ GZIP_MAX_RATIO = 1032
 # Voxel types read_image returns (numpy kinds): bool, signed and unsigned integers, floats.
 _READ_KINDS = "biuf"
 
+# NIfTI spatial units (xyzt_units) -> millimetres; "unknown" is taken as mm, as nibabel and ITK do.
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
 
 def read_nifti(path: Path) -> Image:
     """Read a NIfTI file. A 4D file ``(i, j, k, t)`` becomes a channel image ``(t, i, j, k)``; a 5D
     vector file ``(i, j, k, 1, c)`` becomes ``(c, i, j, k)``. Unscaled integer data keep their dtype;
-    scaled data (``scl_slope`` set) come back as float as nibabel returns them.
+    scaled data (``scl_slope`` set) come back as float as nibabel returns them. A header in metres or microns
+    (``xyzt_units``) has its affine converted to mm.
 
     The header is checked before any voxel is read (sizes the file can hold, a known numeric voxel type,
     a finite non-singular affine); every problem raises :class:`~medsegkit.errors.ImageReadError`.
@@ -48,6 +52,7 @@ def read_nifti(path: Path) -> Image:
         dtype = np.dtype(header.get_data_dtype())
         offset = int(nii.dataobj.offset)
         affine = np.asarray(nii.affine, dtype=np.float64)
+        unit = header.get_xyzt_units()[0]
     except (gzip.BadGzipFile, zlib.error, EOFError) as err:
         raise fail(f"the gzip stream is corrupt or truncated ({_one_line(err)})") from err
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as err:
@@ -80,6 +85,8 @@ def read_nifti(path: Path) -> Image:
         if not all(math.isfinite(v) and v > 0 for v in pixdim):
             raise fail(f"voxel sizes (pixdim) {pixdim} are not accepted without an sform: spacing must be "
                        "finite and > 0")
+    # nibabel's affine is in the header's spatial unit; Image.affine is in mm (ITK converts the same way)
+    affine[:3] *= _MM_PER_UNIT.get(unit, 1.0)
     if not np.all(np.isfinite(affine)):
         raise fail(f"the affine (voxel -> mm) is not finite: {matrix_text(affine)}; "
                    "check pixdim, the qform quaternion and the sform rows")
