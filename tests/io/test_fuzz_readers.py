@@ -406,6 +406,23 @@ def test_nrrd_field_spellings_without_space_are_checked(child, workdir):
         assert result["message"] == f"could not read {path} as NRRD: {message}"
 
 
+def test_detached_header_naming_itself_is_refused(child, workdir):
+    """Before, a header naming itself as its data file was read with its own text as voxels: ``raw.mhd`` with
+    ``ElementDataFile = raw.mhd`` gave a 2 x 2 x 2 int16 image summing to 144308 (the bytes of ``NDims = ...``)."""
+    cases = {
+        "self.mhd": (b"NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\nElementDataFile = self.mhd\n",
+                     "MetaImage", "'self.mhd'"),
+        "self.nhdr": (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\nendian: little\n"
+                      b"data file: ./self.nhdr\n\n", "NRRD", "'./self.nhdr'"),
+    }
+    for name, (data, what, named) in cases.items():
+        path = write(workdir, name, data)
+        result = check(child.read(path), must_fail=True)
+        assert result["message"] == (
+            f"could not read {path} as {what}: its data file {named} is the header itself; a detached header must "
+            "name another file (data in the same file: LOCAL in MetaImage, no data file line in NRRD)")
+
+
 # -- DICOM series ---------------------------------------------------------------------------------------
 
 ROWS, COLUMNS = 4, 5

@@ -13,6 +13,7 @@ So every header is parsed and checked here first (:func:`check_nrrd_header`,
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,9 @@ def _data_file(header: Path, name: str, fail) -> Path:
     if not target.is_file():
         state = "does not exist" if not target.exists() else "is not a regular file"
         raise fail(f"its data file {target} {state}; a detached header must name a regular file")
+    if os.path.samefile(target, header):  # ITK would read the header's own text as voxels
+        raise fail(f"its data file {name!r} is the header itself; a detached header must name another file "
+                   "(data in the same file: LOCAL in MetaImage, no data file line in NRRD)")
     return target
 
 
