@@ -143,6 +143,23 @@ def test_nifti_spatial_units_become_mm(tmp_path, unit, mm):
     np.testing.assert_allclose(back.affine, expected, rtol=1e-6)
 
 
+def test_sheared_affine_gets_no_qform_in_nifti(tmp_path):
+    """An affine with shear (axes 73 degrees apart). Before, the file also got a qform (code 1) holding the nearest
+    rotation, which SimpleITK reads: spacing (1, 1.044, 2) with the first axis turned 8.3 degrees (direction
+    column (-0.989, 0.145, 0) instead of (-1, 0, 0)), silently. Now the qform code is 0: nibabel and read_image
+    use the exact sform, and SimpleITK refuses the file instead of misplacing it."""
+    sheared = np.array([[1.0, 0.3, 0.0, 5.0], [0.0, 1.0, 0.0, 6.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    path = write_image(Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), sheared), tmp_path / "sheared.nii.gz")
+    header = nib.load(path).header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (0, 1)
+    np.testing.assert_allclose(read_image(path).affine, sheared, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="ITK only supports orthonormal direction cosines"):
+        sitk.ReadImage(str(path))
+    oblique = affine_from_geometry((0.7, 1.3, 2.9), (1.0, 2.0, 3.0), _rotation(25.0, -40.0))
+    path = write_image(Image(np.zeros((2, 3, 4), np.float32), oblique), tmp_path / "oblique.nii.gz")
+    assert int(nib.load(path).header["qform_code"]) == 1  # a rotation: qform and sform agree
+
+
 DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.float32, np.float64]
 
 

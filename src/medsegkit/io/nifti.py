@@ -125,7 +125,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def write_nifti(image: Image, path: Path) -> None:
-    """Write ``image`` to ``path`` (gzip-compressed when it ends with ``.gz``). Channels go to the 4th axis."""
+    """Write ``image`` to ``path`` (gzip-compressed when it ends with ``.gz``). Channels go to the 4th axis.
+
+    The affine goes to the sform and, when a rotation can hold it, to the qform too; an affine with shear
+    (non-perpendicular axes) gets no qform (``qform_code`` 0), so no reader can take a rotated approximation.
+    """
     import nibabel as nib
 
     array = image.array
@@ -141,6 +145,10 @@ def write_nifti(image: Image, path: Path) -> None:
     qcode = int(image.meta.get("qform_code") or 1)
     scode = int(image.meta.get("sform_code") or 1)
     nii.set_qform(image.affine, code=qcode)
+    if not np.allclose(nii.get_qform(), image.affine, rtol=1e-5, atol=1e-4):
+        # A shear: the qform (a rotation, spacing and qfac) cannot hold it, and ITK would read that
+        # approximation instead of the sform. Without a qform, readers use the exact sform (ITK refuses the file).
+        nii.set_qform(None)
     nii.set_sform(image.affine, code=scode)
     nii.header.set_xyzt_units("mm", "sec")
     nib.save(nii, str(path))
