@@ -601,3 +601,26 @@ def test_the_freeze_can_start_from_statistics_re_estimated_over_batches(tmp_path
     assert [grad for grad, _, _ in seen] == [True] * 8 + [False] * 3 + [True] * 8
     assert [tracked for _, tracked, _ in seen[8:11]] == [0, 1, 2] and all(m is None for _, _, m in seen[8:11])
     assert norm.num_batches_tracked == 3 and norm.momentum == 0.1  # the average of 3 batches, momentum restored
+
+
+def test_train_cli_metrics_csv_must_be_a_new_csv_name(tmp_path, capsys):
+    """``--metrics-csv t1.nii.gz`` replaced the training image with the metrics table after the first validation
+    (exit 0); an existing CSV was replaced without ``--overwrite``. Both are refused before the data are read."""
+    volume = blob_volume(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image((volume.image[0] * 1000).astype(np.int16), affine), tmp_path / "t1.nii.gz")
+    label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
+    table = tmp_path / "results.csv"
+    table.write_text("case,dice\na,0.9\n")
+    before = {p: p.read_bytes() for p in (image, label, table)}
+    common = ["train", "--image", str(image), "--label", str(label), "--split-axial", "12", "--model", "UNet3d",
+              "--set", "channels=(4, 8)", "--set", "strides=(2,)", "--patch-size", "16", "16", "8",
+              "--steps-per-epoch", "1", "--epochs", "1", "--threads", "1", "--no-progress",
+              "-o", str(tmp_path / "m.safetensors")]
+    for metrics, message in ((image, "--metrics-csv must name a .csv file, got 't1.nii.gz'"),
+                             (table, f"--metrics-csv {table} exists; pass --overwrite to replace it")):
+        assert main([*common, "--metrics-csv", str(metrics)]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines == [f"medsegkit train: error: {message}"]
+        assert {p: p.read_bytes() for p in before} == before
+        assert not (tmp_path / "m.safetensors").exists()

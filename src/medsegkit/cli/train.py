@@ -173,6 +173,18 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def check_metrics_csv(path: Path, *, resume: Path | None, overwrite: bool) -> None:
+    """Refuse a ``--metrics-csv`` that is not a ``.csv`` name (it is rewritten after every validation: a scan
+    named there would be replaced by the table), or one that exists, unless ``--overwrite`` or ``--resume``
+    (a resumed run rewrites its own table)."""
+    if not path.name.lower().endswith(".csv") or path.name.lower() == ".csv":
+        raise ValueError(f"--metrics-csv must name a .csv file, got {path.name!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"--metrics-csv {path} is a folder; give a file name such as {path / 'metrics.csv'}")
+    if path.exists() and not overwrite and resume is None:
+        raise FileExistsError(f"--metrics-csv {path} exists; pass --overwrite to replace it")
+
+
 def _load_data(args: argparse.Namespace):
     from medsegkit.train.data import load_labelled_volume, sample_tissue_data, split_axial
 
@@ -238,6 +250,8 @@ def run_train(args: argparse.Namespace) -> int:
                           options=("--overwrite", "--resume "))
     if args.resume is not None and not args.resume.exists():
         raise FileNotFoundError(f"--resume checkpoint {args.resume} does not exist")
+    if args.metrics_csv is not None:
+        check_metrics_csv(args.metrics_csv, resume=args.resume, overwrite=args.overwrite)
     if args.accumulate < 1:
         raise ValueError(f"--accumulate must be >= 1; got {args.accumulate}")
     if args.freeze_norm_epochs < 0 or args.norm_recalibration < 0:
