@@ -624,3 +624,32 @@ def test_train_cli_metrics_csv_must_be_a_new_csv_name(tmp_path, capsys):
         assert lines == [f"medsegkit train: error: {message}"]
         assert {p: p.read_bytes() for p in before} == before
         assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--threads", "-2"], "--threads must be >= 1; got -2"),
+    (["--epochs", "0"], "--epochs must be >= 1; got 0"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1; got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+    (["--val-interval", "0"], "--val-interval must be >= 1; got 0"),
+    (["--lr", "nan"], "--lr must be a positive number; got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0; got -1.0"),
+    (["--time-budget", "-5"], "--time-budget must be a positive number of seconds; got -5.0"),
+    (["--class-weights", "1", "-1", "1"], "--class-weights must be numbers >= 0, not all 0; got [1.0, -1.0, 1.0]"),
+    (["--class-weights", "1", "1"], "--class-weights needs one value per class (3: class0 class1 class2); got 2"),
+])
+def test_train_cli_refuses_unusable_numbers_in_one_line(tmp_path, capsys, option, message):
+    """Before 2026-12-08 ``--threads -2`` ended in a RuntimeError traceback (exit 1), ``--time-budget -5`` and
+    ``--val-interval 0`` trained and exited 0, and ``--epochs 0`` / ``--batch-size 0`` / ``--lr nan`` failed after
+    the data were read with messages that did not name the option."""
+    volume = blob_volume(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image((volume.image[0] * 1000).astype(np.int16), affine), tmp_path / "t1.nii.gz")
+    label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--image", str(image), "--label", str(label), "--split-axial", "12", "--model", "UNet3d",
+                 "--set", "channels=(4, 8)", "--set", "strides=(2,)", "--patch-size", "16", "16", "8",
+                 "--steps-per-epoch", "1", "--epochs", "1", "--no-progress", "-o", str(out), *option]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"medsegkit train: error: {message}"]
+    assert not out.exists()

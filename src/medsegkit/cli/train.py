@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import shlex
 import sys
@@ -173,6 +174,27 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse counts, rates and times that no run can use, before the data are read (``ValueError``)."""
+    for option, value in (("--epochs", args.epochs), ("--steps-per-epoch", args.steps_per_epoch),
+                          ("--batch-size", args.batch_size), ("--val-interval", args.val_interval),
+                          ("--accumulate", args.accumulate), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1; got {value}")
+    if args.freeze_norm_epochs < 0 or args.norm_recalibration < 0:
+        raise ValueError(f"--freeze-norm-epochs and --norm-recalibration must be >= 0; got "
+                         f"{args.freeze_norm_epochs} and {args.norm_recalibration}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number; got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a number >= 0; got {args.weight_decay}")
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise ValueError(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
+    for option, values in (("--class-weights", args.class_weights), ("--class-ratios", args.class_ratios)):
+        if values and not (all(math.isfinite(v) and v >= 0 for v in values) and any(v > 0 for v in values)):
+            raise ValueError(f"{option} must be numbers >= 0, not all 0; got {values}")
+
+
 def check_metrics_csv(path: Path, *, resume: Path | None, overwrite: bool) -> None:
     """Refuse a ``--metrics-csv`` that is not a ``.csv`` name (it is rewritten after every validation: a scan
     named there would be replaced by the table), or one that exists, unless ``--overwrite`` or ``--resume``
@@ -252,13 +274,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume checkpoint {args.resume} does not exist")
     if args.metrics_csv is not None:
         check_metrics_csv(args.metrics_csv, resume=args.resume, overwrite=args.overwrite)
-    if args.accumulate < 1:
-        raise ValueError(f"--accumulate must be >= 1; got {args.accumulate}")
-    if args.freeze_norm_epochs < 0 or args.norm_recalibration < 0:
-        raise ValueError(f"--freeze-norm-epochs and --norm-recalibration must be >= 0; got "
-                         f"{args.freeze_norm_epochs} and {args.norm_recalibration}")
+    check_numbers(args)
     intensity = parse_intensity(args.intensity)
     train_volumes, val_volumes, names, colors, data = _load_data(args)
+    for option, values in (("--class-weights", args.class_weights), ("--class-ratios", args.class_ratios)):
+        if values and len(values) != len(names):
+            raise ValueError(f"{option} needs one value per class ({len(names)}: {' '.join(names)}); got {len(values)}")
     spec = get_model_spec(args.model)
     overrides = {**recipe_model_overrides(spec), **parse_overrides(args.overrides)}
     if spec.task == "instance":  # Mask R-CNN counts foreground classes; background is added inside
