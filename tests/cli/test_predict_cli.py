@@ -192,6 +192,21 @@ def test_bench_bad_option_is_a_usage_error(capsys):
     assert "invalid int value: 'twenty'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--roi", "-4"], "--roi must be >= 1, got -4"),
+    (["--roi", "16", "16"], "--roi takes 1 or 3 sizes, got 2"),
+    (["--sizes", "0"], "--sizes must be >= 1, got 0"),
+    (["--sw-batch-size", "0"], "--sw-batch-size must be >= 1, got 0"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+])
+def test_bench_bad_numbers_are_one_line_exit_2_before_any_work(option, message, capsys):
+    """Before 2026-12-08 ``--threads 0`` and ``--roi -4`` ended in a RuntimeError traceback (exit 1) and the others
+    built the model and failed on an unrelated size message."""
+    assert main(["bench", "--sizes", "32", "--roi", "16", "--no-rss", *option]) == 2
+    assert _error(capsys) == f"medsegkit bench: error: {message}"
+
+
 def test_predict_folder_of_images(tmp_path, capsys):
     """`medsegkit predict CKPT INPUT_DIR -o OUTPUT_DIR`: one labelled output per input, reruns skip them."""
     import numpy as np

@@ -22,8 +22,15 @@ def add_parser(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from medsegkit.cli import CommandError
     from medsegkit.inference.benchmark import main
 
+    for option, values in (("--sizes", args.sizes), ("--roi", args.roi), ("--threads", [args.threads]),
+                           ("--sw-batch-size", [args.sw_batch_size]), ("--repeats", [args.repeats])):
+        if any(v < 1 for v in values):
+            raise CommandError(f"{option} must be >= 1, got {' '.join(map(str, values))}")
+    if len(args.roi) not in (1, 3):
+        raise CommandError(f"--roi takes 1 or 3 sizes, got {len(args.roi)}")
     argv = ["--sizes", *map(str, args.sizes), "--roi", *map(str, args.roi), "--threads", str(args.threads),
             "--sw-batch-size", str(args.sw_batch_size), "--repeats", str(args.repeats)]
     return int(main(argv + (["--no-rss"] if args.no_rss else [])) or 0)
