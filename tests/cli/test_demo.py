@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from medsegkit.cli import main
 from medsegkit.cli.demo import OVERLAY_NAME, PREDICTION_NAME
@@ -68,3 +69,18 @@ def test_demo_refuses_file_as_out(tmp_path, capsys):
     target.write_text("x")
     assert main(["demo", "--out", str(target), "--no-progress"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("bogus", "--device 'bogus' is not a torch device (cpu, cuda, cuda:0, ...)"),
+    pytest.param("cuda", "--device cuda: CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_demo_refuses_a_bad_device_in_one_line_before_any_work(tmp_path, capsys, device, message):
+    """Before 2026-12-08 ``--device bogus`` loaded the model and the sample and ended in a RuntimeError traceback."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", device, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [f"medsegkit demo: error: {message}"]
+    assert not out.exists()

@@ -40,6 +40,19 @@ class CommandError(Exception):
     """A user error found by a command itself (exit code 2, one line)."""
 
 
+def check_device(text: str, option: str = "--device"):
+    """``torch.device(text)``, or a :class:`CommandError` when it is not a device or is CUDA on a machine without it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise CommandError(f"{option} {text!r} is not a torch device (cpu, cuda, cuda:0, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"{option} {text}: CUDA is not available on this machine")
+    return device
+
+
 def build_parser() -> argparse.ArgumentParser:
     from medsegkit import __version__
 

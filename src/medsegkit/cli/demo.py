@@ -119,6 +119,7 @@ def save_overlay(path: Path, t1: np.ndarray, reference: np.ndarray, prediction: 
 def run_demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from medsegkit.cli import check_device
     from medsegkit.data import (
         MNI_CLASS_NAMES,
         MNI_HELD_OUT_START,
@@ -132,6 +133,7 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.out.exists() and not args.out.is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; give a folder")
+    check_device(args.device)
     bar = tqdm(total=4, desc="demo", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix_str("loading model and sample")
     checkpoint = args.checkpoint or demo_checkpoint_path()

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medsegkit.cli import CommandError
+from medsegkit.cli import CommandError, check_device
 
 
 def add_parser(subparsers) -> None:
@@ -133,15 +133,7 @@ def run_predict(args: argparse.Namespace) -> int:
             raise CommandError(f"--roi takes 1 or {dims} sizes for this {dims}D model, got {len(args.roi)}")
         roi = tuple(args.roi) * (dims if len(args.roi) == 1 else 1)
     if args.device is not None:
-        import torch
-
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as err:
-            raise CommandError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:0, ...)") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CommandError(f"--device {args.device}: CUDA is not available on this machine")
-        model = model.to(device)
+        model = model.to(check_device(args.device))
     if args.fast:
         from medsegkit.inference.adapters import refuse_fast
         from medsegkit.inference.fast import describe
