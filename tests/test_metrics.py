@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -76,3 +77,21 @@ def test_evaluate_cli(tmp_path, capsys):
     other = write_image(Image(ref, np.diag([1.0, 1.0, 1.0, 1.0])), tmp_path / "other.nii.gz")
     assert main(["evaluate", str(pred_path), str(other)]) == 2
     assert "different affines" in capsys.readouterr().err
+
+
+def test_evaluate_cli_json_is_strict_json_with_null_for_missing_values(tmp_path, capsys):
+    """Class 2 is only in the reference: its HD95 does not exist. Before 2026-12-08 ``--json`` printed ``NaN``, which
+    is not JSON (``jq`` and JavaScript's JSON.parse refuse the whole document)."""
+    pred, ref = _cubes()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    pred_path = write_image(Image(pred, affine), tmp_path / "pred.nii.gz")
+    ref_path = write_image(Image(ref, affine), tmp_path / "ref.nii.gz")
+    assert main(["evaluate", str(pred_path), str(ref_path), "--json"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert data["hd95"]["2"] is None and data["dice"]["2"] == 0.0
+    assert data["relative_volume_difference"] == {"1": -0.2, "2": -1.0}
+    assert data["hd95"]["1"] == pytest.approx(4.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -33,8 +34,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{path} has {image.num_channels} channels; a label map has one")
     result = evaluate(prediction, reference, labels=args.labels, hd95=not args.no_hd95)
     if args.json:
-        print(json.dumps({k: ({str(label): v for label, v in val.items()} if isinstance(val, dict) else val)
-                          for k, val in result.items()}, indent=2))
+        # strict JSON: a value that does not exist (HD95 of a class absent from one map, the relative volume
+        # difference of a class absent from the reference) is null, not Python's NaN
+        print(json.dumps({k: ({str(label): _finite_or_none(v) for label, v in val.items()} if isinstance(val, dict)
+                              else _finite_or_none(val)) for k, val in result.items()}, indent=2, allow_nan=False))
     else:
         print(format_table(result, args.class_names))
     return 0
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
