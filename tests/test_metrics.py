@@ -95,3 +95,18 @@ def test_evaluate_cli_json_is_strict_json_with_null_for_missing_values(tmp_path,
     assert data["hd95"]["2"] is None and data["dice"]["2"] == 0.0
     assert data["relative_volume_difference"] == {"1": -0.2, "2": -1.0}
     assert data["hd95"]["1"] == pytest.approx(4.0)
+
+
+def test_negative_labels_are_refused_not_scored_as_perfect(tmp_path, capsys):
+    """No voxel holds class -1, so before 2026-12-08 ``--labels -1`` scored it Dice 1.000 (absent from both maps)
+    and ``mean Dice: 1.000``, exit 0."""
+    pred, ref = _cubes()
+    with pytest.raises(ValueError, match=r"^labels are class indices >= 0 \(0 = background\); got \[1, -1\]$"):
+        evaluate(pred, ref, labels=[1, -1])
+    pred_path = write_image(Image(pred, np.eye(4)), tmp_path / "pred.nii.gz")
+    ref_path = write_image(Image(ref, np.eye(4)), tmp_path / "ref.nii.gz")
+    assert main(["evaluate", str(pred_path), str(ref_path), "--labels", "-1", "--no-hd95"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "medsegkit evaluate: error: labels are class indices >= 0 (0 = background); got [-1]"]

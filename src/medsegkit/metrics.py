@@ -66,7 +66,8 @@ def evaluate(
         it is absent from either (no surface to measure); volumes are in mL (voxel counts × spacing).
 
     Raises:
-        ValueError: the maps have different shapes or grids, or are not integer label maps.
+        ValueError: the maps have different shapes or grids, or are not integer label maps, or ``labels``
+            holds a negative class.
     """
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -93,6 +94,8 @@ def evaluate(
         labels = sorted(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
     else:
         labels = [int(v) for v in labels]
+        if any(v < 0 for v in labels):
+            raise ValueError(f"labels are class indices >= 0 (0 = background); got {labels}")
     voxel_ml = float(np.prod(spacing)) / 1000.0
     result: dict[str, Any] = {
         "labels": labels,
