@@ -110,3 +110,20 @@ def test_negative_labels_are_refused_not_scored_as_perfect(tmp_path, capsys):
     assert captured.out == ""
     assert captured.err.splitlines() == [
         "medsegkit evaluate: error: labels are class indices >= 0 (0 = background); got [-1]"]
+
+
+def test_class_names_that_do_not_cover_the_scored_labels_are_refused(tmp_path, capsys):
+    """Before 2026-12-08 ``--class-names bg liver`` on maps with classes 1 and 2 printed a row named ``liver`` and one
+    named ``2`` (exit 0): names for part of the classes are most likely names for another label map."""
+    pred, ref = _cubes()
+    pred_path = write_image(Image(pred, np.eye(4)), tmp_path / "pred.nii.gz")
+    ref_path = write_image(Image(ref, np.eye(4)), tmp_path / "ref.nii.gz")
+    assert main(["evaluate", str(pred_path), str(ref_path), "--class-names", "bg", "liver", "--no-hd95"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "medsegkit evaluate: error: --class-names gives 2 names (labels 0..1) but label 2 is scored; give one name per "
+        "label, background first"]
+    assert main(["evaluate", str(pred_path), str(ref_path), "--class-names", "bg", "liver", "--labels", "1",
+                 "--no-hd95"]) == 0
+    assert "liver" in capsys.readouterr().out

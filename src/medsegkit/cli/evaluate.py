@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from medsegkit.cli import CommandError
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -33,6 +35,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if image.channel_axis is not None:
             raise ValueError(f"{path} has {image.num_channels} channels; a label map has one")
     result = evaluate(prediction, reference, labels=args.labels, hd95=not args.no_hd95)
+    if args.class_names and result["labels"] and max(result["labels"]) >= len(args.class_names):
+        raise CommandError(f"--class-names gives {len(args.class_names)} names (labels 0..{len(args.class_names) - 1}) "
+                         f"but label {max(result['labels'])} is scored; give one name per label, background first")
     if args.json:
         # strict JSON: a value that does not exist (HD95 of a class absent from one map, the relative volume
         # difference of a class absent from the reference) is null, not Python's NaN
