@@ -176,3 +176,23 @@ def test_cli_stats_prints_and_writes_csv(tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main(["stats", str(tmp_path / "missing.nii.gz")]) == 2
     assert capsys.readouterr().err.strip() == f"medsegkit stats: error: {tmp_path / 'missing.nii.gz'} does not exist"
+
+
+def test_cli_stats_refuses_class_names_that_do_not_cover_the_labels(tmp_path, capsys):
+    """Before 2026-12-08 ``--class-names background brain`` on a map with classes 1 and 2 named the second ``class2``
+    and wrote the CSV (exit 0)."""
+    from medsegkit.cli import main
+    from medsegkit.io import write_image
+
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    labels[4:6, 4:6, 4:6] = 2
+    path = write_image(Image(labels, np.eye(4)), tmp_path / "seg.nii.gz")
+    out = tmp_path / "stats.csv"
+    assert main(["stats", str(path), "--class-names", "background", "brain", "--csv", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "medsegkit stats: error: --class-names gives 2 names (labels 0..1) but the label map holds label 2; give one "
+        "name per label, background first"]
+    assert not out.exists()

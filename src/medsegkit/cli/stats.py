@@ -42,6 +42,10 @@ def run_stats(args: argparse.Namespace) -> int:
         if path is not None and not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
     table = stats(args.labels, args.image, class_names=args.class_names)
+    if args.class_names and not table.empty and table["label"].max() >= len(args.class_names):
+        raise CommandError(f"--class-names gives {len(args.class_names)} names (labels 0..{len(args.class_names) - 1}) "
+                           f"but the label map holds label {table['label'].max()}; give one name per label, "
+                           "background first")
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:.2f}".format):
         print(table.to_string(index=False) if not table.empty else "no foreground class in the label map")
     if args.csv is not None:
