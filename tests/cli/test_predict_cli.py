@@ -232,6 +232,27 @@ def test_predict_folder_of_images(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--min-size", "-1"], "--min-size must be >= 0 voxels, got -1"),
+    (["--output-kind", "probabilities", "--fill-holes"],
+     "--largest-component, --fill-holes and --min-size clean up labels; they do not apply to --output-kind probabilities"),
+])
+def test_folder_predict_refuses_clean_up_options_before_creating_the_output_folder(tmp_path, capsys, option, message):
+    """Before 2026-12-08 these were found by ``segment`` on the first image: the output folder had been created
+    (left empty) and the model loaded, and the message named the Python arguments (min_size, output='labels')."""
+    from medsegkit import create_model, save_checkpoint
+    from medsegkit.io import write_image
+
+    ckpt = save_checkpoint(create_model("UNet3d", channels=(4, 8), strides=(2,)), tmp_path / "m.safetensors")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_image(np.random.default_rng(0).random((12, 10, 8)).astype(np.float32), inputs / "a.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(inputs), "-o", str(out), "--quiet", *option]) == 2
+    assert _error(capsys) == f"medsegkit predict: error: {message}"
+    assert not out.exists()
+
+
 def test_two_inputs_that_would_write_one_result_are_refused_before_any_work(tmp_path, capsys):
     """``a.mhd`` and ``a.mha`` both give ``a_seg.mha``: before 2026-12-07 the second replaced the first's result
     (``--overwrite``) or failed after the first was computed."""

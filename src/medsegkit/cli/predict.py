@@ -119,6 +119,11 @@ def run_predict(args: argparse.Namespace) -> int:
         raise CommandError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
     if args.roi is not None and any(r <= 0 for r in args.roi):
         raise CommandError(f"--roi sizes must be positive, got {args.roi}")
+    if args.min_size < 0:
+        raise CommandError(f"--min-size must be >= 0 voxels, got {args.min_size}")
+    if args.output_kind == "probabilities" and (args.largest_component or args.fill_holes or args.min_size):
+        raise CommandError("--largest-component, --fill-holes and --min-size clean up labels; they do not apply to "
+                           "--output-kind probabilities")
 
     from medsegkit.inference import segment
     from medsegkit.inference.windows import model_spatial_dims
