@@ -53,10 +53,20 @@ def add_parser(subparsers) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from medsegkit.bundle import init_bundle
+    from medsegkit.cli import CommandError
+    from medsegkit.registry import get_model_spec
 
+    roi = None
+    if args.roi is not None:
+        if any(r <= 0 for r in args.roi):
+            raise CommandError(f"--roi sizes must be positive, got {args.roi}")
+        dims = int(dict(args.set).get("spatial_dims", get_model_spec(args.model).spatial_dims))
+        if len(args.roi) not in (1, dims):
+            raise CommandError(f"--roi takes 1 or {dims} sizes for this {dims}D model, got {len(args.roi)}")
+        roi = list(args.roi) * (dims if len(args.roi) == 1 else 1)
     path = init_bundle(
         args.model, args.directory, in_channels=args.in_channels, out_channels=args.out_channels,
-        overrides=dict(args.set), checkpoint=args.checkpoint, roi_size=args.roi, spacing=args.spacing,
+        overrides=dict(args.set), checkpoint=args.checkpoint, roi_size=roi, spacing=args.spacing,
         preprocessing=args.preprocessing, overwrite=args.overwrite, task=args.task,
     )
     print(f"wrote MONAI bundle for {args.model} to {path}")
