@@ -84,3 +84,25 @@ def test_demo_refuses_a_bad_device_in_one_line_before_any_work(tmp_path, capsys,
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.strip()] == [f"medsegkit demo: error: {message}"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("names", "out_channels", "found"), [
+    (["background", "brain"], 2, "classes ['background', 'brain']"),
+    (None, 2, "2 output classes"),
+])
+def test_demo_refuses_a_checkpoint_of_other_classes(tmp_path, capsys, names, out_channels, found):
+    """The reference is the MNI152 tissue map. Before 2026-12-08 a brain-mask checkpoint had its 'brain' scored
+    against CSF (label 1): 'brain 0.012', exit 0; a 2-class checkpoint without names was scored as CSF / GM / WM."""
+    from medsegkit import create_model
+    from medsegkit.weights import save_checkpoint
+
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=out_channels)
+    checkpoint = save_checkpoint(model, tmp_path / "other.safetensors",
+                                 metadata={"class_names": names} if names else None)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--checkpoint", str(checkpoint), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"medsegkit demo: error: --checkpoint {checkpoint} has {found}; the demo scores the MNI152 tissue classes "
+        "['background', 'CSF', 'GM', 'WM']: give a checkpoint of `medsegkit train --sample`"]
+    assert not out.exists()

@@ -140,6 +140,12 @@ def run_demo(args: argparse.Namespace) -> int:
     model = load_model(checkpoint)
     metadata = getattr(model, "medsegkit_metadata", {}) or {}
     class_names = list(metadata.get("class_names") or MNI_CLASS_NAMES)
+    outputs = getattr(model, "out_channels", None)
+    if class_names != list(MNI_CLASS_NAMES) or (outputs is not None and int(outputs) != len(MNI_CLASS_NAMES)):
+        # the reference is the MNI152 tissue map: another model's classes would be scored against its labels
+        found = f"classes {class_names}" if class_names != list(MNI_CLASS_NAMES) else f"{outputs} output classes"
+        raise ValueError(f"--checkpoint {checkpoint} has {found}; the demo scores the MNI152 tissue classes "
+                         f"{list(MNI_CLASS_NAMES)}: give a checkpoint of `medsegkit train --sample`")
     colors = [list(c) for c in (metadata.get("label_colors") or MNI_LABEL_COLORS)]
     image = read_image(sample_path("mni152_t1"))
     reference = read_image(sample_path("mni152_tissue"))
