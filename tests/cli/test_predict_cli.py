@@ -107,6 +107,9 @@ def _bad_inputs(root: Path, files: dict) -> dict[str, tuple[list[str], str]]:
     no_dicom = root / "folder_without_dicom"
     no_dicom.mkdir(exist_ok=True)
     (no_dicom / "notes.txt").write_text("no DICOM here")
+    no_images = root / "folder_without_images"
+    no_images.mkdir(exist_ok=True)
+    (no_images / "notes.txt").write_text("scans go here")
     existing = root / "existing.nii.gz"
     existing.write_bytes(b"keep me")
     other_arch = save_checkpoint(create_model("UNet2d", channels=(4, 8), strides=(2,)), root / "unet2d.safetensors")
@@ -128,6 +131,10 @@ def _bad_inputs(root: Path, files: dict) -> dict[str, tuple[list[str], str]]:
         "unknown extension": ([ckpt, str(unknown_ext), "-o", out], "unknown image format"),
         "folder without DICOM": ([ckpt, str(no_dicom), "-o", out], "DICOM"),
         "missing input": ([ckpt, str(root / "missing.nii.gz"), "-o", out], "no such file"),
+        "folder without images": (  # until 2026-12-08: "cannot write 'results': the output must end in .nii.gz, ..."
+            [ckpt, str(no_images), "-o", str(root / "results")],
+            f"folder {no_images} holds no image file (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) to segment into the "
+            f"folder {root / 'results'}; for a DICOM series folder, -o names one output file ending in .nii.gz"),
         "existing output": ([ckpt, image, "-o", str(existing)], "exists; pass --overwrite"),
         "output is the input": ([ckpt, image, "-o", image, "--overwrite"], "is the input image"),
         "unknown output extension": ([ckpt, image, "-o", str(root / "labels.xyz")], "cannot write 'labels.xyz'"),
@@ -154,7 +161,7 @@ class _PickledThing:
 
 CASES = [
     "wrong dims", "NaN", "empty file", "corrupt gzip", "truncated NIfTI", "unknown extension", "folder without DICOM",
-    "missing input", "existing output", "output is the input", "unknown output extension", "missing output folder",
+    "missing input", "folder without images", "existing output", "output is the input", "unknown output extension", "missing output folder",
     "unknown model", "random weights", "checkpoint for another architecture", "foreign weights that do not fit",
     "pickled checkpoint with code", "empty checkpoint", "missing checkpoint", "wrong channel count",
     "overlap out of range", "roi of wrong length", "unknown option value",

@@ -106,10 +106,24 @@ def _folder_input(images: list[str]) -> Path | None:
     return folder if list_images(folder) else None
 
 
+def _check_empty_folder(images: list[str], out: Path) -> None:
+    """One folder without image files and an ``-o`` that is not an image name: a folder of images was meant (or a
+    DICOM series with a folder as output); say both instead of only that ``-o`` is no image name."""
+    from medsegkit.io import READ_SUFFIXES, WRITE_SUFFIXES
+
+    folder = Path(images[0]).expanduser()
+    if len(images) != 1 or not folder.is_dir() or out.name.lower().endswith(tuple(WRITE_SUFFIXES)):
+        return
+    suffixes = ", ".join(s for s in READ_SUFFIXES if s != ".dcm")
+    raise CommandError(f"folder {folder} holds no image file ({suffixes}) to segment into the folder {out}; for a "
+                       f"DICOM series folder, -o names one output file ending in {', '.join(WRITE_SUFFIXES)}")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     input_folder = _folder_input(args.images)
     if input_folder is None:
+        _check_empty_folder(args.images, out)
         _check_output(out, args.overwrite, args.images)
     elif out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file; with a folder of images, -o names the output folder")
