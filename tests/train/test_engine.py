@@ -637,6 +637,8 @@ def test_train_cli_metrics_csv_must_be_a_new_csv_name(tmp_path, capsys):
     (["--time-budget", "-5"], "--time-budget must be a positive number of seconds; got -5.0"),
     (["--class-weights", "1", "-1", "1"], "--class-weights must be numbers >= 0, not all 0; got [1.0, -1.0, 1.0]"),
     (["--class-weights", "1", "1"], "--class-weights needs one value per class (3: class0 class1 class2); got 2"),
+    # until 2026-12-08 the validation Dice of classes 1 and 2 was reported once, as 'x' (a dict keyed by name)
+    (["--class-names", "bg", "x", "x"], "--class-names must be distinct; x appears more than once in bg x x"),
 ])
 def test_train_cli_refuses_unusable_numbers_in_one_line(tmp_path, capsys, option, message):
     """Before 2026-12-08 ``--threads -2`` ended in a RuntimeError traceback (exit 1), ``--time-budget -5`` and

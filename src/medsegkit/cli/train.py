@@ -277,6 +277,10 @@ def run_train(args: argparse.Namespace) -> int:
     check_numbers(args)
     intensity = parse_intensity(args.intensity)
     train_volumes, val_volumes, names, colors, data = _load_data(args)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # the validation Dice, the metrics CSV and the checkpoint are keyed by class name
+        raise ValueError(f"--class-names must be distinct; {' '.join(repeated)} appears more than once in "
+                         f"{' '.join(names)}")
     for option, values in (("--class-weights", args.class_weights), ("--class-ratios", args.class_ratios)):
         if values and len(values) != len(names):
             raise ValueError(f"{option} needs one value per class ({len(names)}: {' '.join(names)}); got {len(values)}")
