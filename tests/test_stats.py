@@ -196,3 +196,23 @@ def test_cli_stats_refuses_class_names_that_do_not_cover_the_labels(tmp_path, ca
         "medsegkit stats: error: --class-names gives 2 names (labels 0..1) but the label map holds label 2; give one "
         "name per label, background first"]
     assert not out.exists()
+
+
+def test_cli_stats_refuses_a_folder_as_csv_before_measuring(tmp_path, capsys):
+    """Before 2026-12-08 ``--csv`` naming a folder printed the table and then failed on the rename ('[Errno 21] Is a
+    directory') with ``--overwrite``; without it the message asked for ``--overwrite``."""
+    from medsegkit.cli import main
+    from medsegkit.io import write_image
+
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    path = write_image(Image(labels, np.eye(4)), tmp_path / "seg.nii.gz")
+    folder = tmp_path / "out.csv"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert main(["stats", str(path), "--csv", str(folder), *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.splitlines() == [
+            f"medsegkit stats: error: --csv {folder} is a folder; give a file name such as {folder / 'stats.csv'}"]
+        assert not any(folder.iterdir())

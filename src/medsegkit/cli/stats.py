@@ -32,6 +32,8 @@ def run_stats(args: argparse.Namespace) -> int:
     from medsegkit.measurements import stats
 
     if args.csv is not None:
+        if args.csv.is_dir():
+            raise IsADirectoryError(f"--csv {args.csv} is a folder; give a file name such as {args.csv / 'stats.csv'}")
         if args.csv.exists() and not args.overwrite:
             raise FileExistsError(f"--csv {args.csv} exists; pass --overwrite to replace it")
         if not args.csv.parent.exists():
