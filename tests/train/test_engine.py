@@ -655,3 +655,22 @@ def test_train_cli_refuses_unusable_numbers_in_one_line(tmp_path, capsys, option
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == [f"medsegkit train: error: {message}"]
     assert not out.exists()
+
+
+def test_train_cli_refuses_a_folder_as_output_before_training(tmp_path, capsys):
+    """Before 2026-12-08 ``-o run.safetensors`` naming a folder trained with ``--overwrite`` and then failed on the
+    rename ('[Errno 21] Is a directory'); without it the message asked for ``--overwrite``."""
+    volume = blob_volume(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = write_image(Image((volume.image[0] * 1000).astype(np.int16), affine), tmp_path / "t1.nii.gz")
+    label = write_image(Image(volume.label.astype(np.uint8), affine), tmp_path / "seg.nii.gz")
+    folder = tmp_path / "run.safetensors"
+    folder.mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", "--image", str(image), "--label", str(label), "--split-axial", "12", "--model", "UNet3d",
+                     "--set", "channels=(4, 8)", "--set", "strides=(2,)", "--patch-size", "16", "16", "8",
+                     "--steps-per-epoch", "1", "--epochs", "1", "--no-progress", "-o", str(folder), *extra]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines == [f"medsegkit train: error: --output {folder} is a folder; give a checkpoint file name such as "
+                         f"{folder / 'model.safetensors'}"]
+        assert list(tmp_path.glob("run.*")) == [folder] and not any(folder.iterdir())

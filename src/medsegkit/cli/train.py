@@ -268,6 +268,9 @@ def run_train(args: argparse.Namespace) -> int:
     from medsegkit.weights.checkpoint import check_checkpoint_name
 
     check_checkpoint_name(args.output, "--output")  # before the data are read; train() checks it too
+    if args.output.is_dir():
+        raise IsADirectoryError(f"--output {args.output} is a folder; give a checkpoint file name such as "
+                                f"{args.output / 'model.safetensors'}")
     check_training_output(args.output, resume=args.resume, overwrite=args.overwrite,
                           options=("--overwrite", "--resume "))
     if args.resume is not None and not args.resume.exists():
