@@ -100,6 +100,27 @@ def test_train_refuses_to_replace_an_existing_checkpoint_unless_asked(tmp_path):
         "epochs_done"] == 1
 
 
+def test_train_api_checks_its_outputs_and_class_names_before_any_work(tmp_path):
+    """The command line's checks hold for train() too (until 2026-12-08 only ``medsegkit train`` had them):
+    a metrics_csv named like a scan would have been replaced by the table after the first validation."""
+    scan = tmp_path / "t1.nii.gz"
+    scan.write_bytes(b"a scan")
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "old.csv").write_text("an earlier table")
+    for kw, error, message in (
+            (dict(metrics_csv=scan), ValueError, "metrics_csv must name a .csv file, got 't1.nii.gz'"),
+            (dict(metrics_csv=tmp_path / "old.csv"), FileExistsError, "metrics_csv .*old.csv exists; pass "
+                                                                      "overwrite=True to replace it"),
+            (dict(name="folder"), IsADirectoryError, "checkpoint .*folder.safetensors is a folder; give a "
+                                                     "checkpoint file name such as"),
+            (dict(class_names=["bg", "x", "x"]), ValueError, "class_names must be distinct; x appears more than "
+                                                             "once in bg x x")):
+        with pytest.raises(error, match=message):
+            _run(tmp_path, kw.pop("name", "model"), small_config(epochs=1), **kw)
+    assert scan.read_bytes() == b"a scan" and (tmp_path / "old.csv").read_text() == "an earlier table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.safetensors", "old.csv", "t1.nii.gz"]
+
+
 def test_resume_names_a_state_file_of_the_old_naming(tmp_path):
     _run(tmp_path, "unet.v1", small_config(epochs=1))
     (tmp_path / "unet.v1.state.safetensors").rename(tmp_path / "unet.state.safetensors")  # as written before

@@ -195,18 +195,6 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"{option} must be numbers >= 0, not all 0; got {values}")
 
 
-def check_metrics_csv(path: Path, *, resume: Path | None, overwrite: bool) -> None:
-    """Refuse a ``--metrics-csv`` that is not a ``.csv`` name (it is rewritten after every validation: a scan
-    named there would be replaced by the table), or one that exists, unless ``--overwrite`` or ``--resume``
-    (a resumed run rewrites its own table)."""
-    if not path.name.lower().endswith(".csv") or path.name.lower() == ".csv":
-        raise ValueError(f"--metrics-csv must name a .csv file, got {path.name!r}")
-    if path.is_dir():
-        raise IsADirectoryError(f"--metrics-csv {path} is a folder; give a file name such as {path / 'metrics.csv'}")
-    if path.exists() and not overwrite and resume is None:
-        raise FileExistsError(f"--metrics-csv {path} exists; pass --overwrite to replace it")
-
-
 def _load_data(args: argparse.Namespace):
     from medsegkit.train.data import load_labelled_volume, sample_tissue_data, split_axial
 
@@ -259,7 +247,9 @@ def run_train(args: argparse.Namespace) -> int:
     from medsegkit.registry import create_model, get_model_spec
     from medsegkit.train.baseline import nearest_class_mean_baseline
     from medsegkit.train.engine import (
+        CLI_NAMES,
         TrainConfig,
+        check_distinct_class_names,
         check_training_output,
         recipe_model_overrides,
         recipe_preprocessing,
@@ -268,22 +258,14 @@ def run_train(args: argparse.Namespace) -> int:
     from medsegkit.weights.checkpoint import check_checkpoint_name
 
     check_checkpoint_name(args.output, "--output")  # before the data are read; train() checks it too
-    if args.output.is_dir():
-        raise IsADirectoryError(f"--output {args.output} is a folder; give a checkpoint file name such as "
-                                f"{args.output / 'model.safetensors'}")
-    check_training_output(args.output, resume=args.resume, overwrite=args.overwrite,
-                          options=("--overwrite", "--resume "))
+    check_training_output(args.output, resume=args.resume, overwrite=args.overwrite, metrics_csv=args.metrics_csv,
+                          names=CLI_NAMES)
     if args.resume is not None and not args.resume.exists():
         raise FileNotFoundError(f"--resume checkpoint {args.resume} does not exist")
-    if args.metrics_csv is not None:
-        check_metrics_csv(args.metrics_csv, resume=args.resume, overwrite=args.overwrite)
     check_numbers(args)
     intensity = parse_intensity(args.intensity)
     train_volumes, val_volumes, names, colors, data = _load_data(args)
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:  # the validation Dice, the metrics CSV and the checkpoint are keyed by class name
-        raise ValueError(f"--class-names must be distinct; {' '.join(repeated)} appears more than once in "
-                         f"{' '.join(names)}")
+    check_distinct_class_names(names, "--class-names")  # before the baseline and the model are built
     for option, values in (("--class-weights", args.class_weights), ("--class-ratios", args.class_ratios)):
         if values and len(values) != len(names):
             raise ValueError(f"{option} needs one value per class ({len(names)}: {' '.join(names)}); got {len(values)}")

@@ -158,21 +158,53 @@ def state_path_for(checkpoint: str | os.PathLike) -> Path:
     return Path(checkpoint).with_name(f"{run_stem(checkpoint)}.state.safetensors")
 
 
-def check_training_output(checkpoint: str | os.PathLike, *, resume: str | os.PathLike | None, overwrite: bool,
-                          options: tuple[str, str] = ("overwrite=True", "resume=")) -> None:
-    """Refuse to train into an existing ``checkpoint`` unless ``overwrite`` is set or ``resume`` is that same file.
+#: how :func:`check_training_output` names the outputs and the ways out, in Python and on the command line
+API_NAMES = {"output": "checkpoint", "metrics": "metrics_csv", "overwrite": "overwrite=True", "resume": "resume="}
+CLI_NAMES = {"output": "--output", "metrics": "--metrics-csv", "overwrite": "--overwrite", "resume": "--resume "}
 
-    ``options`` names the two ways out in the message (the CLI passes ``("--overwrite", "--resume ")``).
-    Raises ``FileExistsError``.
+
+def check_training_output(checkpoint: str | os.PathLike, *, resume: str | os.PathLike | None, overwrite: bool,
+                          metrics_csv: str | os.PathLike | None = None,
+                          names: Mapping[str, str] = API_NAMES) -> None:
+    """Refuse training outputs that would replace something, before any data are read.
+
+    * ``checkpoint`` must not be a folder, nor exist unless ``overwrite`` is set or ``resume`` is that same
+      file (a resumed run continues its own checkpoint);
+    * an explicit ``metrics_csv`` must end in ``.csv`` (it is rewritten after every validation: a scan named
+      there would be replaced by the table), must not be a folder, nor exist unless ``overwrite`` or
+      ``resume`` (a resumed run rewrites its own table).
+
+    ``names`` words the messages (:data:`API_NAMES`, or :data:`CLI_NAMES` for ``medsegkit train``).
+    Raises ``IsADirectoryError``, ``FileExistsError`` or ``ValueError``.
     """
     checkpoint = Path(checkpoint)
-    if overwrite or not checkpoint.exists():
+    if checkpoint.is_dir():
+        raise IsADirectoryError(f"{names['output']} {checkpoint} is a folder; give a checkpoint file name such as "
+                                f"{checkpoint / 'model.safetensors'}")
+    same_run = resume is not None and Path(resume).resolve() == checkpoint.resolve()
+    if checkpoint.exists() and not (overwrite or same_run):
+        continuing = (f" (it is not the checkpoint being resumed, {resume})" if resume is not None else "")
+        raise FileExistsError(f"{checkpoint} exists{continuing}; pass {names['overwrite']} to replace it or "
+                              f"{names['resume']}{checkpoint} to continue it")
+    if metrics_csv is None:
         return
-    if resume is not None and Path(resume).resolve() == checkpoint.resolve():
-        return
-    continuing = (f" (it is not the checkpoint being resumed, {resume})" if resume is not None else "")
-    raise FileExistsError(f"{checkpoint} exists{continuing}; pass {options[0]} to replace it or "
-                          f"{options[1]}{checkpoint} to continue it")
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.name.lower().endswith(".csv") or metrics_csv.name.lower() == ".csv":
+        raise ValueError(f"{names['metrics']} must name a .csv file, got {metrics_csv.name!r}")
+    if metrics_csv.is_dir():
+        raise IsADirectoryError(f"{names['metrics']} {metrics_csv} is a folder; give a file name such as "
+                                f"{metrics_csv / 'metrics.csv'}")
+    if metrics_csv.exists() and not overwrite and resume is None:
+        raise FileExistsError(f"{names['metrics']} {metrics_csv} exists; pass {names['overwrite']} to replace it")
+
+
+def check_distinct_class_names(names: Sequence[str], what: str) -> None:
+    """Refuse a class name given twice: the validation Dice, the metrics CSV and the checkpoint are keyed by
+    class name, so two classes of one name would be reported as one."""
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"{what} must be distinct; {' '.join(repeated)} appears more than once in "
+                         f"{' '.join(names)}")
 
 
 def recipe_preprocessing(
@@ -505,7 +537,7 @@ def train(
     from medsegkit.weights.checkpoint import read_checkpoint
 
     checkpoint = check_checkpoint_name(checkpoint)
-    check_training_output(checkpoint, resume=resume, overwrite=overwrite)
+    check_training_output(checkpoint, resume=resume, overwrite=overwrite, metrics_csv=metrics_csv)
     state_file = state_path_for(checkpoint)
     metrics_csv = Path(metrics_csv) if metrics_csv else checkpoint.with_name(f"{run_stem(checkpoint)}.metrics.csv")
     config = config or TrainConfig()
@@ -513,6 +545,7 @@ def train(
     num_classes = len(class_names)
     if num_classes < 2:
         raise ValueError(f"class_names needs at least two classes (background first); got {class_names}")
+    check_distinct_class_names(class_names, "class_names")
     detection = getattr(model, "medsegkit_task", None) == "instance"
     out_channels = getattr(model, "out_channels", None) or getattr(model, "num_classes", None)
     if detection and out_channels is not None:
