@@ -137,13 +137,19 @@ def _check_orientation(value: Any) -> str | None:
     return codes
 
 
+def _is_number(value: Any) -> bool:
+    """A finite real number (``True`` / ``False`` are not numbers here)."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and bool(np.isfinite(value)))
+
+
 def _check_spacing(value: Any) -> list[float] | None:
     if value is None:
         return None
-    values = [float(value)] if np.isscalar(value) else [float(v) for v in value]
-    if not values or len(values) > 3 or not all(np.isfinite(v) and v > 0 for v in values):
+    values = [value] if np.isscalar(value) or not isinstance(value, (list, tuple, np.ndarray)) else list(value)
+    if not values or len(values) > 3 or not all(_is_number(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be a positive number or 2-3 positive numbers (mm), got {value!r}")
-    return values
+    return [float(v) for v in values]
 
 
 def _check_crop(value: Any) -> dict[str, Any] | None:
@@ -173,7 +179,7 @@ def _check_intensity(value: Any) -> dict[str, Any] | None:
             f"intensity must be a dict with a 'name' ({', '.join(INTENSITY_FIELDS)}) or None, got {value!r}"
         )
     name = value["name"]
-    if name not in INTENSITY_FIELDS:
+    if not isinstance(name, str) or name not in INTENSITY_FIELDS:
         raise ValueError(f"unknown intensity step {name!r}; accepted: {', '.join(INTENSITY_FIELDS)}, none")
     required, optional = INTENSITY_FIELDS[name]
     unknown = set(value) - {"name", *required, *optional}
@@ -185,6 +191,14 @@ def _check_intensity(value: Any) -> dict[str, Any] | None:
     if missing:
         raise ValueError(f"intensity {name!r} needs {missing} (got {dict(value)})")
     spec = {"name": name, **optional, **{k: v for k, v in value.items() if k != "name"}}
+    for key, field in spec.items():  # the optional fields' defaults say their kind; required fields are numbers
+        if key == "name":
+            continue
+        if isinstance(optional.get(key), bool):
+            if not isinstance(field, (bool, np.bool_)):
+                raise ValueError(f"intensity {name!r} {key} must be true or false, got {field!r}")
+        elif not _is_number(field):
+            raise ValueError(f"intensity {name!r} {key} must be a finite number, got {field!r}")
     if name == "range" and not float(spec["a_max"]) > float(spec["a_min"]):
         raise ValueError(
             f"intensity 'range' needs a_max > a_min, got a_min={spec['a_min']}, a_max={spec['a_max']}"
