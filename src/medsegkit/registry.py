@@ -47,6 +47,8 @@ __all__ = [
     "register_model",
 ]
 
+NETS_PACKAGE = "medsegkit.nets."  # the package whose network classes a checkpoint record may name as "target"
+
 # Modules whose import registers builders. Listed here (not discovered) so that registration order,
 # and therefore `list_models()` before sorting, is stable and import errors are loud.
 FAMILY_MODULES = (
@@ -272,11 +274,33 @@ def model_from_record(record: Mapping[str, Any], *, source: str = "checkpoint"):
         target = record["target"]
         if not target.startswith("medsegkit."):
             raise CheckpointError(f"{source} names class {target!r}; only medsegkit classes are rebuilt")
-        return _resolve_dotted(target)(**record.get("args", {}))
+        return _network_class(target, source)(**record.get("args", {}))
     raise CheckpointError(
         f"{source} does not record which model it belongs to (not written by "
         f"medsegkit.save_checkpoint); build the model yourself and call load_checkpoint(model, path)"
     )
+
+
+def _network_class(target: str, source: str):
+    """The network class a record's ``target`` names: a ``torch.nn.Module`` subclass in ``medsegkit.nets``.
+
+    Anything else is refused before it is called (a record naming ``medsegkit.weights.save_checkpoint``
+    with ``args`` would otherwise write a file wherever ``args`` says).
+    """
+    from torch import nn
+
+    from medsegkit.errors import CheckpointError
+
+    found = None
+    if target.startswith(NETS_PACKAGE):
+        try:
+            found = _resolve_dotted(target)
+        except (ImportError, AttributeError, ValueError):
+            found = None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise CheckpointError(f"{source} names {target!r}, which is not a network class of {NETS_PACKAGE[:-1]}; "
+                              "only its torch.nn.Module classes are rebuilt")
+    return found
 
 
 def load_model(path_or_url, *, map_location="cpu"):

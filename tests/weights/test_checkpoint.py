@@ -212,3 +212,21 @@ def test_a_record_naming_another_configuration_is_one_line(tmp_path):
                                               "state_dict for UNet: (Missing key|Unexpected key|size mismatch)") as raised:
         load_model(path)
     assert "\n" not in str(raised.value) and len(str(raised.value)) < 800
+
+
+@pytest.mark.parametrize("target", ["medsegkit.weights.save_checkpoint", "medsegkit.files.atomic_write",
+                                    "medsegkit.nets.no_such_module.UNet", "medsegkit.nets.unet.LAYOUTS"])
+def test_a_record_target_that_is_not_a_network_class_is_refused_before_it_is_called(tmp_path, target):
+    # before: load_model called any medsegkit function the record named with the record's args: a checkpoint
+    # naming save_checkpoint with {"path": victim, "overwrite": true} wrote a checkpoint over the victim file
+    victim = tmp_path / "scan.nii.gz"
+    victim.write_bytes(b"precious scan")
+    record = {"format": "medsegkit-checkpoint", "version": 1, "metadata": {},
+              "model": {"target": target, "args": {"model": {}, "path": str(victim), "overwrite": True}}}
+    state = medsegkit.create_model("UNet2d", channels=(4, 8), strides=(2,)).state_dict()
+    path = save_checkpoint(state, tmp_path / "evil.safetensors", record=record)
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+    assert str(raised.value) == (f"checkpoint {path} names {target!r}, which is not a network class of medsegkit.nets; "
+                                 "only its torch.nn.Module classes are rebuilt")
+    assert victim.read_bytes() == b"precious scan"
