@@ -74,3 +74,29 @@ def test_pretrained_true_loads_registered_weights(served, tiny_registered, tmp_p
     # a path string loads that file
     again = medsegkit.create_model(tiny_registered, pretrained=str(path), out_channels=4)
     torch.testing.assert_close(again(x), source(x), rtol=0, atol=0)
+
+
+def test_two_urls_ending_in_the_same_name_are_two_files(served):
+    # before: the cache was keyed by the file name alone, so the second URL silently got the first URL's file
+    root, base, log = served
+    for folder, data in (("a", b"weights of a"), ("b", b"weights of b")):
+        (root / folder).mkdir()
+        (root / folder / "model.safetensors").write_bytes(data)
+    assert hub.download(f"{base}/a/model.safetensors", progress=False).read_bytes() == b"weights of a"
+    assert hub.download(f"{base}/b/model.safetensors", progress=False).read_bytes() == b"weights of b"
+    assert hub.download(f"{base}/a/model.safetensors", progress=False).read_bytes() == b"weights of a"
+    assert log == ["/a/model.safetensors", "/b/model.safetensors"]  # each URL fetched once
+
+
+def test_pretrained_file_url_without_hash_loads_that_file(tmp_path, tiny_registered):
+    # before: pretrained='file:///.../b/model.safetensors' loaded the copy of a/model.safetensors cached earlier
+    models = {}
+    for folder in ("a", "b"):
+        models[folder] = medsegkit.create_model(tiny_registered)
+        save_checkpoint(models[folder], tmp_path / folder / "model.safetensors")
+    x = torch.randn(1, 1, 8, 8)
+    for folder in ("a", "b", "a"):
+        loaded = medsegkit.create_model(tiny_registered, pretrained=(tmp_path / folder / "model.safetensors").as_uri())
+        torch.testing.assert_close(loaded(x), models[folder](x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^'http://127.0.0.1:1/weights/' names no file \(its path ends with '/'\)"):
+        hub.download("http://127.0.0.1:1/weights/")

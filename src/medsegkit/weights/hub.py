@@ -45,7 +45,9 @@ def download(url: str, *, sha256: str | None = None, progress: bool = True, time
     Args:
         url: ``http(s)://`` or ``file://`` address.
         sha256: the full digest or a prefix of it; ``None`` uses the prefix in the file name when there
-            is one (torchvision style). A cached file is re-checked against it.
+            is one (torchvision style). A cached file is re-checked against it. Without any hash, a file is
+            cached under the URL it came from (``checkpoints/url-<hash of the URL>/NAME``), and a ``file://``
+            address is read where it is (not copied).
         progress: show a tqdm bar while downloading.
 
     Raises:
@@ -56,7 +58,14 @@ def download(url: str, *, sha256: str | None = None, progress: bool = True, time
     if parsed.scheme not in ("http", "https", "file"):
         raise ValueError(f"unsupported URL scheme {parsed.scheme!r} in {url!r}; use http(s):// or file://")
     expected = (sha256 or hash_prefix_from_filename(url) or "").lower() or None
-    target = cache_dir() / Path(parsed.path).name
+    name = parsed.path.rsplit("/", 1)[-1]
+    if not name:
+        raise ValueError(f"{url!r} names no file (its path ends with '/'); give the checkpoint file's URL")
+    if expected is None and parsed.scheme == "file":  # nothing to check a copy against: read the file where it is
+        return Path(urllib.request.url2pathname(parsed.path))
+    # a file checked by its hash is found by its name; without a hash, only a copy of this very URL is reused
+    # (two URLs ending in the same name are different files)
+    target = cache_dir() / (name if expected is not None else Path(_url_key(url)) / name)
     if target.exists():
         if expected is None or sha256_of(target).startswith(expected):
             return target
@@ -87,6 +96,11 @@ def download(url: str, *, sha256: str | None = None, progress: bool = True, time
 
     atomic_write(target, write)
     return target
+
+
+def _url_key(url: str) -> str:
+    """The cache folder of the files downloaded from ``url`` without a hash: ``url-`` + 16 hex digits of its sha256."""
+    return "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def copy_into_cache(path: str | os.PathLike) -> Path:
