@@ -374,3 +374,57 @@ def test_run_refuses_two_images_with_one_result_name_and_a_result_over_an_input(
     assert code == 2 and "would replace the input" in capsys.readouterr().err
     assert scan.read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["case.nii.gz", "case_seg.nii.gz"]
+
+
+TINY_UNET = {"channels": [4, 8], "strides": [2]}
+
+
+def test_overwrite_replaces_only_an_earlier_bundle_and_never_the_checkpoint_it_bundles(tmp_path):
+    """Before: ``overwrite=True`` wrote LICENSE, docs/README.md and configs/ into any folder (a folder of the
+    user's own files included), and re-saved a checkpoint given as the bundle's own models/model.pt as a plain
+    state dict, dropping its record and metadata."""
+    import medsegkit
+    from medsegkit.weights import read_checkpoint, save_checkpoint
+
+    data = tmp_path / "data"
+    (data / "docs").mkdir(parents=True)
+    (data / "LICENSE").write_text("my license")
+    (data / "docs" / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError) as raised:
+        init_bundle("UNet3d", data, overrides=TINY_UNET, overwrite=True)
+    assert str(raised.value) == (f"{data} is not empty and is not a MONAI bundle (no configs/metadata.json); "
+                                 "--overwrite replaces only an earlier bundle's files: choose another folder")
+    assert (data / "LICENSE").read_text() == "my license" and (data / "docs" / "README.md").read_text() == "my notes"
+
+    bundle_dir = init_bundle("UNet3d", tmp_path / "b", overrides=TINY_UNET, roi_size=(16, 16, 16))
+    model = medsegkit.create_model("UNet3d", out_channels=4, **TINY_UNET)
+    checkpoint = save_checkpoint(model, bundle_dir / "models" / "model.pt", metadata={"class_names": list("abcd")})
+    before = checkpoint.read_bytes()
+    with pytest.raises(ValueError) as raised:
+        init_bundle("UNet3d", bundle_dir, checkpoint=checkpoint, overwrite=True)
+    assert str(raised.value) == (f"bundle {bundle_dir} holds the checkpoint it bundles ({checkpoint}) as "
+                                 "models/model.pt; choose another folder (overwrite never applies to inputs)")
+    assert checkpoint.read_bytes() == before and read_checkpoint(checkpoint)[1]["metadata"]["class_names"] == list("abcd")
+
+
+def test_a_failure_while_writing_leaves_no_half_bundle(tmp_path, monkeypatch):
+    """Before: the configs were written one by one into the bundle folder, so a failure while saving
+    models/model.pt left a bundle of configs without its weights (and an earlier bundle half replaced)."""
+    import medsegkit
+    from medsegkit.weights import save_checkpoint
+
+    model = medsegkit.create_model("UNet3d", out_channels=4, **TINY_UNET)
+    checkpoint = save_checkpoint(model, tmp_path / "m.safetensors")
+    earlier = init_bundle("UNet3d", tmp_path / "earlier", overrides=TINY_UNET, roi_size=(16, 16, 16))
+    earlier_files = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    for target, overwrite in ((tmp_path / "new", False), (earlier, True)):
+        with pytest.raises(OSError, match="No space left on device"):
+            init_bundle("UNet3d", target, checkpoint=checkpoint, overwrite=overwrite, roi_size=(24, 24, 24))
+    assert not (tmp_path / "new").exists()
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == earlier_files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "m.safetensors"]  # no temporary folder left

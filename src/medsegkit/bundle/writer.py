@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from medsegkit._serialize import jsonable
-from medsegkit.files import atomic_write
 
 __all__ = ["SAMPLE_CLASS_NAMES", "init_bundle", "network_definition", "sample_data_dir"]
 
@@ -594,8 +593,7 @@ def init_bundle(
     if unknown:
         raise ValueError(f"postprocessing steps must be among {POSTPROCESSING_STEPS}, got {unknown}")
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite to replace the bundle files")
+    _check_bundle_output(directory, overwrite, checkpoint)
     args = {**recorded_args, **(overrides or {})}  # the caller's arguments win over the checkpoint's
     if label_map_task is not None:
         return _init_label_map_bundle(spec, directory, label_map_task, args, in_channels, out_channels, loaded,
@@ -697,17 +695,61 @@ medsegkit bundle run . scan.nii.gz -o out/
 """
 
 
+def _check_bundle_output(directory: Path, overwrite: bool, checkpoint: str | os.PathLike | None) -> None:
+    """Refuse a ``directory`` that holds files unless ``overwrite``; even then, refuse a folder that is not a
+    bundle (no ``configs/metadata.json``: its files are not ours to replace) and one holding the checkpoint
+    being bundled (its ``models/model.pt`` would be replaced by the plain state dict, losing the record)."""
+    from medsegkit.files import same_file
+
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder; choose another bundle folder")
+    if not any(directory.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; pass --overwrite to replace the bundle files")
+    if not (directory / "configs" / "metadata.json").is_file():
+        raise FileExistsError(f"{directory} is not empty and is not a MONAI bundle (no configs/metadata.json); "
+                              "--overwrite replaces only an earlier bundle's files: choose another folder")
+    if checkpoint is not None and same_file(Path(checkpoint).expanduser(), directory / "models" / "model.pt"):
+        raise ValueError(f"bundle {directory} holds the checkpoint it bundles ({checkpoint}) as models/model.pt; "
+                         "choose another folder (overwrite never applies to inputs)")
+
+
 def _write_bundle(directory: Path, files: Mapping[str, str], weights: Mapping[str, Any] | None) -> Path:
-    """Write each ``files`` entry (relative path -> text) atomically, create ``models/``, and save ``weights``
-    (the state dict of the bundle's network) there as ``model.pt``, a plain state dict (what MONAI's
-    CheckpointLoader reads)."""
+    """Write each ``files`` entry (relative path -> text), ``models/`` and ``weights`` (the state dict of the
+    bundle's network) as ``models/model.pt``, a plain state dict (what MONAI's CheckpointLoader reads).
+
+    Everything is written into a temporary folder next to ``directory`` first: a new bundle is that folder
+    renamed, so a failure leaves nothing at ``directory``; an earlier bundle (``overwrite``) gets each file
+    renamed into place only once all of them are written, and keeps the files the bundle does not write."""
+    import shutil
+    import uuid
+
     import torch
 
-    for rel, text in files.items():
-        atomic_write(directory / rel, lambda tmp, text=text: tmp.write_text(text))
-    (directory / "models").mkdir(parents=True, exist_ok=True)
-    if weights is not None:
-        atomic_write(directory / "models" / "model.pt", lambda tmp: torch.save(dict(weights), tmp))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        for rel, text in files.items():
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            (partial / rel).write_text(text)
+        (partial / "models").mkdir(parents=True, exist_ok=True)
+        if weights is not None:
+            torch.save(dict(weights), partial / "models" / "model.pt")
+        if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+            if directory.exists():
+                directory.rmdir()
+            os.replace(partial, directory)
+            return directory
+        written = [*files, *(["models/model.pt"] if weights is not None else [])]
+        for rel in written:
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial / rel, directory / rel)
+        (directory / "models").mkdir(exist_ok=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return directory
 
 
