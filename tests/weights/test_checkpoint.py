@@ -5,12 +5,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import medsegkit
 from medsegkit.errors import CheckpointError
 from medsegkit.weights import load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from medsegkit.weights.checkpoint import checkpoint_record
 
 
 class Payload:  # a class whose pickle would run code on load
@@ -105,8 +106,6 @@ def test_safetensors_header_holds_record(tmp_path, tiny_registered):
 def test_attention_unet_saved_before_merge_kernel_size_still_loads(tmp_path, record_kind):
     """Checkpoints written before ``merge_kernel_size`` existed merged skips with ``kernel_size`` (5 here):
     their records lack the argument, and load_model rebuilds that layout from the weights' shapes."""
-    from medsegkit.weights.checkpoint import checkpoint_record
-
     arguments = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=(3, 4, 5), strides=(1, 2),
                      kernel_size=5, up_kernel_size=5)
     if record_kind == "name":
@@ -230,3 +229,43 @@ def test_a_record_target_that_is_not_a_network_class_is_refused_before_it_is_cal
     assert str(raised.value) == (f"checkpoint {path} names {target!r}, which is not a network class of medsegkit.nets; "
                                  "only its torch.nn.Module classes are rebuilt")
     assert victim.read_bytes() == b"precious scan"
+
+
+_UNET = {"channels": (4, 8), "strides": (2,)}
+
+
+@settings(max_examples=30)
+@given(poison=st.sampled_from(["nan", "inf", "-inf", "int64", "bool"]), which=st.integers(0, 10 ** 6),
+       where=st.integers(0, 10 ** 6), how=st.sampled_from(["load_model", "load_checkpoint", "init_bundle"]))
+def test_weights_that_are_not_finite_or_not_floating_point_are_refused(poison, which, where, how):
+    # before: all of these loaded silently (load_state_dict casts int / bool and copies NaN), and the model
+    # predicted NaN logits (an all-background label map) or the integer-truncated weights
+    import tempfile
+    from pathlib import Path
+
+    from medsegkit.bundle import init_bundle
+
+    model = medsegkit.create_model("UNet3d", out_channels=4, **_UNET)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    floats = [key for key, value in state.items() if value.is_floating_point()]
+    key = floats[which % len(floats)]
+    if poison in ("int64", "bool"):
+        state[key] = state[key].to(getattr(torch, poison))
+        message = (f"{key} holds torch.{poison} values where the model has torch.float32 weights; a checkpoint's "
+                   "weights are floating-point tensors")
+    else:
+        state[key].view(-1)[where % state[key].numel()] = float(poison)
+        message = (f"{key} holds 1 NaN or infinite value(s) of {state[key].numel()}; weights must be finite "
+                   "(was the training diverging when it was saved?)")
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_checkpoint(state, Path(folder) / "m.safetensors",
+                               record=checkpoint_record(model))
+        with pytest.raises(CheckpointError) as raised:
+            if how == "load_model":
+                load_model(path)
+            elif how == "load_checkpoint":
+                load_checkpoint(medsegkit.create_model("UNet3d", out_channels=4, **_UNET), path)
+            else:
+                init_bundle("UNet3d", Path(folder) / "bundle", checkpoint=path)
+        assert str(raised.value) == f"checkpoint {path}: {message}"
+        assert not (Path(folder) / "bundle").exists()

@@ -168,6 +168,9 @@ def _fitted_weights(network_def: Mapping[str, Any], checkpoint: _Checkpoint, pre
     network = ConfigParser({"imports": ["$import medsegkit"], "network_def": dict(network_def)}).get_parsed_content(
         "network_def")
     state = {prefix + key: value for key, value in checkpoint.state.items()}
+    from medsegkit.weights.checkpoint import check_weights
+
+    check_weights(network, state, f"checkpoint {checkpoint.path}")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:

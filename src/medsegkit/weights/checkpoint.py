@@ -34,6 +34,7 @@ from medsegkit.files import atomic_write
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "check_checkpoint_name",
+    "check_weights",
     "checkpoint_record",
     "fetch_checkpoint",
     "load_checkpoint",
@@ -270,9 +271,11 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: the file was written for another architecture (the message names the record's
-            model and the first mismatching keys), or it is unsafe/corrupt.
+            model and the first mismatching keys), it is unsafe/corrupt, or its weights are not finite or not
+            floating-point (:func:`check_weights`).
     """
     state, record = read_checkpoint(fetch_checkpoint(path_or_url), map_location=map_location)
+    check_weights(model, state, f"checkpoint {path_or_url}")
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
@@ -287,6 +290,27 @@ def load_checkpoint(
     return model
 
 
+def check_weights(model: nn.Module, state: Mapping[str, Any], source: str) -> None:
+    """Refuse weights that would load without an error but cannot be right: a NaN / inf value, or a bool /
+    integer tensor for one of the model's floating-point tensors (``load_state_dict`` casts both silently).
+
+    Raises:
+        CheckpointError: one line naming ``source``, the first such tensor and what is accepted.
+    """
+    own = model.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+        mine = own.get(key)
+        if mine is not None and mine.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{source}: {key} holds {value.dtype} values where the model has {mine.dtype} "
+                                  "weights; a checkpoint's weights are floating-point tensors")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: {key} holds {bad} NaN or infinite value(s) of {value.numel()}; "
+                                  "weights must be finite (was the training diverging when it was saved?)")
+
+
 def state_mismatch(err: RuntimeError, lines: int = 3) -> str:
     """``load_state_dict``'s error (one line per missing / unexpected / mismatched key, tab-indented) as one
     line: its first ``lines`` lines, at most 600 characters."""
@@ -297,8 +321,10 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: s
     """Strictly load ``state`` into the freshly built ``model`` (in place); ``source`` names the file in errors.
 
     Raises:
-        CheckpointError: the weights do not fit the model (missing / unexpected keys, shapes).
+        CheckpointError: the weights do not fit the model (missing / unexpected keys, shapes), or are not
+            finite / not floating-point (:func:`check_weights`).
     """
+    check_weights(model, state, source)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
