@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from medsegkit.bundle import check_metadata, init_bundle, run_bundle, verify_bundle
 from medsegkit.cli import main
@@ -428,3 +430,69 @@ def test_a_failure_while_writing_leaves_no_half_bundle(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == earlier_files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "m.safetensors"]  # no temporary folder left
+
+
+class _Payload:  # a class whose pickle would run code on load
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bundle_network_names_unreadable_unsafe_or_misfitting_weights_and_broken_configs(tmp_path):
+    """Before: torch's own errors: a 6-line UnpicklingError for a garbage or pickled-code model.pt, an 8-line
+    RuntimeError key list for weights of another architecture, and a bare JSONDecodeError (no file named) for
+    a damaged inference.json."""
+    import medsegkit
+    from medsegkit.bundle import bundle_network
+    from medsegkit.errors import CheckpointError
+
+    bundle_dir = init_bundle("UNet3d", tmp_path / "b", overrides=TINY_UNET, roi_size=(16, 16, 16))
+    weights = bundle_dir / "models" / "model.pt"
+    weights.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=f"^checkpoint {weights} is not a readable PyTorch or safetensors file"):
+        bundle_network(bundle_dir)
+    torch.save({"model": _Payload()}, weights)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {weights} contains pickled Python objects, which "
+                                              "medsegkit refuses to load"):
+        bundle_network(bundle_dir)
+    other = medsegkit.create_model("UNet3d", out_channels=4, channels=(4, 16), strides=(2,))
+    torch.save({"model": other.state_dict()}, weights)
+    with pytest.raises(CheckpointError) as raised:
+        bundle_network(bundle_dir)
+    assert str(raised.value).startswith(f"bundle weights {weights} do not fit the bundle's network_def: Error(s) in "
+                                        "loading state_dict for UNet: size mismatch for bottleneck.units.0.conv.weight")
+    assert "\n" not in str(raised.value)
+    config = bundle_dir / "configs" / "inference.json"
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=f"^bundle config {config} is not valid JSON \\(Expecting property name "
+                                         "enclosed in double quotes: line 1 column 2 \\(char 1\\)\\); fix it or write "
+                                         "the bundle again$"):
+        bundle_network(bundle_dir, load_weights=False)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(where=st.sampled_from(["network_data_format", "network_data_format.inputs", "network_data_format.inputs.image",
+                              "network_data_format.outputs", "changelog", "version", "medsegkit"]),
+       value=_json_values)
+def test_check_metadata_reports_fuzzed_entries_instead_of_raising(where, value):
+    """Before: AttributeError ("'int' object has no attribute 'get'") for a network_data_format, inputs,
+    changelog or medsegkit entry that is not an object."""
+    from medsegkit.bundle.writer import _metadata
+    from medsegkit.registry import model_info
+
+    metadata = _metadata("UNet3d", model_info("UNet3d", **TINY_UNET), 1, 4, [16, 16, 16], list("abcd"), {"preset": "mr"})
+    assert check_metadata(metadata) == []
+    *parents, last = where.split(".")
+    holder = metadata
+    for key in parents:
+        holder = holder[key]
+    holder[last] = value
+    problems = check_metadata(metadata)
+    assert all(isinstance(p, str) and "\n" not in p for p in problems)
+    if where != "version" and not isinstance(value, dict):
+        assert problems, (where, value)

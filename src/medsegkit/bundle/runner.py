@@ -39,23 +39,33 @@ def _configs(directory: Path) -> Path:
 def check_metadata(metadata: dict[str, Any]) -> list[str]:
     """Problems with ``metadata`` (empty list when it has every required field)."""
     problems = [f"missing field {key!r}" for key in REQUIRED_METADATA if key not in metadata]
-    fmt = metadata.get("network_data_format", {})
+    problems += [f"{key} = {metadata[key]!r:.40} is not an object" for key in ("network_data_format", "changelog",
+                                                                               "medsegkit")
+                 if key in metadata and not isinstance(metadata[key], dict)]
+    fmt = _object(metadata.get("network_data_format"))
     for side, key in (("inputs", "image"), ("outputs", "pred")):
-        entry = fmt.get(side, {}).get(key)
-        if entry is None:
-            problems.append(f"network_data_format.{side}.{key} is missing")
+        entry = _object(fmt.get(side)).get(key)
+        if not isinstance(entry, dict):
+            problems.append(f"network_data_format.{side}.{key} is " + ("missing" if entry is None else "not an object"))
             continue
         problems += [f"network_data_format.{side}.{key}.{f} is missing" for f in _IO_FIELDS if f not in entry]
     version = metadata.get("version")
-    if version is not None and version not in metadata.get("changelog", {}):
+    if isinstance(version, str) and version not in _object(metadata.get("changelog")):
         problems.append(f"changelog has no entry for version {version!r}")
     return problems
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else ``{}`` (its problem is reported once, by the caller)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _parser(directory: Path, config_files: Sequence[str], **overrides: Any):
     from monai.bundle import ConfigParser
 
     configs = _configs(directory)
+    for name in config_files:  # MONAI's own error names neither the file nor what is accepted
+        read_json_object(configs / name, "bundle config", "fix it or write the bundle again")
     parser = ConfigParser()
     parser.read_config([str(configs / f) for f in config_files])
     parser.read_meta(str(configs / "metadata.json"))
@@ -66,18 +76,27 @@ def _parser(directory: Path, config_files: Sequence[str], **overrides: Any):
 
 
 def bundle_network(directory: str | os.PathLike, *, load_weights: bool = True):
-    """The bundle's ``network_def`` instantiated, with ``models/model.pt`` loaded when present."""
-    import torch
+    """The bundle's ``network_def`` instantiated, with ``models/model.pt`` loaded when present.
 
+    Raises:
+        CheckpointError: ``models/model.pt`` is unreadable, holds pickled code, or does not fit ``network_def``.
+        ValueError: a config is not a JSON object.
+    """
     directory = Path(directory)
     parser = _parser(directory, ["inference.json"])
     network = parser.get_parsed_content("network_def")
     weights = directory / "models" / "model.pt"
     if load_weights and weights.is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        network.load_state_dict(state)
+        from medsegkit.errors import CheckpointError
+        from medsegkit.weights.checkpoint import check_weights, read_checkpoint, state_mismatch
+
+        state, _ = read_checkpoint(weights)  # weights only: MONAI's {"model": ...} or a plain state dict
+        check_weights(network, state, f"bundle weights {weights}")
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"bundle weights {weights} do not fit the bundle's network_def: "
+                                  f"{state_mismatch(err)}") from None
     return network
 
 
@@ -101,7 +120,7 @@ def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
         report["verify_net_in_out"] = "ok"
     except Exception as err:  # reported with the others, the message names the failing check
         problems.append(f"verify_net_in_out failed: {err}")
-    inference_only = bool(metadata.get("medsegkit", {}).get("inference_only"))
+    inference_only = bool(_object(metadata.get("medsegkit")).get("inference_only"))
     dry_runs = {"inference.json": ["inference.json"]}
     if not inference_only:
         dry_runs.update({"train.json": ["train.json"], "evaluate.json": ["train.json", "evaluate.json"]})
