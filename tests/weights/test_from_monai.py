@@ -107,3 +107,23 @@ def test_to_monai_keeps_dtype_and_refuses_what_monai_lacks():
     per_stage = UNet(2, 1, 2, (4, 8), (2,), kernel_size=((1, 3), (3, 3)))
     with pytest.raises(ValueError, match="MONAI takes one kernel_size for every stage"):
         to_monai(per_stage)
+
+
+@pytest.mark.parametrize("source", ["monai 3D UNet", "monai wider UNet", "torchvision resnet18"])
+def test_a_state_dict_of_another_architecture_is_one_line(source):
+    # before: load_state_dict's RuntimeError with one line per mismatching key (5 lines for the 3D UNet)
+    import torchvision
+
+    state = {
+        "monai 3D UNet": lambda: MonaiUNet(3, 1, 2, (4, 8, 16), (2, 2)).state_dict(),
+        "monai wider UNet": lambda: MonaiUNet(2, 1, 2, (4, 8, 32), (2, 2)).state_dict(),
+        "torchvision resnet18": lambda: torchvision.models.resnet18().state_dict(),
+    }[source]()
+    target = UNet(2, 1, 2, (4, 8, 16), (2, 2))
+    with pytest.raises(ValueError) as raised:
+        convert(state, source="monai", target=target)
+    message = str(raised.value)
+    assert message.startswith("MONAI weights do not fit UNet: Error(s) in loading state_dict for UNet: "), message
+    assert "\n" not in message and len(message) < 700
+    with pytest.raises(ValueError, match="^MONAI weights do not fit UNet: "):  # a MONAI model into a wrong target
+        convert(MonaiUNet(2, 1, 2, (4, 8, 32), (2, 2)), source="monai", target=target)

@@ -86,7 +86,7 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: nn.Module | Non
     Raises:
         TypeError: ``obj`` is neither a supported MONAI model nor a state dict, or ``target`` is not a model.
         ValueError: a state dict without ``target``.
-        RuntimeError: the weights do not fit ``target`` (PyTorch's message lists the mismatching keys).
+        ValueError: the weights do not fit ``target`` (one line: the first of PyTorch's mismatching keys).
     """
     from medsegkit.nets import unet
 
@@ -98,7 +98,7 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: nn.Module | Non
             _follow(model, obj)
         else:
             model = _target_model(target)
-        model.load_state_dict(state)
+        _load(model, state)
         return model.train(obj.training)
     if not isinstance(obj, Mapping):
         raise TypeError(f"obj must be a MONAI model or a state dict, got {type(obj).__name__}")
@@ -107,8 +107,18 @@ def convert(obj: nn.Module | Mapping[str, torch.Tensor], target: nn.Module | Non
             "a bare MONAI state dict needs target= (a built medsegkit model, or a registry name via medsegkit.convert)"
         )
     model = _target_model(target)
-    model.load_state_dict(dict(obj))
+    _load(model, dict(obj))
     return model.eval()
+
+
+def _load(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Strict load; weights of another architecture or configuration are one ``ValueError`` line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        from medsegkit.weights.checkpoint import state_mismatch
+
+        raise ValueError(f"MONAI weights do not fit {type(model).__name__}: {state_mismatch(err)}") from None
 
 
 def _follow(model: nn.Module, source: nn.Module) -> None:
