@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,30 @@ def test_a_damaged_sidecar_is_one_error_naming_the_file_and_the_entry(exports, t
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "exported-program", "torchscript"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "a checkpoint"])
+def test_a_damaged_or_foreign_network_file_is_one_error_naming_it(exports, unet3d, tmp_path, fmt, damage):
+    # before: torch's RuntimeError "PytorchStreamReader failed reading zip archive ..." (.ts) or zipfile's
+    # "BadZipFile: File is not a zip file" (.pt2), naming no file, and ONNX Runtime's own InvalidProtobuf
+    import shutil
+
+    copy = Path(shutil.copytree(exports[0] / fmt, tmp_path / fmt))
+    network = copy / NETWORK_FILES[fmt]
+    if damage == "garbage":
+        network.write_bytes(b"garbage" * 10)
+    elif damage == "truncated":
+        network.write_bytes(network.read_bytes()[: network.stat().st_size // 2])
+    else:
+        network.unlink()
+        medsegkit.save_checkpoint(unet3d, tmp_path / "m.safetensors").rename(network)
+    with pytest.raises(ValueError) as raised:
+        load_exported(copy)
+    message = str(raised.value)
+    assert message.startswith(f"{network} is not a readable {fmt} network (") and "\n" not in message, message
+    assert message.endswith(f"); an export holds the {NETWORK_FILES[fmt]} that `medsegkit export --format {fmt}` "
+                            "writes: export the model again"), message
+
+
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2, 40) | st.floats(allow_nan=False) | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -203,7 +228,6 @@ _json_values = st.recursive(
        value=_json_values)
 def test_fuzzed_sidecars_describe_a_network_or_raise_one_line(key, value):
     import tempfile
-    from pathlib import Path
 
     from medsegkit.inference.backends import read_sidecar
 

@@ -171,11 +171,18 @@ def open_network(path: Path, fmt: str, backend: str | None) -> tuple[Callable[[n
             f"a {fmt} export runs on {' or '.join(_FORMAT_BACKENDS[fmt])}, not backend={backend!r}; "
             f"export the model as {'onnx' if backend != 'torch' else 'exported-program'} for {backend}"
         )
-    if backend == "onnxruntime":
-        return _onnxruntime_call(path), backend
     if backend == "openvino":
         return _openvino_call(path), backend
-    return _torch_call(path, fmt), backend
+    try:
+        return (_onnxruntime_call(path) if backend == "onnxruntime" else _torch_call(path, fmt)), backend
+    except ImportError:
+        raise
+    except Exception as err:  # ONNX Runtime's and torch's own error types for a damaged or foreign file
+        raise ValueError(
+            f"{path} is not a readable {fmt} network ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+            f"an export holds the {FORMAT_FILES[fmt]} that `medsegkit export --format {fmt}` writes: export the "
+            "model again"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------------
