@@ -496,3 +496,21 @@ def test_check_metadata_reports_fuzzed_entries_instead_of_raising(where, value):
     assert all(isinstance(p, str) and "\n" not in p for p in problems)
     if where != "version" and not isinstance(value, dict):
         assert problems, (where, value)
+
+
+@pytest.mark.parametrize(("config", "text", "problem"), [
+    ("inference.json", "{not json", "is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                                    "column 2 (char 1))"),
+    ("inference.json", "[1, 2]", "holds a JSON array, expected an object"),
+    ("metadata.json", '"text"', "holds a JSON string, expected an object"),
+])
+def test_run_names_a_damaged_config_before_anything_runs(tmp_path, config, text, problem):
+    """Before: MONAI's bare JSONDecodeError / AttributeError ("'list' object has no attribute 'items'"),
+    naming no file, from inside monai.bundle.run."""
+    bundle_dir = init_bundle("UNet3d", tmp_path / "b", overrides=TINY_UNET, roi_size=(16, 16, 16))
+    path = bundle_dir / "configs" / config
+    path.write_text(text)
+    with pytest.raises(ValueError) as raised:
+        run_bundle(bundle_dir, [SAMPLE], tmp_path / "out")
+    assert str(raised.value) == f"bundle config {path.resolve()} {problem}; fix it or write the bundle again"
+    assert not (tmp_path / "out").exists()

@@ -163,6 +163,8 @@ def run_bundle(
 
     directory = Path(directory).resolve()
     configs = _configs(directory)
+    for name in ("inference.json", "metadata.json"):  # MONAI's own error names neither the file nor what is accepted
+        read_json_object(configs / name, "bundle config", "fix it or write the bundle again")
     output_dir = Path(output_dir)
     images = [Path(i).resolve() for i in images]
     for image in images:
