@@ -100,3 +100,30 @@ def test_pretrained_file_url_without_hash_loads_that_file(tmp_path, tiny_registe
         torch.testing.assert_close(loaded(x), models[folder](x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"^'http://127.0.0.1:1/weights/' names no file \(its path ends with '/'\)"):
         hub.download("http://127.0.0.1:1/weights/")
+
+
+def test_registered_weights_of_another_library_with_a_nan_are_refused(tmp_path, monkeypatch):
+    # before: a MONAI state dict with a NaN, converted for pretrained=True, loaded silently (NaN logits)
+    import dataclasses
+
+    from monai.networks.nets import UNet as MonaiUNet
+
+    from medsegkit.errors import CheckpointError
+
+    source = MonaiUNet(2, 1, 2, (4, 8), (2,), num_res_units=2)
+    accepted = set(registry.accepted_arguments("UNet2d"))
+    arch = {k: v for k, v in medsegkit.weights.target_arguments(source, source="monai").items() if k in accepted}
+    state = source.state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[0] = float("nan")
+    path = tmp_path / "monai_unet.pt"
+    torch.save(state, path)
+    spec = registry.get_model_spec("UNet2d")
+    weights = WeightsSpec(url=path.as_uri(), sha256=hub.sha256_of(path), source="monai", arch=arch)
+    monkeypatch.setitem(registry._REGISTRY, "UNet2d", dataclasses.replace(spec, weights=weights))
+    with pytest.raises(CheckpointError) as raised:
+        medsegkit.create_model("UNet2d", pretrained=True)
+    cached = hub.cache_dir() / "monai_unet.pt"
+    assert str(raised.value) == (f"registered weights {cached}: {key} holds 1 NaN or infinite value(s) of "
+                                 f"{state[key].numel()}; weights must be finite (was the training diverging when "
+                                 "it was saved?)")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from medsegkit._lazy import lazy_exports
 from medsegkit.weights.checkpoint import (
     atomic_write,
+    check_weights,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -127,6 +128,7 @@ def load_registered_weights(model: nn.Module, spec: Any) -> nn.Module:
     if spec.weights.source == "medsegkit":
         return load_checkpoint(model, path)
     state, _ = read_checkpoint(path)
+    check_weights(model, state, f"registered weights {path}")  # the keys are the source's: NaN / inf only
     convert_weights(state, source=spec.weights.source, target=model)
     model.medsegkit_metadata = dict(spec.weights.meta)
     return model
