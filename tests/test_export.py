@@ -178,6 +178,11 @@ def test_maskformer_and_mask2former_semantic_export(tmp_path, name, fmt):
     (lambda text, side: json.dumps({**side, "batch_size": 0}), "batch_size = 0 is not a positive integer"),
     (lambda text, side: json.dumps({**side, "spatial_dims": True}), "spatial_dims = True is not 2 or 3"),
     (lambda text, side: json.dumps({**side, "metadata": [1]}), "metadata = \\[1\\] is not an object"),
+    # until 2026-12-08 accepted, and segment() put a number or a string of letters into the result's class names
+    (lambda text, side: json.dumps({**side, "metadata": {**side["metadata"], "class_names": 5}}),
+     "metadata.class_names = 5 is not a list of strings"),
+    (lambda text, side: json.dumps({**side, "metadata": {**side["metadata"], "label_colors": "x"}}),
+     "metadata.label_colors = 'x' is not a list of RGB\\(A\\) triples"),
 ])
 def test_a_damaged_sidecar_is_one_error_naming_the_file_and_the_entry(exports, tmp_path, edit, match):
     # before: JSONDecodeError, KeyError 'roi_size', "invalid literal for int()" or a list-index TypeError

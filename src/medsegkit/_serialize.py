@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["json_kind", "jsonable"]
+__all__ = ["json_kind", "jsonable", "label_metadata_problem"]
 
 
 def jsonable(value: Any, *, strict: bool = True) -> Any:
@@ -39,3 +39,18 @@ def json_kind(value: Any) -> str:
     """The JSON name of a parsed value's type, for error messages (``[1]`` -> ``"array"``, ``None`` -> ``"null"``)."""
     kinds = {list: "array", dict: "object", str: "string", bool: "boolean", type(None): "null"}
     return kinds.get(type(value), "number")
+
+
+def label_metadata_problem(metadata: Mapping[str, Any]) -> str | None:
+    """What is wrong with the label entries of metadata read back from JSON (a checkpoint's record, an
+    export's sidecar, a label map's sidecar), or ``None``: ``class_names`` must be a list of strings and
+    ``label_colors`` a list of RGB(A) lists of numbers, when present. A string of names would otherwise be
+    read letter by letter, and a number fail deep inside napari or the writers."""
+    names, colors = metadata.get("class_names"), metadata.get("label_colors")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return f"class_names = {names!r:.60} is not a list of strings"
+    if colors is not None and not (isinstance(colors, list) and all(
+            isinstance(c, list) and len(c) in (3, 4)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c) for c in colors)):
+        return f"label_colors = {colors!r:.60} is not a list of RGB(A) triples"
+    return None

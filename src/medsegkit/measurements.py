@@ -60,16 +60,13 @@ def read_label_metadata(labels_path: str | os.PathLike) -> dict[str, Any]:
     target = metadata_path_for(labels_path)
     if not target.exists():
         return {}
+    from medsegkit._serialize import label_metadata_problem
     from medsegkit.files import read_json_object
 
     sidecar = read_json_object(target, "label metadata", "delete or fix it")
-    names, colors = sidecar.get("class_names"), sidecar.get("label_colors")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"label metadata {target}: class_names = {names!r:.60} is not a list of strings; delete or fix it")
-    if colors is not None and not (isinstance(colors, list) and all(
-            isinstance(c, list) and len(c) in (3, 4) and all(isinstance(v, (int, float)) for v in c) for c in colors)):
-        raise ValueError(f"label metadata {target}: label_colors = {colors!r:.60} is not a list of RGB(A) triples; "
-                         "delete or fix it")
+    problem = label_metadata_problem(sidecar)
+    if problem:
+        raise ValueError(f"label metadata {target}: {problem}; delete or fix it")
     return sidecar
 
 

@@ -35,12 +35,20 @@ def test_round_trip_rebuilds_from_file_alone(tmp_path, tiny_registered, suffix):
 
 
 def test_refuses_existing_output_unless_overwrite(tmp_path, tiny_registered):
+    """Until 2026-12-08 save_checkpoint replaced an existing file by default and wrote any name:
+    ``save_checkpoint(model, "t1.nii.gz")`` wrote a torch file over the scan."""
     model = medsegkit.create_model(tiny_registered)
     path = save_checkpoint(model, tmp_path / "m.safetensors")
     before = path.read_bytes()
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        save_checkpoint(model, path, overwrite=False)
+    with pytest.raises(FileExistsError, match="m.safetensors exists; pass overwrite=True to replace it"):
+        save_checkpoint(model, path)
     assert path.read_bytes() == before
+    save_checkpoint(model, path, overwrite=True)
+    scan = tmp_path / "t1.nii.gz"
+    scan.write_bytes(b"a scan")
+    with pytest.raises(ValueError, match="path .*t1.nii.gz is not a checkpoint name; accepted endings: .safetensors"):
+        save_checkpoint(model, scan, overwrite=True)
+    assert scan.read_bytes() == b"a scan"
 
 
 def test_pickled_code_is_refused(tmp_path, tiny_registered):
@@ -152,8 +160,16 @@ GOOD_RECORD = {"format": "medsegkit-checkpoint", "version": 1, "metadata": {},
     (json.dumps({**GOOD_RECORD, "model": 5}), "has model = 5, expected a JSON object"),
     (json.dumps({**GOOD_RECORD, "metadata": ["a"]}), "has metadata = \\['a'\\], expected a JSON object"),
     (json.dumps({**GOOD_RECORD, "model": {"name": 3}}), "has model.name = 3, expected a JSON string"),
+    # until 2026-12-08 a null passed the check: AttributeError 'NoneType' object has no attribute 'lower'
+    (json.dumps({**GOOD_RECORD, "model": {"name": None}}), "has model.name = None, expected a JSON string"),
+    (json.dumps({**GOOD_RECORD, "metadata": None}), "has metadata = None, expected a JSON object"),
     (json.dumps({**GOOD_RECORD, "model": {"name": "UNet2d", "overrides": [4, 8]}}),
      "has model.overrides = \\[4, 8\\], expected a JSON object"),
+    # until 2026-12-08 accepted: the names went letter by letter into the result's meta and sidecar
+    (json.dumps({**GOOD_RECORD, "metadata": {"class_names": "bg"}}),
+     "has metadata.class_names = 'bg' is not a list of strings"),
+    (json.dumps({**GOOD_RECORD, "metadata": {"label_colors": [[0, 0, True]]}}),
+     "has metadata.label_colors = \\[\\[0, 0, True\\]\\] is not a list of RGB\\(A\\) triples"),
 ])
 def test_a_damaged_record_is_a_checkpoint_error_naming_what_is_wrong(tmp_path, suffix, text, match):
     # before: JSONDecodeError / AttributeError ("'list' object has no attribute 'get'") from inside the loader

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._serialize import label_metadata_problem
 from medsegkit.files import read_json_object
 from medsegkit.nets.modes import evaluating
 
@@ -294,6 +295,8 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
         )
     sidecar = read_json_object(sidecar_path, "the export's sidecar", "export the model again")
     problems = _sidecar_problems(sidecar)
+    if not problems and sidecar.get("metadata"):
+        problems = [f"metadata.{problem}" for problem in [label_metadata_problem(sidecar["metadata"])] if problem]
     if problems:
         raise ValueError(f"{sidecar_path}: {problems[0]}; export the model again")
     return sidecar

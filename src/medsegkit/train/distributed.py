@@ -263,7 +263,8 @@ def selfcheck(steps: int = 5, global_batch: int = 4, out_dir: str | os.PathLike 
         result["max_loss_difference"] = max(abs(a - b) for a, b in zip(distributed_losses, single_losses))
         if out_dir is not None:
             out = Path(out_dir)
-            save_checkpoint(replica, out / "selfcheck.safetensors", metadata={"selfcheck": result})
+            save_checkpoint(replica, out / "selfcheck.safetensors", metadata={"selfcheck": result},
+                            overwrite=True)  # the selfcheck's own files, rewritten by each run like its JSON
             (out / "selfcheck.json").write_text(json.dumps(result, indent=2))
     else:
         result["single_process_losses"] = None

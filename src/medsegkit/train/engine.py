@@ -461,7 +461,7 @@ class _Run:
         meta["preprocessing"] = self.preprocessing
         meta["roi_size"] = list(self.config.patch_size)  # predict's default window: the training patch
         meta["training"] = {**meta.get("training", {}), **training_meta}
-        save_checkpoint(self.model, self.checkpoint, metadata=meta)
+        save_checkpoint(self.model, self.checkpoint, metadata=meta, overwrite=True)  # train() checked it
         opt_tensors, opt_info = _optimizer_tensors(self.optimizer)
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         training_state = {
@@ -473,7 +473,8 @@ class _Run:
         record = {"format": "medsegkit-training-state", "version": 2, "model": {},
                   "metadata": {"training_state": training_state}}
         rng = {("rng.torch" if r == 0 else f"rng.torch.{r}"): t for r, t in enumerate(rngs)}
-        save_checkpoint({**opt_tensors, **rng}, self.state_file, record=json.loads(json.dumps(record)))
+        save_checkpoint({**opt_tensors, **rng}, self.state_file, record=json.loads(json.dumps(record)),
+                        overwrite=True)
         rows = [{k: v for k, v in h.items() if k != "validation"} for h in self.history]
         _write_csv(self.metrics_csv, rows)
         _plot_learning_curve(self.metrics_csv.with_name(f"{run_stem(self.checkpoint)}.learning_curve.png"),

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medsegkit._serialize import json_kind
+from medsegkit._serialize import json_kind, label_metadata_problem
 from medsegkit.errors import CheckpointError
 from medsegkit.files import atomic_write
 
@@ -94,7 +94,7 @@ def save_checkpoint(
     path: str | os.PathLike,
     *,
     metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
     record: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model``'s weights and its rebuild record to ``path`` atomically.
@@ -102,16 +102,19 @@ def save_checkpoint(
     Args:
         model: a model (built by :func:`medsegkit.create_model`, so its name and arguments are
             recorded) or a bare state dict (then pass ``record``).
-        path: ``*.safetensors`` for safetensors, anything else for a weights-only torch file.
+        path: ``*.safetensors`` for safetensors; ``*.pt``, ``*.pth`` or ``*.ckpt`` for a weights-only torch
+            file; any other name raises ``ValueError`` (:func:`check_checkpoint_name`: a mistyped name must
+            not write a checkpoint over a scan).
         metadata: JSON-serialisable facts: class names, label colours, preprocessing, training data,
             metrics.
-        overwrite: refuse an existing ``path`` when ``False``.
+        overwrite: replace an existing ``path``; without it (the default since 2026-12-08) an existing
+            ``path`` raises ``FileExistsError``.
         record: the full record to store instead of the one built from ``model``.
 
     Returns:
         The path written.
     """
-    path = Path(path)
+    path = check_checkpoint_name(path, "path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if isinstance(model, nn.Module):
@@ -220,13 +223,18 @@ def _parse_record(text: str, path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record is a JSON {json_kind(record)}, "
                               "expected an object with 'model' and 'metadata'")
-    entries = [(key, record.get(key), kind) for key, kind in RECORD_FIELDS.items()]
+    # present entries are checked, null included: a null name reached the registry as None ('NoneType' object
+    # has no attribute 'lower'), null args were splatted into the constructor
+    entries = [(key, record[key], kind) for key, kind in RECORD_FIELDS.items() if key in record]
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
-    entries += [(f"model.{key}", model.get(key), kind) for key, kind in MODEL_FIELDS.items()]
+    entries += [(f"model.{key}", model[key], kind) for key, kind in MODEL_FIELDS.items() if key in model]
     for key, value, kind in entries:
-        if value is not None and not isinstance(value, kind):
+        if not isinstance(value, kind):
             raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record has {key} = {value!r:.60}, expected "
                                   f"a JSON {'object' if kind is dict else 'string'}")
+    problem = label_metadata_problem(record.get("metadata") or {})
+    if problem:
+        raise CheckpointError(f"checkpoint {path}'s {RECORD_KEY!r} record has metadata.{problem}")
     return record
 
 
