@@ -112,7 +112,8 @@ def _bad_inputs(root: Path, files: dict) -> dict[str, tuple[list[str], str]]:
     (no_images / "notes.txt").write_text("scans go here")
     existing = root / "existing.nii.gz"
     existing.write_bytes(b"keep me")
-    other_arch = save_checkpoint(create_model("UNet2d", channels=(4, 8), strides=(2,)), root / "unet2d.safetensors")
+    other_arch = save_checkpoint(create_model("UNet2d", channels=(4, 8), strides=(2,)), root / "unet2d.safetensors",
+                                 overwrite=True)  # the shared folder is filled again for each case
     foreign = root / "foreign_state_dict.pt"
     torch.save(create_model("UNet2d", channels=(4, 8), strides=(2,)).state_dict(), foreign)
     pickled = root / "pickled_code.pt"
