@@ -261,8 +261,26 @@ def test_accumulating_two_micro_batches_equals_one_batch_of_two(tmp_path):
 
 
 def test_accumulate_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="accumulate must be >= 1"):
+    with pytest.raises(ValueError, match="TrainConfig: accumulate must be >= 1; got 0"):
         _run(tmp_path, "bad", small_config(accumulate=0))
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    # until 2026-12-08 only the command line checked these: TrainConfig(lr=nan) failed in the optimiser,
+    # time_budget_s=-5 trained one epoch and stopped, class_weights=(0, 0) trained on a zero loss
+    (dict(lr=float("nan")), "lr must be a positive number; got nan"),
+    (dict(epochs=0), "epochs must be >= 1; got 0"),
+    (dict(batch_size=True), "batch_size must be >= 1; got True"),
+    (dict(num_threads=0), "num_threads must be >= 1; got 0"),
+    (dict(time_budget_s=-5.0), "time_budget_s must be a number of seconds >= 0"),
+    (dict(weight_decay=float("inf")), "weight_decay must be a number >= 0; got inf"),
+    (dict(class_weights=(0.0, 0.0)), r"class_weights must be numbers >= 0, not all 0; got \[0.0, 0.0\]"),
+    (dict(freeze_norm_epochs=-1), "freeze_norm_epochs must be a whole number >= 0; got -1"),
+])
+def test_train_config_refuses_numbers_no_run_can_use(values, message):
+    with pytest.raises(ValueError, match=f"TrainConfig: {message}"):
+        TrainConfig(**values)
+    assert TrainConfig(time_budget_s=0.0, num_threads=None, class_weights=None).time_budget_s == 0.0
 
 
 def test_amp_trains_in_reduced_precision_and_lowers_the_loss(tmp_path):
@@ -655,7 +673,7 @@ def test_train_cli_metrics_csv_must_be_a_new_csv_name(tmp_path, capsys):
     (["--val-interval", "0"], "--val-interval must be >= 1; got 0"),
     (["--lr", "nan"], "--lr must be a positive number; got nan"),
     (["--weight-decay", "-1"], "--weight-decay must be a number >= 0; got -1.0"),
-    (["--time-budget", "-5"], "--time-budget must be a positive number of seconds; got -5.0"),
+    (["--time-budget", "-5"], "--time-budget must be a number of seconds >= 0 (0: one epoch); got -5.0"),
     (["--class-weights", "1", "-1", "1"], "--class-weights must be numbers >= 0, not all 0; got [1.0, -1.0, 1.0]"),
     (["--class-weights", "1", "1"], "--class-weights needs one value per class (3: class0 class1 class2); got 2"),
     # until 2026-12-08 the validation Dice of classes 1 and 2 was reported once, as 'x' (a dict keyed by name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import math
 import os
 import shlex
 import sys
@@ -174,25 +173,25 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+#: the TrainConfig field each option sets, for config_problem's messages
+OPTION_OF_FIELD = {
+    "epochs": "--epochs", "steps_per_epoch": "--steps-per-epoch", "batch_size": "--batch-size",
+    "val_interval": "--val-interval", "accumulate": "--accumulate", "num_threads": "--threads", "lr": "--lr",
+    "weight_decay": "--weight-decay", "time_budget_s": "--time-budget", "class_weights": "--class-weights",
+    "class_ratios": "--class-ratios", "freeze_norm_epochs": "--freeze-norm-epochs",
+    "norm_recalibration_batches": "--norm-recalibration",
+}
+
+
 def check_numbers(args: argparse.Namespace) -> None:
-    """Refuse counts, rates and times that no run can use, before the data are read (``ValueError``)."""
-    for option, value in (("--epochs", args.epochs), ("--steps-per-epoch", args.steps_per_epoch),
-                          ("--batch-size", args.batch_size), ("--val-interval", args.val_interval),
-                          ("--accumulate", args.accumulate), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"{option} must be >= 1; got {value}")
-    if args.freeze_norm_epochs < 0 or args.norm_recalibration < 0:
-        raise ValueError(f"--freeze-norm-epochs and --norm-recalibration must be >= 0; got "
-                         f"{args.freeze_norm_epochs} and {args.norm_recalibration}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number; got {args.lr}")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise ValueError(f"--weight-decay must be a number >= 0; got {args.weight_decay}")
-    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
-        raise ValueError(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
-    for option, values in (("--class-weights", args.class_weights), ("--class-ratios", args.class_ratios)):
-        if values and not (all(math.isfinite(v) and v >= 0 for v in values) and any(v > 0 for v in values)):
-            raise ValueError(f"{option} must be numbers >= 0, not all 0; got {values}")
+    """Refuse counts, rates and times that no run can use, before the data are read (``ValueError``,
+    :func:`medsegkit.train.engine.config_problem` worded with the options)."""
+    from medsegkit.train.engine import config_problem
+
+    values = {field: getattr(args, option[2:].replace("-", "_")) for field, option in OPTION_OF_FIELD.items()}
+    problem = config_problem(values, OPTION_OF_FIELD)
+    if problem:
+        raise ValueError(problem)
 
 
 def _load_data(args: argparse.Namespace):

@@ -58,6 +58,48 @@ __all__ = [
 LOGGER = "medsegkit.train"
 
 
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= low
+
+
+def _real(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and bool(np.isfinite(value)))
+
+
+def _weights(values: Any) -> bool:
+    return (isinstance(values, (list, tuple)) and len(values) > 0 and all(_real(v) and v >= 0 for v in values)
+            and any(v > 0 for v in values))
+
+
+#: TrainConfig's numbers: field -> (accepted?, what is accepted). ``None`` passes where the field allows it.
+CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (lambda v: _whole(v, 1), ">= 1")
+       for name in ("epochs", "steps_per_epoch", "batch_size", "val_interval", "accumulate", "num_threads")},
+    **{name: (lambda v: _whole(v, 0), "a whole number >= 0")
+       for name in ("warmup_epochs", "freeze_norm_epochs", "norm_recalibration_batches")},
+    "lr": (lambda v: _real(v) and v > 0, "a positive number"),
+    **{name: (lambda v: _real(v) and v >= 0, "a number >= 0") for name in ("weight_decay", "lambda_dice", "lambda_ce")},
+    "time_budget_s": (lambda v: _real(v) and v >= 0, "a number of seconds >= 0 (0: one epoch)"),
+    **{name: (_weights, "numbers >= 0, not all 0") for name in ("class_weights", "class_ratios")},
+}
+OPTIONAL_FIELDS = ("num_threads", "time_budget_s", "class_weights", "class_ratios")
+
+
+def config_problem(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str | None:
+    """The first of ``values`` (TrainConfig fields) that no run can use, as one line, or ``None``.
+
+    ``names`` words the message (``medsegkit train`` passes its option names: ``{"lr": "--lr", ...}``)."""
+    for field_name, (accepted, what) in CONFIG_RULES.items():
+        if field_name not in values or (values[field_name] is None and field_name in OPTIONAL_FIELDS):
+            continue
+        value = values[field_name]
+        if not accepted(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            return f"{(names or {}).get(field_name, field_name)} must be {what}; got {shown}"
+    return None
+
+
 @dataclass
 class TrainConfig:
     """Settings of one training run (all recorded in the checkpoint).
@@ -118,6 +160,11 @@ class TrainConfig:
     accumulate: int = 1
     freeze_norm_epochs: int = 0
     norm_recalibration_batches: int = 0
+
+    def __post_init__(self) -> None:
+        problem = config_problem(asdict(self))
+        if problem:  # e.g. a NaN lr failed in the optimiser, a negative time budget trained one epoch and stopped
+            raise ValueError(f"TrainConfig: {problem}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -558,8 +605,6 @@ def train(
     for volume in [*train_volumes, *val_volumes]:
         if volume.label.max() >= num_classes:
             raise ValueError(f"{volume.name}: label {int(volume.label.max())} >= number of classes {num_classes}")
-    if config.accumulate < 1:
-        raise ValueError(f"accumulate must be >= 1 (micro-batches per optimiser step); got {config.accumulate}")
 
     history: list[dict[str, Any]] = []
     elapsed_before = 0.0
