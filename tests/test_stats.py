@@ -216,3 +216,26 @@ def test_cli_stats_refuses_a_folder_as_csv_before_measuring(tmp_path, capsys):
         assert captured.err.splitlines() == [
             f"medsegkit stats: error: --csv {folder} is a folder; give a file name such as {folder / 'stats.csv'}"]
         assert not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("value", [65535, 2**31, 2**63 - 1])
+def test_huge_label_values_are_measured_without_a_table_per_value(value):
+    import resource
+
+    labels = np.zeros((5, 5, 4), np.int64)
+    labels[1:3, 1:4, 2] = 1
+    labels[4, 4, 3] = value  # one voxel in the grid's corner
+    with open("/proc/self/status") as status:
+        in_use = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    # 1 GB more address space; a table per label value up to 2**31 would need 16 GB (a MemoryError before)
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + 2**30, hard))
+    try:
+        table = medsegkit.stats(Image(labels, np.diag([2.0, 1.0, 3.0, 1.0])))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert table["label"].tolist() == [1, value]
+    assert table["voxels"].tolist() == [6, 1]
+    assert table["volume_ml"].tolist() == pytest.approx([6 * 6 / 1000, 6 / 1000])
+    assert table.loc[1, ["x_min_mm", "y_min_mm", "z_min_mm", "border_voxels"]].tolist() == [8.0, 4.0, 9.0, 1]
+    assert table.loc[0, ["x_min_mm", "x_max_mm", "y_max_mm", "z_max_mm"]].tolist() == [2.0, 4.0, 3.0, 6.0]

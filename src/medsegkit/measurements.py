@@ -171,10 +171,12 @@ def stats(
     structure = ndimage.generate_binary_structure(array.ndim, array.ndim)
     shape = array.shape
     rows: list[dict[str, Any]] = []
-    present = [int(v) for v in np.unique(array) if v != 0]
-    boxes = ndimage.find_objects(array, max_label=max(present)) if present else []
-    for label in present:
-        box = boxes[label - 1]
+    # find_objects on the ranks of the values (1..n), not the values: it allocates a list entry per label
+    # value up to the largest, so one voxel of 2**31 asked for 16 GB
+    values, ranks = np.unique(array, return_inverse=True)
+    present = [int(v) for v in values if v != 0]
+    boxes = ndimage.find_objects(ranks.reshape(array.shape) + int(values[0] != 0)) if present else []
+    for label, box in zip(present, boxes):
         mask = array[box] == label
         voxels = int(mask.sum())
         component_map, count = ndimage.label(mask, structure=structure)
