@@ -127,3 +127,23 @@ def test_class_names_that_do_not_cover_the_scored_labels_are_refused(tmp_path, c
     assert main(["evaluate", str(pred_path), str(ref_path), "--class-names", "bg", "liver", "--labels", "1",
                  "--no-hd95"]) == 0
     assert "liver" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spacing", [(math.nan, 1.0, 1.0), (math.inf, 1.0, 1.0), (-2.0, 1.0, 1.0), (0.0, 1.0, 1.0),
+                                     "abc", (True, 1.0, 1.0), (1.0, 1.0)])
+def test_spacing_that_is_not_three_positive_sizes_is_one_line(spacing):
+    pred, ref = _cubes()
+    # before: NaN / inf failed inside MONAI ("data must be finite"), -2 mm gave -2.0 mL for 1000 voxels, 0 mm gave 0 mL
+    with pytest.raises(ValueError) as err:
+        evaluate(pred, ref, spacing=spacing)
+    assert str(err.value) == f"spacing must be 3 finite voxel sizes > 0 in mm for a 3D map; got {spacing!r}"
+
+
+@pytest.mark.parametrize("labels", ["12", [1.5], [True], 3])
+def test_labels_that_are_not_whole_class_indices_are_refused(labels):
+    pred, ref = _cubes()
+    # before: "12" scored classes 1 and 2 (one per character), [1.5] scored class 1
+    with pytest.raises(ValueError) as err:
+        evaluate(pred, ref, labels=labels, hd95=False)
+    assert str(err.value) == f"labels must be whole class indices >= 0 (0 = background); got {labels!r}"
+    assert evaluate(pred, ref, labels=[2.0, np.int64(1)], hd95=False)["labels"] == [2, 1]

@@ -38,6 +38,33 @@ def _spacing_of(affine: np.ndarray | None, ndim: int) -> tuple[float, ...]:
     return tuple(float(s) for s in np.linalg.norm(affine[:3, :ndim], axis=0))
 
 
+def _positive_spacing(spacing: Any, ndim: int) -> tuple[float, ...]:
+    """``spacing`` as ``ndim`` finite positive floats (a NaN, zero or negative voxel size made MONAI fail deep
+    inside, or the volumes zero / negative)."""
+    values = np.asarray(spacing, dtype=object).ravel() if not isinstance(spacing, (str, bytes)) else None
+    if values is None or values.size != ndim or not all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            and math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be {ndim} finite voxel sizes > 0 in mm for a {ndim}D map; got {spacing!r}")
+    return tuple(float(v) for v in values)
+
+
+def _class_list(labels: Any) -> list[int]:
+    """``labels`` as a list of class indices >= 0 (a string was read digit by digit, 1.5 as class 1)."""
+    try:
+        values = None if isinstance(labels, (str, bytes)) else list(labels)
+    except TypeError:  # a single number
+        values = None
+    if values is None or not all(
+            isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+            for v in values) or any(isinstance(v, (bool, np.bool_)) for v in values):
+        raise ValueError(f"labels must be whole class indices >= 0 (0 = background); got {labels!r}")
+    values = [int(v) for v in values]
+    if any(v < 0 for v in values):
+        raise ValueError(f"labels are class indices >= 0 (0 = background); got {values}")
+    return values
+
+
 def evaluate(
     prediction: Any,
     reference: Any,
@@ -87,15 +114,11 @@ def evaluate(
         )
     if spacing is None:
         spacing = _spacing_of(ref_affine if ref_affine is not None else pred_affine, pred.ndim)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != pred.ndim:
-        raise ValueError(f"spacing needs {pred.ndim} values for a {pred.ndim}D map; got {spacing}")
+    spacing = _positive_spacing(spacing, pred.ndim)
     if labels is None:
         labels = sorted(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
     else:
-        labels = [int(v) for v in labels]
-        if any(v < 0 for v in labels):
-            raise ValueError(f"labels are class indices >= 0 (0 = background); got {labels}")
+        labels = _class_list(labels)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     result: dict[str, Any] = {
         "labels": labels,
