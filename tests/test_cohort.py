@@ -176,3 +176,11 @@ def test_segment_many_into_the_input_folder_keeps_scans_and_results_apart(cohort
         medsegkit.segment_many(Threshold().eval(), cohort_dir, cohort_dir, suffix="", overwrite=True, progress=False,
                                roi_size=(16, 16, 16))
     assert {name: (cohort_dir / name).read_bytes() for name in scans} == scans
+
+
+def test_a_nan_reference_range_is_refused_before_segmenting(cohort_dir, tmp_path):
+    # before: every case was segmented, then flagged out of range (nan <= volume is False)
+    with pytest.raises(ValueError, match=r"^reference volume range for 'blob' must be \[low_ml, high_ml\]"):
+        medsegkit.segment_many(Threshold().eval(), cohort_dir, tmp_path / "out", progress=False,
+                               reference_ranges={"blob": (float("nan"), 1.0)}, roi_size=(16, 16, 16))
+    assert not (tmp_path / "out").exists()

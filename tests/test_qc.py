@@ -143,3 +143,29 @@ def test_napari_widget_quality_runs_without_torch():
     message, torch_loaded = run.stdout.strip().splitlines()[-2:]
     assert message == "b: border; c: fragmented,border"
     assert torch_loaded == "False"
+
+
+@pytest.mark.parametrize("bounds", [(math.nan, 1600.0), (1600.0, 1000.0), 1500, "ab", [None, 1600], [True, 2]])
+def test_a_reference_range_that_is_not_low_high_numbers_is_refused(bounds):
+    message = ("reference volume range for 'brain' must be [low_ml, high_ml], two numbers with low <= high, "
+               f"got {bounds!r}")
+    # before: (nan, 1600) and (1600, 1000) flagged every case out of range, 1500 / "ab" raised a TypeError
+    with pytest.raises(ValueError) as err:
+        add_quality_flags(_table([1200.0, 1300.0]), reference_ranges={"brain": bounds})
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        add_quality_flags(_table([1200.0, 1300.0]).assign(reference_ranges=[{"brain": bounds}] * 2))
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        reference_ranges_of({"qc": {"volume_ml": {"brain": bounds}}})
+    assert str(err.value) == message
+
+
+def test_reference_ranges_that_are_not_a_mapping_are_refused():
+    with pytest.raises(ValueError, match=r"^reference volume ranges must map class names to \[low_ml, high_ml\], "
+                                         r"got \[\(1000, 1600\)\]$"):
+        add_quality_flags(_table([1200.0]), reference_ranges=[(1000, 1600)])
+    with pytest.raises(ValueError, match=r'^metadata\["qc"\] must be an object'):
+        reference_ranges_of({"qc": [1000, 1600]})  # before: AttributeError 'list' object has no attribute 'get'
+    open_ended = add_quality_flags(_table([1200.0, 5.0]), reference_ranges={"brain": (100, math.inf)})
+    assert open_ended["volume_in_range"].tolist() == [True, False]

@@ -162,10 +162,18 @@ def segment_many(
     from medsegkit.inference.segment import resolve_model, segment
     from medsegkit.io import read_image, write_image
     from medsegkit.measurements import read_label_metadata, stats, write_label_metadata
-    from medsegkit.qc import add_quality_flags, mirrored_disagreement, reference_ranges_of, write_qc_report
+    from medsegkit.qc import (
+        _checked_ranges,
+        add_quality_flags,
+        mirrored_disagreement,
+        reference_ranges_of,
+        write_qc_report,
+    )
 
     if segment_kwargs.get("output", "labels") != "labels":
         raise ValueError("segment_many measures label maps; output must be 'labels'")
+    if reference_ranges is not None:  # before segmenting anything, not when the table is flagged
+        reference_ranges = _checked_ranges(reference_ranges)
     out = Path(out_dir).expanduser()
     images = inputs_and_results(list_inputs(inputs), out, suffix)
     names = [_case_name(p) for p in images]

@@ -75,13 +75,32 @@ def robust_z(values: Any) -> np.ndarray:
 
 def reference_ranges_of(metadata: Mapping[str, Any] | None) -> dict[str, tuple[float, float]]:
     """``{class_name: (low_ml, high_ml)}`` from checkpoint metadata ``{"qc": {"volume_ml": {...}}}``."""
-    ranges = ((metadata or {}).get("qc") or {}).get("volume_ml") or {}
+    qc = (metadata or {}).get("qc") or {}
+    if not isinstance(qc, Mapping):
+        raise ValueError(f'metadata["qc"] must be an object {{"volume_ml": {{class_name: [low_ml, high_ml]}}}}, '
+                         f"got {qc!r}")
+    return _checked_ranges(qc.get("volume_ml") or {})
+
+
+def _checked_ranges(ranges: Any) -> dict[str, tuple[float, float]]:
+    """``{class_name: (low_ml, high_ml)}`` with numbers ``low <= high`` (not NaN; ±inf for an open end).
+
+    Raises:
+        ValueError: one line naming the first class whose range is not two such numbers.
+    """
+    if not isinstance(ranges, Mapping):
+        raise ValueError(f"reference volume ranges must map class names to [low_ml, high_ml], got {ranges!r}")
     out: dict[str, tuple[float, float]] = {}
     for name, bounds in ranges.items():
-        if len(bounds) != 2 or not float(bounds[0]) <= float(bounds[1]):
-            raise ValueError(f"reference volume range for {name!r} must be [low_ml, high_ml] with low <= high, "
-                             f"got {bounds!r}")
-        out[str(name)] = (float(bounds[0]), float(bounds[1]))
+        pair = None
+        if isinstance(bounds, (list, tuple, np.ndarray)) and len(bounds) == 2 and all(
+                isinstance(b, (int, float, np.integer, np.floating)) and not isinstance(b, (bool, np.bool_))
+                for b in bounds):
+            pair = (float(bounds[0]), float(bounds[1]))
+        if pair is None or not pair[0] <= pair[1]:  # NaN fails this too
+            raise ValueError(f"reference volume range for {name!r} must be [low_ml, high_ml], two numbers with "
+                             f"low <= high, got {bounds!r}")
+        out[str(name)] = pair
     return out
 
 
@@ -110,6 +129,8 @@ def add_quality_flags(
                if c not in table.columns]
     if missing:
         raise ValueError(f"table lacks the column(s) {missing}; give the output of medsegkit.stats or segment_many")
+    if reference_ranges is not None:
+        reference_ranges = _checked_ranges(reference_ranges)
     out = table.copy()
     group_keys = [k for k in ("model", "class") if k in out.columns]
     out["volume_z"] = math.nan
@@ -119,7 +140,7 @@ def add_quality_flags(
     in_range = []
     for _, row in out.iterrows():
         ranges = reference_ranges if reference_ranges is not None else row.get("reference_ranges")
-        bounds = (ranges or {}).get(row["class"]) if isinstance(ranges, Mapping) else None
+        bounds = _checked_ranges(ranges).get(row["class"]) if isinstance(ranges, Mapping) else None
         in_range.append(math.nan if bounds is None else bool(bounds[0] <= row["volume_ml"] <= bounds[1]))
     out["volume_in_range"] = pd.array(in_range, dtype="object")
     cohort_outlier = out["volume_z"].abs() > thresholds.z_threshold
