@@ -81,3 +81,28 @@ def test_view_adds_image_and_labels_with_scale():
     assert data_i.shape == data_l.shape == (4, 5, 6)  # (k, j, i)
     assert kw_i["scale"] == kw_l["scale"] == (3.0, 2.0, 2.0)
     assert data_l[3, 2, 1] == 1
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (np.full((6, 6, 6), 1.5), "labels must be an integer label map"),  # before: drawn as class 1
+    (np.full((6, 6, 6), np.nan), "labels must be an integer label map"),  # before: 'cannot convert float NaN'
+    (-np.ones((6, 6, 6), np.int8), "labels must be non-negative class indices"),
+])
+def test_show_refuses_labels_that_are_not_class_indices(labels, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        medsegkit.show(np.zeros((6, 6, 6), np.float32), labels)
+
+
+def test_show_draws_huge_label_values_with_their_own_colours():
+    labels = np.zeros((6, 6, 6), np.int64)
+    labels[1:3, 1:3, 1:3] = 2**31  # before: MemoryError, a colour table of 2**31 + 1 entries (64 GiB)
+    labels[3:5, 3:5, 3:5] = 2
+    colors = {2: (255, 0, 0)}
+    fig = medsegkit.show(np.zeros((6, 6, 6), np.float32), labels,
+                         colors=[colors.get(v, (0, 0, 255)) for v in range(3)])
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["2", str(2**31)]
+    patches = legend.get_patches()
+    assert tuple(patches[0].get_facecolor()) == (1.0, 0.0, 0.0, 1.0)  # label 2 keeps its colour
+    assert tuple(patches[1].get_facecolor()) == pytest.approx(matplotlib.colormaps["tab10"]((2**31 - 1) % 10))
+    matplotlib.pyplot.close(fig)

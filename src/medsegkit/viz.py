@@ -51,18 +51,19 @@ def _canonical(image: Image, what: str) -> tuple[np.ndarray, np.ndarray]:
     return to_canonical(array, image.affine, 3)
 
 
-def _label_colormap(count: int, colors: Sequence[Sequence[int]] | None):
+def _label_colormap(present: Sequence[int], colors: Sequence[Sequence[int]] | None):
+    """Colours of the ``present`` labels in order (entry ``n`` is ``present[n - 1]``; entry 0 background)."""
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
 
-    table = np.zeros((count + 1, 4))
+    table = np.zeros((max(len(present), 1) + 1, 4))
     fallback = colormaps["tab10"]
-    for label in range(1, count + 1):
+    for index, label in enumerate(present, start=1):
         if colors is not None and label < len(colors):
-            table[label, :3] = np.asarray(colors[label][:3], dtype=float) / 255.0
+            table[index, :3] = np.asarray(colors[label][:3], dtype=float) / 255.0
         else:
-            table[label, :3] = fallback((label - 1) % 10)[:3]
-        table[label, 3] = 1.0
+            table[index, :3] = fallback((label - 1) % 10)[:3]
+        table[index, 3] = 1.0
     return ListedColormap(table)
 
 
@@ -101,6 +102,7 @@ def show(
     from matplotlib.patches import Patch
 
     from medsegkit.io import same_grid
+    from medsegkit.io.image import class_indices
 
     volume = _as_image(image, "image")
     grid, affine = _canonical(volume, "image")
@@ -111,7 +113,9 @@ def show(
             raise ValueError(f"labels {label_image.spatial_shape} must lie on the image's grid "
                              f"{volume.spatial_shape} (same shape and affine)")
         label_grid, _ = _canonical(label_image, "labels")
-        label_grid = np.asarray(label_grid).astype(np.int64)
+        label_grid = class_indices(label_grid, "labels")  # not astype: 1.5 was drawn as class 1
+        if label_grid.size and label_grid.min() < 0:
+            raise ValueError("labels must be non-negative class indices (0 = background); found negative values")
         class_names = class_names if class_names is not None else label_image.meta.get("class_names")
         colors = colors if colors is not None else label_image.meta.get("label_colors")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -130,8 +134,11 @@ def show(
     ]
     finite = grid[np.isfinite(grid)] if grid.dtype.kind == "f" else grid
     vmin, vmax = np.percentile(finite, (0.5, 99.5)) if finite.size else (0, 1)
-    count = int(label_grid.max()) if label_grid is not None and label_grid.size else 0
-    cmap = _label_colormap(max(count, 1), colors)
+    present = [int(v) for v in np.unique(label_grid) if v != 0] if label_grid is not None else []
+    if present:  # draw the ranks 1..n of the present labels: a colour table per value up to 2**31 took 64 GiB
+        label_grid = np.searchsorted(np.asarray([0, *present]), label_grid)
+    count = len(present)
+    cmap = _label_colormap(present, colors)
     fig, axes = plt.subplots(1, 3, figsize=figsize)
     for ax, (name, cut, aspect, where) in zip(axes, cuts):
         ax.imshow(cut(grid), cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect,
@@ -143,9 +150,8 @@ def show(
         ax.set_title(f"{name} {where}")
         ax.set_axis_off()
     if count:
-        present = [int(v) for v in np.unique(label_grid) if v != 0]
-        handles = [Patch(color=cmap(v), label=(class_names[v] if class_names and v < len(class_names) else str(v)))
-                   for v in present]
+        handles = [Patch(color=cmap(n), label=(class_names[v] if class_names and v < len(class_names) else str(v)))
+                   for n, v in enumerate(present, start=1)]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
     if title:
         fig.suptitle(title)
