@@ -184,3 +184,56 @@ def test_a_nan_reference_range_is_refused_before_segmenting(cohort_dir, tmp_path
         medsegkit.segment_many(Threshold().eval(), cohort_dir, tmp_path / "out", progress=False,
                                reference_ranges={"blob": (float("nan"), 1.0)}, roi_size=(16, 16, 16))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_label_file_segment_many_did_not_write_is_refused_not_measured(cohort_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    manual = np.zeros((20, 20, 16), np.uint8)
+    manual[0:2, 0:2, 0:2] = 1
+    write_image(Image(manual, np.diag([1.0, 1.0, 1.5, 1.0])), out / "a_seg.nii.gz")  # the user's own segmentation
+    before = (out / "a_seg.nii.gz").read_bytes()
+    # before: measured as case a's result (8 voxels, status "skipped") and given a sidecar of this model's
+    with pytest.raises(ValueError) as err:
+        medsegkit.segment_many(Threshold().eval(), cohort_dir, out, progress=False, roi_size=(16, 16, 16))
+    assert str(err.value) == (f"{out / 'a_seg.nii.gz'} has no sidecar a_seg.json (segment_many writes one with "
+                              "every result): segment_many resumes only from its own results; move it away, "
+                              "or pass overwrite=True to segment the case again")
+    assert (out / "a_seg.nii.gz").read_bytes() == before and not (out / "a_seg.json").exists()
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"image": "/elsewhere/z.nii.gz"}, "was made from the image '/elsewhere/z.nii.gz', not b.nii.gz"),
+    ({"image": None}, "was made from the image None, not b.nii.gz"),
+    ({"disagreement": "high"}, "has a sidecar whose disagreement is not {label: score}: 'high'"),
+])
+def test_a_result_of_another_image_or_a_damaged_sidecar_is_refused(cohort_dir, tmp_path, change, problem):
+    out = tmp_path / "out"
+    medsegkit.segment_many(Threshold().eval(), [cohort_dir / "b.nii.gz"], out, progress=False, qc=False,
+                           roi_size=(16, 16, 16))
+    sidecar = json.loads((out / "b_seg.json").read_text())
+    (out / "b_seg.json").write_text(json.dumps({**sidecar, **change}))
+    # before: another image's result was measured as b's; a string disagreement raised AttributeError 'get'
+    with pytest.raises(ValueError) as err:
+        medsegkit.segment_many(Threshold().eval(), [cohort_dir / "b.nii.gz"], out, progress=False, qc=False)
+    assert str(err.value).startswith(f"{out / 'b_seg.nii.gz'} {problem}: segment_many resumes only")
+
+
+def test_a_run_stopped_between_the_sidecar_and_the_labels_segments_the_case_again(cohort_dir, tmp_path,
+                                                                                   monkeypatch):
+    import medsegkit.io
+
+    out = tmp_path / "out"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medsegkit.io, "write_image", killed)
+    with pytest.raises(KeyboardInterrupt):
+        medsegkit.segment_many(Threshold().eval(), [cohort_dir / "b.nii.gz"], out, progress=False,
+                               roi_size=(16, 16, 16))
+    monkeypatch.undo()
+    assert (out / "b_seg.json").exists() and not (out / "b_seg.nii.gz").exists()
+    table = medsegkit.segment_many(Threshold().eval(), [cohort_dir / "b.nii.gz"], out, progress=False, qc=False,
+                                   roi_size=(16, 16, 16))
+    assert table["status"].tolist() == ["segmented"] and table["voxels"].tolist() == [8 * 8 * 9]

@@ -194,15 +194,23 @@ def segment_many(
         labels_path = output_path_for(image_path, out, suffix)
         image = read_image(image_path)
         if labels_path.exists() and not overwrite:
-            status, labels, sidecar = "skipped", read_image(labels_path), read_label_metadata(labels_path)
+            sidecar = read_label_metadata(labels_path)
+            problem = _not_a_stored_result(labels_path, sidecar, image_path)
+            if problem:
+                raise ValueError(f"{labels_path} {problem}: segment_many resumes only from its own results; "
+                                 "move it away, or pass overwrite=True to segment the case again")
+            status, labels = "skipped", read_image(labels_path)
             changed = False
         else:
             status, labels = "segmented", segment(the_model(), image, **segment_kwargs)
-            write_image(labels, labels_path, overwrite=True)
             sidecar = {"image": str(image_path), "model": model_name,
                        **{k: labels.meta[k] for k in ("class_names", "label_colors") if k in labels.meta},
                        "qc": (getattr(the_model(), "medsegkit_metadata", None) or {}).get("qc") or {}}
-            changed = True
+            # the sidecar first: a label file without one is never ours (a run stopped between the two
+            # writes leaves a sidecar without labels, and the next run segments the case again)
+            write_label_metadata(labels_path, sidecar)
+            write_image(labels, labels_path, overwrite=True)
+            changed = False
         if disagreement and sidecar.get("disagreement") is None:
             found = mirrored_disagreement(the_model(), image, labels.array, **segment_kwargs)
             sidecar["disagreement"] = {str(k): v for k, v in found.items()}
@@ -234,6 +242,22 @@ def segment_many(
         if qc:
             write_qc_report(cohort, out / "qc_report.json", thresholds=thresholds)
     return cohort
+
+
+def _not_a_stored_result(labels_path: Path, sidecar: dict[str, Any], image_path: Path) -> str | None:
+    """Why the existing ``labels_path`` is not a result :func:`segment_many` wrote for ``image_path``, or None."""
+    from medsegkit.measurements import metadata_path_for
+
+    if not sidecar:
+        return f"has no sidecar {metadata_path_for(labels_path).name} (segment_many writes one with every result)"
+    source = sidecar.get("image")
+    if not isinstance(source, str) or Path(source).name != image_path.name:
+        return f"was made from the image {source!r}, not {image_path.name}"
+    found = sidecar.get("disagreement")
+    if found is not None and not (isinstance(found, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in found.values())):
+        return f"has a sidecar whose disagreement is not {{label: score}}: {found!r}"
+    return None
 
 
 def _gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
