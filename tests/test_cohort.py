@@ -237,3 +237,21 @@ def test_a_run_stopped_between_the_sidecar_and_the_labels_segments_the_case_agai
     table = medsegkit.segment_many(Threshold().eval(), [cohort_dir / "b.nii.gz"], out, progress=False, qc=False,
                                    roi_size=(16, 16, 16))
     assert table["status"].tolist() == ["segmented"] and table["voxels"].tolist() == [8 * 8 * 9]
+
+
+def test_the_boxplot_refuses_an_existing_file_before_scoring(tmp_path):
+    reference = np.zeros((6, 6, 6), np.uint8)
+    reference[1:4, 1:4, 1:4] = 1
+    target = write_image(Image(reference), tmp_path / "ref.nii.gz")
+    before = target.read_bytes()
+    # before: the PNG replaced the reference scan it had just scored
+    with pytest.raises(FileExistsError) as err:
+        evaluate_cohort({"c": (reference, target)}, boxplot=target)
+    assert str(err.value) == f"{target} exists; pass overwrite=True to replace it"
+    assert target.read_bytes() == before
+    with pytest.raises(IsADirectoryError, match="is a folder; give the path of the PNG file to write"):
+        evaluate_cohort({"c": (reference, target)}, boxplot=tmp_path)
+    png = tmp_path / "box.png"
+    png.write_bytes(b"old")
+    evaluate_cohort({"c": (reference, target)}, boxplot=png, overwrite=True, hd95=False)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -169,3 +169,18 @@ def test_reference_ranges_that_are_not_a_mapping_are_refused():
         reference_ranges_of({"qc": [1000, 1600]})  # before: AttributeError 'list' object has no attribute 'get'
     open_ended = add_quality_flags(_table([1200.0, 5.0]), reference_ranges={"brain": (100, math.inf)})
     assert open_ended["volume_in_range"].tolist() == [True, False]
+
+
+def test_json_report_refuses_an_existing_file_unless_overwrite(tmp_path):
+    flagged = add_quality_flags(_table([1200.0, 400.0]))
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"\x1f\x8bscan bytes")
+    # before: the report replaced the scan (and a folder gave "[Errno 21] Is a directory: '.../.qc.x.part'")
+    with pytest.raises(FileExistsError) as err:
+        write_qc_report(flagged, scan)
+    assert str(err.value) == f"{scan} exists; pass overwrite=True to replace it"
+    assert scan.read_bytes() == b"\x1f\x8bscan bytes"
+    with pytest.raises(IsADirectoryError) as err:
+        write_qc_report(flagged, tmp_path, overwrite=True)
+    assert str(err.value) == f"{tmp_path} is a folder; give the path of the JSON report to write"
+    assert json.loads(write_qc_report(flagged, scan, overwrite=True).read_text())["flagged_cases"] == []

@@ -240,7 +240,7 @@ def segment_many(
     if (rank if rank is not None else process_rank()[0]) == 0:
         atomic_write(out / "cohort.csv", lambda tmp: cohort.to_csv(tmp, index=False))
         if qc:
-            write_qc_report(cohort, out / "qc_report.json", thresholds=thresholds)
+            write_qc_report(cohort, out / "qc_report.json", thresholds=thresholds, overwrite=True)  # this run's
     return cohort
 
 

@@ -216,6 +216,7 @@ def evaluate_cohort(
     class_names: Sequence[str] | None = None,
     hd95: bool = True,
     boxplot: Any = None,
+    overwrite: bool = False,
 ) -> Any:
     """Score many predictions against their references: one row per case and class.
 
@@ -228,6 +229,7 @@ def evaluate_cohort(
         hd95: compute HD95 (the slowest part).
         boxplot: optional PNG path: Dice (and HD95) per class across cases as box plots
             (:func:`save_cohort_boxplot`).
+        overwrite: replace an existing ``boxplot`` file (refused by default, before scoring).
 
     Returns:
         A ``pandas.DataFrame`` with ``case, label, class, dice, hd95, volume_prediction_ml,
@@ -240,6 +242,8 @@ def evaluate_cohort(
 
     from medsegkit.io import read_image
 
+    if boxplot is not None:
+        _check_new_output(boxplot, overwrite)
     rows = []
     for case, prediction, reference in _cohort_pairs(pairs):
         prediction = read_image(prediction) if isinstance(prediction, (str, os.PathLike)) else prediction
@@ -260,7 +264,7 @@ def evaluate_cohort(
     table = pd.DataFrame(rows, columns=["case", "label", "class", "dice", "hd95", "volume_prediction_ml",
                                         "volume_reference_ml", "volume_difference_ml", "relative_volume_difference"])
     if boxplot is not None:
-        save_cohort_boxplot(table, boxplot)
+        save_cohort_boxplot(table, boxplot, overwrite=overwrite)
     return table
 
 
@@ -274,15 +278,27 @@ def cohort_summary(table: Any) -> Any:
     return summary.reset_index()
 
 
-def save_cohort_boxplot(table: Any, path: Any) -> Any:
+def _check_new_output(path: Any, overwrite: bool) -> None:
+    """Refuse a ``path`` that is a folder, or an existing file unless ``overwrite``."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of the PNG file to write")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+
+
+def save_cohort_boxplot(table: Any, path: Any, *, overwrite: bool = False) -> Any:
     """PNG of Dice (left) and HD95 in mm (right) per class across cases, as box plots with the cases as
-    dots; written atomically. Returns the path."""
+    dots; written atomically. Returns the path. An existing ``path`` is refused unless ``overwrite``."""
     from pathlib import Path
 
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves the user's backend alone
 
     from medsegkit.files import atomic_write
 
+    _check_new_output(path, overwrite)
     if table.empty:
         raise ValueError("the cohort table is empty: nothing to plot")
     classes = list(dict.fromkeys(table["class"]))

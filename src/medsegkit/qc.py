@@ -160,9 +160,16 @@ def add_quality_flags(
     return out
 
 
-def write_qc_report(table: pd.DataFrame, path: str | os.PathLike, *, thresholds: QCThresholds | None = None) -> Path:
+def write_qc_report(table: pd.DataFrame, path: str | os.PathLike, *, thresholds: QCThresholds | None = None,
+                    overwrite: bool = False) -> Path:
     """Write the QC result as JSON: thresholds, the flagged cases, and every row's flags and measurements
-    (``{"thresholds", "cases": {case: {"flagged", "structures": {class: {...}}}}, "flagged_cases"}``)."""
+    (``{"thresholds", "cases": {case: {"flagged", "structures": {class: {...}}}}, "flagged_cases"}``).
+    An existing ``path`` is refused unless ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of the JSON report to write")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     thresholds = thresholds or QCThresholds()
     keep = [c for c in ("label", "volume_ml", "volume_z", "volume_in_range", "components",
                         "largest_component_fraction", "border_fraction", "disagreement", *FLAG_COLUMNS, "flags")
@@ -180,7 +187,7 @@ def write_qc_report(table: pd.DataFrame, path: str | os.PathLike, *, thresholds:
     from medsegkit.files import atomic_write
 
     text = json.dumps(report, indent=2)
-    return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _resampling_steps(model: Any, image: Image, preprocessing: Any) -> tuple[int, ...]:
