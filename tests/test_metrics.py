@@ -147,3 +147,17 @@ def test_labels_that_are_not_whole_class_indices_are_refused(labels):
         evaluate(pred, ref, labels=labels, hd95=False)
     assert str(err.value) == f"labels must be whole class indices >= 0 (0 = background); got {labels!r}"
     assert evaluate(pred, ref, labels=[2.0, np.int64(1)], hd95=False)["labels"] == [2, 1]
+
+
+def test_volumes_on_a_sheared_grid_use_the_determinant_like_stats():
+    import medsegkit
+
+    pred, ref = _cubes()
+    sheared = np.array([[2.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    result = evaluate(Image(pred, sheared), Image(ref, sheared), hd95=False)
+    # |det| = 6 mm³ per voxel; before: the product of the column lengths, 2 * sqrt(2) * 3 = 8.49 mm³
+    assert result["volume_reference"][1] == pytest.approx(1000 * 6 / 1000)
+    assert result["volume_difference"][1] == pytest.approx(-200 * 6 / 1000)
+    measured = medsegkit.stats(Image(ref, sheared)).set_index("label")["volume_ml"]
+    assert result["volume_reference"][1] == pytest.approx(measured[1])
+    assert result["volume_reference"][2] == pytest.approx(measured[2])

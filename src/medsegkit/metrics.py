@@ -112,14 +112,21 @@ def evaluate(
             f"{np.round(pred_affine, 4)}\nvs\n{np.round(ref_affine, 4)}\n"
             "Resample one onto the other's grid first."
         )
+    affine = ref_affine if ref_affine is not None else pred_affine
+    voxel_ml = None
     if spacing is None:
-        spacing = _spacing_of(ref_affine if ref_affine is not None else pred_affine, pred.ndim)
+        spacing = _spacing_of(affine, pred.ndim)
+        if affine is not None and pred.ndim == 3:  # |det|: right on oblique / sheared grids too, as stats
+            from medsegkit.measurements import voxel_volume_ml
+
+            voxel_ml = voxel_volume_ml(affine)
     spacing = _positive_spacing(spacing, pred.ndim)
     if labels is None:
         labels = sorted(int(v) for v in np.union1d(np.unique(pred), np.unique(ref)) if v != 0)
     else:
         labels = _class_list(labels)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    if voxel_ml is None:
+        voxel_ml = float(np.prod(spacing)) / 1000.0
     result: dict[str, Any] = {
         "labels": labels,
         "spacing": spacing,
