@@ -542,6 +542,53 @@ def test_model_with_wrong_output_size_is_reported():
         predict(Shrinks().eval(), np.zeros((16, 16, 16), np.float32), roi_size=16)
 
 
+class _Spoils(nn.Module):
+    """A 3D conv whose output ``spoil`` changes (one NaN voxel, complex values, no class channel)."""
+
+    medsegkit_task = "semantic"
+
+    def __init__(self, spoil):
+        super().__init__()
+        self.spatial_dims, self.in_channels, self.spoil = 3, 1, spoil
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        return self.spoil(self.conv(x))
+
+
+def _one_nan(y):
+    y = y.clone()
+    y[-1, 1, -1, -1, -1] = float("nan")
+    return y
+
+
+def _one_inf(y):
+    y = y.clone()
+    y[0, 0, 0, 0, 0] = float("inf")
+    return y
+
+
+@pytest.mark.parametrize(
+    ("spoil", "kwargs", "message"),
+    [
+        # before 2026-12-08: a labels map (the NaN voxel background), NaN probabilities, no error
+        (_one_nan, {}, r"the model returned NaN or Inf values for windows of shape \(2, 1, 8, 8, 8\); the labels would "
+                       r"be meaningless \(a diverged checkpoint, or fp16 overflow: try amp=False\)"),
+        (_one_inf, {"output": "probabilities"}, "the model returned NaN or Inf values"),
+        (_one_nan, {"tta_flips": (0,)}, "the model returned NaN or Inf values"),
+        # before: the imaginary part dropped with a ComplexWarning, labels returned
+        (lambda y: y.to(torch.complex64), {}, r"the model returned torch.complex64 values; a semantic model must "
+                                               r"return real logits \(N, K, \*spatial\)"),
+        # before: IndexError 'index 0 is out of bounds for dimension 0 with size 0' from the argmax
+        (lambda y: y[:, :0], {}, r"the model returned shape \(2, 0, 8, 8, 8\): no class channel \(K = 0\)"),
+    ],
+)
+def test_model_returning_nan_complex_or_no_classes_is_refused(spoil, kwargs, message):
+    image = np.random.default_rng(0).random((12, 8, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=message):
+        predict(_Spoils(spoil).eval(), image, roi_size=8, sw_batch_size=2, overlap=0.5, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # task dispatch
 def test_instance_and_universal_models_are_routed(monkeypatch):

@@ -99,7 +99,10 @@ def _first_tensor(output) -> torch.Tensor:
 
 
 def _dense_output(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return _first_tensor(module(batch)).float()
+    output = _first_tensor(module(batch))
+    if output.is_complex() or output.dtype == torch.bool:  # .float() would drop the imaginary part silently
+        raise ValueError(f"the model returned {output.dtype} values; a semantic model must return real logits (N, K, *spatial)")
+    return output.float()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

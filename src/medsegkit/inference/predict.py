@@ -382,6 +382,14 @@ class MirroredRunner:
                     f"the model returned shape {tuple(y.shape)} for windows of shape {tuple(x.shape)}; "
                     "a semantic model must return (N, K, *spatial) of its input's spatial size"
                 )
+            if y.shape[1] == 0:
+                raise ValueError(f"the model returned shape {tuple(y.shape)}: no class channel (K = 0); a semantic "
+                                 "model must return (N, K, *spatial) with K >= 1")
+            if not bool(torch.isfinite(y).all()):  # argmax / blending would turn them into a plausible map
+                raise ValueError(
+                    f"the model returned NaN or Inf values for windows of shape {tuple(x.shape)}; the labels would "
+                    "be meaningless (a diverged checkpoint, or fp16 overflow: try amp=False)"
+                )
             if axes:
                 y = y.flip([2 + a for a in axes])
             if self.blend_probabilities:
