@@ -568,6 +568,16 @@ def _one_inf(y):
     return y
 
 
+def test_batch_size_beyond_the_number_of_windows_allocates_only_those(model3d):
+    # before 2026-12-08 the window buffer had sw_batch_size rows whatever the number of windows:
+    # RuntimeError "Storage size calculation overflowed with sizes=[1000000000000000, 1, 16, 16, 16]" (10**9: an
+    # attempt to allocate 256 GB for a 8³ image)
+    image = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    expected = predict(model3d, image, roi_size=16, output="logits")
+    huge = predict(model3d, image, roi_size=16, sw_batch_size=10**15, output="logits")
+    np.testing.assert_array_equal(huge, expected)
+
+
 @pytest.mark.parametrize(
     ("spoil", "kwargs", "message"),
     [

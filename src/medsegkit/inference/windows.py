@@ -573,7 +573,8 @@ def iterate_windows(
             read_windows = [read(w) for w in windows]
             # the batch buffer is reused: fresh memory costs a page fault per 4 kB on every batch
             if buffer is None or buffer.dtype != read_windows[0].dtype or buffer.shape[1:] != read_windows[0].shape:
-                buffer = read_windows[0].new_empty((batch_size, *read_windows[0].shape))
+                # never more windows than the order holds: a batch size above it is no reason to allocate more
+                buffer = read_windows[0].new_empty((min(batch_size, len(order)), *read_windows[0].shape))
             batch = torch.stack(read_windows, out=buffer[:len(windows)])
             if transform is not None:
                 batch = transform(n, batch)
