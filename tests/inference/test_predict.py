@@ -510,6 +510,33 @@ def test_bad_input_clear_error(model3d, image, kwargs, message):
         predict(model3d, image, **{"roi_size": 16, **kwargs})
 
 
+@pytest.mark.parametrize(
+    ("roi_size", "message"),
+    [
+        # before 2026-12-08: RuntimeError "DefaultCPUAllocator: can't allocate memory: you tried to allocate
+        # 4000000000000 bytes" from MONAI's importance map
+        (10**6, r"roi_size \(1000000, 1000000, 1000000\) pads the image \(16, 16, 16\) to 1,000,000,000,000,000,000 "
+                r"voxels; a window larger than the image may pad it to at most 2,147,483,647 voxels \(2\*\*31 - 1\): "
+                r"give a smaller roi_size"),
+        ((16, 16, 2**31), "pads the image"),
+        # before: True taken as a window of 1 voxel, silently
+        (True, r"roi_size must be an int or 3 ints for a 3D model, got True"),
+        ((True, 16, 16), r"roi_size must be an int or 3 ints for a 3D model, got \(True, 16, 16\)"),
+        # before: TypeError "'float' object is not iterable"
+        (2.5, r"roi_size must be an int or 3 ints for a 3D model, got 2.5"),
+        ("16", r"roi_size must be an int or 3 ints for a 3D model, got '16'"),
+    ],
+)
+def test_roi_size_that_is_no_size_or_pads_without_bound_is_refused(model3d, roi_size, message):
+    with pytest.raises(ValueError, match=message):
+        predict(model3d, np.zeros((16, 16, 16), np.float32), roi_size=roi_size)
+
+
+def test_roi_larger_than_the_image_still_pads(model3d):
+    image = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    assert predict(model3d, image, roi_size=(8, 8, 1024)).shape == (4, 5, 6)
+
+
 def test_per_axis_sigma_scale_is_accepted(model3d):
     image = np.random.default_rng(0).random((20, 16, 16)).astype(np.float32)
     per_axis = predict(model3d, image, roi_size=16, sigma_scale=(0.125, 0.125, 0.125), output="logits")

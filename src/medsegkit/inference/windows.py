@@ -47,6 +47,7 @@ __all__ = [
 logger = logging.getLogger("medsegkit.inference")
 
 DEFAULT_ROI = {2: (256, 256), 3: (96, 96, 96)}
+MAX_PADDED_VOXELS = 2**31 - 1  # how far a window larger than the image may pad it (float32: 8 GiB per channel)
 Region = tuple[slice, ...]
 
 
@@ -274,13 +275,17 @@ def resolve_roi(
     model's default; non-positive / ``None`` entries take the image size), with a 1 inserted at
     ``slice_axis`` for a 2D model on a volume."""
     of_model = [s for i, s in enumerate(image_spatial) if i != slice_axis]
+
+    def size(r: Any) -> bool:  # a bool is an int to Python, but True is no window size
+        return isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
+
     if roi_size is None:
         roi = default_roi(model, model_dims)
-    elif isinstance(roi_size, (int, np.integer)):
+    elif size(roi_size):
         roi = (int(roi_size),) * model_dims
     else:
-        roi = tuple(roi_size)
-        if len(roi) != model_dims or not all(isinstance(r, (int, np.integer)) or r is None for r in roi):
+        roi = tuple(roi_size) if isinstance(roi_size, Sequence) and not isinstance(roi_size, str) else ()
+        if len(roi) != model_dims or not all(size(r) or r is None for r in roi):
             raise ValueError(f"roi_size must be an int or {model_dims} ints for a {model_dims}D model, got {roi_size!r}")
     roi = tuple(int(size) if r is None or r <= 0 else int(r) for r, size in zip(roi, of_model))
     if slice_axis is not None:
@@ -362,11 +367,19 @@ def window_slices(
         ``(slices, padded_size, pad_before)``: window slices in the coordinates of the image padded to
         at least ``roi_size`` (MONAI pads symmetrically, the odd voxel after), the padded size, and the
         padding before each axis.
+
+    Raises:
+        ValueError: a window larger than the image pads it beyond :data:`MAX_PADDED_VOXELS` voxels.
     """
     from monai.data.utils import dense_patch_slices
 
     overlaps = tuple(overlap) if isinstance(overlap, Sequence) else (float(overlap),) * len(image_size)
     padded = tuple(max(s, r) for s, r in zip(image_size, roi_size))
+    if math.prod(padded) > max(math.prod(image_size), MAX_PADDED_VOXELS):  # the padded grid is allocated per window
+        raise ValueError(
+            f"roi_size {tuple(roi_size)} pads the image {tuple(image_size)} to {math.prod(padded):,} voxels; a window "
+            f"larger than the image may pad it to at most {MAX_PADDED_VOXELS:,} voxels (2**31 - 1): give a smaller roi_size"
+        )
     pad_before = [(p - s) // 2 for p, s in zip(padded, image_size)]
     slices = dense_patch_slices(padded, roi_size, _scan_interval(padded, roi_size, overlaps))
     return slices, padded, pad_before
