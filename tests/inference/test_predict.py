@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -112,6 +113,21 @@ def test_2d_model_on_plain_volume_slices_along_last_axis_by_default(model2d):
     assert labels.shape == (20, 30, 9)
     axial = predict(model2d, volume, roi_size=16, slice_axis=2)
     np.testing.assert_array_equal(labels, axial)
+
+
+@pytest.mark.parametrize("slice_axis", [1.5, True, "0", np.float32(1.0)])
+def test_slice_axis_that_is_no_int_is_refused(model2d, slice_axis):
+    # before 2026-12-08 int() took 1.5 and True as axis 1 and "0" as axis 0: a map sliced along an axis never asked for
+    with pytest.raises(ValueError, match=r"slice_axis must be an int, a spatial axis in \[0, 3\), got "
+                                         + re.escape(repr(slice_axis))):
+        predict(model2d, np.zeros((6, 7, 8), np.float32), roi_size=8, slice_axis=slice_axis)
+
+
+def test_tta_flips_axis_that_is_a_bool_is_refused(model3d):
+    # before 2026-12-08 (True,) mirrored axis 1
+    with pytest.raises(ValueError, match=r"tta_flips must be a sequence of spatial axes such as \(0, 1, 2\) or 'auto', "
+                                         r"got \(True,\)"):
+        predict(model3d, np.zeros((16, 16, 16), np.float32), roi_size=16, tta_flips=(True,))
 
 
 def test_window_slices_are_monais():

@@ -143,7 +143,9 @@ def mirror_flip_sets(tta_flips: Sequence[int] | str, roi: Sequence[int]) -> list
     image_dims = len(roi)
     if isinstance(tta_flips, str) and tta_flips == "auto":
         tta_flips = tuple(range(image_dims))
-    if isinstance(tta_flips, (bool, int, str)) or not all(isinstance(a, (int, np.integer)) for a in tta_flips):
+    if isinstance(tta_flips, (bool, int, str)) or not all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in tta_flips
+    ):
         raise ValueError(f"tta_flips must be a sequence of spatial axes such as (0, 1, 2) or 'auto', got {tta_flips!r}")
     axes = tuple(int(a) for a in tta_flips)
     for a in axes:

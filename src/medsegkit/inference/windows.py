@@ -262,6 +262,9 @@ def resolve_slice_axis(slice_axis: int | None, model_dims: int, image_dims: int)
                 f"{image_dims}D image"
             )
         return None
+    is_int = isinstance(slice_axis, (int, np.integer)) and not isinstance(slice_axis, (bool, np.bool_))
+    if slice_axis is not None and not is_int:  # int() took 1.5 as 1, True as 1 and "0" as 0
+        raise ValueError(f"slice_axis must be an int, a spatial axis in [0, {image_dims}), got {slice_axis!r}")
     axis = image_dims - 1 if slice_axis is None else int(slice_axis)
     if not -image_dims <= axis < image_dims:
         raise ValueError(f"slice_axis must be a spatial axis in [0, {image_dims}), got {slice_axis}")
