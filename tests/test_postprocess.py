@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medsegkit.postprocess import instance_map, panoptic_map, semantic_map, semantic_probabilities
 
@@ -195,3 +197,74 @@ def test_real_tiny_maskformer_outputs_equal_processor(hf_processors):
         panoptic_map(out, threshold=0.0, overlap_mask_area_threshold=0.0, target_size=(64, 64)),
         processor.post_process_panoptic_segmentation(_hf(out), threshold=0.0, overlap_mask_area_threshold=0.0, target_sizes=sizes),
     )
+
+
+def _nan_at(outputs, key, index):
+    spoiled = {k: v.clone() for k, v in outputs.items()}
+    spoiled[key][index] = float("nan")
+    return spoiled
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        # before 2026-12-08: NaN gave an all-class-0 semantic map, an all -1 instance / panoptic map, no error
+        (lambda o: semantic_map(_nan_at(o, "pred_logits", (0, 0, 0))), ValueError,
+         r"^pred_logits contains NaN or Inf values; the maps would be meaningless \(check the model\)$"),
+        (lambda o: instance_map(_nan_at(o, "pred_masks", (0, 1, 3, 3))), ValueError, "^pred_masks contains NaN or Inf"),
+        (lambda o: panoptic_map({**o, "pred_masks": o["pred_masks"] * float("inf")}), ValueError,
+         "^pred_masks contains NaN or Inf"),
+        # before: AttributeError 'numpy.ndarray' object has no attribute 'softmax'
+        (lambda o: semantic_map({k: v.numpy() for k, v in o.items()}), TypeError,
+         "^pred_logits and pred_masks must be torch tensors, got ndarray and ndarray$"),
+        # before: NotImplementedError "softmax_lastdim_kernel_impl" not implemented for 'Long'
+        (lambda o: semantic_map({**o, "pred_logits": o["pred_logits"].long()}), ValueError,
+         r"^pred_logits and pred_masks must be logits of one floating dtype, got torch.int64 and torch.float32$"),
+        # before: RuntimeError expected scalar type Float but found Double (einsum)
+        (lambda o: semantic_map({**o, "pred_logits": o["pred_logits"].double()}), ValueError,
+         "got torch.float64 and torch.float32$"),
+        # before: a boolean mask was read as logits 0 / 1, silently
+        (lambda o: semantic_map({**o, "pred_masks": o["pred_masks"] > 0}), ValueError, "got torch.float32 and torch.bool$"),
+        # before: (8.7, 16) resized to 8 rows, (True, 16) to 1 row and "88" to (8, 8), silently
+        (lambda o: semantic_map(o, target_size=(8.7, 16)), ValueError,
+         r"^target_size must give 2 positive sizes \(one per spatial dim of pred_masks\), got \(8.7, 16\)$"),
+        (lambda o: semantic_map(o, target_size=(True, 16)), ValueError, r"got \(True, 16\)$"),
+        (lambda o: semantic_map(o, target_size="88"), ValueError, "got '88'$"),
+        # before: TypeError 'int' object is not iterable
+        (lambda o: semantic_map(o, target_size=8), ValueError, "got 8$"),
+        # before: RuntimeError DefaultCPUAllocator: can't allocate memory (12 TB)
+        (lambda o: semantic_map(o, target_size=(10**6, 10**6)), ValueError,
+         r"^target_size \(1000000, 1000000\) is 1,000,000,000,000 voxels; at most 2,147,483,647 \(2\*\*31 - 1\)$"),
+        # before: a NaN threshold dropped every segment; -1 / 2 / True were compared as given, silently
+        (lambda o: instance_map(o, threshold=float("nan")), ValueError, r"^threshold must be a number in \[0, 1\], got nan$"),
+        (lambda o: panoptic_map(o, threshold=-1), ValueError, r"^threshold must be a number in \[0, 1\], got -1$"),
+        (lambda o: panoptic_map(o, mask_threshold=True), ValueError, r"^mask_threshold must be a number in \[0, 1\], got True$"),
+        (lambda o: panoptic_map(o, overlap_mask_area_threshold=2.0), ValueError,
+         r"^overlap_mask_area_threshold must be a number in \[0, 1\], got 2.0$"),
+        # before: TypeError "'>=' not supported between instances of 'float' and 'str'"
+        (lambda o: instance_map(o, threshold="0.5"), ValueError, r"got '0.5'$"),
+        (lambda o: instance_map(o, mask_threshold="0.5"), ValueError,
+         r"^mask_threshold must lie strictly between 0 and 1, got '0.5'$"),
+        # before: "12" fused classes 1 and 2, [1.7] class 1, silently; 1 gave TypeError 'int' object is not iterable
+        (lambda o: panoptic_map(o, label_ids_to_fuse="12"), ValueError, r"^label_ids_to_fuse must be class ids \(ints\), got '12'$"),
+        (lambda o: panoptic_map(o, label_ids_to_fuse=[1.7]), ValueError, r"got \[1.7\]$"),
+        (lambda o: panoptic_map(o, label_ids_to_fuse=1), ValueError, "got 1$"),
+    ],
+)
+def test_bad_outputs_and_options_are_one_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call(_outputs(n=1, q=3, k=2, spatial=(8, 8)))
+
+
+@settings(max_examples=40)
+@given(value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.integers(-3, 3)))
+def test_thresholds_outside_zero_one_are_refused_and_inside_accepted(value):
+    outputs = _outputs(n=1, q=3, k=2, spatial=(6, 6))
+    inside = not isinstance(value, bool) and 0.0 <= value <= 1.0
+    for call in (lambda: instance_map(outputs, threshold=value), lambda: panoptic_map(outputs, threshold=value),
+                 lambda: panoptic_map(outputs, overlap_mask_area_threshold=value)):
+        if inside:
+            call()
+        else:
+            with pytest.raises(ValueError, match=r"must be a number in \[0, 1\], got "):
+                call()

@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +62,14 @@ def _unpack(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             "outputs must be a query model's dict with 'pred_logits' (N, Q, K+1) and 'pred_masks' "
             f"(N, Q, *spatial), or a transformers output with class_queries_logits/masks_queries_logits; got {given}"
         )
+    if not isinstance(logits, torch.Tensor) or not isinstance(masks, torch.Tensor):
+        raise TypeError(f"pred_logits and pred_masks must be torch tensors, got {type(logits).__name__} and "
+                        f"{type(masks).__name__}")
+    if not (logits.is_floating_point() and masks.is_floating_point()) or logits.dtype != masks.dtype:
+        raise ValueError(f"pred_logits and pred_masks must be logits of one floating dtype, got {logits.dtype} and "
+                         f"{masks.dtype}")
+    if logits.device != masks.device:
+        raise ValueError(f"pred_logits and pred_masks must be on one device, got {logits.device} and {masks.device}")
     if logits.ndim != 3 or masks.ndim not in (4, 5) or logits.shape[:2] != masks.shape[:2]:
         raise ValueError(
             f"pred_logits must be (N, Q, K+1) and pred_masks (N, Q, H, W) or (N, Q, D, H, W) with the same N "
@@ -68,17 +77,39 @@ def _unpack(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if logits.shape[-1] < 2:
         raise ValueError(f"pred_logits needs at least one class plus 'no object', got {logits.shape[-1]} columns")
+    for name, values in (("pred_logits", logits), ("pred_masks", masks)):
+        if not bool(torch.isfinite(values).all()):  # softmax / sigmoid of NaN: an empty or all-class-0 map
+            raise ValueError(f"{name} contains NaN or Inf values; the maps would be meaningless (check the model)")
     return logits, masks
+
+
+MAX_TARGET_VOXELS = 2**31 - 1  # a (N, K or Q, *target_size) float32 tensor is made at the target size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    """``value`` as a float in ``[0, 1]`` (a probability or a fraction), else one ``ValueError`` line."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+        0.0 <= value <= 1.0
+    ):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _check_size(target_size: Sequence[int] | None, spatial_dims: int) -> tuple[int, ...] | None:
     if target_size is None:
         return None
-    size = tuple(int(s) for s in target_size)
-    if len(size) != spatial_dims or min(size) < 1:
+    given = tuple(target_size) if isinstance(target_size, Sequence) and not isinstance(target_size, str) else ()
+    if len(given) != spatial_dims or not all(_is_int(s) and s >= 1 for s in given):
         raise ValueError(
-            f"target_size must give {spatial_dims} positive sizes (one per spatial dim of pred_masks), got {target_size}"
+            f"target_size must give {spatial_dims} positive sizes (one per spatial dim of pred_masks), got {target_size!r}"
         )
+    size = tuple(int(s) for s in given)
+    if math.prod(size) > MAX_TARGET_VOXELS:
+        raise ValueError(f"target_size {size} is {math.prod(size):,} voxels; at most {MAX_TARGET_VOXELS:,} (2**31 - 1)")
     return size
 
 
@@ -119,8 +150,8 @@ def semantic_map(outputs: Any, target_size: Sequence[int] | None = None) -> torc
 
 
 def _logit(p: float) -> float:
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"mask_threshold must lie strictly between 0 and 1, got {p}")
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0.0 < p < 1.0:
+        raise ValueError(f"mask_threshold must lie strictly between 0 and 1, got {p!r}")
     return math.log(p / (1.0 - p))
 
 
@@ -153,6 +184,7 @@ def instance_map(
     logits, masks = _unpack(outputs)
     size = _check_size(target_size, masks.ndim - 2)
     cut = _logit(mask_threshold)
+    threshold = _check_fraction("threshold", threshold)
     num_queries, num_classes = logits.shape[1], logits.shape[2] - 1
     labels = torch.arange(num_classes, device=logits.device).repeat(num_queries)
     results = []
@@ -217,7 +249,14 @@ def panoptic_map(
     """
     logits, masks = _unpack(outputs)
     size = _check_size(target_size, masks.ndim - 2)
-    fuse = {int(i) for i in (label_ids_to_fuse or ())}
+    threshold = _check_fraction("threshold", threshold)
+    mask_threshold = _check_fraction("mask_threshold", mask_threshold)
+    overlap_mask_area_threshold = _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
+    fuse_ids = () if label_ids_to_fuse is None else label_ids_to_fuse
+    if isinstance(fuse_ids, (str, bytes)) or not isinstance(fuse_ids, Iterable) or not all(_is_int(i) for i in fuse_ids):
+        # a string "12" was taken as classes 1 and 2, 1.7 as class 1
+        raise ValueError(f"label_ids_to_fuse must be class ids (ints), got {label_ids_to_fuse!r}")
+    fuse = {int(i) for i in fuse_ids}
     num_classes = logits.shape[-1] - 1
     probs = masks.sigmoid()
     scores, labels = logits.softmax(dim=-1).max(-1)
