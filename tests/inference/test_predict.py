@@ -553,6 +553,46 @@ def test_roi_larger_than_the_image_still_pads(model3d):
     assert predict(model3d, image, roi_size=(8, 8, 1024)).shape == (4, 5, 6)
 
 
+class _Counts(nn.Module):
+    """A 3D conv that counts its calls."""
+
+    medsegkit_task = "semantic"
+
+    def __init__(self):
+        super().__init__()
+        self.spatial_dims, self.in_channels, self.calls = 3, 1, 0
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # before 2026-12-08: TypeError "'int' object is not callable" after the first window batch had run
+        ({"progress": 5}, r"^progress must be a callable progress\(done, total\) or None, got int$"),
+        # before: AttributeError "'object' object has no attribute 'is_set'" / TypeError "'bool' object is not callable"
+        ({"cancel": object()}, r"^cancel must have an is_set\(\) method \(a threading.Event\) or be None, got object$"),
+        ({"cancel": True}, "^cancel must have an is_set"),
+        ({"cancel": type("Flag", (), {"is_set": False})()}, "^cancel must have an is_set"),
+    ],
+)
+def test_progress_and_cancel_of_the_wrong_kind_are_refused_before_any_window(kwargs, message):
+    model = _Counts().eval()
+    with pytest.raises(ValueError, match=message):
+        predict(model, np.zeros((16, 8, 8), np.float32), roi_size=8, sw_batch_size=1, **kwargs)
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("model", [None, lambda x: x, "not a module".split()])
+def test_model_that_is_no_module_is_refused(model):
+    # before 2026-12-08: AttributeError "'NoneType' object has no attribute 'modules'" (and 'function', 'list')
+    with pytest.raises(TypeError, match=r"^model must be a torch.nn.Module or the path of an export, got "):
+        predict(model, np.zeros((8, 8, 8), np.float32), roi_size=8)
+
+
 def test_per_axis_sigma_scale_is_accepted(model3d):
     image = np.random.default_rng(0).random((20, 16, 16)).astype(np.float32)
     per_axis = predict(model3d, image, roi_size=16, sigma_scale=(0.125, 0.125, 0.125), output="logits")

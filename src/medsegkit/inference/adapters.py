@@ -29,6 +29,7 @@ from torch import nn
 from medsegkit.inference.windows import (
     WindowGrid,
     as_source,
+    check_callbacks,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -299,6 +300,7 @@ def predict_query(
     if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__"):
         raise ValueError("out for instance / panoptic results must be an array of the result's shape, not a path")
     refuse_fast(model, fast, task)
+    check_callbacks(progress, cancel)
 
     dims = model_spatial_dims(model)
     in_channels = model_in_channels(model)

@@ -33,6 +33,7 @@ from medsegkit.inference.windows import (
     ImageSource,
     WindowGrid,
     as_source,
+    check_callbacks,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -284,6 +285,7 @@ def predict_instances(
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     if fast:
         logger.info("fast=True has no effect for instance (detection) models")
+    check_callbacks(progress, cancel)
 
     in_channels = model_in_channels(model) or 3
     source, image_dims = as_source(image, 2, in_channels, slice_axis, image_dims=spatial_dims)

@@ -46,6 +46,7 @@ from medsegkit.inference.windows import (
     Runner,
     WindowGrid,
     as_source,
+    check_callbacks,
     check_window_options,
     iterate_windows,
     model_device,
@@ -254,7 +255,10 @@ def predict(
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if not isinstance(model, (nn.Module, str, os.PathLike)):
+        raise TypeError(f"model must be a torch.nn.Module or the path of an export, got {type(model).__name__}")
     check_window_options(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale, cval=cval)
+    check_callbacks(progress, cancel)
     check_backend(backend)
     if backend == "auto" and (fast or amp):
         raise ValueError("backend='auto' chooses the precision itself (bf16 only where labels agree >= 99.5 %); "

@@ -39,7 +39,8 @@ from medsegkit.inference.fast import PreparedModel, prepare_model
 from medsegkit.nets.modes import evaluating
 
 __all__ = [
-    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_overlap", "iterate_windows", "model_device",
+    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_overlap", "iterate_windows",
+    "model_device",
     "model_in_channels", "model_spatial_dims", "prepared_runner", "registered_roi", "resolve_overlap", "resolve_roi",
     "resolve_slice_axis", "window_slices", "write_into",
 ]
@@ -330,6 +331,19 @@ def check_window_options(*, sw_batch_size: Any, overlap: Any, mode: Any, sigma_s
                          f"of the window, default 0.125), got {sigma_scale!r}")
     if not _finite_number(cval):
         raise ValueError(f"cval must be a finite number (the value read outside the image), got {cval!r}")
+
+
+def check_callbacks(progress: Any, cancel: Any) -> None:
+    """``progress`` ``None`` or callable, ``cancel`` ``None`` or an object with a callable ``is_set()``,
+    checked before any window runs (they were first touched after the first window batch, or before it).
+
+    Raises:
+        ValueError: one line naming the argument, what it is and what is accepted.
+    """
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable progress(done, total) or None, got {type(progress).__name__}")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise ValueError(f"cancel must have an is_set() method (a threading.Event) or be None, got {type(cancel).__name__}")
 
 
 def resolve_overlap(overlap: Any, model_dims: int, image_dims: int, slice_axis: int | None) -> tuple[float, ...]:
