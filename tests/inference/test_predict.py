@@ -593,6 +593,42 @@ def test_model_that_is_no_module_is_refused(model):
         predict(model, np.zeros((8, 8, 8), np.float32), roi_size=8)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # before 2026-12-08: RuntimeError "Expected one of cpu, cuda, ipu, xpu, ... device type at start of device string: gpu"
+        ({"device": "gpu"}, r"^device must be a device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu'$"),
+        ({"sw_device": ""}, r"^sw_device must be a device such as 'cpu', 'cuda' or 'cuda:1', got ''$"),
+        ({"device": True}, "^device must be a device such as"),
+        # before: "Tensor.item() cannot be called on meta tensors" / "Cannot copy out of meta tensor; no data!"
+        ({"device": "meta"}, r"^device='meta': a meta device holds no data; use 'cpu' or 'cuda'$"),
+        ({"sw_device": torch.device("meta")}, r"^sw_device=device\(type='meta'\): a meta device holds no data"),
+        # before (no CUDA): RuntimeError "Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU..."
+        ({"device": "cuda"}, r"^device='cuda': CUDA is not available here \(torch.cuda.is_available\(\) is False\); use 'cpu'$"),
+        ({"sw_device": 5}, r"^sw_device=5: CUDA is not available here"),
+    ],
+)
+def test_devices_that_cannot_be_used_are_one_clear_error(monkeypatch, kwargs, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same message with or without a GPU here
+    model = _Counts().eval()
+    with pytest.raises(ValueError, match=message):
+        predict(model, np.zeros((8, 8, 8), np.float32), roi_size=8, **kwargs)
+    assert model.calls == 0
+
+
+def test_cuda_index_beyond_the_devices_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^device='cuda:7': this machine has 1 CUDA device\(s\), cuda:0 to cuda:0$"):
+        predict(_Counts().eval(), np.zeros((8, 8, 8), np.float32), roi_size=8, device="cuda:7")
+
+
+def test_image_tensor_on_the_meta_device_is_refused():
+    # before 2026-12-08: NotImplementedError / RuntimeError "Tensor.item() cannot be called on meta tensors" from torch
+    with pytest.raises(ValueError, match=r"^image is a tensor on the meta device, which holds no values; give a tensor with data$"):
+        predict(_Counts().eval(), torch.zeros(8, 8, 8, device="meta"), roi_size=8)
+
+
 def test_per_axis_sigma_scale_is_accepted(model3d):
     image = np.random.default_rng(0).random((20, 16, 16)).astype(np.float32)
     per_axis = predict(model3d, image, roi_size=16, sigma_scale=(0.125, 0.125, 0.125), output="logits")

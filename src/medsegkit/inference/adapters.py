@@ -30,6 +30,7 @@ from medsegkit.inference.windows import (
     WindowGrid,
     as_source,
     check_callbacks,
+    check_device,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -301,6 +302,8 @@ def predict_query(
         raise ValueError("out for instance / panoptic results must be an array of the result's shape, not a path")
     refuse_fast(model, fast, task)
     check_callbacks(progress, cancel)
+    check_device("device", device)
+    check_device("sw_device", sw_device)
 
     dims = model_spatial_dims(model)
     in_channels = model_in_channels(model)

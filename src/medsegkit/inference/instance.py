@@ -34,6 +34,7 @@ from medsegkit.inference.windows import (
     WindowGrid,
     as_source,
     check_callbacks,
+    check_device,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -286,6 +287,8 @@ def predict_instances(
     if fast:
         logger.info("fast=True has no effect for instance (detection) models")
     check_callbacks(progress, cancel)
+    check_device("device", device)
+    check_device("sw_device", sw_device)
 
     in_channels = model_in_channels(model) or 3
     source, image_dims = as_source(image, 2, in_channels, slice_axis, image_dims=spatial_dims)

@@ -47,6 +47,7 @@ from medsegkit.inference.windows import (
     WindowGrid,
     as_source,
     check_callbacks,
+    check_device,
     check_window_options,
     iterate_windows,
     model_device,
@@ -259,6 +260,8 @@ def predict(
         raise TypeError(f"model must be a torch.nn.Module or the path of an export, got {type(model).__name__}")
     check_window_options(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale, cval=cval)
     check_callbacks(progress, cancel)
+    check_device("device", device)
+    check_device("sw_device", sw_device)
     check_backend(backend)
     if backend == "auto" and (fast or amp):
         raise ValueError("backend='auto' chooses the precision itself (bf16 only where labels agree >= 99.5 %); "

@@ -39,7 +39,7 @@ from medsegkit.inference.fast import PreparedModel, prepare_model
 from medsegkit.nets.modes import evaluating
 
 __all__ = [
-    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_overlap", "iterate_windows",
+    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_device", "check_overlap", "iterate_windows",
     "model_device",
     "model_in_channels", "model_spatial_dims", "prepared_runner", "registered_roi", "resolve_overlap", "resolve_roi",
     "resolve_slice_axis", "window_slices", "write_into",
@@ -207,6 +207,8 @@ def as_source(
             f"image must be a numpy array, a torch tensor or a lazy array (dask, zarr), got {type(image).__name__}"
         )
     _check_dtype(image)
+    if kind == "torch" and image.device.type == "meta":
+        raise ValueError("image is a tensor on the meta device, which holds no values; give a tensor with data")
     shape = tuple(int(s) for s in image.shape)
     if any(s == 0 for s in shape) or len(shape) == 0:
         raise ValueError(f"image is empty (shape {shape}); give an array with at least one voxel")
@@ -331,6 +333,33 @@ def check_window_options(*, sw_batch_size: Any, overlap: Any, mode: Any, sigma_s
                          f"of the window, default 0.125), got {sigma_scale!r}")
     if not _finite_number(cval):
         raise ValueError(f"cval must be a finite number (the value read outside the image), got {cval!r}")
+
+
+def check_device(name: str, device: Any) -> None:
+    """``device`` (``None``, a ``torch.device``, a string such as ``"cuda:1"`` or a CUDA index) names a device
+    this process can use: not ``meta``, and CUDA / MPS only where available (with the CUDA index in range).
+
+    Raises:
+        ValueError: one line naming the argument, the value and why it cannot be used.
+    """
+    if device is None:
+        return
+    try:
+        if isinstance(device, bool):
+            raise TypeError
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if resolved.type == "meta":
+        raise ValueError(f"{name}={device!r}: a meta device holds no data; use 'cpu' or 'cuda'")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r}: CUDA is not available here (torch.cuda.is_available() is False); use 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={device!r}: MPS is not available here (torch.backends.mps.is_available() is False); use 'cpu'")
 
 
 def check_callbacks(progress: Any, cancel: Any) -> None:
