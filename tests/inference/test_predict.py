@@ -629,6 +629,47 @@ def test_image_tensor_on_the_meta_device_is_refused():
         predict(_Counts().eval(), torch.zeros(8, 8, 8, device="meta"), roi_size=8)
 
 
+def _read_only(shape, dtype):
+    array = np.zeros(shape, dtype)
+    array.flags.writeable = False
+    return array
+
+
+@pytest.mark.parametrize(
+    ("classes", "out", "output", "message"),
+    [
+        # before 2026-12-08: probabilities truncated to 0 in an int8 array, 300 labels wrapped modulo 256 in uint8,
+        # labels 1 and 2 both True in a bool array, nothing written to a meta tensor: all without a word
+        (2, np.zeros((2, 8, 8, 8), np.int8), "probabilities",
+         r"^out has dtype int8, but probabilities / logits are float32; give a floating array$"),
+        (300, np.zeros((8, 8, 8), np.uint8), "labels", r"^out has dtype uint8, which cannot hold labels 0 to 299; give an "
+                                                       r"integer array \(uint8 up to 256 classes, else int32\)$"),
+        (3, np.zeros((8, 8, 8), bool), "labels", "^out has dtype bool, which cannot hold labels 0 to 2"),
+        (2, torch.zeros(2, 8, 8, 8, dtype=torch.int32), "logits", "^out has dtype torch.int32, but probabilities / logits"),
+        (2, torch.zeros(8, 8, 8, device="meta"), "labels",
+         r"^out is a tensor on the meta device, which holds no values; give one on 'cpu' or 'cuda'$"),
+        # before: numpy's "assignment destination is read-only" after the first slab had been computed
+        (2, _read_only((8, 8, 8), np.uint8), "labels", r"^out is a read-only array; give a writeable one \(or a path\)$"),
+        # before: AttributeError "'list' object has no attribute 'shape'"
+        (2, [0] * 8, "labels", r"^out must be an array of the result's shape \(numpy, memmap, zarr, tensor\) or a path, got list$"),
+    ],
+)
+def test_out_that_cannot_hold_the_result_is_refused(classes, out, output, message):
+    model = _Spoils(lambda y: y).eval()
+    model.conv = nn.Conv3d(1, classes, 1)
+    with pytest.raises(ValueError, match=message):
+        predict(model, np.zeros((8, 8, 8), np.float32), roi_size=8, out=out, output=output)
+
+
+@pytest.mark.parametrize(("classes", "dtype"), [(2, bool), (2, np.int8), (256, np.uint8), (300, np.int16), (3, np.float32)])
+def test_out_that_holds_the_labels_is_written(classes, dtype):
+    model = _Spoils(lambda y: y).eval()
+    model.conv = nn.Conv3d(1, classes, 1)
+    image = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    out = predict(model, image, roi_size=8, out=np.zeros((8, 8, 8), dtype))
+    np.testing.assert_array_equal(out, predict(model, image, roi_size=8).astype(dtype))
+
+
 def test_per_axis_sigma_scale_is_accepted(model3d):
     image = np.random.default_rng(0).random((20, 16, 16)).astype(np.float32)
     per_axis = predict(model3d, image, roi_size=16, sigma_scale=(0.125, 0.125, 0.125), output="logits")

@@ -85,8 +85,18 @@ class OutputWriter:
                 raise FileExistsError(f"output {self.path} already exists; remove it or choose another path")
             if not self.path.parent.is_dir():
                 raise FileNotFoundError(f"output folder {self.path.parent} does not exist")
+        elif out is not None:
+            if isinstance(out, bytes) or not (hasattr(out, "shape") and hasattr(out, "dtype") and hasattr(out, "__setitem__")):
+                raise ValueError(f"out must be an array of the result's shape (numpy, memmap, zarr, tensor) or a path, "
+                                 f"got {type(out).__name__}")
+            if isinstance(out, np.ndarray) and not out.flags.writeable:
+                raise ValueError("out is a read-only array; give a writeable one (or a path)")
+            if isinstance(out, torch.Tensor) and out.device.type == "meta":
+                raise ValueError("out is a tensor on the meta device, which holds no values; give one on 'cpu' or 'cuda'")
 
-    def allocate(self, shape: tuple[int, ...], dtype: np.dtype, slab_axis: int) -> None:
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype, slab_axis: int, classes: int | None = None) -> None:
+        """Make (or check) the result array ``shape`` of ``dtype``; a caller's ``out`` must hold the values
+        (``classes``: the label count, for a label map)."""
         if self.request is None:
             if self.like_torch:
                 self.array = torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
@@ -103,6 +113,7 @@ class OutputWriter:
         given = tuple(int(s) for s in self.request.shape)
         if given != shape:
             raise ValueError(f"out has shape {given}, but this prediction has shape {shape}")
+        _check_holds(self.request.dtype, dtype, classes)
         self.array = self.request
 
     def write(self, index: tuple, values: torch.Tensor) -> None:
@@ -126,6 +137,27 @@ class OutputWriter:
             shutil.rmtree(self.tmp_path, ignore_errors=True)
             if self.tmp_path.exists():  # pragma: no cover - rmtree failed, say so rather than hide it
                 logger.error("could not remove the partial output %s", self.tmp_path)
+
+
+def _check_holds(out_dtype: Any, dtype: np.dtype, classes: int | None) -> None:
+    """Refuse a caller's ``out`` dtype (numpy, zarr or torch) that cannot hold the result: probabilities /
+    logits (float ``dtype``) need a floating array, labels ``0..classes - 1`` an integer, bool or float dtype
+    holding ``classes - 1`` (numpy's cast wraps 300 classes into uint8 and truncates probabilities to 0)."""
+    if isinstance(out_dtype, torch.dtype):
+        floating, boolean = out_dtype.is_floating_point, out_dtype == torch.bool
+        largest = None if floating or boolean or out_dtype.is_complex else torch.iinfo(out_dtype).max
+    else:
+        kind = np.dtype(out_dtype).kind
+        floating, boolean = kind == "f", kind == "b"
+        largest = np.iinfo(np.dtype(out_dtype)).max if kind in "iu" else None
+    if np.dtype(dtype).kind == "f":
+        if not floating:
+            raise ValueError(f"out has dtype {out_dtype}, but probabilities / logits are float32; give a floating array")
+        return
+    top = max((classes or 2) - 1, 1)  # the largest label (a 1-class map: 0 / 1)
+    if boolean and top > 1 or largest is not None and largest < top or not (floating or boolean or largest is not None):
+        raise ValueError(f"out has dtype {out_dtype}, which cannot hold labels 0 to {top}; give an integer array "
+                         f"(uint8 up to 256 classes, else int32)")
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -526,7 +558,7 @@ class SlabBlender:
         if self.writer.array is None:
             shape = ((source.batch,) if source.has_batch else ()) + ((classes,) if output != "labels" else ()) + source.spatial
             dtype = _label_dtype(classes) if output == "labels" else np.dtype(np.float32)
-            self.writer.allocate(tuple(shape), dtype, self.slab)
+            self.writer.allocate(tuple(shape), dtype, self.slab, classes=classes)
         region = [slice(None)] * len(source.spatial)
         region[self.slab] = slice(start, stop)
         index = ((self.n,) if source.has_batch else ()) + ((slice(None),) if output != "labels" else ()) + tuple(region)
