@@ -304,3 +304,36 @@ def test_trained_mask_rcnn_3d_volume(trained_mask_rcnn):
     labels = predict_instances(trained_mask_rcnn, volume, spatial_dims=3, slice_axis=0)
     ious = _match(labels, list(truth))
     assert labels.shape == (8, 64, 64) and len(ious) == 2 and min(ious) >= 0.5, ious
+
+
+def _two_objects() -> np.ndarray:
+    image = np.zeros((16, 16), np.float32)
+    image[2:6, 2:6], image[9:14, 9:14] = 1.0, 0.9
+    return image
+
+
+def _read_only_int32() -> np.ndarray:
+    array = np.zeros((16, 16), np.int32)
+    array.flags.writeable = False
+    return array
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        # before 2026-12-08: instances 1 and 2 both written as True, silently
+        (np.zeros((16, 16), bool), r"^out has dtype bool, which cannot hold labels 0 to 2; give an integer array"),
+        # before: numpy's "assignment destination is read-only"
+        (_read_only_int32(), r"^out is a read-only array; give a writeable one$"),
+        (torch.zeros(16, 16, device="meta"), "^out is a tensor on the meta device, which holds no values"),
+    ],
+)
+def test_out_that_cannot_hold_the_instances_is_refused(out, message):
+    with pytest.raises(ValueError, match=message):
+        predict_instances(ComponentDetector(), _two_objects(), out=out)
+
+
+def test_out_of_another_integer_dtype_holds_the_instances():
+    labels = predict_instances(ComponentDetector(), _two_objects())
+    out = predict_instances(ComponentDetector(), _two_objects(), out=np.zeros((16, 16), np.int8))
+    np.testing.assert_array_equal(out, labels)

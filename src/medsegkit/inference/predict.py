@@ -48,6 +48,7 @@ from medsegkit.inference.windows import (
     as_source,
     check_callbacks,
     check_device,
+    check_out_dtype,
     check_window_options,
     iterate_windows,
     model_device,
@@ -113,7 +114,7 @@ class OutputWriter:
         given = tuple(int(s) for s in self.request.shape)
         if given != shape:
             raise ValueError(f"out has shape {given}, but this prediction has shape {shape}")
-        _check_holds(self.request.dtype, dtype, classes)
+        check_out_dtype(self.request.dtype, dtype, classes)
         self.array = self.request
 
     def write(self, index: tuple, values: torch.Tensor) -> None:
@@ -137,27 +138,6 @@ class OutputWriter:
             shutil.rmtree(self.tmp_path, ignore_errors=True)
             if self.tmp_path.exists():  # pragma: no cover - rmtree failed, say so rather than hide it
                 logger.error("could not remove the partial output %s", self.tmp_path)
-
-
-def _check_holds(out_dtype: Any, dtype: np.dtype, classes: int | None) -> None:
-    """Refuse a caller's ``out`` dtype (numpy, zarr or torch) that cannot hold the result: probabilities /
-    logits (float ``dtype``) need a floating array, labels ``0..classes - 1`` an integer, bool or float dtype
-    holding ``classes - 1`` (numpy's cast wraps 300 classes into uint8 and truncates probabilities to 0)."""
-    if isinstance(out_dtype, torch.dtype):
-        floating, boolean = out_dtype.is_floating_point, out_dtype == torch.bool
-        largest = None if floating or boolean or out_dtype.is_complex else torch.iinfo(out_dtype).max
-    else:
-        kind = np.dtype(out_dtype).kind
-        floating, boolean = kind == "f", kind == "b"
-        largest = np.iinfo(np.dtype(out_dtype)).max if kind in "iu" else None
-    if np.dtype(dtype).kind == "f":
-        if not floating:
-            raise ValueError(f"out has dtype {out_dtype}, but probabilities / logits are float32; give a floating array")
-        return
-    top = max((classes or 2) - 1, 1)  # the largest label (a 1-class map: 0 / 1)
-    if boolean and top > 1 or largest is not None and largest < top or not (floating or boolean or largest is not None):
-        raise ValueError(f"out has dtype {out_dtype}, which cannot hold labels 0 to {top}; give an integer array "
-                         f"(uint8 up to 256 classes, else int32)")
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -39,7 +39,7 @@ from medsegkit.inference.fast import PreparedModel, prepare_model
 from medsegkit.nets.modes import evaluating
 
 __all__ = [
-    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_device", "check_overlap", "iterate_windows",
+    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_device", "check_out_dtype", "check_overlap", "iterate_windows",
     "model_device",
     "model_in_channels", "model_spatial_dims", "prepared_runner", "registered_roi", "resolve_overlap", "resolve_roi",
     "resolve_slice_axis", "window_slices", "write_into",
@@ -644,6 +644,27 @@ def iterate_windows(
 
 
 # --------------------------------------------------------------------------------------------------
+def check_out_dtype(out_dtype: Any, dtype: np.dtype, classes: int | None) -> None:
+    """Refuse a caller's ``out`` dtype (numpy, zarr or torch) that cannot hold the result: probabilities /
+    logits (float ``dtype``) need a floating array, labels ``0..classes - 1`` an integer, bool or float dtype
+    holding ``classes - 1`` (numpy's cast wraps 300 classes into uint8 and truncates probabilities to 0)."""
+    if isinstance(out_dtype, torch.dtype):
+        floating, boolean = out_dtype.is_floating_point, out_dtype == torch.bool
+        largest = None if floating or boolean or out_dtype.is_complex else torch.iinfo(out_dtype).max
+    else:
+        kind = np.dtype(out_dtype).kind
+        floating, boolean = kind == "f", kind == "b"
+        largest = np.iinfo(np.dtype(out_dtype)).max if kind in "iu" else None
+    if np.dtype(dtype).kind == "f":
+        if not floating:
+            raise ValueError(f"out has dtype {out_dtype}, but probabilities / logits are float32; give a floating array")
+        return
+    top = max((classes or 2) - 1, 1)  # the largest label (a 1-class map: 0 / 1)
+    if boolean and top > 1 or largest is not None and largest < top or not (floating or boolean or largest is not None):
+        raise ValueError(f"out has dtype {out_dtype}, which cannot hold labels 0 to {top}; give an integer array "
+                         f"(uint8 up to 256 classes, else int32)")
+
+
 def write_into(out: Any, result: Any) -> Any:
     """Copy a finished ``result`` (numpy array or tensor) into the caller's array ``out`` and return it."""
     if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__") or not hasattr(out, "shape"):
@@ -653,6 +674,13 @@ def write_into(out: Any, result: Any) -> Any:
         )
     if tuple(out.shape) != tuple(result.shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, but the result has shape {tuple(result.shape)}")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is a read-only array; give a writeable one")
+    if isinstance(out, torch.Tensor) and out.device.type == "meta":
+        raise ValueError("out is a tensor on the meta device, which holds no values; give one on 'cpu' or 'cuda'")
+    values = np.asarray(result.cpu() if isinstance(result, torch.Tensor) else result)
+    if values.dtype.kind in "iu":  # label maps: out must hold the largest label (bool: 0 / 1 only)
+        check_out_dtype(out.dtype, values.dtype, int(values.max(initial=0)) + 1)
     if isinstance(out, torch.Tensor):
         out.copy_(torch.as_tensor(result).to(out.device, out.dtype))
     else:
