@@ -337,3 +337,48 @@ def test_out_of_another_integer_dtype_holds_the_instances():
     labels = predict_instances(ComponentDetector(), _two_objects())
     out = predict_instances(ComponentDetector(), _two_objects(), out=np.zeros((16, 16), np.int8))
     np.testing.assert_array_equal(out, labels)
+
+
+class _Returns(ComponentDetector):
+    """ComponentDetector whose per-batch result ``change`` rewrites."""
+
+    def __init__(self, change) -> None:
+        super().__init__()
+        self.change = change
+
+    def forward(self, images):
+        return self.change(super().forward(images))
+
+
+def _nan_scores(results):
+    for result in results:
+        result["scores"] = result["scores"] * float("nan")
+    return results
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        # before 2026-12-08: an empty map (NaN fails every threshold), without a word
+        (_Returns(_nan_scores), {}, r"^the detection model returned NaN or Inf scores; the instance map would be meaningless$"),
+        # before: the second image's detections were dropped by zip, silently
+        (_Returns(lambda results: results[:1]), {"sw_batch_size": 2},
+         r"^a detection model must return a list of one dict per image; for 2 image\(s\) it returned 1$"),
+        # before: KeyError 'scores' / IndexError 'too many indices for tensor of dimension 3'
+        (_Returns(lambda results: [{} for _ in results]), {},
+         r"^a detection model must return one dict per image with 'scores' \(n,\) and 'masks' \(n, 1, H, W\) "
+         r"\(torchvision's convention\), got \[\]$"),
+        (_Returns(lambda results: [{**r, "masks": r["masks"][:, 0]} for r in results]), {},
+         r"got \['boxes', 'labels', 'masks', 'scores'\]$"),
+        # before: True was taken as 1.0 and sw_batch_size=True as 1; "0.3" failed with TypeError in the comparison
+        (ComponentDetector(), {"score_threshold": True}, r"^score_threshold must be in \[0, 1\], got True$"),
+        (ComponentDetector(), {"link_iou": "0.3"}, r"^link_iou must be in \[0, 1\], got '0.3'$"),
+        (ComponentDetector(), {"sw_batch_size": True}, "^sw_batch_size must be a positive int, got True$"),
+        # before: TypeError 'NoneType' object is not iterable
+        (ComponentDetector(), {"tta_flips": None}, r"^tta_flips is not supported for instance models .*; give \(\), got None$"),
+    ],
+)
+def test_bad_detector_output_and_options_are_one_clear_error(model, kwargs, message):
+    volume = np.stack([_two_objects()] * 2)  # two slices: two images per batch with sw_batch_size=2
+    with pytest.raises(ValueError, match=message):
+        predict_instances(model, volume, spatial_dims=3, slice_axis=0, **kwargs)

@@ -102,6 +102,14 @@ def _detections_of(
     score_threshold: float,
     mask_threshold: float,
 ) -> list[_Detection]:
+    scores, masks = (result.get(key) if isinstance(result, dict) else None for key in ("scores", "masks"))
+    if not (isinstance(scores, torch.Tensor) and isinstance(masks, torch.Tensor) and scores.ndim == 1
+            and masks.ndim == 4 and masks.shape[:2] == (scores.shape[0], 1)):
+        given = sorted(result) if isinstance(result, dict) else type(result).__name__
+        raise ValueError("a detection model must return one dict per image with 'scores' (n,) and 'masks' (n, 1, H, W) "
+                         f"(torchvision's convention), got {given}")
+    if not bool(torch.isfinite(scores).all()):  # NaN scores fail every threshold: an empty map, silently
+        raise ValueError("the detection model returned NaN or Inf scores; the instance map would be meaningless")
     keep = result["scores"] >= score_threshold
     scores = result["scores"][keep].float().cpu().numpy()
     masks = (result["masks"][keep][:, 0] > mask_threshold).cpu().numpy()
@@ -271,18 +279,19 @@ def predict_instances(
         raise ValueError(
             f"an instance model gives output='labels' only (an instance label map), got {output!r}"
         )
-    if tuple(tta_flips):
+    if tta_flips is None or tuple(tta_flips):
         raise ValueError(
-            "tta_flips is not supported for instance models (flipped detections are not blended)"
+            f"tta_flips is not supported for instance models (flipped detections are not blended); give (), got {tta_flips!r}"
         )
     for name, value in (
         ("score_threshold", score_threshold),
         ("mask_threshold", mask_threshold),
         ("link_iou", link_iou),
     ):
-        if not 0.0 <= float(value) <= 1.0:
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        if not (number and 0.0 <= float(value) <= 1.0):  # True was taken as 1.0, "0.5" failed in the comparison
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
+    if not isinstance(sw_batch_size, (int, np.integer)) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     if fast:
         logger.info("fast=True has no effect for instance (detection) models")
@@ -310,6 +319,11 @@ def predict_instances(
                          call=_detect) as runner:
         for batch in iterate_windows(source, grid, runner, batch_size=int(sw_batch_size), transform=_DetectorInput(source, axis),
                                      progress=progress, cancel=cancel):
+            if not isinstance(batch.output, (list, tuple)) or len(batch.output) != len(batch.windows):
+                raise ValueError(
+                    f"a detection model must return a list of one dict per image; for {len(batch.windows)} image(s) it "
+                    f"returned {len(batch.output) if isinstance(batch.output, (list, tuple)) else type(batch.output).__name__}"
+                )
             for window, result in zip(batch.windows, batch.output):
                 tile = (window[plane[0]].start, window[plane[0]].stop, window[plane[1]].start, window[plane[1]].stop)
                 found = _detections_of(result, tile_index[tile], tile[0], tile[2], score_threshold, mask_threshold)
