@@ -297,3 +297,44 @@ def test_cli_refuses_fast_for_a_query_model_in_one_line(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "--fast: fast=True is not available for query models" in lines[0], lines
     assert not out.exists()
+
+
+class _Spoiled(OracleQueryModel):
+    """OracleQueryModel whose output ``change`` rewrites."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
+
+    def forward(self, x):
+        return self.change(super().forward(x))
+
+
+def _two_ids():
+    image = np.zeros((16, 16), np.float32)
+    image[2:6, 2:6], image[9:14, 9:14] = 1, 2
+    return image
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        # before 2026-12-08: a model answering 1 of 4 windows lost the other 3 windows' segments (zip), silently
+        (_Spoiled(lambda d: {k: v[:1] for k, v in d.items()}), {},
+         r"^a query model must return \{'pred_logits': \(N, Q, K\+1\), 'pred_masks': \(N, Q, \*spatial\)\} with N = 4 "
+         r"windows; got \{'pred_logits': \(1, 12, 4\), 'pred_masks': \(1, 12, 8, 8\)\}$"),
+        # before: KeyError 'pred_masks' / IndexError 'too many indices for tensor of dimension 4'
+        (_Spoiled(lambda d: {"pred_logits": d["pred_logits"]}), {}, r"with N = 4 windows; got \{'pred_logits': \(4, 12, 4\)\}$"),
+        (_Spoiled(lambda d: d["pred_masks"]), {}, "with N = 4 windows; got Tensor$"),
+        # before: True was merge_iou 1.0; "0.5" a TypeError in the comparison; NaN cval padded the windows with NaN
+        (OracleQueryModel(), {"merge_iou": True}, r"^merge_iou must be in \[0, 1\], got True$"),
+        (OracleQueryModel(), {"merge_iou": "0.5"}, r"^merge_iou must be in \[0, 1\], got '0.5'$"),
+        (OracleQueryModel(), {"cval": float("nan")}, r"^cval must be a finite number \(the value read outside the image\), got nan$"),
+        # before: TypeError from torch's new_empty (a bool size) / 'NoneType' object is not iterable
+        (OracleQueryModel(), {"sw_batch_size": True}, "^sw_batch_size must be a positive int, got True$"),
+        (OracleQueryModel(), {"tta_flips": None}, r"^tta_flips is not supported for instance / panoptic .*; give \(\), got None$"),
+    ],
+)
+def test_bad_query_output_and_options_are_one_clear_error(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        predict_query(model, _two_ids(), roi_size=8, task="panoptic", **kwargs)

@@ -28,6 +28,7 @@ from torch import nn
 
 from medsegkit.inference.windows import (
     WindowGrid,
+    _finite_number,
     as_source,
     check_callbacks,
     check_device,
@@ -292,12 +293,15 @@ def predict_query(
         )
     if output != "labels":
         raise ValueError(f"task={task!r} gives label maps only; output must be 'labels', got {output!r}")
-    if tuple(tta_flips):
-        raise ValueError("tta_flips is not supported for instance / panoptic segmentation (segments cannot be averaged)")
-    if not isinstance(sw_batch_size, (int, np.integer)) or sw_batch_size < 1:
+    if tta_flips is None or tuple(tta_flips):
+        raise ValueError("tta_flips is not supported for instance / panoptic segmentation (segments cannot be averaged); "
+                         f"give (), got {tta_flips!r}")
+    if not isinstance(sw_batch_size, (int, np.integer)) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    if not 0.0 <= merge_iou <= 1.0:
-        raise ValueError(f"merge_iou must be in [0, 1], got {merge_iou}")
+    if not (_finite_number(merge_iou) and 0.0 <= merge_iou <= 1.0):  # True was 1.0, "0.5" a TypeError
+        raise ValueError(f"merge_iou must be in [0, 1], got {merge_iou!r}")
+    if not _finite_number(cval):  # NaN padding went into the windows past the image's edge
+        raise ValueError(f"cval must be a finite number (the value read outside the image), got {cval!r}")
     if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__"):
         raise ValueError("out for instance / panoptic results must be an array of the result's shape, not a path")
     refuse_fast(model, fast, task)
@@ -325,8 +329,14 @@ def predict_query(
     run_on = torch.device(sw_device) if sw_device is not None else model_device(model)
     channels = in_channels or source.channels * source.repeat_channels
 
-    def segments_of(outputs: dict[str, torch.Tensor]) -> list[list[dict[str, Any]]]:
-        outputs = {"pred_logits": outputs["pred_logits"].float(), "pred_masks": outputs["pred_masks"].float()}
+    def segments_of(outputs: dict[str, torch.Tensor], windows: int) -> list[list[dict[str, Any]]]:
+        tensors = [outputs.get(key) if isinstance(outputs, dict) else None for key in ("pred_logits", "pred_masks")]
+        if not all(isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == windows for t in tensors):
+            given = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in outputs.items()} \
+                if isinstance(outputs, dict) else type(outputs).__name__
+            raise ValueError(f"a query model must return {{'pred_logits': (N, Q, K+1), 'pred_masks': (N, Q, *spatial)}} "
+                             f"with N = {windows} windows; got {given}")
+        outputs = {"pred_logits": tensors[0].float(), "pred_masks": tensors[1].float()}
         if task == "instance":
             maps = instance_map(outputs, threshold=threshold, mask_threshold=mask_threshold, target_size=roi)
         else:
@@ -343,7 +353,7 @@ def predict_query(
                          relayout=False, call=_query_outputs) as runner:
         for batch in iterate_windows(source, grid, runner, batch_size=sw_batch_size, cval=cval, progress=progress,
                                      cancel=cancel):
-            for window, segments in zip(batch.windows, segments_of(batch.output)):
+            for window, segments in zip(batch.windows, segments_of(batch.output, len(batch.windows))):
                 canvases[batch.n].add_window(window, segments)
     results, tables = zip(*(canvas.result(grid.crop) for canvas in canvases))
 
