@@ -111,6 +111,40 @@ def test_run_cancel_keeps_done_windows_and_resumes(weak_case):
     np.testing.assert_array_equal(session.run(), segment(model, image, **KW).array)
 
 
+@pytest.mark.parametrize("broken", ["on_update", "progress"])
+def test_a_callback_that_raises_at_the_end_of_run_leaves_a_session_that_finishes(weak_case, broken):
+    # until 2026-12-08 a run whose last on_update or progress call raised kept its labels but never recorded
+    # the original windows: every later run returned at once, refine failed with TypeError ('NoneType' object
+    # is not subscriptable) and reset left the labels as they were; the region on_update failed on was lost
+    model, image = weak_case
+    reference = segment(model, image, **KW).array
+    session = Session(model, image, **KW)
+    viewer = np.full(SHAPE, 99, np.int64)  # what a viewer copies from the reported regions
+
+    def copy_then_fail_at_the_end(*args):
+        if broken == "on_update" and not session.pre_done.all():
+            region, labels = args
+            viewer[region] = labels[region]
+        if session.pre_done.all():
+            raise RuntimeError("viewer closed")
+
+    with pytest.raises(RuntimeError, match="viewer closed"):
+        session.run(**{broken: copy_then_fail_at_the_end})
+
+    def copy(region, labels):
+        viewer[region] = labels[region]
+
+    labels = session.run(on_update=copy)
+    np.testing.assert_array_equal(labels, reference)
+    if broken == "on_update":
+        np.testing.assert_array_equal(viewer, reference)  # the region whose callback failed came again
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[36:40, 10:14, 10:14] = 1
+    session.refine(scribbles, scope="global")
+    assert session.rounds == 1 and session.labels[37, 12, 12] == 0
+    np.testing.assert_array_equal(session.reset(), reference)
+
+
 def test_bad_focus_and_options_are_refused(weak_case):
     model, image = weak_case
     with pytest.raises(TypeError, match=r"unsupported option\(s\) \['largest_component'\]"):

@@ -493,9 +493,9 @@ class Session:
         if region is None:
             return
         self.labels[new] = self._gather(self.pre_labels, new)
-        self.reported |= new
         if on_update is not None:
             on_update(region, self.labels)
+        self.reported |= new  # only once reported: a callback that raised gets this region again next run
 
     def _focus_box(self, focus: Any) -> tuple[slice, ...]:
         """``focus`` (``{"axis": a, "index": i}`` or a tuple of slices on the input grid) as a box on the
@@ -601,7 +601,7 @@ class Session:
             The label map on the input grid, equal to ``segment(model, image, **segment_kwargs)``.
         """
         focus_box = self._focus_box(focus) if focus is not None else None
-        if self.labels is not None and self.pre_done.all():  # finished (and maybe refined) already
+        if self._original_cache is not None:  # finished (and maybe refined) already
             if on_update is not None:
                 on_update(tuple(slice(0, n) for n in self.labels.shape), self.labels)
             return self.labels
@@ -637,6 +637,7 @@ class Session:
         size = self.options["sw_batch_size"]
         self._compute(todo, progress, cancel, total=math.ceil(len(todo) / size), after_batch=after_batch)
         after_batch()  # windows cached by a cancelled run still publish
+        self._publish(on_update)  # and the voxels of an on_update call that raised are reported again
         if not self.pre_done.all():  # pragma: no cover - every chunk's windows are computed above
             raise RuntimeError("internal error: some chunks were not finished")
         # every input voxel has now been published once its preprocessed voxel was final, through the voxel
@@ -740,7 +741,7 @@ class Session:
             raise ValueError("scribbles mark no voxel; paint at least one voxel with c + 1 (class c)")
         if scribbles.min() < 0:
             raise ValueError(f"scribbles values must be >= 0 (0 = unmarked, c + 1 = class c), got {scribbles.min()}")
-        if self.labels is None or not self.pre_done.all():
+        if self._original_cache is None:
             self.run(cancel=cancel)  # the model's class count is known once a window has run
         top = max(self._classes(), 2)
         if scribbles.max() > top:
