@@ -379,6 +379,29 @@ def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case)
     assert (session.marks == 0).all()
 
 
+def test_a_progress_that_raises_at_the_end_of_refine_leaves_the_session_as_it_was(weak_case):
+    # until 2026-12-08 the last progress(100, 100) came after the round was recorded: refine raised, yet the
+    # labels, marks and model were the adapted ones, rounds was 1 and undo had a round to take back
+    model, image = weak_case
+    session = Session(model, image, **KW)
+    original = session.run().copy()
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[36:40, 10:14, 10:14] = 1
+
+    def progress(done, total):
+        if done == total:
+            raise RuntimeError("progress bar closed")
+
+    with pytest.raises(RuntimeError, match="progress bar closed"):
+        session.refine(scribbles, scope="global", progress=progress)
+    np.testing.assert_array_equal(session.labels, original)
+    assert not session.marks.any() and session.rounds == 0 and session._fit is None
+    with pytest.raises(ValueError, match="nothing to undo"):
+        session.undo()
+    np.testing.assert_array_equal(session.refine(scribbles, scope="global"), segment(session.model, image, **KW).array
+                                  * (scribbles == 0))
+
+
 def test_instance_and_query_models_are_refused():
 
     image = Image(np.zeros((16, 16, 16), np.float32), np.eye(4), {}, None)

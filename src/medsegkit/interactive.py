@@ -781,14 +781,14 @@ class Session:
                     self.labels[update] = predicted[toward_mark]
                 self.last_scope = scope
             self._force_marks()
+            if progress is not None:  # within the try: a progress that raises leaves the session as it was
+                progress(100, 100)
         except BaseException:
             self._apply(snapshot, model, labels_before, pre_before)
             raise
         self._keep_changes(snapshot, labels_before, pre_before)
         self.rounds += 1
         self._history.append(snapshot)
-        if progress is not None:
-            progress(100, 100)
         return self.labels
 
     @property
