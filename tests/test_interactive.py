@@ -154,6 +154,20 @@ def test_bad_focus_and_options_are_refused(weak_case):
         session.run(focus={"axis": 0, "index": 99})
     with pytest.raises(ValueError, match="focus must be None"):
         session.run(focus=[1, 2])
+    # until 2026-12-08 these were taken as other foci: True as axis 1, 2.7 as slice 2, "3" as 3, and a box
+    # with a step as the whole range (slice(0, 10, 2) as 0:10)
+    for focus in ({"axis": True, "index": 3}, {"axis": 1, "index": 2.7}, {"axis": 1, "index": "3"},
+                  {"axis": 1.0, "index": 3}, {"axis": None, "index": 3}):
+        with pytest.raises(ValueError, match="focus axis and index must be integers, got"):
+            session.run(focus=focus)
+    for box in ((slice(0, 10, 2), slice(None), slice(None)), (slice(0.5, 3), slice(None), slice(None)),
+                (slice(None), slice(True, 4), slice(None))):
+        with pytest.raises(ValueError, match=r"must be slices of integers \(or None\) without a step"):
+            session.run(focus=box)
+    assert not session.cache and session.labels is None
+    assert session._focus_region({"axis": np.int64(1), "index": np.int32(-1)})[1] == slice(23, 24)
+    assert session._focus_region((slice(np.int64(2), None, 1), slice(None), slice(-3, None)))[::2] == (
+        slice(2, 48), slice(21, 24))
 
 
 @pytest.mark.slow

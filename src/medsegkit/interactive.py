@@ -67,6 +67,11 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+def _is_index(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _overlaps(a: Sequence[slice], b: Sequence[slice]) -> bool:
     return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
 
@@ -508,12 +513,17 @@ class Session:
         if isinstance(focus, Mapping):
             if set(focus) != {"axis", "index"}:
                 raise ValueError(f"focus must be {{'axis': a, 'index': i}} or a tuple of slices, got {focus!r}")
+            if not all(_is_index(focus[key]) for key in ("axis", "index")):
+                raise ValueError(f"focus axis and index must be integers, got {focus!r}")
             axis, index = int(focus["axis"]), int(focus["index"])
             if not 0 <= axis < len(shape) or not -shape[axis] <= index < shape[axis]:
                 raise ValueError(f"focus slice {focus!r} is outside the image of shape {shape}")
             region = tuple(slice(index % shape[axis], index % shape[axis] + 1) if a == axis else slice(0, s)
                            for a, s in enumerate(shape))
         elif isinstance(focus, tuple) and len(focus) == len(shape) and all(isinstance(s, slice) for s in focus):
+            if not all(s.step in (None, 1) and all(b is None or _is_index(b) for b in (s.start, s.stop))
+                       for s in focus):
+                raise ValueError(f"focus box {focus!r} must be slices of integers (or None) without a step")
             region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(focus, shape))
             if any(s.stop <= s.start for s in region):
                 raise ValueError(f"focus box {focus!r} is empty on the image of shape {shape}")
