@@ -196,6 +196,48 @@ def test_session_jobs_run_progressively_refine_undo_reset_save_and_rebuild(tmp_p
     assert (np.load(result["path"])[scribbles > 0] == 2).all()
 
 
+@pytest.mark.parametrize("action", ["session_refine", "session_undo", "session_reset"])
+def test_session_jobs_after_a_cancelled_run_finish_the_run_first(tmp_path, action):
+    """Until 2026-12-08 a session whose session_run was cancelled failed every later job with
+    AttributeError: 'NoneType' object has no attribute 'copy' (its labels did not exist yet)."""
+    from medsegkit import Cancelled, create_model, worker
+    from medsegkit.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3).eval()
+    checkpoint = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    layer = np.random.default_rng(0).random((12, 16, 20), dtype=np.float32)
+    np.save(tmp_path / "layer.npy", layer)
+    base = {"model": {"checkpoint": str(checkpoint)}, "input": {"format": "npy", "path": str(tmp_path / "layer.npy")},
+            "predict": {"roi_size": [8, 16, 16]}}
+    reference = np.load(segment_job({**base, "output_dir": str(tmp_path / "ref")}, queue.Queue(), threading.Event())["path"])
+    run = {**base, "action": "session_run", "session": "s1", "output_dir": str(tmp_path / "run")}
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled, match="cancelled after 0 of"):
+        worker.session_job(run, queue.Queue(), cancel)
+    scribbles = np.zeros(layer.shape, np.uint8)
+    scribbles[4:7, 5:9, 6:10] = 2 + 1
+    np.save(tmp_path / "scribbles.npy", scribbles)
+    job = {"action": action, "session": "s1", "spec": run, "seconds": 0.5,
+           "scribbles": {"format": "npy", "path": str(tmp_path / "scribbles.npy")}}
+    if action == "session_undo":
+        with pytest.raises(ValueError, match="^nothing to undo"):
+            worker.session_job(job, queue.Queue(), threading.Event())
+        np.testing.assert_array_equal(np.load(tmp_path / "run" / "labels.npy"), reference)
+        return
+    result = worker.session_job(job, queue.Queue(), threading.Event())
+    labels = np.load(result["path"])
+    assert not result["rebuilt"] and result["region"] == [[0, 12], [0, 16], [0, 20]]
+    if action == "session_reset":
+        np.testing.assert_array_equal(labels, reference)
+    else:
+        assert result["rounds"] == 1 and (labels[scribbles > 0] == 2).all()
+        from medsegkit.io.geometry import reverse_spatial
+
+        np.testing.assert_array_equal(labels, reverse_spatial(worker._sessions["s1"].session.labels, 3))
+
+
 def test_focus_is_the_hidden_spatial_axis_only_in_a_2d_view():
     from medsegkit.worker import _focus_of
 

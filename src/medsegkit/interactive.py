@@ -611,7 +611,7 @@ class Session:
             The label map on the input grid, equal to ``segment(model, image, **segment_kwargs)``.
         """
         focus_box = self._focus_box(focus) if focus is not None else None
-        if self._original_cache is not None:  # finished (and maybe refined) already
+        if self.finished:  # (and maybe refined) already
             if on_update is not None:
                 on_update(tuple(slice(0, n) for n in self.labels.shape), self.labels)
             return self.labels
@@ -670,6 +670,12 @@ class Session:
 
     def _classes(self) -> int:
         return int(next(iter(self.cache.values())).shape[0])
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`run` has finished: :attr:`labels` holds the whole prediction (a cancelled or
+        interrupted run is continued by the next :meth:`run`; :meth:`refine` runs it first)."""
+        return self._original_cache is not None
 
     @property
     def num_classes(self) -> int | None:
@@ -751,7 +757,7 @@ class Session:
             raise ValueError("scribbles mark no voxel; paint at least one voxel with c + 1 (class c)")
         if scribbles.min() < 0:
             raise ValueError(f"scribbles values must be >= 0 (0 = unmarked, c + 1 = class c), got {scribbles.min()}")
-        if self._original_cache is None:
+        if not self.finished:
             self.run(cancel=cancel)  # the model's class count is known once a window has run
         top = max(self._classes(), 2)
         if scribbles.max() > top:

@@ -646,7 +646,9 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
     unmarked, ``c + 1`` class ``c``; ``seconds``), ``"session_undo"``, ``"session_reset"`` and
     ``"session_save"`` (``path``) act on the session ``job["session"]``; when this process does not hold
     it (it was restarted after a crash), it is rebuilt from ``job["spec"]`` (the ``session_run`` job)
-    and run whole first, and its whole label map is published. A refine passes only the marks that are
+    and run whole first, and its whole label map is published; so is a session whose ``session_run`` was
+    cancelled, before a refine, undo or reset (until 2026-12-08 these failed with ``AttributeError:
+    'NoneType' object has no attribute 'copy'``). A refine passes only the marks that are
     new (differ from the session's marks) to :meth:`Session.refine`, so the parent may send its whole
     corrections layer each time.
 
@@ -701,10 +703,12 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         if not spec:
             raise ValueError(f"this worker process holds no session {key!r} and the job gives no spec to rebuild it")
         entry, _, _ = _new_session(spec)
-        entry.session.run(progress=progress, cancel=cancel)
     session = entry.session
     everything = tuple(slice(0, n) for n in session.image.spatial_shape)
-    if rebuilt:
+    # rebuilt, or its session_run was cancelled (a save needs no labels): run it whole first
+    completed = not session.finished and (rebuilt or action != "session_save")
+    if completed:
+        session.run(progress=progress, cancel=cancel)
         entry.publish(everything)
 
     if action == "session_save":
@@ -749,7 +753,7 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         raise ValueError(f"unknown session action {action!r}")
     from medsegkit.interactive import bounding_box
 
-    region = everything if rebuilt else bounding_box(before != session.labels)
+    region = everything if completed else bounding_box(before != session.labels)
     napari_region = entry.publish(region)
     return {**entry.file_info(), "region": napari_region, "rebuilt": rebuilt, "steps": steps, "scope": scope,
             "seconds": time.perf_counter() - started, **_session_common(entry)}
