@@ -918,6 +918,11 @@ class Session:
         """Fit the output layer's affine map to ``pre_marks`` (all marks, on the preprocessed grid), fold it
         into a copy of the original model (:attr:`model`), and bring :attr:`pre_labels` up to date (the
         kept window outputs mapped, or with ``tta_flips`` the adapted model's windows run)."""
+        scores = self._original_scores()
+        bad = int(scores.numel() - torch.isfinite(scores).sum())
+        if bad:
+            raise ValueError(f"{type(self.original).__name__}'s output has {bad} non-finite value(s) (NaN / inf) "
+                             "on this image: refine cannot fit its output layer to them")
         name = self._foldable_layer()
         with_offset = name is None or dict(self.original.named_modules())[name].bias is not None
 
@@ -926,7 +931,7 @@ class Session:
                 progress(min(69, int(70 * fraction)), 100)
 
         matrix, offset, self.last_steps = fit_calibration(
-            self._original_scores(), pre_marks, with_offset=with_offset, seconds=budget, cancel=cancel,
+            scores, pre_marks, with_offset=with_offset, seconds=budget, cancel=cancel,
             progress=fit_progress)
         self._fit = (matrix, offset)
         if cancel is not None and cancel.is_set():  # set during the last step of the fit
