@@ -410,10 +410,30 @@ def test_a_progress_that_raises_at_the_end_of_refine_leaves_the_session_as_it_wa
         session.refine(scribbles, scope="global", progress=progress)
     np.testing.assert_array_equal(session.labels, original)
     assert not session.marks.any() and session.rounds == 0 and session._fit is None
+    assert session.last_scope is None and session.last_steps == 0
     with pytest.raises(ValueError, match="nothing to undo"):
         session.undo()
     np.testing.assert_array_equal(session.refine(scribbles, scope="global"), segment(session.model, image, **KW).array
                                   * (scribbles == 0))
+
+
+def test_a_cancelled_refine_keeps_the_last_round_s_scope_and_steps(weak_case):
+    # until 2026-12-08 a cancelled refine left last_scope None and last_steps at its own fit's iterations
+    # (what the napari status line and the worker's reply show), not those of the round still in place
+    model, image = weak_case
+    session = Session(model, image, **KW)
+    session.run()
+    scribbles = np.zeros(SHAPE, np.int32)
+    scribbles[36:40, 10:14, 10:14] = 1
+    session.refine(scribbles, scope="global")
+    done = session.last_scope, session.last_steps
+    assert done[0] == "global" and done[1] > 0
+    more = np.zeros(SHAPE, np.int32)
+    more[4:8, 10:14, 10:14] = 2
+    event = threading.Event()
+    with pytest.raises(Cancelled, match="refine cancelled after 10 iterations of the output layer's fit"):
+        session.refine(more, scope="local", cancel=event, progress=lambda done, total: event.set())
+    assert (session.last_scope, session.last_steps) == done and session.rounds == 1
 
 
 def test_refine_refuses_a_model_whose_output_is_not_finite():

@@ -771,6 +771,7 @@ class Session:
             "fit": self._fit,
         }
         model, labels_before, pre_before = self.model, self.labels.copy(), self.pre_labels.clone()
+        last = self.last_scope, self.last_steps
         self.last_scope = None  # stays None when the marks only edit labels outside the preprocessed grid
         try:
             self.marks[new] = scribbles[new].astype(np.int32)
@@ -801,6 +802,7 @@ class Session:
                 progress(100, 100)
         except BaseException:
             self._apply(snapshot, model, labels_before, pre_before)
+            self.last_scope, self.last_steps = last
             raise
         self._keep_changes(snapshot, labels_before, pre_before)
         self.rounds += 1
