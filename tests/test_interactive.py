@@ -7,6 +7,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from medsegkit import Cancelled, create_model
@@ -453,6 +455,74 @@ def test_refine_refuses_a_model_whose_output_is_not_finite():
         session.refine(scribbles)
     np.testing.assert_array_equal(session.labels, labels)
     assert not session.marks.any() and session.rounds == 0 and session._output_layer is None
+
+
+def _session_state(session):
+    fit = session._fit
+    return {"labels": session.labels.copy(), "marks": session.marks.copy(), "pre_labels": session.pre_labels.clone(),
+            "rounds": session.rounds, "history": len(session._history), "scope": session.last_scope,
+            "steps": session.last_steps, "fit": None if fit is None else [t for t in fit if t is not None],
+            "model": {k: v.clone() for k, v in session.model.state_dict().items()}}
+
+
+def _assert_same_state(a, b):
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_array_equal(a["marks"], b["marks"])
+    assert torch.equal(a["pre_labels"], b["pre_labels"])
+    assert [a[k] for k in ("rounds", "history", "scope", "steps")] == [b[k] for k in ("rounds", "history", "scope", "steps")]
+    assert (a["fit"] is None) == (b["fit"] is None)
+    assert all(torch.equal(x, y) for x, y in zip(a["fit"] or [], b["fit"] or []))
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+_SMALL = {"roi_size": (16, 16, 16), "preprocessing": "none"}
+_OPERATIONS = st.lists(st.tuples(st.sampled_from(["refine", "undo", "reset", "cancel", "raise"]),
+                                 st.sampled_from([0, 100]),  # the progress value at which cancel / raise strike
+                                 st.tuples(st.integers(0, 22), st.integers(0, 18), st.integers(0, 14)),
+                                 st.integers(1, 3), st.sampled_from(["auto", "global", "local"])), max_size=6)
+
+
+@settings(max_examples=10)
+@given(operations=_OPERATIONS)
+def test_any_sequence_of_refine_undo_reset_cancel_equals_the_successful_calls_replayed(operations):
+    """A refine that is cancelled or whose progress raises, at its first or last progress call, leaves the
+    session exactly as before; the labels, marks, model and history always equal those of a fresh session
+    that replays only the calls that succeeded (hypothesis found, before 2026-12-08, a progress raising at
+    100 that left the adapted round in place)."""
+    torch.manual_seed(0)
+    model = create_model("UNet3d", channels=(4, 8), strides=(2,), out_channels=3)
+    image = Image(np.random.default_rng(0).normal(size=(24, 20, 16)).astype(np.float32), np.eye(4), {}, None)
+    session, replay = Session(model, image, **_SMALL), Session(model, image, **_SMALL)
+    session.run()
+    replay.run()
+    for kind, at, (i, j, k), cls, scope in operations:
+        scribbles = np.zeros((24, 20, 16), np.int32)
+        scribbles[i:i + 2, j:j + 2, k:k + 2] = cls
+        if kind == "undo" and not replay._history:
+            with pytest.raises(ValueError, match="nothing to undo"):
+                session.undo()
+        elif kind in ("undo", "reset"):
+            getattr(session, kind)()
+            getattr(replay, kind)()
+        else:
+            before = _session_state(session)
+            event = threading.Event()
+
+            def progress(done, total, kind=kind, at=at, event=event):
+                if kind == "cancel" and done >= at:
+                    event.set()
+                if kind == "raise" and done >= at:
+                    raise RuntimeError("progress failed")
+
+            try:
+                session.refine(scribbles, seconds=60, scope=scope, cancel=event, progress=progress)
+            except (Cancelled, RuntimeError):
+                assert kind != "refine"
+                _assert_same_state(_session_state(session), before)
+            else:  # a refine, or a cancel set during the last progress call (nothing checks it after)
+                assert kind == "refine" or (kind == "cancel" and at == 100)
+                replay.refine(scribbles, seconds=60, scope=scope)
+        _assert_same_state(_session_state(session), _session_state(replay))
 
 
 def test_instance_and_query_models_are_refused():
