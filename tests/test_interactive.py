@@ -373,7 +373,10 @@ def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case)
     marked[0, 0, 0] = 2
     # arguments that need no model are checked before the first run (until 2026-12-08 the whole volume was
     # segmented first), and a boolean mask (True would have meant "background") is refused
+    # True and "2" were taken as 1 s and 2 s until 2026-12-08
     for bad, message in ((dict(scope="near"), "scope must be one of"), (dict(seconds=float("nan")), "seconds must be"),
+                         (dict(seconds=True), r"^seconds must be a number > 0, got True$"),
+                         (dict(seconds="2"), r"^seconds must be a number > 0, got '2'$"),
                          (dict(scribbles=marked > 0), "got bool .*a boolean mask does not say which class")):
         with pytest.raises(ValueError, match=message):
             session.refine(**{"scribbles": marked, **bad})

@@ -749,9 +749,10 @@ class Session:
             )
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
-        budget = DEFAULT_SECONDS if seconds is None else float(seconds)
+        number = isinstance(seconds, (int, float, np.integer, np.floating)) and not isinstance(seconds, (bool, np.bool_))
+        budget = DEFAULT_SECONDS if seconds is None else float(seconds) if number else math.nan
         if not budget > 0:
-            raise ValueError(f"seconds must be > 0, got {seconds!r}")
+            raise ValueError(f"seconds must be a number > 0, got {seconds!r}")
         new = scribbles > 0
         if not new.any():
             raise ValueError("scribbles mark no voxel; paint at least one voxel with c + 1 (class c)")
