@@ -175,6 +175,16 @@ def test_session_jobs_run_progressively_refine_undo_reset_save_and_rebuild(tmp_p
     assert all(lo <= changed[:, a].min() and changed[:, a].max() < hi for a, (lo, hi) in enumerate(box))
     with pytest.raises(ValueError, match="^no new marks: paint strokes on the corrections layer"):
         worker.session_job(refine, messages, threading.Event())  # the same strokes again: nothing new
+    # negative values were dropped without a word until 2026-12-08 (only -1 painted: "no new marks")
+    for painted in (-1, 1 + 1):
+        negative = scribbles.astype(np.int16)
+        negative[10:12, 10:12, 10:12] = -1
+        negative[12:14, 10:12, 10:12] = painted
+        np.save(tmp_path / "negative.npy", negative)
+        with pytest.raises(ValueError, match=r"^the corrections must be >= 0 \(0 = unmarked, c \+ 1 = class c\), got -1$"):
+            worker.session_job({**refine, "scribbles": {"format": "npy", "path": str(tmp_path / "negative.npy")}},
+                               messages, threading.Event())
+    assert worker._sessions["s1"].session.rounds == 1
 
     result = worker.session_job({"action": "session_undo", "session": "s1"}, messages, threading.Event())
     np.testing.assert_array_equal(np.load(result["path"]), reference)

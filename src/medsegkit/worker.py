@@ -728,6 +728,8 @@ def session_job(job: Mapping[str, Any], messages: Any, cancel: Any) -> dict[str,
         if scribbles.dtype.kind not in "iu":
             raise ValueError(f"the corrections must be integer labels (0 = unmarked, c + 1 = class c), "
                              f"got {scribbles.dtype}")
+        if scribbles.size and scribbles.min() < 0:  # Session.refine's rule: negatives would be dropped here
+            raise ValueError(f"the corrections must be >= 0 (0 = unmarked, c + 1 = class c), got {scribbles.min()}")
         new = (scribbles > 0) & (scribbles != session.marks)
         if not new.any():
             raise ValueError("no new marks: paint strokes on the corrections layer (label c + 1 marks class c, "
