@@ -381,6 +381,12 @@ def test_refine_checks_scribbles_and_cancel_keeps_the_previous_result(weak_case)
         with pytest.raises(ValueError, match=message):
             session.refine(**{"scribbles": marked, **bad})
         assert session.labels is None and not session.cache
+    # until 2026-12-08: AttributeError: 'bool' object has no attribute 'is_set', from inside the run or the fit
+    for call in (lambda: session.run(cancel=True), lambda: session.refine(marked, cancel=object())):
+        with pytest.raises(TypeError, match=r"^cancel must be None or have an is_set\(\) method \(a threading.Event\), "
+                                            r"got (bool|object)$"):
+            call()
+        assert session.labels is None and not session.cache
     original = session.run().copy()
     with pytest.raises(ValueError, match=r"scribbles must be an integer array of the image's shape \(48, 24, 24\)"):
         session.refine(np.zeros((4, 4, 4), np.int32))

@@ -72,6 +72,13 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _check_cancel(cancel: Any) -> None:
+    """Refuse a ``cancel`` that is neither ``None`` nor has an ``is_set()`` method."""
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel must be None or have an is_set() method (a threading.Event), "
+                        f"got {type(cancel).__name__}")
+
+
 def _overlaps(a: Sequence[slice], b: Sequence[slice]) -> bool:
     return all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b))
 
@@ -610,6 +617,7 @@ class Session:
         Returns:
             The label map on the input grid, equal to ``segment(model, image, **segment_kwargs)``.
         """
+        _check_cancel(cancel)
         focus_box = self._focus_box(focus) if focus is not None else None
         if self.finished:  # (and maybe refined) already
             if on_update is not None:
@@ -749,6 +757,7 @@ class Session:
             )
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+        _check_cancel(cancel)
         number = isinstance(seconds, (int, float, np.integer, np.floating)) and not isinstance(seconds, (bool, np.bool_))
         budget = DEFAULT_SECONDS if seconds is None else float(seconds) if number else math.nan
         if not budget > 0:
