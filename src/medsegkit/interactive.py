@@ -930,11 +930,7 @@ class Session:
         """Fit the output layer's affine map to ``pre_marks`` (all marks, on the preprocessed grid), fold it
         into a copy of the original model (:attr:`model`), and bring :attr:`pre_labels` up to date (the
         kept window outputs mapped, or with ``tta_flips`` the adapted model's windows run)."""
-        scores = self._original_scores()
-        bad = int(scores.numel() - torch.isfinite(scores).sum())
-        if bad:
-            raise ValueError(f"{type(self.original).__name__}'s output has {bad} non-finite value(s) (NaN / inf) "
-                             "on this image: refine cannot fit its output layer to them")
+        scores = self._original_scores()  # finite: the window runner refuses NaN / Inf outputs
         name = self._foldable_layer()
         with_offset = name is None or dict(self.original.named_modules())[name].bias is not None
 

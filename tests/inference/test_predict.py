@@ -429,7 +429,10 @@ MEMORY_SCRIPT = textwrap.dedent(
     from torch import nn
     from medsegkit.inference import predict
     torch.set_num_threads(1)
-    zarr.config.set({"threading.max_workers": 2})  # start zarr's decoder threads before the limit
+    # start zarr's decoder threads before the limit, and decode one chunk at a time: with zarr's default of 10
+    # concurrent chunk reads the address space one slab read needed was 10.6-15.7 MB of the 16 MB margin on a
+    # busy machine (the test failed in CI, 2026-12-08), against 6.3-7.3 MB with one at a time
+    zarr.config.set({"threading.max_workers": 2, "async.concurrency": 1})
     """
 ) + NET_SOURCE + textwrap.dedent(
     """

@@ -624,7 +624,7 @@ def test_last_epochs_train_with_frozen_batchnorm_statistics(tmp_path):
     assert torch.equal(norm.running_mean, frozen[0])
     meta = load_model(tmp_path / "frozen.safetensors").medsegkit_metadata
     assert meta["training"]["config"]["freeze_norm_epochs"] == 2
-    with pytest.raises(ValueError, match="freeze_norm_epochs and norm_recalibration_batches must be >= 0"):
+    with pytest.raises(ValueError, match="TrainConfig: freeze_norm_epochs must be a whole number >= 0; got -1"):
         _run(tmp_path, "negative", small_config(freeze_norm_epochs=-1))
 
 
