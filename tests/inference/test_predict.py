@@ -507,6 +507,8 @@ def test_zarr_volume_larger_than_memory_limit_segments(tmp_path):
         (np.zeros((16, 16, 16)), {"roi_size": (16, 16)}, "roi_size must be an int or 3 ints"),
         (np.zeros((16, 16, 16)), {"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
         (np.zeros((16, 16, 16)), {"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+        (np.zeros((16, 16, 16)), {"overlap": float("nan")}, r"overlap must be in \[0, 1\)"),
+        (np.zeros((16, 16, 16)), {"overlap": ()}, r"overlap must be in \[0, 1\)"),
         (np.zeros((16, 16, 16)), {"output": "masks"}, "output must be one of"),
         (np.zeros((16, 16, 16)), {"mode": "linear"}, "mode must be 'gaussian' or 'constant'"),
         (np.zeros((16, 16, 16)), {"sw_batch_size": 0}, "sw_batch_size must be a positive int"),
@@ -527,6 +529,14 @@ def test_zarr_volume_larger_than_memory_limit_segments(tmp_path):
 def test_bad_input_clear_error(model3d, image, kwargs, message):
     with pytest.raises(ValueError, match=message):
         predict(model3d, image, **{"roi_size": 16, **kwargs})
+
+
+def test_overlap_accepts_numpy_numbers_as_sigma_scale_does(model3d):
+    """Until 2026-12-08 overlap=np.float32(0.5) was refused ('overlap must be in [0, 1)') while sigma_scale took
+    numpy numbers; numpy's float32 is not a Python float."""
+    image = np.random.default_rng(0).standard_normal((20, 20, 20)).astype(np.float32)
+    expected = predict(model3d, image, roi_size=16, overlap=0.5)
+    np.testing.assert_array_equal(predict(model3d, image, roi_size=16, overlap=np.float32(0.5)), expected)
 
 
 @pytest.mark.parametrize(

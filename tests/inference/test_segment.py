@@ -171,8 +171,11 @@ def test_clean_labels():
     assert small_removed[20, 20, 20] == 0 and small_removed[27, 27, 27] == 0 and small_removed[3, 3, 3] == 1
     assert (small_removed[20:22, 20:22, 20:22] == 0).all() and small_removed[6, 6, 6] == 0
     np.testing.assert_array_equal(labels, original)  # the input is never changed
-    with pytest.raises(ValueError, match="min_size must be >= 0"):
-        clean_labels(labels, min_size=-1)
+    # until 2026-12-08 2.5 was taken as 2 and NaN failed inside int() ("cannot convert float NaN to integer")
+    for bad in (-1, 2.5, float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="min_size must be a whole number of voxels >= 0, got"):
+            clean_labels(labels, min_size=bad)
+    np.testing.assert_array_equal(clean_labels(labels, min_size=np.int64(10)), small_removed)
 
 
 def test_clean_up_through_segment(unet):

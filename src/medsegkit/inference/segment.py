@@ -150,8 +150,8 @@ def clean_labels(
     """
     from monai.transforms import FillHoles, KeepLargestConnectedComponent, RemoveSmallObjects
 
-    if min_size < 0:
-        raise ValueError(f"min_size must be >= 0 voxels, got {min_size}")
+    if isinstance(min_size, (bool, np.bool_)) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise ValueError(f"min_size must be a whole number of voxels >= 0, got {min_size!r}")
     result = torch.from_numpy(np.array(labels, copy=True))[None]  # (1, *spatial); MONAI works in place
     classes = [int(c) for c in torch.unique(result) if int(c) != 0]
     if not classes:

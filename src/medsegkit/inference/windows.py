@@ -301,10 +301,10 @@ def resolve_roi(
 
 def check_overlap(overlap: Any) -> tuple[float, ...]:
     """``overlap`` (one float or one per axis) as a tuple, each value checked to lie in ``[0, 1)``."""
-    overlaps = tuple(overlap) if isinstance(overlap, Sequence) else (overlap,)
-    if not all(isinstance(o, (int, float)) and 0 <= o < 1 for o in overlaps):
+    overlaps = tuple(overlap) if isinstance(overlap, Sequence) and not isinstance(overlap, str) else (overlap,)
+    if not overlaps or not all(_finite_number(o) and 0 <= o < 1 for o in overlaps):
         raise ValueError(f"overlap must be in [0, 1) (0.5 = half a window), got {overlap!r}")
-    return overlaps
+    return tuple(float(o) for o in overlaps)
 
 
 MODES = ("gaussian", "constant")  # how window outputs are blended
