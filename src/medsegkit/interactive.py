@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._values import is_whole_number
 from medsegkit.errors import Cancelled
 from medsegkit.nets.layers.output_map import MappedOutput
 
@@ -65,11 +66,6 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         box.append(slice(int(hit[0]), int(hit[-1]) + 1))
     return tuple(box)
-
-
-def _is_index(value: Any) -> bool:
-    """Whether ``value`` is an integer (Python or numpy), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_cancel(cancel: Any) -> None:
@@ -520,7 +516,7 @@ class Session:
         if isinstance(focus, Mapping):
             if set(focus) != {"axis", "index"}:
                 raise ValueError(f"focus must be {{'axis': a, 'index': i}} or a tuple of slices, got {focus!r}")
-            if not all(_is_index(focus[key]) for key in ("axis", "index")):
+            if not all(is_whole_number(focus[key]) for key in ("axis", "index")):
                 raise ValueError(f"focus axis and index must be integers, got {focus!r}")
             axis, index = int(focus["axis"]), int(focus["index"])
             if not 0 <= axis < len(shape) or not -shape[axis] <= index < shape[axis]:
@@ -528,7 +524,7 @@ class Session:
             region = tuple(slice(index % shape[axis], index % shape[axis] + 1) if a == axis else slice(0, s)
                            for a, s in enumerate(shape))
         elif isinstance(focus, tuple) and len(focus) == len(shape) and all(isinstance(s, slice) for s in focus):
-            if not all(s.step in (None, 1) and all(b is None or _is_index(b) for b in (s.start, s.stop))
+            if not all(s.step in (None, 1) and all(b is None or is_whole_number(b) for b in (s.start, s.stop))
                        for s in focus):
                 raise ValueError(f"focus box {focus!r} must be slices of integers (or None) without a step")
             region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(focus, shape))

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from medsegkit._values import is_finite_number
+
 __all__ = ["evaluate", "evaluate_cohort", "cohort_summary", "dice_per_class", "format_table", "save_cohort_boxplot"]
 
 
@@ -43,8 +45,7 @@ def _positive_spacing(spacing: Any, ndim: int) -> tuple[float, ...]:
     inside, or the volumes zero / negative)."""
     values = np.asarray(spacing, dtype=object).ravel() if not isinstance(spacing, (str, bytes)) else None
     if values is None or values.size != ndim or not all(
-            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-            and math.isfinite(v) and v > 0 for v in values):
+            is_finite_number(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be {ndim} finite voxel sizes > 0 in mm for a {ndim}D map; got {spacing!r}")
     return tuple(float(v) for v in values)
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsegkit._values import is_whole_number
+
 __all__ = [
     "instance_map",
     "linear_interp_mode",
@@ -86,10 +88,6 @@ def _unpack(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
 MAX_TARGET_VOXELS = 2**31 - 1  # a (N, K or Q, *target_size) float32 tensor is made at the target size
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_fraction(name: str, value: Any) -> float:
     """``value`` as a float in ``[0, 1]`` (a probability or a fraction), else one ``ValueError`` line."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
@@ -103,7 +101,7 @@ def _check_size(target_size: Sequence[int] | None, spatial_dims: int) -> tuple[i
     if target_size is None:
         return None
     given = tuple(target_size) if isinstance(target_size, Sequence) and not isinstance(target_size, str) else ()
-    if len(given) != spatial_dims or not all(_is_int(s) and s >= 1 for s in given):
+    if len(given) != spatial_dims or not all(is_whole_number(s) and s >= 1 for s in given):
         raise ValueError(
             f"target_size must give {spatial_dims} positive sizes (one per spatial dim of pred_masks), got {target_size!r}"
         )
@@ -253,7 +251,7 @@ def panoptic_map(
     mask_threshold = _check_fraction("mask_threshold", mask_threshold)
     overlap_mask_area_threshold = _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold)
     fuse_ids = () if label_ids_to_fuse is None else label_ids_to_fuse
-    if isinstance(fuse_ids, (str, bytes)) or not isinstance(fuse_ids, Iterable) or not all(_is_int(i) for i in fuse_ids):
+    if isinstance(fuse_ids, (str, bytes)) or not isinstance(fuse_ids, Iterable) or not all(is_whole_number(i) for i in fuse_ids):
         # a string "12" was taken as classes 1 and 2, 1.7 as class 1
         raise ValueError(f"label_ids_to_fuse must be class ids (ints), got {label_ids_to_fuse!r}")
     fuse = {int(i) for i in fuse_ids}

@@ -55,6 +55,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
+from medsegkit._values import is_finite_number
 from medsegkit.io.image import Image
 
 __all__ = [
@@ -137,17 +138,11 @@ def _check_orientation(value: Any) -> str | None:
     return codes
 
 
-def _is_number(value: Any) -> bool:
-    """A finite real number (``True`` / ``False`` are not numbers here)."""
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-            and bool(np.isfinite(value)))
-
-
 def _check_spacing(value: Any) -> list[float] | None:
     if value is None:
         return None
     values = [value] if np.isscalar(value) or not isinstance(value, (list, tuple, np.ndarray)) else list(value)
-    if not values or len(values) > 3 or not all(_is_number(v) and v > 0 for v in values):
+    if not values or len(values) > 3 or not all(is_finite_number(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be a positive number or 2-3 positive numbers (mm), got {value!r}")
     return [float(v) for v in values]
 
@@ -197,7 +192,7 @@ def _check_intensity(value: Any) -> dict[str, Any] | None:
         if isinstance(optional.get(key), bool):
             if not isinstance(field, (bool, np.bool_)):
                 raise ValueError(f"intensity {name!r} {key} must be true or false, got {field!r}")
-        elif not _is_number(field):
+        elif not is_finite_number(field):
             raise ValueError(f"intensity {name!r} {key} must be a finite number, got {field!r}")
     if name == "range" and not float(spec["a_max"]) > float(spec["a_min"]):
         raise ValueError(

@@ -21,17 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsegkit._values import is_finite_number
 from medsegkit.inference.windows import (
     WindowGrid,
-    _finite_number,
     as_source,
     check_callbacks,
     check_device,
+    check_sw_batch_size,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -296,11 +296,10 @@ def predict_query(
     if tta_flips is None or tuple(tta_flips):
         raise ValueError("tta_flips is not supported for instance / panoptic segmentation (segments cannot be averaged); "
                          f"give (), got {tta_flips!r}")
-    if not isinstance(sw_batch_size, (int, np.integer)) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
-    if not (_finite_number(merge_iou) and 0.0 <= merge_iou <= 1.0):  # True was 1.0, "0.5" a TypeError
+    check_sw_batch_size(sw_batch_size)
+    if not (is_finite_number(merge_iou) and 0.0 <= merge_iou <= 1.0):  # True was 1.0, "0.5" a TypeError
         raise ValueError(f"merge_iou must be in [0, 1], got {merge_iou!r}")
-    if not _finite_number(cval):  # NaN padding went into the windows past the image's edge
+    if not is_finite_number(cval):  # NaN padding went into the windows past the image's edge
         raise ValueError(f"cval must be a finite number (the value read outside the image), got {cval!r}")
     if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__"):
         raise ValueError("out for instance / panoptic results must be an array of the result's shape, not a path")

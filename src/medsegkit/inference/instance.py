@@ -29,12 +29,14 @@ import torch
 from scipy.cluster.hierarchy import DisjointSet
 from torch import nn
 
+from medsegkit._values import is_finite_number
 from medsegkit.inference.windows import (
     ImageSource,
     WindowGrid,
     as_source,
     check_callbacks,
     check_device,
+    check_sw_batch_size,
     iterate_windows,
     model_device,
     model_in_channels,
@@ -288,11 +290,9 @@ def predict_instances(
         ("mask_threshold", mask_threshold),
         ("link_iou", link_iou),
     ):
-        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-        if not (number and 0.0 <= float(value) <= 1.0):  # True was taken as 1.0, "0.5" failed in the comparison
+        if not (is_finite_number(value) and 0.0 <= value <= 1.0):  # True was taken as 1.0, "0.5" failed in the comparison
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    if not isinstance(sw_batch_size, (int, np.integer)) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    check_sw_batch_size(sw_batch_size)
     if fast:
         logger.info("fast=True has no effect for instance (detection) models")
     check_callbacks(progress, cancel)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._values import is_whole_number
 from medsegkit.inference.adapters import QUERY_TASKS, SemanticAdapter, predict_query, refuse_fast
 from medsegkit.inference.backends import ExportedNetwork, backend_network, check_backend, load_exported
 from medsegkit.inference.instance import predict_instances
@@ -158,7 +159,7 @@ def mirror_flip_sets(tta_flips: Sequence[int] | str, roi: Sequence[int]) -> list
     if isinstance(tta_flips, str) and tta_flips == "auto":
         tta_flips = tuple(range(image_dims))
     if isinstance(tta_flips, (bool, int, str)) or not all(
-        isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in tta_flips
+        is_whole_number(a) for a in tta_flips
     ):
         raise ValueError(f"tta_flips must be a sequence of spatial axes such as (0, 1, 2) or 'auto', got {tta_flips!r}")
     axes = tuple(int(a) for a in tta_flips)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._values import is_whole_number
 from medsegkit.inference.predict import OUTPUTS, predict
 from medsegkit.inference.windows import model_spatial_dims
 
@@ -150,7 +151,7 @@ def clean_labels(
     """
     from monai.transforms import FillHoles, KeepLargestConnectedComponent, RemoveSmallObjects
 
-    if isinstance(min_size, (bool, np.bool_)) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    if not is_whole_number(min_size) or min_size < 0:
         raise ValueError(f"min_size must be a whole number of voxels >= 0, got {min_size!r}")
     result = torch.from_numpy(np.array(labels, copy=True))[None]  # (1, *spatial); MONAI works in place
     classes = [int(c) for c in torch.unique(result) if int(c) != 0]

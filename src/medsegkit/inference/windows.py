@@ -34,12 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._values import is_finite_number, is_whole_number
 from medsegkit.errors import Cancelled
 from medsegkit.inference.fast import PreparedModel, prepare_model
 from medsegkit.nets.modes import evaluating
 
 __all__ = [
-    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_device", "check_out_dtype", "check_overlap", "iterate_windows",
+    "ImageSource", "Runner", "WindowBatch", "WindowGrid", "as_source", "check_callbacks", "check_device", "check_out_dtype", "check_overlap", "check_sw_batch_size", "iterate_windows",
     "model_device",
     "model_in_channels", "model_spatial_dims", "prepared_runner", "registered_roi", "resolve_overlap", "resolve_roi",
     "resolve_slice_axis", "window_slices", "write_into",
@@ -265,8 +266,7 @@ def resolve_slice_axis(slice_axis: int | None, model_dims: int, image_dims: int)
                 f"{image_dims}D image"
             )
         return None
-    is_int = isinstance(slice_axis, (int, np.integer)) and not isinstance(slice_axis, (bool, np.bool_))
-    if slice_axis is not None and not is_int:  # int() took 1.5 as 1, True as 1 and "0" as 0
+    if slice_axis is not None and not is_whole_number(slice_axis):  # int() took 1.5 as 1, True as 1 and "0" as 0
         raise ValueError(f"slice_axis must be an int, a spatial axis in [0, {image_dims}), got {slice_axis!r}")
     axis = image_dims - 1 if slice_axis is None else int(slice_axis)
     if not -image_dims <= axis < image_dims:
@@ -282,16 +282,13 @@ def resolve_roi(
     ``slice_axis`` for a 2D model on a volume."""
     of_model = [s for i, s in enumerate(image_spatial) if i != slice_axis]
 
-    def size(r: Any) -> bool:  # a bool is an int to Python, but True is no window size
-        return isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
-
     if roi_size is None:
         roi = default_roi(model, model_dims)
-    elif size(roi_size):
+    elif is_whole_number(roi_size):  # True is no window size
         roi = (int(roi_size),) * model_dims
     else:
         roi = tuple(roi_size) if isinstance(roi_size, Sequence) and not isinstance(roi_size, str) else ()
-        if len(roi) != model_dims or not all(size(r) or r is None for r in roi):
+        if len(roi) != model_dims or not all(is_whole_number(r) or r is None for r in roi):
             raise ValueError(f"roi_size must be an int or {model_dims} ints for a {model_dims}D model, got {roi_size!r}")
     roi = tuple(int(size) if r is None or r <= 0 else int(r) for r, size in zip(roi, of_model))
     if slice_axis is not None:
@@ -302,7 +299,7 @@ def resolve_roi(
 def check_overlap(overlap: Any) -> tuple[float, ...]:
     """``overlap`` (one float or one per axis) as a tuple, each value checked to lie in ``[0, 1)``."""
     overlaps = tuple(overlap) if isinstance(overlap, Sequence) and not isinstance(overlap, str) else (overlap,)
-    if not overlaps or not all(_finite_number(o) and 0 <= o < 1 for o in overlaps):
+    if not overlaps or not all(is_finite_number(o) and 0 <= o < 1 for o in overlaps):
         raise ValueError(f"overlap must be in [0, 1) (0.5 = half a window), got {overlap!r}")
     return tuple(float(o) for o in overlaps)
 
@@ -310,8 +307,11 @@ def check_overlap(overlap: Any) -> tuple[float, ...]:
 MODES = ("gaussian", "constant")  # how window outputs are blended
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+def check_sw_batch_size(sw_batch_size: Any) -> None:
+    """``sw_batch_size`` (windows per network call) is a positive int; ``ValueError`` otherwise (semantic,
+    query and instance paths alike)."""
+    if not is_whole_number(sw_batch_size) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
 
 
 def check_window_options(*, sw_batch_size: Any, overlap: Any, mode: Any, sigma_scale: Any, cval: Any) -> None:
@@ -324,14 +324,13 @@ def check_window_options(*, sw_batch_size: Any, overlap: Any, mode: Any, sigma_s
     """
     if mode not in MODES:
         raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
-    if not isinstance(sw_batch_size, (int, np.integer)) or isinstance(sw_batch_size, bool) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    check_sw_batch_size(sw_batch_size)
     check_overlap(overlap)
     sigmas = tuple(sigma_scale) if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, str) else (sigma_scale,)
-    if not sigmas or not all(_finite_number(s) and s > 0 for s in sigmas):
+    if not sigmas or not all(is_finite_number(s) and s > 0 for s in sigmas):
         raise ValueError(f"sigma_scale must be a positive number or one per axis (the Gaussian's sigma as a fraction "
                          f"of the window, default 0.125), got {sigma_scale!r}")
-    if not _finite_number(cval):
+    if not is_finite_number(cval):
         raise ValueError(f"cval must be a finite number (the value read outside the image), got {cval!r}")
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsegkit._values import is_finite_number, is_whole_number
 from medsegkit.amp import amp_choice
 from medsegkit.nets.modes import evaluating
 from medsegkit.train.data import LabelledVolume, random_states, training_items
@@ -58,29 +59,20 @@ __all__ = [
 LOGGER = "medsegkit.train"
 
 
-def _whole(value: Any, low: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= low
-
-
-def _real(value: Any) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-            and bool(np.isfinite(value)))
-
-
 def _weights(values: Any) -> bool:
-    return (isinstance(values, (list, tuple)) and len(values) > 0 and all(_real(v) and v >= 0 for v in values)
+    return (isinstance(values, (list, tuple)) and len(values) > 0 and all(is_finite_number(v) and v >= 0 for v in values)
             and any(v > 0 for v in values))
 
 
 #: TrainConfig's numbers: field -> (accepted?, what is accepted). ``None`` passes where the field allows it.
 CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{name: (lambda v: _whole(v, 1), ">= 1")
+    **{name: (lambda v: is_whole_number(v) and v >= 1, ">= 1")
        for name in ("epochs", "steps_per_epoch", "batch_size", "val_interval", "accumulate", "num_threads")},
-    **{name: (lambda v: _whole(v, 0), "a whole number >= 0")
+    **{name: (lambda v: is_whole_number(v) and v >= 0, "a whole number >= 0")
        for name in ("warmup_epochs", "freeze_norm_epochs", "norm_recalibration_batches")},
-    "lr": (lambda v: _real(v) and v > 0, "a positive number"),
-    **{name: (lambda v: _real(v) and v >= 0, "a number >= 0") for name in ("weight_decay", "lambda_dice", "lambda_ce")},
-    "time_budget_s": (lambda v: _real(v) and v >= 0, "a number of seconds >= 0 (0: one epoch)"),
+    "lr": (lambda v: is_finite_number(v) and v > 0, "a positive number"),
+    **{name: (lambda v: is_finite_number(v) and v >= 0, "a number >= 0") for name in ("weight_decay", "lambda_dice", "lambda_ce")},
+    "time_budget_s": (lambda v: is_finite_number(v) and v >= 0, "a number of seconds >= 0 (0: one epoch)"),
     **{name: (_weights, "numbers >= 0, not all 0") for name in ("class_weights", "class_ratios")},
 }
 OPTIONAL_FIELDS = ("num_threads", "time_budget_s", "class_weights", "class_ratios")
