@@ -71,3 +71,14 @@ def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} holds a JSON {json_kind(data)}, expected an object; {fix}")
     return data
+
+
+def check_new_output(path: str | os.PathLike, overwrite: bool, what: str) -> Path:
+    """``path`` as a ``Path``, if a ``what`` (``"JSON report"``, ``"PNG file"``) may be written there: not a
+    folder (``IsADirectoryError``), and not an existing file unless ``overwrite`` (``FileExistsError``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of the {what} to write")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    return path

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from medsegkit._values import is_finite_number
+from medsegkit.files import check_new_output
 
 __all__ = ["evaluate", "evaluate_cohort", "cohort_summary", "dice_per_class", "format_table", "save_cohort_boxplot"]
 
@@ -251,7 +252,7 @@ def evaluate_cohort(
     from medsegkit.io import read_image
 
     if boxplot is not None:
-        _check_new_output(boxplot, overwrite)
+        check_new_output(boxplot, overwrite, "PNG file")
     rows = []
     for case, prediction, reference in _cohort_pairs(pairs):
         prediction = read_image(prediction) if isinstance(prediction, (str, os.PathLike)) else prediction
@@ -286,17 +287,6 @@ def cohort_summary(table: Any) -> Any:
     return summary.reset_index()
 
 
-def _check_new_output(path: Any, overwrite: bool) -> None:
-    """Refuse a ``path`` that is a folder, or an existing file unless ``overwrite``."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the path of the PNG file to write")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-
-
 def save_cohort_boxplot(table: Any, path: Any, *, overwrite: bool = False) -> Any:
     """PNG of Dice (left) and HD95 in mm (right) per class across cases, as box plots with the cases as
     dots; written atomically. Returns the path. An existing ``path`` is refused unless ``overwrite``."""
@@ -306,7 +296,7 @@ def save_cohort_boxplot(table: Any, path: Any, *, overwrite: bool = False) -> An
 
     from medsegkit.files import atomic_write
 
-    _check_new_output(path, overwrite)
+    check_new_output(path, overwrite, "PNG file")
     if table.empty:
         raise ValueError("the cohort table is empty: nothing to plot")
     classes = list(dict.fromkeys(table["class"]))

@@ -165,11 +165,9 @@ def write_qc_report(table: pd.DataFrame, path: str | os.PathLike, *, thresholds:
     """Write the QC result as JSON: thresholds, the flagged cases, and every row's flags and measurements
     (``{"thresholds", "cases": {case: {"flagged", "structures": {class: {...}}}}, "flagged_cases"}``).
     An existing ``path`` is refused unless ``overwrite``."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the path of the JSON report to write")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    from medsegkit.files import check_new_output
+
+    path = check_new_output(path, overwrite, "JSON report")
     thresholds = thresholds or QCThresholds()
     keep = [c for c in ("label", "volume_ml", "volume_z", "volume_in_range", "components",
                         "largest_component_fraction", "border_fraction", "disagreement", *FLAG_COLUMNS, "flags")
