@@ -27,11 +27,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsegkit._values import is_whole_number
+from medsegkit._values import is_finite_number, is_whole_number
 
 __all__ = [
     "instance_map",
@@ -90,9 +89,7 @@ MAX_TARGET_VOXELS = 2**31 - 1  # a (N, K or Q, *target_size) float32 tensor is m
 
 def _check_fraction(name: str, value: Any) -> float:
     """``value`` as a float in ``[0, 1]`` (a probability or a fraction), else one ``ValueError`` line."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-        0.0 <= value <= 1.0
-    ):
+    if not (is_finite_number(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
@@ -148,7 +145,7 @@ def semantic_map(outputs: Any, target_size: Sequence[int] | None = None) -> torc
 
 
 def _logit(p: float) -> float:
-    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0.0 < p < 1.0:
+    if not (is_finite_number(p) and 0.0 < p < 1.0):
         raise ValueError(f"mask_threshold must lie strictly between 0 and 1, got {p!r}")
     return math.log(p / (1.0 - p))
 
